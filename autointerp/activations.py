@@ -1,10 +1,263 @@
-"""Placeholder until issue #3 lands; replace the whole file."""
+"""Stream one decoder layer's residual-stream activations from any Hugging Face causal LM.
 
+Layer L means the output of decoder layer L (0-based), i.e. hidden_states[L + 1] of a
+forward pass with output_hidden_states=True (except for the last layer, where Hugging Face
+applies the final norm to hidden_states[-1]; the hook here always gives the raw layer
+output). A forward hook captures the output and stops the forward pass right there, so the
+layers above L cost nothing. Activations are yielded batch by batch and never accumulated:
+memory stays bounded however large the corpus.
+
+    autointerp activations --model runs/demo/lm/step-600 --layer 1 --corpus debian-reference
+    autointerp activations --model EleutherAI/pythia-70m --revision step1000 --layer 3 --out acts/
+
+With --out, OUT/shard-NNNNN.safetensors holds one batch each (acts [B,T,d] float32,
+input_ids [B,T], mask [B,T], doc_ids [B]) and OUT/meta.json the settings; a rerun with the
+same settings skips the shards already written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from autointerp.corpus import Document, load_corpus
 from autointerp.errors import UserError
 
+# Where common architectures keep their decoder blocks (attribute paths from the model root).
+_LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
+                "transformer.blocks", "model.transformer.blocks", "transformer.layers")
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.safetensors.index.json", "*.bin.index.json")
 
-def cli() -> None:
-    """Not implemented yet (issue #3)."""
-    raise UserError("not implemented yet (issue #3)")
+
+@dataclass
+class ActivationBatch:
+    acts: torch.Tensor        # [B, T, d] float32, on CPU
+    input_ids: torch.Tensor   # [B, T] long; right-padded
+    mask: torch.Tensor        # [B, T] bool: True at real text tokens (not padding, not BOS/special)
+    doc_ids: list[int]
+
+
+# ---- model loading and introspection -----------------------------------------------------
+
+def load_lm(model: str, revision: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) from a local checkpoint folder or a hub id; eval mode, float32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {model} is a file; give the checkpoint folder (config.json + weights)")
+        if not any(any(path.glob(p)) for p in _WEIGHT_FILES):
+            raise UserError(f"model path {model} has no weights (no *.safetensors or *.bin files)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for but no CUDA GPU is available; use --device cpu")
+    where = f"{model}" + (f" (revision {revision})" if revision else "")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = torch.float32 if device == "cpu" else "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+        lm = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {where}: {first_line}") from exc
+    return lm.to(device).eval(), tokenizer
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks, found by known attribute paths or by its length."""
+    for dotted in _LAYER_PATHS:
+        obj = model
+        for attr in dotted.split("."):
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return obj
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and (n is None or len(m) == n)]
+    if not lists:
+        raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+    return max(lists, key=len)
+
+
+def num_layers(model) -> int:
+    return len(decoder_layers(model))
+
+
+def d_model(model) -> int:
+    return model.get_input_embeddings().embedding_dim
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Readable text of each token, so that "".join(strings) == tokenizer.decode(ids).
+
+    A character split over several byte-level tokens belongs to the token that completes
+    it; a token holding only the leading bytes of a character reads as "". Decoding
+    prefixes (not single tokens) also keeps SentencePiece's leading spaces right.
+    """
+    ids = [int(i) for i in ids]
+    prefixes = tokenizer.batch_decode([ids[:n] for n in range(1, len(ids) + 1)],
+                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    out, done = [], ""
+    for n, text in enumerate(prefixes):
+        stable = text if n == len(ids) - 1 else text.rstrip("\ufffd")  # drop a half-decoded character
+        if not stable.startswith(done):  # the decoder rewrote earlier text: fall back to this token alone
+            out.append(tokenizer.decode([ids[n]], skip_special_tokens=False))
+            done = stable
+            continue
+        out.append(stable[len(done):])
+        done = stable
+    return out
+
+
+# ---- extraction --------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    """Raised by the hook once layer L has run: the layers above are not needed."""
+
+
+def _doc_text_and_id(doc: Document | str, index: int) -> tuple[str, int]:
+    return (doc.text, doc.doc_id) if isinstance(doc, Document) else (str(doc), index)
+
+
+def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int, batch_size: int = 32,
+                     max_tokens: int = 64, device: str | torch.device | None = None) -> Iterator[ActivationBatch]:
+    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise UserError(f"layer {layer} out of range: the model has {len(layers)} decoder layers "
+                        f"(0..{len(layers) - 1})")
+    if batch_size < 1 or max_tokens < 1:
+        raise UserError(f"batch size and max tokens must be positive (got {batch_size}, {max_tokens})")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        stream = iter(enumerate(docs))
+        while chunk := list(itertools.islice(stream, batch_size)):
+            texts, doc_ids = zip(*(_doc_text_and_id(d, i) for i, d in chunk))
+            encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+            width = max(len(e) for e in encoded)
+            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(encoded), width), dtype=torch.bool)
+            for row, e in enumerate(encoded):
+                input_ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
+                attention[row, :len(e)] = True
+            captured.clear()
+            with torch.inference_mode():
+                try:
+                    model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+            if not captured:
+                raise RuntimeError(f"the hook on layer {layer} did not run")
+            acts = captured[0].float().cpu()
+            mask = attention & ~torch.isin(input_ids, special)
+            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids))
+    finally:
+        handle.remove()
+
+
+# ---- shards on disk ----------------------------------------------------------------------
+
+def _shard_path(out: Path, index: int) -> Path:
+    return out / f"shard-{index:05d}.safetensors"
+
+
+def save_shard(path: Path, batch: ActivationBatch) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({"acts": batch.acts.contiguous(), "input_ids": batch.input_ids, "mask": batch.mask,
+               "doc_ids": torch.tensor(batch.doc_ids, dtype=torch.long)}, str(tmp))
+    tmp.replace(path)
+
+
+def load_shard(path: str | Path) -> ActivationBatch:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return ActivationBatch(acts=t["acts"], input_ids=t["input_ids"], mask=t["mask"].bool(),
+                           doc_ids=t["doc_ids"].tolist())
+
+
+def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
+    """The batches written by `autointerp activations --out DIR`, in order, one at a time."""
+    paths = sorted(Path(directory).glob("shard-*.safetensors"))
+    if not paths:
+        raise UserError(f"no activation shards (shard-*.safetensors) in {directory}")
+    for path in paths:
+        yield load_shard(path)
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+
+def cli(
+    model: str = typer.Option(..., "--model", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
+    layer: int = typer.Option(..., "--layer", help="Decoder layer (0-based) whose output is read."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
+    corpus: str = typer.Option("debian-reference", "--corpus", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N documents."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens read from the start of each document (BOS included)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    out: Path = typer.Option(None, "--out", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
+) -> None:
+    """Extract one layer's residual stream over a corpus, streaming; print a summary (and write shards)."""
+    docs = load_corpus(corpus, limit=limit)
+    lm, tokenizer = load_lm(model, revision=revision, device=device)
+    settings = {"model": model, "revision": revision, "layer": layer, "corpus": corpus, "limit": limit,
+                "max_tokens": max_tokens, "batch_size": batch_size}
+    done_shards: set[int] = set()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta_path = out / "meta.json"
+        if meta_path.exists():
+            old = json.loads(meta_path.read_text())
+            if old.get("settings") != settings:
+                raise UserError(f"{out} holds activations made with other settings; give a new --out")
+            done_shards = {i for i in range(-(-len(docs) // batch_size)) if _shard_path(out, i).exists()}
+        meta_path.write_text(json.dumps({"settings": settings, "complete": False}, indent=2))
+
+    n_tokens, norm_sum, computed_tokens, t0 = 0, 0.0, 0, time.time()
+    n_layers, width = num_layers(lm), d_model(lm)
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]activations"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("", total=len(docs))
+        for index, start in enumerate(range(0, len(docs), batch_size)):
+            if index in done_shards:  # written by an earlier run: only read back for the summary
+                batch = load_shard(_shard_path(out, index))
+            else:
+                chunk = docs[start:start + batch_size]
+                (batch,) = iter_activations(lm, tokenizer, chunk, layer, batch_size, max_tokens, device)
+                computed_tokens += int(batch.mask.sum())
+                if out is not None:
+                    save_shard(_shard_path(out, index), batch)
+            real = batch.acts[batch.mask]
+            n_tokens += len(real)
+            norm_sum += float(real.norm(dim=-1).sum())
+            progress.update(task, advance=len(batch.doc_ids))
+    seconds = time.time() - t0
+    summary = {"docs": len(docs), "tokens": n_tokens, "layer": layer, "layers": n_layers, "d_model": width,
+               "mean_norm": round(norm_sum / max(1, n_tokens), 4),
+               "tokens_per_s": round(computed_tokens / max(seconds, 1e-9), 1), "seconds": round(seconds, 2)}
+    if out is not None:
+        (out / "meta.json").write_text(json.dumps({"settings": settings, "complete": True, **summary}, indent=2))
+    Console().print(" ".join(f"{k}={v}" for k, v in summary.items()), highlight=False, soft_wrap=True)

@@ -1,10 +1,202 @@
-"""Placeholder until issue #8 lands; replace the whole file."""
+"""Label features by hand in the terminal, in the same format `autointerp compare` reads.
+
+    autointerp annotate RECORDS --out human.jsonl [--annotator NAME]
+
+One feature at a time: its top contexts with the activating tokens highlighted, and its
+language shares. Keys: t token, s concept-synonym, m concept-semantic, u uninterpretable,
+n skip, b back, q quit. Every answer is appended to --out at once; running the command again
+resumes at the first feature without an answer (a later answer for a feature replaces an
+earlier one). On a terminal a single key press answers; when stdin is not a terminal (a pipe,
+a test) one line is read per answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import typer
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.text import Text
 
+from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, read_records
+
+Key = tuple[int | None, int]
+CLASS_KEYS = {"t": "token", "s": "concept-synonym", "m": "concept-semantic", "u": "uninterpretable"}
+SKIP, BACK, QUIT, HELP = "n", "b", "q", "?"
+HELP_TEXT = ("[bold]t[/] token  [bold]s[/] concept-synonym  [bold]m[/] concept-semantic  "
+             "[bold]u[/] uninterpretable  ·  [bold]n[/] skip  [bold]b[/] back  [bold]q[/] quit")
 
 
-def cli() -> None:
-    """Not implemented yet (issue #8)."""
-    raise UserError("not implemented yet (issue #8)")
+def load_answers(path: Path) -> dict[Key, dict[str, Any]]:
+    """The answers saved so far, the last line per feature winning; a torn last line is ignored."""
+    answers: dict[Key, dict[str, Any]] = {}
+    if not path.exists():
+        return answers
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+                answers[(row.get("checkpoint_step"), int(row["feature"]))] = row
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # an interrupted write: that feature is simply asked again
+    return answers
+
+
+def _end_with_newline(path: Path) -> None:
+    # After an interrupted write the file can end mid-line: start the next answer on its own line.
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as fh:
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+
+
+def load_records(source: Path) -> list[FeatureRecord]:
+    """Records from a records JSONL(.gz) file, or every RUN/step-N/records.jsonl of a run directory."""
+    if source.is_dir():
+        files = [runlib.step_dir(source, s) / "records.jsonl" for s in runlib.checkpoint_steps(source)]
+        files = [f for f in files if f.exists()]
+        if not files:
+            raise UserError(f"{source}: no step-N/records.jsonl in this directory (run `autointerp collect`)")
+        return [r for f in files for r in read_records(f)]
+    return read_records(source)
+
+
+def _printable(token: str) -> str:
+    # Tokens come from arbitrary text: show newlines as ↵ and never send control characters
+    # (e.g. terminal escape sequences) to the terminal.
+    token = "↵" if token == "<0x0A>" else token.replace("\n", "↵")
+    return "".join(c if unicodedata.category(c)[0] != "C" else f"\\x{ord(c):02x}" for c in token)
+
+
+def _level_style(level: int, is_max: bool) -> str:
+    if level <= 0 and not is_max:
+        return ""
+    # white -> orange as the activation level rises
+    g, b = int(255 - 12 * level), int(255 - 25 * level)
+    return f"black on rgb(255,{g},{max(b, 0)})" + (" bold underline" if is_max else "")
+
+
+def context_text(context, window: int) -> Text:
+    i = context.max_index
+    start, end = max(0, i - window), min(len(context.tokens), i + window + 1)
+    text = Text("…" if start > 0 else "")
+    for j in range(start, end):
+        text.append(_printable(context.tokens[j]), style=_level_style(context.levels[j], j == i))
+    if end < len(context.tokens):
+        text.append("…")
+    return text
+
+
+def render_feature(record: FeatureRecord, position: int, total: int, answer: dict | None,
+                   n_contexts: int, window: int) -> Panel:
+    from autointerp.report import language_profile
+
+    profile = language_profile(record)
+    shares = next((profile[k] for k in ("shares", "max_token_scripts") if isinstance(profile.get(k), dict)), {})
+    header = Text.assemble(
+        (f"step {record.checkpoint_step} · feature {record.feature}", "bold"),
+        f"   ({position + 1}/{total})   language: ",
+        (str(profile.get("trend", "?")), "bold"),
+        "  " + "  ".join(f"{k} {v:.0%}" for k, v in shares.items() if isinstance(v, (int, float))),
+    )
+    if profile.get("cross_lingual"):
+        header.append("  cross-lingual", style="cyan")
+    if answer is not None:
+        header.append(f"\nyour answer: {answer.get('granularity') or 'skipped'}", style="green")
+    lines = [context_text(c, window) for c in record.contexts[:n_contexts]]
+    if not lines:
+        lines = [Text("(no contexts in this record)", style="dim")]
+    return Panel(Group(header, Text(""), *lines, Text(""), Text.from_markup(HELP_TEXT, style="dim")),
+                 title="autointerp annotate")
+
+
+def key_reader(stream=None) -> Callable[[], str | None]:
+    """A function returning the next key: one key press on a terminal, else one line; None at EOF."""
+    stream = stream or sys.stdin
+    if stream.isatty():
+        import click
+
+        def read_key() -> str | None:
+            try:
+                return click.getchar().lower()
+            except (EOFError, KeyboardInterrupt):
+                return None
+        return read_key
+
+    def read_line() -> str | None:
+        line = stream.readline()
+        return None if line == "" else line.strip().lower()
+    return read_line
+
+
+def _parse_key(key: str) -> str:
+    """A class name, or SKIP/BACK/QUIT/HELP; full class names are accepted too."""
+    if key in CLASS_KEYS:
+        return CLASS_KEYS[key]
+    if key in GRANULARITIES or key in (SKIP, BACK, QUIT):
+        return key
+    return HELP
+
+
+def annotate(records: list[FeatureRecord], out: Path, annotator: str, read_key: Callable[[], str | None],
+             console: Console | None = None, n_contexts: int = 8, window: int = 16) -> dict[str, int]:
+    """Ask for a label per record, appending each answer to `out`; returns counts of what was done."""
+    console = console or Console()
+    answers = load_answers(out)
+    position = next((i for i, r in enumerate(records) if r.key not in answers), len(records))
+    done = {"labelled": 0, "skipped": 0}
+    if position == len(records):
+        console.print(f"all {len(records)} features already have an answer in {out}")
+    _end_with_newline(out)
+    with JsonlAppender(out) as appender:
+        while position < len(records):
+            record = records[position]
+            if console.is_terminal:
+                console.clear()
+            console.print(render_feature(record, position, len(records), answers.get(record.key),
+                                         n_contexts, window))
+            key = read_key()
+            if key is None or _parse_key(key) == QUIT:
+                break
+            action = _parse_key(key)
+            if action == HELP:
+                console.print(f"unknown key {key!r}: {HELP_TEXT}")
+                continue
+            if action == BACK:
+                position = max(0, position - 1)
+                continue
+            row = {"checkpoint_step": record.checkpoint_step, "feature": record.feature,
+                   "granularity": None if action == SKIP else action, "annotator": annotator,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            appender.write(row)  # flushed now: a crash loses nothing answered
+            answers[record.key] = row
+            done["skipped" if action == SKIP else "labelled"] += 1
+            position += 1
+    remaining = sum(r.key not in answers for r in records)
+    console.print(f"saved to {out}: {done['labelled']} labelled and {done['skipped']} skipped this session; "
+                  f"{remaining} of {len(records)} features without an answer")
+    return {**done, "remaining": remaining}
+
+
+def cli(
+    records: Path = typer.Argument(..., help="Feature records: a records.jsonl(.gz) file or a run directory."),
+    out: Path = typer.Option(..., "--out", help="Where answers are appended (JSONL); resumed if it exists."),
+    annotator: str = typer.Option("anonymous", "--annotator", help="Your name, saved with each answer."),
+    step: list[int] = typer.Option([], "--step", help="Only these checkpoint steps (repeatable)."),
+    contexts: int = typer.Option(8, "--contexts", min=1, help="Top contexts shown per feature."),
+    window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),
+) -> None:
+    """Label features by hand: t token, s concept-synonym, m concept-semantic, u uninterpretable, n skip, b back, q quit."""
+    selected = [r for r in load_records(records) if not step or r.checkpoint_step in step]
+    if not selected:
+        raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else ""))
+    annotate(selected, out, annotator, key_reader(), n_contexts=contexts, window=window)

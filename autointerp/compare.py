@@ -1,10 +1,383 @@
-"""Placeholder until issue #8 lands; replace the whole file."""
+"""Compare two sets of granularity labels (e.g. human vs model): Cohen's kappa, confusion, P/R/F1.
+
+    autointerp compare HUMAN MODEL [--out PREFIX]
+
+HUMAN and MODEL can each be any of:
+  - a label JSONL file (schema.Label, or `autointerp annotate` output),
+  - a feature-record JSONL file with human fields (the shared dev file: extra["human_granularity"]),
+  - a run directory (every RUN/step-N/labels.jsonl),
+  - the llm-jp-sae demo JSON directory (docs/data/{step}/{i}.json with `granularity` codes 1-4),
+  - a CSV with columns feature, checkpoint (or checkpoint_step), granularity.
+Labels are joined on (checkpoint_step, feature); features in one input only are counted and left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import typer
 
 from autointerp.errors import UserError
+from autointerp.schema import GRANULARITIES, three_way
+
+Key = tuple[int | None, int]
+THREE_WAY = ("token", "concept", "uninterpretable")
+SHORT_NAMES = {"token": "token", "concept-synonym": "synonym", "concept-semantic": "semantic",
+               "uninterpretable": "uninterp."}
+
+# The llm-jp-sae demo's codes (docs/main.js): 1 Uninterpretable, 2 Concept (semantic similarity),
+# 3 Concept (synonymy), 4 Token-level.
+LLMJP_GRANULARITY_CODES = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
+_ALIASES = {
+    "token-level": "token", "concept-synonymy": "concept-synonym", "synonym": "concept-synonym",
+    "synonymy": "concept-synonym", "concept-syn": "concept-synonym", "concept-level (synonymy)": "concept-synonym",
+    "semantic": "concept-semantic", "concept-sem": "concept-semantic",
+    "concept-level (semantic sim.)": "concept-semantic", "concept-level (semantic similarity)": "concept-semantic",
+    "uninterp": "uninterpretable", "none": "uninterpretable",
+}
 
 
-def cli() -> None:
-    """Not implemented yet (issue #8)."""
-    raise UserError("not implemented yet (issue #8)")
+def normalize_granularity(value: Any) -> str | None:
+    """One of GRANULARITIES from a name, an alias or an llm-jp-sae code; None for no label."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        code = int(value)
+        if code not in LLMJP_GRANULARITY_CODES:
+            raise ValueError(f"unknown granularity code {value!r} (llm-jp-sae codes are 1-4)")
+        return LLMJP_GRANULARITY_CODES[code]
+    name = str(value).strip().lower().replace("_", "-")
+    name = _ALIASES.get(name, name)
+    if name not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {value!r} (expected one of {', '.join(GRANULARITIES)})")
+    return name
+
+
+@dataclass
+class LabelSet:
+    """Granularity labels keyed by (checkpoint_step, feature), with descriptions where known."""
+
+    source: str
+    labels: dict[Key, str] = field(default_factory=dict)
+    descriptions: dict[Key, str] = field(default_factory=dict)
+    unlabelled: int = 0  # entries without a granularity (skipped, failed): not compared
+
+    def add(self, step: Any, feature: Any, granularity: Any, description: Any = None) -> None:
+        key = (None if step in (None, "") else int(step), int(feature))
+        name = normalize_granularity(granularity)
+        if name is None:
+            self.unlabelled += 1
+            return
+        self.labels[key] = name  # a later line wins (annotate appends corrections)
+        if description:
+            self.descriptions[key] = str(description)
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{lineno}: not JSON ({exc})") from None
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a UTF-8 JSONL file ({exc})") from None
+    return rows
+
+
+def _load_jsonl(path: Path, out: LabelSet) -> None:
+    for i, row in enumerate(_read_json_lines(path), 1):
+        if not isinstance(row, dict) or "feature" not in row:
+            raise UserError(f"{path}:{i}: a label line needs 'feature' (and 'checkpoint_step', 'granularity')")
+        if "contexts" in row:  # a feature record: the human fields of the shared dev file
+            granularity = row.get("human_granularity", row.get("human_granularity_code"))
+        else:
+            granularity = row.get("granularity")
+        try:
+            out.add(row.get("checkpoint_step"), row["feature"], granularity, row.get("description"))
+        except ValueError as exc:
+            raise UserError(f"{path}:{i}: {exc}") from None
+
+
+def _load_csv(path: Path, out: LabelSet) -> None:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        step_col = columns.get("checkpoint") or columns.get("checkpoint_step") or columns.get("step")
+        if "feature" not in columns or "granularity" not in columns or step_col is None:
+            raise UserError(f"{path}: a label CSV needs the columns feature, checkpoint, granularity "
+                            f"(found {', '.join(columns) or 'none'})")
+        for i, row in enumerate(reader, 2):
+            try:
+                out.add(row[step_col], row[columns["feature"]], row[columns["granularity"]],
+                        row.get(columns.get("description", ""), None))
+            except ValueError as exc:
+                raise UserError(f"{path}:{i}: {exc}") from None
+
+
+def _llmjp_data_dir(path: Path) -> Path | None:
+    """docs/data of an llm-jp-sae checkout (or that folder itself), if `path` is one."""
+    for candidate in (path / "docs" / "data", path / "data", path):
+        steps = [p for p in candidate.iterdir() if p.is_dir() and p.name.isdigit()] if candidate.is_dir() else []
+        if steps and any(next(p.glob("*.json"), None) for p in steps):
+            return candidate
+    return None
+
+
+def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
+    from autointerp.records import import_llmjp_demo  # lazily: records imports torch
+
+    for record in import_llmjp_demo(data_dir):
+        out.add(record.checkpoint_step, record.feature, record.extra.get("human_granularity"))
+
+
+def load_labels(source: str | Path) -> LabelSet:
+    """Read granularity labels from any supported input (see the module docstring)."""
+    path = Path(source)
+    out = LabelSet(source=str(source))
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if path.is_dir():
+        label_files = sorted(path.glob("step-*/labels.jsonl"))
+        if label_files:
+            for file in label_files:
+                _load_jsonl(file, out)
+        elif (data_dir := _llmjp_data_dir(path)) is not None:
+            _load_llmjp_demo(data_dir, out)
+        else:
+            raise UserError(f"{path}: neither a run directory with step-N/labels.jsonl "
+                            "nor an llm-jp-sae demo directory (docs/data/STEP/N.json)")
+    elif path.suffix.lower() == ".csv":
+        _load_csv(path, out)
+    elif path.name.endswith((".jsonl", ".jsonl.gz", ".json")):
+        _load_jsonl(path, out)
+    else:
+        raise UserError(f"{path}: unsupported label file (expected .jsonl, .jsonl.gz, .csv or a directory)")
+    if not out.labels:
+        raise UserError(f"{path}: no granularity labels found")
+    return out
+
+
+# --- the comparison -----------------------------------------------------------------------
+
+@dataclass
+class Agreement:
+    """Agreement of two label lists on the same features."""
+
+    n: int
+    accuracy: float | None
+    kappa: float | None  # four-way Cohen's kappa
+    kappa_3way: float | None  # token / concept / uninterpretable
+    classes: list[str]
+    confusion: list[list[int]]  # rows: first labeller (human), columns: second (model)
+    per_class: dict[str, dict[str, float]]  # class -> precision, recall, f1, support (model vs human)
+    shares_human: dict[str, float]
+    shares_model: dict[str, float]
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def agreement(human: list[str], model: list[str]) -> Agreement:
+    """Kappa (4- and 3-way), confusion and per-class P/R/F1 with scikit-learn; human is the reference."""
+    from sklearn.metrics import cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(GRANULARITIES)
+    n = len(human)
+    if n == 0:
+        return Agreement(0, None, None, None, classes, [[0] * 4 for _ in classes], {}, {}, {})
+    import warnings
+
+    with warnings.catch_warnings():  # kappa is undefined (nan) when both sides use one class only
+        warnings.simplefilter("ignore")
+        kappa = _nan_to_none(cohen_kappa_score(human, model, labels=classes))
+        kappa3 = _nan_to_none(cohen_kappa_score([three_way(h) for h in human], [three_way(m) for m in model],
+                                                labels=list(THREE_WAY)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        human, model, labels=classes, zero_division=0)
+    return Agreement(
+        n=n,
+        accuracy=sum(h == m for h, m in zip(human, model)) / n,
+        kappa=kappa,
+        kappa_3way=kappa3,
+        classes=classes,
+        confusion=confusion_matrix(human, model, labels=classes).tolist(),
+        per_class={c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                   for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
+        shares_human={c: human.count(c) / n for c in classes},
+        shares_model={c: model.count(c) / n for c in classes},
+    )
+
+
+@dataclass
+class ComparisonResult:
+    overall: Agreement
+    per_checkpoint: dict[int | None, Agreement]
+    disagreements: list[dict[str, Any]]  # {checkpoint_step, feature, human, model, description}
+    n_common: int
+    only_human: int
+    only_model: int
+    human_source: str = ""
+    model_source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "human_source": self.human_source, "model_source": self.model_source,
+            "n_common": self.n_common, "only_human": self.only_human, "only_model": self.only_model,
+            "overall": asdict(self.overall),
+            "per_checkpoint": [{"checkpoint_step": s, **asdict(a)} for s, a in self.per_checkpoint.items()],
+            "disagreements": self.disagreements,
+        }
+
+    def to_markdown(self, max_disagreements: int | None = None) -> str:
+        return _markdown(self, max_disagreements)
+
+
+def compare_labels(human: dict[Key, str], model: dict[Key, str],
+                   descriptions: dict[Key, str] | None = None) -> ComparisonResult:
+    """Compare two label dicts on the features they share, overall and per checkpoint."""
+    common = sorted(set(human) & set(model), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
+    descriptions = descriptions or {}
+    steps = sorted({k[0] for k in common}, key=lambda s: -1 if s is None else s)
+    per_checkpoint = {}
+    for step in steps:
+        keys = [k for k in common if k[0] == step]
+        per_checkpoint[step] = agreement([human[k] for k in keys], [model[k] for k in keys])
+    disagreements = [
+        {"checkpoint_step": k[0], "feature": k[1], "human": human[k], "model": model[k],
+         "description": descriptions.get(k, "")}
+        for k in common if human[k] != model[k]
+    ]
+    return ComparisonResult(
+        overall=agreement([human[k] for k in common], [model[k] for k in common]),
+        per_checkpoint=per_checkpoint, disagreements=disagreements, n_common=len(common),
+        only_human=len(set(human) - set(model)), only_model=len(set(model) - set(human)),
+    )
+
+
+def compare_files(human: str | Path, model: str | Path) -> ComparisonResult:
+    h, m = load_labels(human), load_labels(model)
+    result = compare_labels(h.labels, m.labels, {**h.descriptions, **m.descriptions})
+    result.human_source, result.model_source = h.source, m.source
+    if result.n_common == 0:
+        raise UserError(f"no (checkpoint_step, feature) in common between {human} ({len(h.labels)} labels) "
+                        f"and {model} ({len(m.labels)} labels)")
+    return result
+
+
+# --- output -------------------------------------------------------------------------------
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _markdown(result: ComparisonResult, max_disagreements: int | None) -> str:
+    o = result.overall
+    lines = [
+        "# Label comparison", "",
+        f"- human: `{result.human_source}`", f"- model: `{result.model_source}`",
+        f"- compared: {result.n_common} features; only in human: {result.only_human}; "
+        f"only in model: {result.only_model}", "",
+        "| checkpoint | n | accuracy | kappa (4-way) | kappa (3-way) |", "|---|---|---|---|---|",
+    ]
+    for step, a in result.per_checkpoint.items():
+        lines.append(f"| {step} | {a.n} | {_fmt(a.accuracy)} | {_fmt(a.kappa)} | {_fmt(a.kappa_3way)} |")
+    lines.append(f"| **all** | {o.n} | {_fmt(o.accuracy)} | {_fmt(o.kappa)} | {_fmt(o.kappa_3way)} |")
+    lines += ["", "## Confusion matrix (rows: human, columns: model)", "",
+              "| human \\ model | " + " | ".join(o.classes) + " |", "|---" * (len(o.classes) + 1) + "|"]
+    for c, row in zip(o.classes, o.confusion):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += ["", "## Per class (model against human)", "", "| class | precision | recall | F1 | support |",
+              "|---|---|---|---|---|"]
+    for c, m in o.per_class.items():
+        lines.append(f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    shown = result.disagreements[:max_disagreements] if max_disagreements else result.disagreements
+    lines += ["", f"## Disagreements ({len(result.disagreements)})", "",
+              "| checkpoint | feature | human | model | description |", "|---|---|---|---|---|"]
+    for d in shown:
+        # escaped: Markdown viewers render raw HTML, and descriptions come from an LLM
+        desc = html.escape(str(d["description"])).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {d['checkpoint_step']} | {d['feature']} | {d['human']} | {d['model']} | {desc} |")
+    if len(shown) < len(result.disagreements):
+        lines.append(f"\n… {len(result.disagreements) - len(shown)} more in the JSON file.")
+    return "\n".join(lines) + "\n"
+
+
+def print_result(result: ComparisonResult, max_disagreements: int = 20) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    console.print(f"compared [bold]{result.n_common}[/] features; only in human: {result.only_human}, "
+                  f"only in model: {result.only_model}")
+    table = Table(title="Agreement (human vs model)")
+    for col in ("checkpoint", "n", "accuracy", "kappa 4-way", "kappa 3-way"):
+        table.add_column(col, justify="right")
+    for step, a in result.per_checkpoint.items():
+        table.add_row(str(step), str(a.n), _fmt(a.accuracy), _fmt(a.kappa), _fmt(a.kappa_3way))
+    o = result.overall
+    table.add_row("all", str(o.n), _fmt(o.accuracy), _fmt(o.kappa), _fmt(o.kappa_3way), style="bold")
+    console.print(table)
+
+    confusion = Table(title="Confusion (rows: human, columns: model)")
+    confusion.add_column("human \\ model")
+    for c in o.classes:
+        confusion.add_column(SHORT_NAMES[c], justify="right")
+    for c, row in zip(o.classes, o.confusion):
+        confusion.add_row(c, *(str(v) for v in row))
+    console.print(confusion)
+
+    per_class = Table(title="Per class (model against human)")
+    for col in ("class", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="right" if col != "class" else "left")
+    for c, m in o.per_class.items():
+        per_class.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    console.print(per_class)
+
+    if result.disagreements and max_disagreements > 0:
+        dis = Table(title=f"Disagreements (first {min(max_disagreements, len(result.disagreements))} "
+                          f"of {len(result.disagreements)})")
+        for col in ("checkpoint", "feature", "human", "model", "description"):
+            dis.add_column(col, overflow="fold")
+        for d in result.disagreements[:max_disagreements]:
+            # Text, not a markup string: a description like "[bold]" or "<b>" is shown as written
+            dis.add_row(str(d["checkpoint_step"]), str(d["feature"]), d["human"], d["model"], Text(d["description"]))
+        console.print(dis)
+
+
+def write_result(result: ComparisonResult, prefix: str | Path) -> tuple[Path, Path]:
+    """Write PREFIX.json and PREFIX.md."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = Path(f"{prefix}.json"), Path(f"{prefix}.md")
+    json_path.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    md_path.write_text(result.to_markdown())
+    return json_path, md_path
+
+
+def cli(
+    human: Path = typer.Argument(..., help="Reference labels: label/annotate JSONL, records JSONL with human "
+                                          "fields (the dev file), a run dir, an llm-jp-sae docs/data dir, or a CSV."),
+    model: Path = typer.Argument(..., help="Labels to evaluate, in any of the same formats (e.g. runs/demo)."),
+    out: Path | None = typer.Option(None, "--out", help="Write PREFIX.json and PREFIX.md."),
+    show: int = typer.Option(20, "--show", help="How many disagreeing features to print (all go to --out)."),
+) -> None:
+    """Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."""
+    result = compare_files(human, model)
+    print_result(result, max_disagreements=show)
+    if out is not None:
+        json_path, md_path = write_result(result, out)
+        print(f"wrote {json_path} and {md_path}")

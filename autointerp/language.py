@@ -1,0 +1,144 @@
+"""Language profile of a latent: which languages its contexts and max-activating tokens are in.
+
+Two detectors, because they see different things:
+- langdetect over each context's text (seeded: langdetect is random unless DetectorFactory.seed
+  is set). Knows ~55 languages; too noisy on one token.
+- a script detector for the max-activating token: kana/kanji -> "ja", Latin letters -> "en",
+  anything else (digits, punctuation, whitespace, byte fragments) -> "other".
+The paper's own rule (llm-jp-sae) is coarser: a max token is "en" when it is ASCII, else "ja",
+and a latent is en / ja when more than 90% of its contexts agree, else mix. `paper_token_language`
+is the variant that reproduces the human file best (see docs/score.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from functools import lru_cache
+from typing import Any
+
+from langdetect import DetectorFactory, detect_langs
+from langdetect.lang_detect_exception import LangDetectException
+
+from autointerp.schema import Context, FeatureRecord
+
+DetectorFactory.seed = 0  # langdetect samples n-grams at random; the seed makes it repeatable
+
+TREND_THRESHOLD = 0.9  # the paper: a language trend needs > 90% of contexts to agree
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_JA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]")
+_DIGIT = re.compile(r"[0-9]")
+
+
+def _is_latin_letter(ch: str) -> bool:
+    return ch.isalpha() and "LATIN" in unicodedata.name(ch, "")
+
+
+def clean_token(token: str) -> str:
+    """A token as text: SentencePiece's '▁' as a space, byte tokens like '<0x0A>' as their char."""
+    token = token.replace("▁", " ")
+
+    def byte(m: re.Match) -> str:
+        value = int(m.group(0)[3:5], 16)
+        return chr(value) if value < 0x80 else ""  # a lone UTF-8 continuation byte is no text
+
+    return _BYTE_TOKEN.sub(byte, token).replace("\ufffd", "")
+
+
+def normalize_token(token: str) -> str:
+    """The form two max tokens are compared in: text, NFKC, stripped, lowercased."""
+    return unicodedata.normalize("NFKC", clean_token(token)).strip().lower()
+
+
+def token_script(token: str) -> str:
+    """Script of one token: 'ja' (kana/kanji), 'en' (Latin letters), else 'other'."""
+    text = normalize_token(token)
+    if _JA.search(text):
+        return "ja"
+    if any(_is_latin_letter(ch) for ch in text):
+        return "en"
+    return "other"
+
+
+def paper_token_language(token: str) -> str:
+    """The paper's max-token rule: 'en' for an ASCII token, else 'ja'.
+
+    Tokens with digits count as 'ja' and the raw token (byte tokens like '<0x0A>' included) is
+    tested: this variant reproduces the dev file's language counts best (docs/score.md).
+    """
+    return "en" if token.isascii() and not _DIGIT.search(token) else "ja"
+
+
+def trend_from_counts(counts: dict[str, int], threshold: float = TREND_THRESHOLD) -> str:
+    """The language more than `threshold` of the counted contexts agree on (en, ja, ...), else mix."""
+    total = sum(counts.values())
+    for lang, count in counts.items():
+        if total and lang != "unknown" and count / total > threshold:
+            return lang
+    return "mix"
+
+
+def context_text(context: Context) -> str:
+    return "".join(clean_token(t) for t in context.tokens)
+
+
+@lru_cache(maxsize=65536)
+def detect_language(text: str) -> str:
+    """langdetect's best language code for a text ('unknown' when it has no letters)."""
+    try:
+        return detect_langs(text)[0].lang
+    except LangDetectException:
+        return "unknown"
+
+
+def max_token(context: Context) -> str | None:
+    """The max-activating token of a context; None when nothing in it activates."""
+    i = context.max_index
+    if i < 0:
+        return None
+    values = context.activations if context.activations is not None else context.levels
+    if values[i] <= 0:
+        return None
+    return context.tokens[i]
+
+
+def _shares(counter: Counter) -> dict[str, float]:
+    total = sum(counter.values())
+    return {k: round(v / total, 4) for k, v in counter.most_common()} if total else {}
+
+
+def entropy(counter: Counter) -> float:
+    """Shannon entropy in bits of a count distribution."""
+    total = sum(counter.values())
+    return -sum(v / total * math.log2(v / total) for v in counter.values() if v) if total else 0.0
+
+
+def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1) -> dict[str, Any]:
+    """A JSON-able language profile of one latent.
+
+    trend is the paper's rule (by `paper_token_language` on max tokens); trend_langdetect is the
+    same >90% rule over langdetect's context languages. cross_lingual: both English and Japanese
+    max tokens, each in at least `cross_lingual_min_share` of the activating contexts.
+    """
+    tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
+    context_langs = Counter(detect_language(context_text(c)) for c in record.contexts if c.tokens)
+    scripts = Counter(token_script(t) for t in tokens)
+    paper_counts = Counter(paper_token_language(t) for t in tokens)
+    n = len(tokens)
+    en_share = scripts.get("en", 0) / n if n else 0.0
+    ja_share = scripts.get("ja", 0) / n if n else 0.0
+    return {
+        "n_contexts": len(record.contexts),
+        "n_activating": n,
+        "trend": trend_from_counts(paper_counts),
+        "trend_langdetect": trend_from_counts(context_langs),
+        "paper_counts": {"en": paper_counts.get("en", 0), "ja": paper_counts.get("ja", 0)},
+        "context_languages": _shares(context_langs),
+        "max_token_scripts": _shares(scripts),
+        "context_entropy": round(entropy(context_langs), 4),
+        "max_token_script_entropy": round(entropy(scripts), 4),
+        "cross_lingual": min(en_share, ja_share) >= cross_lingual_min_share and n > 0,
+    }

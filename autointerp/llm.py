@@ -1,0 +1,412 @@
+"""An async client for OpenAI-compatible servers (llama.cpp, vLLM): bounded concurrency,
+retries with backoff, a SQLite response cache, structured JSON answers.
+
+    client = LLMClient("http://127.0.0.1:8080/v1", "smollm2", cache_path="runs/x/cache.sqlite")
+    answer = await client.chat_json(messages, EXPLANATION_SCHEMA, template_sha=sha)
+
+The cache is keyed by sha256(model, prompt template sha, full request JSON), so a rerun or a
+resumed run sends no request twice. Retries cover timeouts, connection errors, 429 and 5xx;
+after the last one the caller gets a UserError naming the URL and the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import openai
+
+from autointerp.errors import UserError
+
+RETRYABLE = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
+             openai.InternalServerError, openai.APIResponseValidationError)
+
+REPAIR_MESSAGE = ("Your answer was not valid: {error}. Answer again with only one JSON object "
+                  "that matches the schema.")
+
+
+class RequestRejected(UserError):
+    """The server refused a request with a 4xx other than 429: retrying the same request will not help."""
+
+    def __init__(self, message: str, status_code: int):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class LLMAnswerError(Exception):
+    """The model's answer failed validation even after one repair re-ask."""
+
+    def __init__(self, message: str, raw: str = ""):
+        super().__init__(message)
+        self.raw = raw
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its logprob and the top alternatives (token -> logprob)."""
+
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass
+class ChatResult:
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    cached: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class LLMStats:
+    requests: int = 0  # HTTP chat requests answered by the server (cache hits excluded)
+    cache_hits: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0  # failed attempts (each retry counts)
+    retries: int = 0
+    repairs: int = 0
+    tokenize_requests: int = 0
+    seconds: float = 0.0  # wall time spent waiting on the server
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_key(model: str, template_sha: str, request: dict[str, Any]) -> str:
+    blob = json.dumps({"model": model, "template_sha": template_sha, "request": request},
+                      sort_keys=True, ensure_ascii=False)
+    return sha256_text(blob)
+
+
+class ResponseCache:
+    """sha256 key -> JSON answer, in SQLite (WAL, one commit per answer so a crash keeps them)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                         "created REAL NOT NULL)")
+        self._db.commit()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
+                         (key, json.dumps(value, ensure_ascii=False), time.time()))
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+JSON_STYLES = ("json_schema", "json_object")
+
+
+def json_response_format(schema: dict[str, Any], name: str = "answer", style: str = "json_schema") -> dict[str, Any]:
+    """response_format asking for JSON matching `schema`. "json_schema" is OpenAI's form (vLLM, llama.cpp's
+    own server); "json_object" + "schema" is the form llama-cpp-python's server understands (0.3.x
+    rejects "json_schema" with HTTP 422)."""
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+_JSON_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list}
+
+
+def validate(value: Any, schema: dict[str, Any]) -> list[str]:
+    """Check an answer against the subset of JSON Schema the prompts use (object, required,
+    property types, enum, number ranges). Returns the problems; empty when valid."""
+    if not isinstance(value, dict):
+        return [f"expected a JSON object, got {type(value).__name__}"]
+    problems = [f"missing key {k!r}" for k in schema.get("required", []) if k not in value]
+    for key, spec in schema.get("properties", {}).items():
+        if key not in value:
+            continue
+        v, kind = value[key], spec.get("type")
+        if kind in _JSON_TYPES and not isinstance(v, _JSON_TYPES[kind]):
+            problems.append(f"{key!r} must be a {kind}, got {json.dumps(v, ensure_ascii=False)[:40]}")
+            continue
+        if kind in ("number", "integer") and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                              or (kind == "integer" and not float(v).is_integer())):
+            problems.append(f"{key!r} must be a {kind}, got {json.dumps(v, ensure_ascii=False)[:40]}")
+            continue
+        if "enum" in spec and v not in spec["enum"]:
+            problems.append(f"{key!r} must be one of {spec['enum']}, got {json.dumps(v, ensure_ascii=False)[:40]}")
+        if "minimum" in spec and isinstance(v, (int, float)) and v < spec["minimum"]:
+            problems.append(f"{key!r} must be >= {spec['minimum']}")
+        if "maximum" in spec and isinstance(v, (int, float)) and v > spec["maximum"]:
+            problems.append(f"{key!r} must be <= {spec['maximum']}")
+    return problems
+
+
+def parse_json_answer(text: str) -> Any:
+    """Parse a model's JSON answer, tolerating a ```json fence or text around one object."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start, end = text.find("{"), text.rfind("}")
+        if start >= 0 and end > start:
+            return json.loads(text[start:end + 1])  # raises JSONDecodeError when still broken
+        raise
+
+
+def server_root(base_url: str) -> str:
+    """http://host:port/v1 -> http://host:port (non-OpenAI endpoints like /tokenize live there)."""
+    root = base_url.rstrip("/")
+    return root[:-3] if root.endswith("/v1") else root
+
+
+class LLMClient:
+    """Async chat client: bounded concurrency, retries with exponential backoff + jitter,
+    SQLite response cache, JSON-schema answers with one repair re-ask."""
+
+    def __init__(self, base_url: str, model: str, cache_path: str | Path | None = None, concurrency: int = 4,
+                 timeout: float = 120.0, max_retries: int = 4, backoff: float = 0.5, api_key: str = "none",
+                 check_alive: Callable[[], None] | None = None, seed: int = 0, json_style: str | None = None):
+        if concurrency < 1:
+            raise UserError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.api_key = api_key
+        self.seed = seed
+        # Called on a connection failure: raises a clearer UserError when a supervised server died.
+        self.check_alive = check_alive
+        self.cache = ResponseCache(cache_path) if cache_path else None
+        if json_style is not None and json_style not in JSON_STYLES:
+            raise UserError(f"json_style must be one of {JSON_STYLES}, got {json_style!r}")
+        # None: try "json_schema", fall back to "json_object" on a 422; the choice is cached so a
+        # rerun does not pay the refused request again.
+        self._style_key = cache_key(model, "json_style", {})
+        if json_style is None and self.cache is not None and (known := self.cache.get(self._style_key)):
+            json_style = known["style"]
+        self.json_style = json_style
+        self.stats = LLMStats()
+        self._rng = random.Random(seed)
+        self._loop_state: tuple[Any, openai.AsyncOpenAI, asyncio.Semaphore] | None = None
+        self._tokenize_route: str | None = None  # "" once known to be unavailable
+
+    # An AsyncOpenAI client and a semaphore belong to one event loop; stages that call
+    # asyncio.run() one after another get fresh ones.
+    def _state(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        loop = asyncio.get_running_loop()
+        if self._loop_state is None or self._loop_state[0] is not loop:
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout,
+                                        max_retries=0)  # our own retries, with our own error message
+            self._loop_state = (loop, client, asyncio.Semaphore(self.concurrency))
+        return self._loop_state[1], self._loop_state[2]
+
+    def _fail(self, what: str, exc: BaseException) -> UserError:
+        if self.check_alive is not None:
+            self.check_alive()  # raises its own UserError when the server process is gone
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        return UserError(f"{what} {self.base_url} failed after {self.max_retries + 1} attempts ({detail}); "
+                         "finished work is saved, run the same command again to resume")
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = self.backoff * (2 ** attempt)
+        await asyncio.sleep(delay * (0.5 + self._rng.random()))  # jitter: 0.5x .. 1.5x
+
+    async def chat(self, messages: list[dict[str, str]], *, template_sha: str = "",
+                   response_format: dict[str, Any] | None = None, max_tokens: int = 256,
+                   temperature: float = 0.0, logprobs: bool = False, top_logprobs: int | None = None) -> ChatResult:
+        request: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                                   "seed": self.seed}
+        if response_format is not None:
+            request["response_format"] = response_format
+        if logprobs:
+            request["logprobs"] = True
+            if top_logprobs is not None:
+                request["top_logprobs"] = top_logprobs
+        key = cache_key(self.model, template_sha, request)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cache_hits += 1
+            return _result_from_dict(hit, cached=True)
+
+        client, semaphore = self._state()
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            async with semaphore:
+                started = time.perf_counter()
+                try:
+                    response = await client.chat.completions.create(model=self.model, **request)
+                    result = _result_from_response(response)
+                except RETRYABLE as exc:
+                    if _refuses_json_schema(exc):
+                        self.stats.errors += 1
+                        raise RequestRejected(f"{self.base_url} does not take response_format json_schema",
+                                              422) from None
+                    last = exc
+                except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
+                    self.stats.errors += 1
+                    raise RequestRejected(f"{self.base_url} refused the request: HTTP {exc.status_code} "
+                                          f"{str(exc)[:200]}".replace("\n", " "), exc.status_code) from None
+                else:
+                    self.stats.requests += 1
+                    self.stats.prompt_tokens += result.prompt_tokens
+                    self.stats.completion_tokens += result.completion_tokens
+                    if self.cache is not None:
+                        self.cache.put(key, _result_to_dict(result))
+                    return result
+                finally:
+                    self.stats.seconds += time.perf_counter() - started
+            self.stats.errors += 1
+            if isinstance(last, openai.APIConnectionError) and self.check_alive is not None:
+                self.check_alive()
+            if attempt < self.max_retries:
+                self.stats.retries += 1
+                await self._backoff(attempt)
+        raise self._fail("chat request to", last)
+
+    async def chat_json(self, messages: list[dict[str, str]], schema: dict[str, Any], *, template_sha: str = "",
+                        max_tokens: int = 256, temperature: float = 0.0, name: str = "answer") -> dict[str, Any]:
+        """Ask for one JSON object matching `schema`; one repair re-ask; else LLMAnswerError."""
+        style = self.json_style or "json_schema"
+        response_format = json_response_format(schema, name, style)
+        try:
+            result = await self.chat(messages, template_sha=template_sha, response_format=response_format,
+                                     max_tokens=max_tokens, temperature=temperature)
+        except RequestRejected as exc:
+            if style != "json_schema" or exc.status_code != 422:  # 422: the request's shape was refused
+                raise
+            self.json_style = "json_object"
+            if self.cache is not None:
+                self.cache.put(self._style_key, {"style": "json_object"})
+            return await self.chat_json(messages, schema, template_sha=template_sha, max_tokens=max_tokens,
+                                        temperature=temperature, name=name)
+        self.json_style = self.json_style or style
+        value, problem = _check_answer(result.text, schema)
+        if problem is None:
+            return value
+        self.stats.repairs += 1
+        repair = [*messages, {"role": "assistant", "content": result.text},
+                  {"role": "user", "content": REPAIR_MESSAGE.format(error=problem)}]
+        second = await self.chat(repair, template_sha=template_sha, response_format=response_format,
+                                 max_tokens=max_tokens, temperature=temperature)
+        value, problem2 = _check_answer(second.text, schema)
+        if problem2 is None:
+            return value
+        raise LLMAnswerError(f"invalid answer after one repair: {problem2} (first: {problem})", raw=second.text)
+
+    async def count_tokens(self, text: str) -> int:
+        """Tokens in `text` by the server's tokenizer (llama-cpp-python /extras/tokenize/count,
+        vLLM or llama.cpp /tokenize); a UTF-8 bytes/3 estimate where none answers."""
+        key = cache_key(self.model, "tokenize", {"text": text})
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return int(hit["count"])
+        count = await self._server_count(text)
+        if count is None:
+            return estimate_tokens(text)
+        if self.cache is not None:
+            self.cache.put(key, {"count": count})
+        return count
+
+    async def _server_count(self, text: str) -> int | None:
+        if self._tokenize_route == "":
+            return None
+        routes = [self._tokenize_route] if self._tokenize_route else ["/extras/tokenize/count", "/tokenize"]
+        root = server_root(self.base_url)
+        async with httpx.AsyncClient(timeout=self.timeout) as http:
+            for route in routes:
+                body = {"input": text, "model": self.model} if route.startswith("/extras") else \
+                    {"model": self.model, "prompt": text, "content": text, "add_special_tokens": False}
+                try:
+                    response = await http.post(root + route, json=body)
+                    self.stats.tokenize_requests += 1
+                    if response.status_code != 200:
+                        continue
+                    data = response.json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                count = data.get("count") if isinstance(data, dict) else None
+                if count is None and isinstance(data, dict) and isinstance(data.get("tokens"), list):
+                    count = len(data["tokens"])
+                if isinstance(count, int):
+                    self._tokenize_route = route
+                    return count
+        self._tokenize_route = ""
+        return None
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+def estimate_tokens(text: str) -> int:
+    # bytes, not characters: a Japanese character is 3 UTF-8 bytes and often 1-3 BPE tokens.
+    return len(text.encode("utf-8")) // 3 + 1
+
+
+def _refuses_json_schema(exc: BaseException) -> bool:
+    # llama-cpp-python 0.3's server answers its own validation error for {"type": "json_schema"}
+    # with HTTP 500 (not 422), naming the field: no use retrying that.
+    text = str(exc)
+    return isinstance(exc, openai.InternalServerError) and "response_format" in text and "json_object" in text
+
+
+def _check_answer(text: str, schema: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    try:
+        value = parse_json_answer(text)
+    except json.JSONDecodeError as exc:
+        return None, f"not JSON ({exc.msg} at char {exc.pos}): {text[:80]!r}"
+    problems = validate(value, schema)
+    return (value, None) if not problems else (None, "; ".join(problems))
+
+
+def _result_from_response(response: Any) -> ChatResult:
+    if not getattr(response, "choices", None):
+        raise openai.APIResponseValidationError(response=_fake_response(), body=None,
+                                                message=f"malformed completion: {str(response)[:120]}")
+    choice = response.choices[0]
+    tokens = None
+    content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
+    if content:
+        tokens = [TokenLogprob(token=t.token, logprob=float(t.logprob),
+                               top={a.token: float(a.logprob) for a in (t.top_logprobs or [])}) for t in content]
+    usage = response.usage
+    return ChatResult(text=choice.message.content or "", logprobs=tokens, cached=False,
+                      prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+
+
+def _fake_response() -> httpx.Response:
+    return httpx.Response(200, request=httpx.Request("POST", "http://invalid/"))
+
+
+def _result_to_dict(result: ChatResult) -> dict[str, Any]:
+    out = asdict(result)
+    out.pop("cached")
+    return out
+
+
+def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
+    tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
+    return ChatResult(text=d["text"], logprobs=tokens, cached=cached,
+                      prompt_tokens=d.get("prompt_tokens", 0), completion_tokens=d.get("completion_tokens", 0))

@@ -1,0 +1,94 @@
+"""`autointerp annotate` driven through stdin: answers are saved at once, resumed, readable by compare."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from autointerp.annotate import annotate, cli, context_text, load_answers
+from autointerp.compare import load_labels
+from autointerp.schema import Context, FeatureRecord, write_jsonl
+
+
+def _records(n: int = 5) -> list[FeatureRecord]:
+    return [FeatureRecord(model="m", layer=0, checkpoint_step=100, feature=i,
+                          contexts=[Context(tokens=[" the", " dog", "犬", "<b>x</b>"], levels=[0, 10 - i, 4, 1])])
+            for i in range(n)]
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(cli)
+    return app
+
+
+def test_annotate_saves_each_answer_and_resumes(tmp_path):
+    records_path, out = tmp_path / "records.jsonl", tmp_path / "human.jsonl"
+    write_jsonl(records_path, _records())
+    runner = CliRunner()
+
+    # token, back (to feature 0 again), uninterpretable, synonym, then quit
+    first = runner.invoke(_app(), [str(records_path), "--out", str(out), "--annotator", "ann"],
+                          input="t\nb\nu\ns\nq\n")
+    assert first.exit_code == 0, first.output
+    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(l["feature"], l["granularity"]) for l in lines] == [(0, "token"), (0, "uninterpretable"),
+                                                                  (1, "concept-synonym")]
+    assert all(l["annotator"] == "ann" and l["checkpoint_step"] == 100 and l["time"] for l in lines)
+    assert {k: v["granularity"] for k, v in load_answers(out).items()} == {
+        (100, 0): "uninterpretable", (100, 1): "concept-synonym"}
+
+    # resume: starts at feature 2; a bad key is explained and asked again; n skips; EOF stops
+    second = runner.invoke(_app(), [str(records_path), "--out", str(out)], input="m\nx\nn\nconcept-semantic\n")
+    assert second.exit_code == 0, second.output
+    assert "unknown key 'x'" in second.output
+    assert "step 100 · feature 2" in second.output and "step 100 · feature 0" not in second.output
+    answers = load_answers(out)
+    assert answers[(100, 2)]["granularity"] == "concept-semantic"
+    assert answers[(100, 3)]["granularity"] is None  # skipped
+    assert answers[(100, 4)]["granularity"] == "concept-semantic"
+
+    # compare reads the file: the skipped feature is not a label; the corrected one keeps its last answer
+    labels = load_labels(out)
+    assert labels.labels == {(100, 0): "uninterpretable", (100, 1): "concept-synonym",
+                             (100, 2): "concept-semantic", (100, 4): "concept-semantic"}
+    assert labels.unlabelled == 1
+
+    third = runner.invoke(_app(), [str(records_path), "--out", str(out)], input="")
+    assert "all 5 features already have an answer" in third.output
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_torn_last_line_is_asked_again(tmp_path):
+    out = tmp_path / "human.jsonl"
+    out.write_text('{"checkpoint_step": 100, "feature": 0, "granularity": "token"}\n'
+                   '{"checkpoint_step": 100, "feature": 1, "granul')
+    keys = iter(["u", "q"])
+    console = Console(file=io.StringIO(), width=120)
+    done = annotate(_records(3), out, "ann", lambda: next(keys), console=console)
+    assert done == {"labelled": 1, "skipped": 0, "remaining": 1}
+    assert "feature 1" in console.file.getvalue()
+    assert load_answers(out)[(100, 1)]["granularity"] == "uninterpretable"
+
+
+def test_context_text_highlights_max_and_keeps_markup_and_control_chars_inert():
+    ctx = Context(tokens=["[bold]a[/bold]", "\x1b[31mred", "<0x0A>", "b"], levels=[0, 10, 2, 0])
+    text = context_text(ctx, window=5)
+    assert text.plain == "[bold]a[/bold]\\x1b[31mred↵b"
+    styles = {text.plain[s.start:s.end]: str(s.style) for s in text.spans}
+    assert "bold underline" in styles["\\x1b[31mred"]  # the max token
+    assert "[bold]a[/bold]" not in styles  # level 0: no highlight
+
+
+def test_annotate_rejects_empty_input(tmp_path):
+    records_path = tmp_path / "records.jsonl"
+    write_jsonl(records_path, _records(2))
+    result = CliRunner().invoke(_app(), [str(records_path), "--out", str(tmp_path / "h.jsonl"),
+                                         "--step", "7"], input="")
+    assert result.exit_code != 0
+    assert "no feature records at steps [7]" in str(result.exception)

@@ -1,0 +1,188 @@
+"""The HTML report: renders a small run built from the shared dev file, escapes tokens,
+says what is missing, and loads in headless Chromium with its plots and no console errors."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from autointerp.schema import GRANULARITIES, Context, FeatureRecord, Label, read_records, write_jsonl
+
+DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
+XSS = "<script>alert(1)</script>"
+needs_dev = pytest.mark.skipif(not DEV.exists(), reason=f"shared dev file absent: {DEV}")
+
+
+def make_run(root: Path, per_step: int = 12, steps_with_labels=None, with_metrics=True) -> Path:
+    """A run directory from the dev file: records, synthetic labels (70% agree with the human),
+    a fake SAE metrics.json, and one feature whose token and description are a <script> tag."""
+    rng = random.Random(0)
+    records = read_records(DEV)
+    by_step: dict[int, list[FeatureRecord]] = {}
+    for r in records:
+        by_step.setdefault(r.checkpoint_step, []).append(r)
+    run = root / "run"
+    for i, (step, recs) in enumerate(sorted(by_step.items())):
+        recs = recs[:per_step]
+        if i == 0:  # the hostile token, in a context and in the description
+            ctx = recs[0].contexts[0]
+            recs[0].contexts.insert(0, Context(tokens=["a", XSS, "b"], levels=[0, 10, 3]))
+        folder = run / f"step-{step}"
+        write_jsonl(folder / "records.jsonl", recs)
+        if steps_with_labels is None or step in steps_with_labels:
+            labels = []
+            for r in recs:
+                human = r.extra["human_granularity"]
+                granularity = human if rng.random() < 0.7 else rng.choice(GRANULARITIES)
+                labels.append(Label(
+                    checkpoint_step=step, feature=r.feature,
+                    description=XSS if r is recs[0] and i == 0 else f"feature {r.feature} description",
+                    granularity=granularity, cross_lingual=rng.random() < 0.3,
+                    language=r.extra["language_trend"], language_profile={"trend": r.extra["language_trend"],
+                                                                          "shares": {"en": 0.5, "ja": 0.5}},
+                    scores={"simulation": rng.random(), "detection": rng.random(), "fuzzing": rng.random()},
+                    confidence=rng.random(), explainer={"model": "fake", "prompt_sha256": "0", "engine": "none"}))
+            write_jsonl(folder / "labels.jsonl", labels)
+        if with_metrics:
+            (folder / "sae").mkdir(parents=True, exist_ok=True)
+            (folder / "sae" / "metrics.json").write_text(json.dumps(
+                {"fvu": 0.5 / (i + 1), "l0": 32, "dead_fraction": 0.1 * i, "delta_ce": 1.0 / (i + 1)}))
+    (run / "manifest.json").write_text(json.dumps({"stages": {"sae": {"model": "llm-jp/llm-jp-3-1.8b",
+                                                                       "seconds": 12.5}}}))
+    return run
+
+
+@needs_dev
+def test_report_renders_every_checkpoint_with_plots(tmp_path):
+    from autointerp.report import build_report
+
+    run = make_run(tmp_path)
+    index = build_report(run, human=DEV)
+    html = index.read_text()
+    steps = sorted({r.checkpoint_step for r in read_records(DEV)})
+    for step in steps:
+        page = run / "report" / f"step-{step}.html"
+        assert page.exists()
+        assert f'href="step-{step}.html"' in html
+        # 12 features per page, each with its contexts shaded by level
+        assert page.read_text().count('class="feature"') == 12
+        assert re.search(r'class="q10( mx)?"', page.read_text())
+    # granularity, language, cross-lingual, scores, SAE metrics, human vs model
+    assert html.count("data:image/png;base64,") == 6
+    assert "Missing:" not in html
+    compare = json.loads((run / "report" / "compare.json").read_text())
+    assert compare["n_common"] == 12 * len(steps)
+
+
+@needs_dev
+def test_hostile_token_is_escaped_in_every_page(tmp_path):
+    from autointerp.report import build_report
+
+    run = make_run(tmp_path)
+    build_report(run, human=DEV)
+    pages = list((run / "report").glob("*.html"))
+    assert len(pages) == 7
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    first = min(pages, key=lambda p: (p.name != "step-10.html"))
+    assert first.read_text().count(escaped) >= 2  # the token and the description
+    for page in pages:
+        assert XSS not in page.read_text(), page.name
+        # the only <script> is our own filter code on checkpoint pages
+        assert page.read_text().count("<script") == (0 if page.name == "index.html" else 1)
+
+
+@needs_dev
+def test_missing_stages_are_named_and_the_rest_renders(tmp_path):
+    from autointerp.report import build_report
+
+    run = make_run(tmp_path, per_step=4, steps_with_labels={10, 100}, with_metrics=False)
+    (run / "step-1000" / "records.jsonl").unlink()
+    with open(run / "step-10" / "labels.jsonl", "a") as fh:
+        fh.write('{"checkpoint_step": 10, "feature": ')  # a torn last line
+    html = build_report(run).read_text()
+    assert "Missing: labels (autointerp label)" in (run / "report" / "step-10000.html").read_text()
+    page_1000 = (run / "report" / "step-1000.html").read_text()
+    assert "Missing: records (autointerp collect)" in page_1000
+    assert "SAE metrics (sae/metrics.json)" in html
+    assert "malformed line" in (run / "report" / "step-10.html").read_text()
+    # records-only checkpoints still show their features (language from the records)
+    assert (run / "report" / "step-10000.html").read_text().count('class="feature"') == 4
+    # granularity + language + cross-lingual + scores; no SAE-metrics or human plot
+    assert html.count("data:image/png;base64,") == 4
+
+
+def test_report_on_a_missing_run_is_a_user_error(tmp_path):
+    from autointerp.errors import UserError
+    from autointerp.report import build_report
+
+    with pytest.raises(UserError, match="no such run directory"):
+        build_report(tmp_path / "nope")
+
+
+def test_language_shares_follow_the_paper_rule():
+    from autointerp.report import language_shares
+
+    def rec(max_tokens):
+        return FeatureRecord(model="m", layer=0, checkpoint_step=1, feature=0,
+                             contexts=[Context(tokens=["x", t], levels=[0, 10]) for t in max_tokens])
+
+    assert language_shares(rec([" dog"] * 10))["trend"] == "en"
+    assert language_shares(rec(["犬"] * 10))["trend"] == "ja"
+    mixed = language_shares(rec([" dog"] * 5 + ["犬"] * 5))
+    assert mixed["trend"] == "mix" and mixed["shares"]["en"] == pytest.approx(0.5)
+    assert language_shares(rec([" dog"] * 9 + ["犬"]))["trend"] == "mix"  # 90% is not over 90%
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+def _run_chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    profile.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _console_errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+
+
+@needs_dev
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.timeout(300)
+def test_index_loads_in_headless_chromium(tmp_path):
+    from autointerp.report import build_report
+
+    # the console check must see a real error, or it proves nothing
+    broken = tmp_path / "broken.html"
+    broken.write_text("<html><body><script>undefinedFunction();</script></body></html>")
+    assert _console_errors(_run_chromium(broken, tmp_path / "p0", "--dump-dom").stderr)
+
+    run = make_run(tmp_path)
+    index = build_report(run, human=DEV)
+    result = _run_chromium(index, tmp_path / "p1", "--dump-dom")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not _console_errors(result.stderr)
+    images = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="[^"]+"', result.stdout)
+    assert len(images) == 6
+    step_page = run / "report" / "step-10.html"
+    result = _run_chromium(step_page, tmp_path / "p2", "--dump-dom")
+    assert not _console_errors(result.stderr)
+    assert "12 of 12 features" not in result.stdout  # the filter script only writes on change
+    assert result.stdout.count('class="feature"') == 12
+
+    shot = tmp_path / "index.png"
+    _run_chromium(index, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,2400",
+                  "--hide-scrollbars")
+    assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
