@@ -93,6 +93,12 @@ def num_layers(model) -> int:
     return len(decoder_layers(model))
 
 
+def check_layer(model, layer: int) -> None:
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise UserError(f"layer {layer} out of range: the model has {n} decoder layers (0..{n - 1})")
+
+
 def d_model(model) -> int:
     return model.get_input_embeddings().embedding_dim
 
@@ -133,9 +139,7 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
                      max_tokens: int = 64, device: str | torch.device | None = None) -> Iterator[ActivationBatch]:
     """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document."""
     layers = decoder_layers(model)
-    if not 0 <= layer < len(layers):
-        raise UserError(f"layer {layer} out of range: the model has {len(layers)} decoder layers "
-                        f"(0..{len(layers) - 1})")
+    check_layer(model, layer)
     if batch_size < 1 or max_tokens < 1:
         raise UserError(f"batch size and max tokens must be positive (got {batch_size}, {max_tokens})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -222,6 +226,7 @@ def cli(
     """Extract one layer's residual stream over a corpus, streaming; print a summary (and write shards)."""
     docs = load_corpus(corpus, limit=limit)
     lm, tokenizer = load_lm(model, revision=revision, device=device)
+    check_layer(lm, layer)
     settings = {"model": model, "revision": revision, "layer": layer, "corpus": corpus, "limit": limit,
                 "max_tokens": max_tokens, "batch_size": batch_size}
     done_shards: set[int] = set()

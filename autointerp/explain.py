@@ -46,7 +46,7 @@ EXPLANATION_SCHEMA: dict[str, Any] = {
 }
 
 # Tried in order until the prompt fits the context window: (contexts, tokens either side of the max).
-TRIM_STEPS = ((12, 8), (8, 8), (8, 5), (5, 4), (3, 3), (1, 2))
+TRIM_STEPS = ((12, 8), (10, 6), (8, 5), (5, 4), (3, 3), (1, 2))
 CHAT_OVERHEAD_TOKENS = 48  # the chat template's role markers around the prompt
 
 
@@ -102,7 +102,7 @@ def top_tokens(record: FeatureRecord, n: int = 8) -> str:
     return ", ".join(f"{quote_token(t)} x{k}" for t, k in counts.most_common(n))
 
 
-def render_explain_prompt(record: FeatureRecord, max_contexts: int = 12, window: int = 8) -> str:
+def render_explain_prompt(record: FeatureRecord, max_contexts: int = 10, window: int = 6) -> str:
     return render(TEMPLATE, top_tokens=top_tokens(record),
                   snippets=[snippet(c, window) for c in record.contexts[:max_contexts]])
 
@@ -112,8 +112,8 @@ def trim_steps(max_contexts: int, window: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(max_contexts, window), *smaller]))
 
 
-async def fit_prompt(record: FeatureRecord, client: LLMClient | None, budget: int, max_contexts: int = 12,
-                     window: int = 8) -> str:
+async def fit_prompt(record: FeatureRecord, client: LLMClient | None, budget: int, max_contexts: int = 10,
+                     window: int = 6) -> str:
     """The richest rendering (most contexts, widest window) whose token count, by the server's
     tokenizer where it has one, fits `budget`; the smallest one when none does."""
     prompt = ""
@@ -131,8 +131,8 @@ async def fit_prompt(record: FeatureRecord, client: LLMClient | None, budget: in
 
 @dataclass
 class ExplainSettings:
-    max_contexts: int = 12
-    window: int = 8
+    max_contexts: int = 10
+    window: int = 6
     context_window: int = 2048  # the server's n_ctx
     max_tokens: int = 160  # the answer's budget
     engine: str = ""
@@ -210,7 +210,7 @@ async def explain_records_async(records: list[FeatureRecord], client: LLMClient,
 
 
 def explain_records(records: list[FeatureRecord], client: LLMClient, out_path: str | Path | None = None, *,
-                    max_contexts: int = 12, window: int = 8, context_window: int = 2048, max_tokens: int = 160,
+                    max_contexts: int = 10, window: int = 6, context_window: int = 2048, max_tokens: int = 160,
                     engine: str = "", on_done: Callable[[Explanation], None] | None = None) -> list[Explanation]:
     """Explain every record (skipping those already in out_path), streaming each answer to out_path.
     An answer invalid after the repair re-ask gives granularity=None with `error`; the batch goes on."""
@@ -344,8 +344,8 @@ def cli(
     threads: int = typer.Option(None, help="CPU threads of the embedded llama.cpp server."),
     n_ctx: int = typer.Option(2048, "--n-ctx", help="The server's context window in tokens; prompts are "
                                                    "trimmed to fit."),
-    max_contexts: int = typer.Option(12, help="Contexts shown per feature (fewer when they do not fit)."),
-    window: int = typer.Option(8, help="Tokens shown either side of the max-activating token."),
+    max_contexts: int = typer.Option(10, help="Contexts shown per feature (fewer when they do not fit)."),
+    window: int = typer.Option(6, help="Tokens shown either side of the max-activating token."),
     timeout: float = typer.Option(120.0, help="Seconds per request before it is retried."),
     retries: int = typer.Option(4, help="Retries per request on timeouts, 429, 5xx, connection errors."),
 ) -> None:

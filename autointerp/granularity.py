@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +39,7 @@ STAT_FEATURES = [
     "frac_active", "mean_active_level", "high_tokens_per_context", "n_contexts_norm",
     "activating_ratio", "log_density", "has_density",
     "top2_related", "top2_cross_script_related", "variant_types_ratio",
+    "prev_top_share", "max_position_mean",
 ]
 LLM_FEATURES = [*(f"vote_{g}" for g in GRANULARITIES), "vote_missing", "llm_confidence", "llm_cross_lingual"]
 SCORE_FEATURES = ["simulation", "detection", "fuzzing", "scores_missing"]
@@ -147,10 +149,18 @@ class Evidence:
     problem: str | None  # why the record cannot be labelled (then: uninterpretable)
 
 
+def token_key(token: str) -> str:
+    """What counts as "the same max token": the normalised text, or for a token with no visible
+    text (newline byte, space) its raw NFKC form, so a latent firing on every newline is one token."""
+    return language.normalize_token(token) or unicodedata.normalize("NFKC", token)
+
+
 def stat_features(record: FeatureRecord) -> Evidence:
     """Features from the record's own contexts only (never its step or feature id)."""
-    raw = [language.max_token(c) for c in record.contexts]
-    tokens = [language.normalize_token(t) for t in raw if t is not None]
+    firing = [c for c in record.contexts if language.max_token(c) is not None]
+    raw = [c.tokens[c.max_index] for c in firing]
+    tokens = [token_key(t) for t in raw]
+    junk = sum(not language.normalize_token(t) for t in raw)
     n_ctx = len(record.contexts)
     n = len(tokens)
     if n_ctx == 0:
@@ -160,9 +170,9 @@ def stat_features(record: FeatureRecord) -> Evidence:
     counts = Counter(tokens)
     top = counts.most_common()
     top_token, top_count = top[0]
-    if top_token == "" and top_count == n:
+    if junk == n and top_count / n < 0.8:
         return Evidence({}, top[:10], "max tokens are only whitespace or byte fragments")
-    classes = Counter(token_class(t) for t in tokens)
+    classes = Counter(token_class(language.normalize_token(t)) for t in raw)
     scripts = Counter(language.token_script(t) for t in tokens)
     variants = [t for t in counts if t != top_token and related(top_token, t)]
     variant_count = sum(counts[t] for t in variants)
@@ -203,6 +213,10 @@ def stat_features(record: FeatureRecord) -> Evidence:
         "top2_cross_script_related": float(top2_related and language.token_script(second)
                                            != language.token_script(top_token)),
         "variant_types_ratio": len(variants) / len(counts),
+        # context, not token: fires after one token (e.g. after "(") / at one place in the text
+        "prev_top_share": Counter(token_key(c.tokens[c.max_index - 1]) if c.max_index > 0 else "<start>"
+                                  for c in firing).most_common(1)[0][1] / n,
+        "max_position_mean": sum(c.max_index / max(len(c.tokens) - 1, 1) for c in firing) / n,
     }
     return Evidence(f, top[:10], None)
 

@@ -207,6 +207,8 @@ class LLMClient:
         self._style_key = cache_key(model, "json_style", {})
         if json_style is None and self.cache is not None and (known := self.cache.get(self._style_key)):
             json_style = known["style"]
+        elif json_style is not None and self.cache is not None:
+            self.cache.put(self._style_key, {"style": json_style})
         self.json_style = json_style
         self.stats = LLMStats()
         self._rng = random.Random(seed)

@@ -18,9 +18,11 @@ Negatives (FeatureRecord.negatives, kind in extra["negative_kinds"]):
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -266,6 +268,18 @@ def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]]
     return records
 
 
+@contextmanager
+def _no_gc():
+    """Pause the cyclic GC: building millions of small lists would make it rescan them over and over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
                          n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
                          top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
@@ -286,7 +300,9 @@ def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int
             acts, mask = batch.acts, batch.mask.to(batch.acts.device)
             if tracker is None:
                 tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, acts.device)
-            token_row, token_pos = mask.nonzero(as_tuple=True)
+            # positions count text tokens only (a context holds input_ids[mask], e.g. without BOS)
+            token_row = mask.nonzero(as_tuple=True)[0]
+            token_pos = (mask.cumsum(1) - 1)[mask]
             x = acts[mask].float()
             values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
             tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
@@ -295,8 +311,9 @@ def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int
     if tracker is None:  # an empty corpus: every latent is dead
         tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
     tracker.prune()
-    return build_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
-                         model=model, layer=layer, checkpoint_step=checkpoint_step)
+    with _no_gc():
+        return build_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
+                             model=model, layer=layer, checkpoint_step=checkpoint_step)
 
 
 def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64, *,
@@ -481,6 +498,7 @@ def cli_collect(
     batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records.jsonl exists."),
     on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
 ) -> None:
@@ -489,6 +507,10 @@ def cli_collect(
 
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
+    if threads is not None:
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        torch.set_num_threads(threads)
     if (run is None) == (sae is None):
         raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
     opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,

@@ -53,6 +53,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """One core fewer than available (at least 1). llama.cpp's threads spin-wait: on a busy 2-core
+    machine 2 threads were ~5-20x slower than 1 (measured, docs/label.md)."""
+    return max(1, available_cores() - 1)
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -77,8 +83,8 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
             raise UserError(f"{gguf}: no such GGUF file")
         alias = DEFAULT_MODEL_ALIAS if model is None else gguf.stem
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-               "--host", host, "--port", str(port), "--n_threads", str(n_threads or available_cores()),
-               "--n_ctx", str(n_ctx), *extra_args]
+               "--host", host, "--port", str(port), "--n_threads", str(n_threads or default_threads()),
+               "--n_threads_batch", str(n_threads or default_threads()), "--n_ctx", str(n_ctx), *extra_args]
         return cmd, alias
     if engine == "vllm":
         if not model:
@@ -228,7 +234,7 @@ def cli(
                                           "Hugging Face model id or path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
-    threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available)."),
+    threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available minus one)."),
     n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window in tokens (vllm: --max-model-len)."),
     tensor_parallel_size: int = typer.Option(None, help="vllm: GPUs to split each model over."),
     data_parallel_size: int = typer.Option(None, help="vllm: model replicas."),

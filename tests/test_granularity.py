@@ -88,6 +88,7 @@ def test_shipped_model_reproduces_training_predictions():
     X = np.array([[G.stat_features(r).features.get(n, 0.0) for n in model.feature_names] for r in all_records])
     y = [r.extra["human_granularity"] for r in all_records]
     refit = G.fit_model(X, y, model.feature_names, C=model.info["C"])
+    refit.temperature = model.temperature  # fitted on out-of-fold log loss by the eval
     Xs = np.array([[G.stat_features(r).features.get(n, 0.0) for n in model.feature_names] for r in records])
     assert np.allclose(refit.predict_proba(Xs), model.predict_proba(Xs), atol=1e-6)
     labels = G.build_labels(records)

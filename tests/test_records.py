@@ -28,6 +28,7 @@ def make_corpus(n_docs=37, T=12, seed=0):
     acts = torch.randn(n_docs, T, D_MODEL, generator=gen)
     lengths = torch.randint(3, T + 1, (n_docs,), generator=gen)
     mask = torch.arange(T)[None, :] < lengths[:, None]
+    mask[::2, 0] = False  # a BOS-like leading token that is not text, as iter_activations masks it
     ids = torch.randint(0, 50, (n_docs, T), generator=gen)
     batches = [Batch(acts[i:i + 7], ids[i:i + 7], mask[i:i + 7], list(range(100 + i, 100 + min(i + 7, n_docs))))
                for i in range(0, n_docs, 7)]

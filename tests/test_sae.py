@@ -30,10 +30,15 @@ def test_topk_encode_gradients_match_dense_reference():
     ours = [t.grad for t in leaves]
 
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    pre = torch.relu(ref_leaves[0] @ ref_leaves[1].t() + ref_leaves[2])  # dense [n, m]
+    linear = ref_leaves[0] @ ref_leaves[1].t() + ref_leaves[2]  # dense [n, m]
+    pre = torch.relu(linear)
     assert torch.equal(torch.sort(idx, 1).values, torch.sort(pre.topk(k, dim=1).indices, 1).values)
     assert bool(aux_mask[aux_idx].all())
-    ((pre.gather(1, idx) * r1).sum() + (pre.gather(1, aux_idx) * r2).sum()).backward()
+    # AuxK latents: ReLU forward, straight-through backward (dead latents sit below 0)
+    aux_linear = linear.gather(1, aux_idx)
+    aux_ref = aux_linear + (aux_linear.relu() - aux_linear).detach()
+    torch.testing.assert_close(aux_values, aux_ref.detach())
+    ((pre.gather(1, idx) * r1).sum() + (aux_ref * r2).sum()).backward()
     for got, want in zip(ours, (t.grad for t in ref_leaves)):
         torch.testing.assert_close(got, want)
 
@@ -109,14 +114,20 @@ def test_training_is_deterministic():
 
 
 def test_auxk_revives_dead_latents():
+    """Half the latents start with b_enc = -2 (never fire): only the AuxK loss brings some back."""
     _, sample = _dictionary_data(seed=4, d=16, atoms=32)
     chunks = [sample(1000) for _ in range(30)]
-    cfg = SAEConfig(d_model=16, d_sae=256, k=2)
-    dead = {}
+    cfg = SAEConfig(d_model=16, d_sae=64, k=4)
+    revived = {}
     for alpha in (0.0, 1.0):
-        sae, _ = train_sae(chunks, cfg, TrainConfig(batch_size=500, dead_tokens=1000, auxk_alpha=alpha, seed=0))
-        dead[alpha] = reconstruction_metrics(sae, [sample(5000)])["dead_fraction"]
-    assert dead[1.0] < dead[0.0], dead
+        sae = TopKSAE(cfg, seed=0)
+        with torch.no_grad():
+            sae.b_enc[32:] = -2.0
+        sae, _ = train_sae(chunks, cfg, TrainConfig(batch_size=500, lr=1e-2, dead_tokens=2000, auxk_alpha=alpha),
+                           sae=sae)
+        values, indices = sae.encode(sample(5000))
+        revived[alpha] = int((indices[values > 0] >= 32).sum())
+    assert revived[0.0] == 0 < revived[1.0], revived
 
 
 def test_forward_returns_inputs_scale():

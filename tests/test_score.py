@@ -107,3 +107,47 @@ def test_negatives_from_other_latents_are_deterministic():
     n1, src = score.negative_pool(a, [a, b], 2, 5)
     n2, _ = score.negative_pool(a, [a, b], 2, 5)
     assert src == "other-latents" and n1 == n2 and all(max(c.levels) == 0 for c in n1)
+
+
+def test_cli_stats_only_and_bad_method(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from autointerp.errors import UserError
+    from autointerp.schema import Label, write_jsonl
+
+    step = tmp_path / "step-5"
+    write_jsonl(step / "records.jsonl", [_record(0), _record(1)])
+    app = typer.Typer()
+    app.command()(score.cli)
+    result = CliRunner().invoke(app, [str(tmp_path), "--stats-only"])
+    assert result.exit_code == 0, result.output
+    labels = list(iter_jsonl(step / "labels.jsonl", Label.from_dict))
+    assert [l.feature for l in labels] == [0, 1] and all(l.evidence.get("model") == "stats" for l in labels)
+    result = CliRunner().invoke(app, [str(tmp_path), "--methods", "simulation,guessing"])
+    assert isinstance(result.exception, UserError) and "guessing" in str(result.exception)
+    result = CliRunner().invoke(app, [str(tmp_path)])  # no explanations.jsonl and no --stats-only
+    assert isinstance(result.exception, UserError) and "explanations" in str(result.exception)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_server_scores_one_latent(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from autointerp.llm import LLMClient
+    from autointerp.serve import start_server
+
+    record = _record(0)
+    settings = score.ScoreSettings(sim_contexts=2, sim_negatives=1, det_contexts=2, fuzz_contexts=2, window=3)
+    with start_server("llama-cpp") as server:
+        client = LLMClient(server.base_url, server.model, cache_path=tmp_path / "cache.sqlite",
+                           check_alive=server.check)
+        expl = [Explanation(5, 0, 'the English word "dog"', "token", False, 0.9, {})]
+        [first] = score.score_records([record], expl, client, out_path=tmp_path / "scores.jsonl", settings=settings)
+        requests = client.stats.requests
+        [again] = score.score_records([record], expl, client, settings=settings)  # no file: cache answers
+        client.close()
+    assert requests >= 3 and client.stats.cache_hits >= 3
+    assert first.simulator["simulation"]["method"] in ("logprobs", "json")
+    assert -1.0 <= first.simulation <= 1.0 and 0.0 <= first.detection <= 1.0 and 0.0 <= first.fuzzing <= 1.0
+    assert again.to_dict() == first.to_dict()

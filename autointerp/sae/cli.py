@@ -1,13 +1,235 @@
-"""Placeholder until issue #4 lands; replace the whole file."""
+"""`autointerp sae train` and `autointerp sae metrics`."""
 
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from autointerp import run as rundir
 from autointerp.errors import UserError
+from autointerp.sae.io import load_sae, save_sae
+from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
+from autointerp.sae.model import SAEConfig, TopKSAE
+from autointerp.sae.train import TrainConfig, train_sae
 
-cli = typer.Typer(help="(not implemented yet: issue #4)", no_args_is_help=True)
+cli = typer.Typer(help="Train TopK sparse autoencoders and measure them.", no_args_is_help=True)
+console = Console()
+
+EVAL_EVERY = 20  # documents with doc_id % 20 == 19 are held out for metrics (5%)
+
+
+def _is_eval(doc) -> bool:
+    return doc.doc_id % EVAL_EVERY == EVAL_EVERY - 1
+
+
+def _split_docs(corpus: str, limit: int | None, eval_docs: int):
+    from autointerp.corpus import load_corpus
+
+    docs = load_corpus(corpus, limit=limit)
+    if not docs:
+        raise UserError(f"corpus {corpus!r} has no documents")
+    train = [d for d in docs if not _is_eval(d)]
+    held = [d for d in docs if _is_eval(d)][:eval_docs]
+    return train, held or train[:eval_docs]
+
+
+def _activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs: int,
+                       cache_bytes: int = 2 << 30) -> Iterator[torch.Tensor]:
+    """The masked token activations of every document, `epochs` times over.
+
+    The first pass runs the LM; later passes replay it from memory when it fits in
+    `cache_bytes`, else they run the LM again (it is deterministic).
+    """
+    from autointerp.activations import iter_activations
+
+    cache: list[torch.Tensor] | None = []
+    size = 0
+    for epoch in range(epochs):
+        if epoch > 0 and cache is not None:
+            yield from cache
+            continue
+        for batch in iter_activations(model, tokenizer, docs, layer, batch_size=32, max_tokens=seq_len):
+            acts = batch.acts[batch.mask]
+            if cache is not None:
+                size += acts.numel() * acts.element_size()
+                cache = cache + [acts] if size <= cache_bytes else None
+            yield acts
+
+
+def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 16):
+    """(input_ids, attention_mask) over the first `seq_len` tokens of each document, right-padded."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    for start in range(0, len(docs), batch_size):
+        encoded = tokenizer([d.text for d in docs[start:start + batch_size]], truncation=True,
+                            max_length=seq_len)["input_ids"]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e)] = torch.tensor(e)
+            mask[row, :len(e)] = 1
+        yield ids, mask
+
+
+def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> dict:
+    """Reconstruction metrics and delta CE of `sae` on `docs` (held-out documents)."""
+    from autointerp.activations import d_model
+
+    if d_model(model) != sae.cfg.d_model:
+        raise UserError(f"the SAE has d_model {sae.cfg.d_model} but the model's layers have {d_model(model)}")
+    metrics = reconstruction_metrics(sae, _activation_chunks(model, tokenizer, docs, layer, seq_len, 1))
+    metrics.update(delta_ce(model, sae, layer, _token_batches(tokenizer, docs, seq_len)))
+    metrics["eval_docs"] = len(docs)
+    return metrics
+
+
+def _init_distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _train_one(model_path: str, revision: str | None, layer: int | None, step: int | None, out: Path,
+               train_docs, eval_docs, args: dict, progress: Progress | None, rank: int) -> dict:
+    from autointerp.activations import check_layer, d_model, load_lm, num_layers
+
+    model, tokenizer = load_lm(model_path, revision=revision, device=args["device"])
+    layer = num_layers(model) // 2 if layer is None else layer
+    check_layer(model, layer)
+    d = d_model(model)
+    sae_cfg = SAEConfig(d_model=d, d_sae=d * args["expansion"], k=args["k"], model=model_path,
+                        revision=revision, layer=layer, checkpoint_step=step)
+    budget = args["max_tokens"]
+    epochs = args["epochs"] if budget is None else 10_000  # with a token budget: cycle until it is spent
+    train_cfg = TrainConfig(batch_size=args["batch_size"], lr=args["lr"], warmup_frac=args["warmup"],
+                            decay_frac=args["decay"], max_tokens=budget, auxk_alpha=args["auxk_alpha"],
+                            dead_tokens=args["dead_tokens"], seed=args["seed"])
+    task = progress.add_task(f"SAE {out}", total=budget) if progress else None
+
+    def on_step(_step: int, tokens: int, logs: dict) -> None:
+        if progress is not None:
+            progress.update(task, completed=tokens, description=f"SAE {out.parent.name if step is not None else out} "
+                                                                   f"fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
+
+    chunks = _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs)
+    sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
+    if rank != 0:
+        return {}
+    metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
+    metrics.update({"train_tokens": result.tokens, "train_steps": result.steps,
+                    "train_seconds": round(result.seconds, 2),
+                    "train_tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
+                    "train_dead_fraction": result.dead_fraction, "layer": layer, "checkpoint_step": step,
+                    "train_config": train_cfg.__dict__, "history": result.history})
+    save_sae(sae, out)
+    write_metrics(out, metrics)  # written last: its presence marks the checkpoint done
+    return metrics
 
 
 @cli.command()
-def train() -> None:
-    """Not implemented yet."""
-    raise UserError("not implemented yet (issue #4)")
+def train(
+    model: str = typer.Option(None, help="LM checkpoint folder or Hugging Face id (one SAE)."),
+    revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
+    run: Path = typer.Option(None, help="Run directory: train one SAE per RUN/lm/step-N into RUN/step-N/sae/."),
+    layer: int = typer.Option(None, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
+    corpus: str = typer.Option("debian-reference", help="Corpus spec (see `autointerp activations --help`)."),
+    docs: int = typer.Option(None, help="Use at most this many documents of the corpus."),
+    out: Path = typer.Option(None, help="Output folder for --model (default: ./sae)."),
+    force: bool = typer.Option(False, "--force", help="Retrain SAEs that are already done."),
+    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    expansion: int = typer.Option(16, help="Latents = expansion x d_model."),
+    batch_size: int = typer.Option(4096, help="Tokens per optimizer step."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    warmup: float = typer.Option(0.0, help="Linear LR warm-up over this fraction of the steps."),
+    decay: float = typer.Option(0.0, help="Linear LR decay to 0 over this last fraction of the steps."),
+    max_tokens: int = typer.Option(1_000_000, help="Training tokens per SAE (the corpus is cycled); 0 = --epochs."),
+    epochs: int = typer.Option(1, help="Passes over the corpus when --max-tokens is 0."),
+    seq_len: int = typer.Option(64, help="First tokens of each document (the paper: 64)."),
+    auxk_alpha: float = typer.Option(1 / 32, help="Weight of the AuxK loss for dead latents (0 = off)."),
+    dead_tokens: int = typer.Option(250_000, help="A latent is dead after this many tokens without firing."),
+    eval_docs: int = typer.Option(200, help="Held-out documents for the metrics."),
+    seed: int = typer.Option(0, help="Seed of the SAE's init and the shuffle."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: int = typer.Option(None, help="Torch CPU threads (default: torch's choice)."),
+) -> None:
+    """Train TopK SAE(s), write sae.safetensors + config.json + metrics.json, print the metrics table."""
+    if (model is None) == (run is None):
+        raise UserError("give exactly one of --model (one SAE) or --run (one SAE per checkpoint)")
+    if k < 1 or expansion < 1 or batch_size < 1 or max_tokens < 0:
+        raise UserError("--k, --expansion and --batch-size must be positive, --max-tokens >= 0")
+    if threads:
+        torch.set_num_threads(threads)
+    rank, world = _init_distributed()
+    args = dict(k=k, expansion=expansion, batch_size=batch_size, lr=lr, warmup=warmup, decay=decay,
+                max_tokens=max_tokens or None, epochs=epochs, seq_len=seq_len, auxk_alpha=auxk_alpha,
+                dead_tokens=dead_tokens, seed=seed, device=device)
+    if run is not None:
+        steps = rundir.lm_checkpoints(run)
+        if not steps:
+            raise UserError(f"{run}: no LM checkpoints in {run}/lm/step-N (run `autointerp lm train` first)")
+        jobs = [(str(rundir.lm_checkpoint_dir(run, s)), None, s, rundir.step_dir(run, s) / "sae") for s in steps]
+    else:
+        jobs = [(model, revision, None, out or Path("sae"))]
+    train_docs, held = _split_docs(corpus, docs, eval_docs)
+
+    rows = []
+    started = time.time()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=rank != 0) as progress:
+        for model_path, rev, step, sae_dir in jobs:
+            label = f"step {step}" if step is not None else str(sae_dir)
+            if not force and (sae_dir / "metrics.json").exists() and (sae_dir / "sae.safetensors").exists():
+                rows.append((label + " (done)", json.loads((sae_dir / "metrics.json").read_text())))
+                continue
+            metrics = _train_one(model_path, rev, layer, step, sae_dir, train_docs, held, args,
+                                 progress if rank == 0 else None, rank)
+            rows.append((label, metrics))
+    if rank == 0:
+        console.print(metrics_table(rows, title="SAE metrics (held-out documents)"))
+        if run is not None:
+            rundir.update_manifest(run, "sae", {**args, "layer": layer, "corpus": corpus, "docs": docs,
+                                                "world_size": world, "seconds": round(time.time() - started, 1)})
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@cli.command()
+def metrics(
+    sae_dir: Path = typer.Argument(..., help="SAE folder (any supported format) or its weights file."),
+    model: str = typer.Option(None, help="LM the SAE reads (default: the model in the SAE's config)."),
+    revision: str = typer.Option(None, help="Model revision."),
+    layer: int = typer.Option(None, help="Layer (default: the layer in the SAE's config)."),
+    corpus: str = typer.Option("debian-reference", help="Corpus spec for the evaluation documents."),
+    docs: int = typer.Option(None, help="Use at most this many documents of the corpus."),
+    eval_docs: int = typer.Option(200, help="Held-out documents to measure on."),
+    seq_len: int = typer.Option(64, help="First tokens of each document."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    write: bool = typer.Option(True, help="Write metrics.json next to the SAE (our format only)."),
+) -> None:
+    """Measure an SAE (FVU, explained variance, L0, dead latents, delta CE) and print the table."""
+    from autointerp.activations import check_layer, load_lm
+
+    sae = load_sae(sae_dir, trust_pickle=trust_pickle, device=device)
+    model = model or sae.cfg.model
+    layer = sae.cfg.layer if layer is None else layer
+    if model is None or layer is None:
+        raise UserError("this SAE's config does not say which model/layer it reads: pass --model and --layer")
+    lm, tokenizer = load_lm(model, revision=revision or sae.cfg.revision, device=device)
+    check_layer(lm, layer)
+    _, held = _split_docs(corpus, docs, eval_docs)
+    result = measure(sae, lm, tokenizer, held, layer, seq_len)
+    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+    if write and (folder / "config.json").exists() and (folder / "sae.safetensors").exists():
+        old = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        write_metrics(folder, {**old, **result})
+    console.print(metrics_table([(str(sae_dir), result)]))

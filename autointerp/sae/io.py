@@ -144,7 +144,7 @@ def _load_saelens(d: Path, device: str) -> TopKSAE:
     W_enc = W_enc.t()
     # SAELens: pre = (n(x) - b_dec * apply_b_dec_to_input) @ W_enc + b_enc [* ||W_dec||], then topk, relu.
     if not raw.get("apply_b_dec_to_input", True):
-        b_enc = b_enc - W_enc @ b_dec  # our encoder always subtracts b_dec: fold it back in
+        b_enc = b_enc + W_enc @ b_dec  # our encoder always subtracts b_dec: add it back
     if raw.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]

@@ -62,22 +62,11 @@ def reconstruction_metrics(sae: TopKSAE, chunks: Iterable[Tensor]) -> dict[str, 
 
 # ---- splicing into the LM ---------------------------------------------------------------------
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks of a Hugging Face causal LM (Llama, GPT-NeoX, GPT-2 style)."""
-    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 @contextlib.contextmanager
 def replace_layer_output(model: nn.Module, layer: int, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Within the block, decoder layer `layer`'s hidden-state output h [B, T, d] becomes fn(h)."""
+    from autointerp.activations import decoder_layers  # lazy: keeps `import autointerp.sae` light
+
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise UserError(f"layer {layer} is out of range: the model has {len(layers)} decoder layers")
