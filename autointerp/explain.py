@@ -215,8 +215,8 @@ def explain_records(records: list[FeatureRecord], client: LLMClient, out_path: s
     """Explain every record (skipping those already in out_path), streaming each answer to out_path.
     An answer invalid after the repair re-ask gives granularity=None with `error`; the batch goes on."""
     settings = ExplainSettings(max_contexts, window, context_window, max_tokens, engine)
-    return asyncio.run(explain_records_async(records, client, Path(out_path) if out_path else None, settings,
-                                             on_done))
+    return client.run(explain_records_async(records, client, Path(out_path) if out_path else None, settings,
+                                            on_done))
 
 
 # ---- labels --------------------------------------------------------------------------------------
@@ -269,8 +269,14 @@ def run_scoring(records: list[FeatureRecord], explanations: list[Explanation], c
         console.print("[yellow]scoring skipped: autointerp.score.score_records is not available yet[/]")
         return None
     params = inspect.signature(score_records).parameters
-    kwargs = {name: out_path for name in ("out_path", "path") if name in params}
-    return score_records(records, explanations, client, **kwargs)
+    kwargs: dict[str, Any] = {name: out_path for name in ("out_path", "path") if name in params}
+    with _progress(console) as progress:
+        task = progress.add_task(f"score {out_path.parent.name}", total=len(records), rates="")
+        if "on_done" in params:
+            kwargs["on_done"] = lambda _: progress.update(task, advance=1)
+        scores = score_records(records, explanations, client, **kwargs)
+        progress.update(task, completed=len(records))
+    return scores
 
 
 # ---- the `label` command -------------------------------------------------------------------------
@@ -346,7 +352,8 @@ def cli(
                                                    "trimmed to fit."),
     max_contexts: int = typer.Option(10, help="Contexts shown per feature (fewer when they do not fit)."),
     window: int = typer.Option(6, help="Tokens shown either side of the max-activating token."),
-    timeout: float = typer.Option(120.0, help="Seconds per request before it is retried."),
+    timeout: float = typer.Option(300.0, help="Seconds per request (queueing at the server included) before "
+                                               "it is retried."),
     retries: int = typer.Option(4, help="Retries per request on timeouts, 429, 5xx, connection errors."),
 ) -> None:
     """Explain, score and label every feature: writes explanations.jsonl, scores.jsonl, labels.jsonl."""

@@ -19,12 +19,14 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, TypeVar
 
 import httpx
 import openai
 
 from autointerp.errors import UserError
+
+T = TypeVar("T")
 
 RETRYABLE = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError,
              openai.InternalServerError, openai.APIResponseValidationError)
@@ -355,6 +357,23 @@ class LLMClient:
                     return count
         self._tokenize_route = ""
         return None
+
+    async def aclose(self) -> None:
+        """Close this event loop's HTTP connections (call before the loop ends)."""
+        if self._loop_state is not None and self._loop_state[0] is asyncio.get_running_loop():
+            await self._loop_state[1].close()
+            self._loop_state = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """asyncio.run(coro), closing the client's connections inside that loop: the sync entry
+        point for stages (explain, score) that each run their own event loop."""
+        async def wrapped() -> T:
+            try:
+                return await coro
+            finally:
+                await self.aclose()
+
+        return asyncio.run(wrapped())
 
     def close(self) -> None:
         if self.cache is not None:

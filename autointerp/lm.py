@@ -180,15 +180,15 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def save_checkpoint(directory: Path, model, tokenizer, optimizer, config: TrainConfig, step: int,
-                    train_loss: float | None) -> None:
+                    train_loss: float | None, elapsed_s: float = 0.0) -> None:
     """Model + tokenizer + resume state, written to a temporary folder and renamed into place."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    state = {"step": step, "train_loss": train_loss, "config": config.resume_key(),
-             "torch_rng": torch.get_rng_state().tolist()}
+    state = {"step": step, "train_loss": train_loss, "elapsed_s": round(elapsed_s, 1),
+             "config": config.resume_key(), "torch_rng": torch.get_rng_state().tolist()}
     (tmp / STATE_FILE).write_text(json.dumps(state))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -217,7 +217,6 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
     each step-N/ save.
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is enough
@@ -254,12 +253,12 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
         optimizer = make_optimizer(model, config)
         optimizer.load_state_dict(torch.load(resume / OPTIMIZER_FILE, weights_only=True))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        start = state["step"]
+        start, elapsed0 = state["step"], state.get("elapsed_s", 0.0)
         console.print(f"resuming from {resume} (step {start})")
     else:
         model = build_model(config, tokenizer)
         optimizer = make_optimizer(model, config)
-        start = 0
+        start, elapsed0 = 0, 0.0
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.update(config=config.resume_key(), parameters=n_params,
@@ -267,7 +266,6 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
     entries = {e["step"]: e for e in log.get("checkpoints", [])}
     if start == 0:
         entries[0] = {"step": 0, "train_loss": None, "eval_loss": round(eval_loss(model, evals), 4), "elapsed_s": 0.0}
-    elapsed0 = max((e["elapsed_s"] for e in entries.values()), default=0.0)
     save_at = set(config.checkpoint_steps())
 
     def write_log() -> None:
@@ -292,15 +290,15 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
             on_step(done, sum(recent) / len(recent))
         if done in save_at:
             train_loss = sum(recent) / len(recent)
-            save_checkpoint(out / f"step-{done}", model, tokenizer, optimizer, config, done, train_loss)
+            elapsed = elapsed0 + time.time() - t0
+            save_checkpoint(out / f"step-{done}", model, tokenizer, optimizer, config, done, train_loss, elapsed)
             entries[done] = {"step": done, "train_loss": round(train_loss, 4),
-                             "eval_loss": round(eval_loss(model, evals), 4),
-                             "elapsed_s": round(elapsed0 + time.time() - t0, 1)}
+                             "eval_loss": round(eval_loss(model, evals), 4), "elapsed_s": round(elapsed, 1)}
             write_log()
             if on_checkpoint:
                 on_checkpoint(done, model)
         elif done % config.save_every == 0:
-            save_checkpoint(out / "last", model, tokenizer, optimizer, config, done, None)
+            save_checkpoint(out / "last", model, tokenizer, optimizer, config, done, None, elapsed0 + time.time() - t0)
     if config.steps in save_at and (out / "last").exists():
         shutil.rmtree(out / "last")  # the final checkpoint supersedes it
     write_log()

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import typer
@@ -75,7 +75,7 @@ class _Stored:
     doc_id: int
     ids: torch.Tensor  # [T] long
     values: torch.Tensor  # [T, k_sae] float
-    indices: torch.Tensor  # [T, k_sae] long
+    indices: torch.Tensor  # [T, k_sae] int32 (half the memory of int64)
 
 
 class TopContexts:
@@ -158,8 +158,8 @@ class TopContexts:
             for q in sorted(alive):
                 b = q - base
                 s, e = starts[b].item(), starts[b + 1].item()
-                self.stored[q] = _Stored(int(doc_ids[b]), input_ids[b][mask[b]].cpu(),
-                                         values[s:e].cpu(), indices[s:e].cpu())
+                self.stored[q] = _Stored(int(doc_ids[b]), input_ids[b].cpu()[mask[b].cpu()],
+                                         values[s:e].float().cpu(), indices[s:e].to(torch.int32).cpu())
         self.n_tokens += int(mask.sum())
         self.n_contexts += B
         self._batches += 1
@@ -183,11 +183,11 @@ def _mix(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (x ^ (x >> 29)) & ((1 << 53) - 1)
 
 
-def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]], *, top_k: int,
-                  window: int, n_random: int, seed: int, model: str, layer: int,
-                  checkpoint_step: int | None, chunk: int = 256) -> list[FeatureRecord]:
-    """Turn the tracker's buffers into one FeatureRecord per tracked latent (vectorised over
-    `chunk` latents at a time; Python only slices the finished lists)."""
+def iter_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]], *, top_k: int,
+                 window: int, n_random: int, seed: int, model: str, layer: int,
+                 checkpoint_step: int | None, chunk: int = 256) -> Iterator[FeatureRecord]:
+    """The tracker's buffers as one FeatureRecord per tracked latent, in latent order (vectorised
+    over `chunk` latents at a time; Python only slices the finished lists)."""
     values, context, position = tracker.values.cpu(), tracker.context.cpu(), tracker.position.cpu()
     n, keep = values.shape
     context = torch.where(values > 0, context, torch.full_like(context, -1))  # empty slots: -1
@@ -212,7 +212,7 @@ def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]]
     T = max(int(lengths.max()), 1)
     if stored:
         vals = torch.cat([s.values.reshape(-1) for s in stored]).float()
-        key = torch.cat([r * n_latents + s.indices.reshape(-1) for r, s in enumerate(stored)])
+        key = torch.cat([r * n_latents + s.indices.reshape(-1).long() for r, s in enumerate(stored)])
         tpos = torch.cat([torch.arange(len(s.ids)).repeat_interleave(s.indices.shape[1]) for s in stored])
         live = vals > 0
         key, order = torch.sort(key[live], stable=True)
@@ -222,7 +222,6 @@ def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]]
     tokens = [decode(s.ids.tolist()) for s in stored]
     doc_ids = [s.doc_id for s in stored]
 
-    records = []
     fired_tokens, fired_contexts = tracker.fired_tokens.cpu().tolist(), tracker.fired_contexts.cpu().tolist()
     max_round = round_sig(values[:, 0]).tolist()
     for c0 in range(0, n, chunk):
@@ -253,19 +252,19 @@ def build_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]]
                 if r < 0:
                     continue
                 s, e = start_l[i][m], end_l[i][m]
-                ctxs.append(Context(tokens[r][s:e], levels_l[i][m][s:e], acts_l[i][m][s:e]))
+                # random negatives are silent by construction: no activations list of zeros
+                ctxs.append(Context(tokens[r][s:e], levels_l[i][m][s:e], acts_l[i][m][s:e] if m < keep else None))
                 docs.append(doc_ids[r])
                 kinds.append("top" if m < top_k else "similar" if m < keep else "random")
             n_top = kinds.count("top")
-            records.append(FeatureRecord(
+            yield FeatureRecord(
                 model=model, layer=layer, checkpoint_step=checkpoint_step, feature=latent,
                 contexts=ctxs[:n_top], negatives=ctxs[n_top:],
                 density=fired_tokens[j] / max(tracker.n_tokens, 1), max_activation=max_round[j],
                 extra={"negative_kinds": kinds[n_top:], "context_doc_ids": docs[:n_top],
                        "negative_doc_ids": docs[n_top:], "active_contexts": fired_contexts[j],
                        "n_tokens": tracker.n_tokens},
-            ))
-    return records
+            )
 
 
 @contextmanager
@@ -280,12 +279,19 @@ def _no_gc():
             gc.enable()
 
 
-def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
-                         n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
-                         top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
-                         random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
-                         on_batch: Callable[[int, int], None] | None = None) -> list[FeatureRecord]:
-    """The top-k pass over ActivationBatch-like objects (acts [B,T,d], input_ids, mask, doc_ids).
+def _gc_paused(records: Iterator[FeatureRecord]) -> Iterator[FeatureRecord]:
+    with _no_gc():
+        yield from records
+
+
+def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
+                        n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
+                        top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
+                        random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
+                        on_batch: Callable[[int, int], None] | None = None) -> Iterator[FeatureRecord]:
+    """The top-k pass over ActivationBatch-like objects (acts [B,T,d], input_ids, mask, doc_ids),
+    run now; returns an iterator that builds the records latent by latent (so a writer holds
+    only a chunk of them in memory).
 
     `n_docs` (an upper bound on the number of contexts) sizes the random-negative pool;
     `on_batch(n_contexts, n_tokens)` is called after each batch (progress).
@@ -294,15 +300,17 @@ def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int
         raise UserError("--top-k must be at least 1")
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randperm(max(n_docs, 0), generator=gen)[:random_pool].tolist() if n_random > 0 else []
+    # the top-k buffers live where the SAE does (activations arrive on the CPU)
+    device = next((p.device for p in sae.parameters()), torch.device("cpu")) if hasattr(sae, "parameters") else torch.device("cpu")
     tracker: TopContexts | None = None
     with torch.inference_mode():
         for batch in batches:
-            acts, mask = batch.acts, batch.mask.to(batch.acts.device)
+            acts, mask = batch.acts.to(device), batch.mask.to(device)
             if tracker is None:
-                tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, acts.device)
+                tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, device)
             # positions count text tokens only (a context holds input_ids[mask], e.g. without BOS)
             token_row = mask.nonzero(as_tuple=True)[0]
-            token_pos = (mask.cumsum(1) - 1)[mask]
+            token_pos = mask.nonzero(as_tuple=True)[1]
             x = acts[mask].float()
             values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
             tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
@@ -311,17 +319,29 @@ def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int
     if tracker is None:  # an empty corpus: every latent is dead
         tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
     tracker.prune()
-    with _no_gc():
-        return build_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
-                             model=model, layer=layer, checkpoint_step=checkpoint_step)
+    return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
+                                   model=model, layer=layer, checkpoint_step=checkpoint_step))
 
 
-def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64, *,
-            max_tokens: int | None = None, batch_size: int = 32, n_similar: int = 10, n_random: int = 20,
-            features: Sequence[int] | None = None, seed: int = 0, device: str | None = None,
-            model_name: str | None = None, checkpoint_step: int | None = None,
-            on_batch: Callable[[int, int], None] | None = None) -> list[FeatureRecord]:
-    """Records of every latent (or `features`) of `sae` over `docs`, one streaming pass.
+def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]],
+                         **options: Any) -> list[FeatureRecord]:
+    """stream_from_batches(...) as a list."""
+    return list(stream_from_batches(batches, sae, decode, **options))
+
+
+def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64,
+            **options: Any) -> list[FeatureRecord]:
+    """Records of every latent (or `features`) of `sae` over `docs`, one streaming pass
+    (the options are iter_collect's)."""
+    return list(iter_collect(model, tokenizer, sae, docs, layer, top_k, window, **options))
+
+
+def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64, *,
+                 max_tokens: int | None = None, batch_size: int = 32, n_similar: int = 10, n_random: int = 20,
+                 features: Sequence[int] | None = None, seed: int = 0, device: str | None = None,
+                 model_name: str | None = None, checkpoint_step: int | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> Iterator[FeatureRecord]:
+    """Run the pass over `docs` now; return an iterator over the records (latent order).
 
     Each document contributes its first `max_tokens` tokens (default: `window`, i.e. 64 as in
     the paper) as one context.
@@ -331,7 +351,7 @@ def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: in
     batches = iter_activations(model, tokenizer, docs, layer, batch_size=batch_size,
                                max_tokens=max_tokens or window, device=device)
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return collect_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
+    return stream_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
                                 layer=layer, model=str(name), checkpoint_step=checkpoint_step, top_k=top_k,
                                 window=window, n_similar=n_similar, n_random=n_random, features=features,
                                 seed=seed, on_batch=on_batch)
@@ -467,16 +487,23 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
         seen[0] += n_tok
         progress.update(task, advance=n_ctx, tps=f"{seen[0] / max(time.perf_counter() - started, 1e-9):,.0f}")
 
-    records = collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
+    records = iter_collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
                       max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
                       n_random=opts["n_random"], features=opts["features"], seed=opts["seed"],
                       device=opts["device"], model_name=str(prov["model"] or model_id), checkpoint_step=step,
                       on_batch=on_batch)
-    write_jsonl(out, records)
+    counts = {"latents": 0, "dead": 0}
+
+    def counted(records: Iterable[FeatureRecord]) -> Iterator[FeatureRecord]:
+        for r in records:
+            counts["latents"] += 1
+            counts["dead"] += not r.contexts
+            yield r
+
+    write_jsonl(out, counted(records))  # streamed: one chunk of latents in memory at a time
     seconds = time.perf_counter() - started
-    dead = sum(1 for r in records if not r.contexts)
-    console.print(f"{out}: {len(records)} latents ({dead} dead), {seen[0]:,} tokens in {seconds:.1f} s")
-    return {"records": str(out), "latents": len(records), "dead": dead, "tokens": seen[0], "seconds": round(seconds, 2)}
+    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s")
+    return {"records": str(out), **counts, "tokens": seen[0], "seconds": round(seconds, 2)}
 
 
 def cli_collect(
@@ -615,7 +642,7 @@ def show(
 ) -> None:
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
     out = Console(highlight=False, soft_wrap=True)
-    matches = [r for r in read_records(file, on_error, warn=lambda m: console.print(Text(m, style="yellow")))
+    matches = [r for r in read_records(file, on_error, warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
                if r.feature == feature and (step is None or r.checkpoint_step == step)]
     if not matches:
         raise UserError(f"{file}: no feature {feature}" + ("" if step is None else f" at step {step}"))
@@ -633,7 +660,7 @@ def import_(
     on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
     """Convert llm-jp-sae demo data (or a records file) into this project's records JSONL."""
-    records = read_records(source, on_error, warn=lambda m: console.print(Text(m, style="yellow")))
+    records = read_records(source, on_error, warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
     write_jsonl(out, records)
     steps = sorted({r.checkpoint_step for r in records}, key=lambda s: -1 if s is None else s)
     console.print(f"{out}: {len(records)} records, steps {steps}")

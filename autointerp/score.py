@@ -18,6 +18,7 @@ Scores stream to step-N/scores.jsonl, one line per latent, so a stopped run resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import random
@@ -126,11 +127,11 @@ def _text(context: Context, marked: set[int] | None = None) -> str:
 class ScoreSettings:
     """How many windows each call shows, and how wide they are (prompt size = CPU time)."""
 
-    sim_contexts: int = 3  # held-out activating windows in the simulation call
-    sim_negatives: int = 2  # non-activating windows in the simulation call
-    det_contexts: int = 3  # activating windows in the detection call (+ as many non-activating)
+    sim_contexts: int = 2  # held-out activating windows in the simulation call
+    sim_negatives: int = 1  # non-activating windows in the simulation call
+    det_contexts: int = 2  # activating windows in the detection call (+ as many non-activating)
     fuzz_contexts: int = 4  # windows in the fuzzing call (half marked right, half wrong)
-    window: int = 5  # tokens either side of the max-activating token
+    window: int = 4  # tokens either side of the max-activating token
     top_logprobs: int = 5
     methods: tuple[str, ...] = METHODS
     max_tokens: int = 400
@@ -363,11 +364,11 @@ def cli(
     concurrency: int = typer.Option(4, help="Requests in flight at once."),
     features: int = typer.Option(None, help="Only the first N features of each checkpoint."),
     methods: str = typer.Option(",".join(METHODS), help="Comma-separated: simulation,detection,fuzzing."),
-    sim_contexts: int = typer.Option(3, help="Held-out activating windows in the simulation call."),
-    sim_negatives: int = typer.Option(2, help="Non-activating windows in the simulation call."),
-    det_contexts: int = typer.Option(3, help="Activating windows in the detection call (+ as many non-activating)."),
+    sim_contexts: int = typer.Option(2, help="Held-out activating windows in the simulation call."),
+    sim_negatives: int = typer.Option(1, help="Non-activating windows in the simulation call."),
+    det_contexts: int = typer.Option(2, help="Activating windows in the detection call (+ as many non-activating)."),
     fuzz_contexts: int = typer.Option(4, help="Windows in the fuzzing call (half marked right, half wrong)."),
-    window_width: int = typer.Option(5, "--window", help="Tokens shown either side of the max-activating token."),
+    window_width: int = typer.Option(4, "--window", help="Tokens shown either side of the max-activating token."),
     relabel: bool = typer.Option(True, help="Rebuild labels.jsonl from records, explanations and the new scores."),
     stats_only: bool = typer.Option(False, "--stats-only", help="No server: skip scoring and write labels.jsonl "
                                                                 "from the statistical model alone."),
@@ -376,7 +377,7 @@ def cli(
 ) -> None:
     """Score descriptions with the simulator: writes step-N/scores.jsonl (and labels.jsonl)."""
     from autointerp import granularity
-    from autointerp.explain import _endpoint, resolve_targets
+    from autointerp.explain import resolve_targets
     from autointerp.schema import write_jsonl
 
     console = Console(stderr=True)
@@ -402,10 +403,10 @@ def cli(
             console.print(f"{t.folder / 'labels.jsonl'}: {len(labels)} statistical labels")
         return
     run_dir = work[0][0].run_dir
-    with _endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive):
+    with endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive, style):
         from autointerp.llm import LLMClient
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
-                           timeout=timeout, max_retries=retries, check_alive=check_alive)
+                           timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
         try:
             for t, records, explanations in work:
                 with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -430,6 +431,20 @@ def cli(
                 "llm_stats": stats, "seconds": round(time.perf_counter() - started, 2)})
     console.print(f"done: {stats['requests']} requests, {stats['cache_hits']} cache hits in "
                   f"{time.perf_counter() - started:.1f} s")
+
+
+@contextlib.contextmanager
+def endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None, n_ctx: int):
+    """(base URL, model, engine, liveness check, JSON style): the given server, else an embedded one
+    (llama-cpp-python's server takes JSON schemas only as response_format "json_object")."""
+    if base_url:
+        from autointerp.explain import served_model
+        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
+        return
+    from autointerp.serve import start_server
+    engine = engine or "llama-cpp"
+    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
+        yield server.base_url, server.model, engine, server.check, "json_object" if engine == "llama-cpp" else None
 
 
 def _prompt_sha(name: str) -> str:

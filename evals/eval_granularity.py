@@ -210,6 +210,9 @@ def main() -> int:
     print("LLM evidence: " + ("cached explanations from " + str(EVAL_RUN) if explanations else
                               "none cached (statistics only; run with --explain to make them)"))
 
+    if len(set(groups)) < 5:
+        print(f"only {len(set(groups))} distinct feature ids: too few for 5-fold grouped cross-validation")
+        return 1
     majority = Counter(y).most_common(1)[0][0]
     ablation = {"majority class": np.asarray([majority] * len(y), dtype=object)}
     X_stats, n_stats = design(records, explanations, ["stats"])

@@ -24,11 +24,12 @@ from autointerp.sae.train import TrainConfig, train_sae
 cli = typer.Typer(help="Train TopK sparse autoencoders and measure them.", no_args_is_help=True)
 console = Console()
 
-EVAL_EVERY = 20  # documents with doc_id % 20 == 19 are held out for metrics (5%)
+EVAL_EVERY = 20  # every 20th en/ja document pair is held out for the metrics (5%)
 
 
 def _is_eval(doc) -> bool:
-    return doc.doc_id % EVAL_EVERY == EVAL_EVERY - 1
+    # the same documents `autointerp lm train` holds out: whole pairs, so both languages are measured
+    return (doc.doc_id // 2) % EVAL_EVERY == EVAL_EVERY - 1
 
 
 def _split_docs(corpus: str, limit: int | None, eval_docs: int):
