@@ -57,7 +57,9 @@ def load_lm(model: str, revision: str | None = None, device: str = "cpu"):
         if not path.is_dir():
             raise UserError(f"model path {model} is a file; give the checkpoint folder (config.json + weights)")
         if not any(any(path.glob(p)) for p in _WEIGHT_FILES):
-            raise UserError(f"model path {model} has no weights (no *.safetensors or *.bin files)")
+            steps = sorted(p.name for p in path.glob("step-*") if p.is_dir())
+            hint = f"; it holds checkpoints {', '.join(steps)}: give one of them" if steps else ""
+            raise UserError(f"model path {model} has no weights (no *.safetensors or *.bin files){hint}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for but no CUDA GPU is available; use --device cpu")
     where = f"{model}" + (f" (revision {revision})" if revision else "")

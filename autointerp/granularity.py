@@ -342,6 +342,9 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
                 "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, proba)},
                 "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in model.feature_names},
                 "top_tokens": ev.top_tokens, "lexicon": lexicon_available()}
+    if explanation is not None:
+        evidence["explainer_vote"] = explanation.granularity
+        evidence["explainer_confidence"] = explanation.confidence
     return model.classes[best], float(proba[best]), evidence
 
 

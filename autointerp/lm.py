@@ -133,6 +133,8 @@ def batch_for_step(stream: torch.Tensor, step: int, batch_size: int, seq_len: in
 
 
 def eval_batches(stream: torch.Tensor, seq_len: int, batch_size: int, max_windows: int = 128) -> list[torch.Tensor]:
+    if len(stream) < seq_len:  # a tiny held-out set: one short window
+        return [stream.unsqueeze(0)]
     windows = stream[: (len(stream) // seq_len) * seq_len].view(-1, seq_len)[:max_windows]
     return list(windows.split(batch_size))
 
@@ -254,7 +256,8 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
         optimizer.load_state_dict(torch.load(resume / OPTIMIZER_FILE, weights_only=True))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         start, elapsed0 = state["step"], state.get("elapsed_s", 0.0)
-        console.print(f"resuming from {resume} (step {start})")
+        console.print(f"{out} is already trained to step {start}" if start >= config.steps
+                      else f"resuming from {resume} (step {start})")
     else:
         model = build_model(config, tokenizer)
         optimizer = make_optimizer(model, config)

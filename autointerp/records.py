@@ -12,8 +12,10 @@ max token. Contexts are ranked by the latent's max activation in them; ties go t
 context, so the result is deterministic.
 
 Negatives (FeatureRecord.negatives, kind in extra["negative_kinds"]):
-  "similar": the contexts ranked just below the top-k band (they still activate, more weakly);
-  "random":  contexts drawn at random (seeded) from a fixed pool in which the latent never fires.
+  "similar":    the contexts ranked just below the top-k band (they still activate, more weakly);
+  "same-token": contexts of a fixed random pool that contain the latent's max token (the one
+                at the max of its top context) but where the latent never fires;
+  "random":     other contexts drawn at random (seeded) from that pool where it never fires.
 """
 
 from __future__ import annotations
@@ -95,7 +97,6 @@ class TopContexts:
         # latent id -> column in the buffers (-1: not tracked)
         self.column = torch.full((n_latents,), -1, dtype=torch.long, device=self.device)
         self.column[self.latents.to(self.device)] = torch.arange(n, device=self.device)
-        self.all_tracked = latents is None
         self.keep = keep
         self.values = torch.zeros(n, keep, device=self.device)  # 0 = empty slot (only a > 0 counts)
         self.context = torch.full((n, keep), -1, dtype=torch.long, device=self.device)
@@ -184,23 +185,13 @@ def _mix(seed: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def iter_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]], *, top_k: int,
-                 window: int, n_random: int, seed: int, model: str, layer: int,
-                 checkpoint_step: int | None, chunk: int = 256) -> Iterator[FeatureRecord]:
+                 window: int, n_random: int, n_same_token: int, seed: int, model: str, layer: int,
+                 checkpoint_step: int | None, chunk: int = 128) -> Iterator[FeatureRecord]:
     """The tracker's buffers as one FeatureRecord per tracked latent, in latent order (vectorised
     over `chunk` latents at a time; Python only slices the finished lists)."""
     values, context, position = tracker.values.cpu(), tracker.context.cpu(), tracker.position.cpu()
     n, keep = values.shape
     context = torch.where(values > 0, context, torch.full_like(context, -1))  # empty slots: -1
-    # random negatives: a seeded random order over the pool, silent contexts only; the order
-    # hashes (seed, latent, context), so a latent's negatives do not depend on --features
-    pool = torch.tensor(tracker.pool, dtype=torch.long)
-    scores = _mix(seed, tracker.latents[:, None], pool[None, :]).double()
-    scores[tracker.pool_fired.cpu()] = math.inf
-    picks = torch.argsort(scores, dim=1, stable=True)[:, :n_random]
-    random_ctx = torch.where(scores.gather(1, picks) < math.inf, pool[picks], torch.full_like(picks, -1))
-    slot_ctx = torch.cat([context, random_ctx], 1)  # [n, keep + R]: top-k, similar, random
-    slot_pos = torch.cat([position, torch.zeros_like(random_ctx)], 1)
-
     # the kept contexts' codes as one sorted table of (context row, latent) -> (position, value),
     # so each (latent, slot) finds its ≤ T entries by binary search, not by a dense scan
     kept = sorted(tracker.stored)
@@ -221,6 +212,38 @@ def iter_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]],
         vals, key, tpos = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     tokens = [decode(s.ids.tolist()) for s in stored]
     doc_ids = [s.doc_id for s in stored]
+    ids_pad = torch.full((len(stored) + 1, T), -1, dtype=torch.long)  # last row: no context
+    for r, s in enumerate(stored):
+        ids_pad[r, :len(s.ids)] = s.ids
+
+    # silent negatives come from the pool, in a seeded random order that hashes (seed, latent,
+    # context), so a latent's negatives do not depend on --features. "same-token": pool contexts
+    # that contain the latent's max token (from its top context) yet never fire it; "random":
+    # any other silent pool contexts.
+    pool = torch.tensor([q for q in tracker.pool], dtype=torch.long)
+    pool_rows = row_of[pool.clamp(max=tracker.n_contexts)] if len(pool) else pool
+    scores = _mix(seed, tracker.latents[:, None], pool[None, :]).double()
+    scores[tracker.pool_fired.cpu() | (pool_rows < 0)[None, :]] = math.inf
+    top_token = ids_pad[row_of[context[:, 0]], position[:, 0]]  # [n]; -1 for dead latents
+    vocab = int(ids_pad.max()) + 2
+    occurs = torch.zeros(vocab, len(pool) + 1, dtype=torch.bool)  # token id -> pool contexts with it
+    for j, r in enumerate(pool_rows.tolist()):
+        if r >= 0:
+            occurs[ids_pad[r][ids_pad[r] >= 0], j] = True
+    has_token = occurs[top_token.clamp(min=0), :len(pool)] & (top_token >= 0)[:, None]
+    same_scores = torch.where(has_token, scores, torch.full_like(scores, math.inf))
+    same = torch.argsort(same_scores, dim=1, stable=True)[:, :n_same_token]
+    same_ok = same_scores.gather(1, same) < math.inf
+    scores.scatter_(1, same, torch.where(same_ok, math.inf, scores.gather(1, same)))  # not twice
+    picks = torch.argsort(scores, dim=1, stable=True)[:, :n_random]
+    random_ok = scores.gather(1, picks) < math.inf
+    same_ctx = torch.where(same_ok, pool[same], torch.full_like(same, -1))
+    random_ctx = torch.where(random_ok, pool[picks], torch.full_like(picks, -1))
+    # the same-token window is centred on the token's first occurrence
+    same_pos = (ids_pad[row_of[same_ctx]] == top_token[:, None, None]).int().argmax(-1)
+    slot_ctx = torch.cat([context, same_ctx, random_ctx], 1)  # [n, M]: top-k, similar, same-token, random
+    slot_pos = torch.cat([position, same_pos, torch.zeros_like(random_ctx)], 1)
+    kinds = ["top"] * top_k + ["similar"] * (keep - top_k) + ["same-token"] * same.shape[1] + ["random"] * picks.shape[1]
 
     fired_tokens, fired_contexts = tracker.fired_tokens.cpu().tolist(), tracker.fired_contexts.cpu().tolist()
     max_round = round_sig(values[:, 0]).tolist()
@@ -243,27 +266,25 @@ def iter_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]],
                             (slot_pos[c0:c0 + chunk] - window // 2).clamp(min=0).minimum((length - window).clamp(min=0)),
                             torch.zeros_like(length))
         end = torch.minimum(length, start + window)
-        acts_l, levels_l = round_sig(acts).tolist(), levels.tolist()
+        # to Python lists only the filled slots (rare latents leave most slots empty)
+        filled = rows >= 0
+        acts_l, levels_l = iter(round_sig(acts[filled]).tolist()), iter(levels[filled].tolist())
         rows_l, start_l, end_l = rows.tolist(), start.tolist(), end.tolist()
         for i, latent in enumerate(latents.tolist()):
             j = c0 + i
-            ctxs, docs, kinds = [], [], []
-            for m, r in enumerate(rows_l[i]):
-                if r < 0:
-                    continue
-                s, e = start_l[i][m], end_l[i][m]
-                # random negatives are silent by construction: no activations list of zeros
-                ctxs.append(Context(tokens[r][s:e], levels_l[i][m][s:e], acts_l[i][m][s:e] if m < keep else None))
-                docs.append(doc_ids[r])
-                kinds.append("top" if m < top_k else "similar" if m < keep else "random")
-            n_top = kinds.count("top")
+            slots = [(m, r, start_l[i][m], end_l[i][m]) for m, r in enumerate(rows_l[i]) if r >= 0]
+            # silent negatives (same-token, random): no activations list of zeros
+            ctxs = [Context(tokens[r][s:e], next(levels_l)[s:e], a[s:e] if m < keep else None)
+                    for (m, r, s, e), a in zip(slots, acts_l)]
+            n_top = sum(m < top_k for m, *_ in slots)
+            docs = [doc_ids[r] for _, r, _, _ in slots]
             yield FeatureRecord(
                 model=model, layer=layer, checkpoint_step=checkpoint_step, feature=latent,
                 contexts=ctxs[:n_top], negatives=ctxs[n_top:],
                 density=fired_tokens[j] / max(tracker.n_tokens, 1), max_activation=max_round[j],
-                extra={"negative_kinds": kinds[n_top:], "context_doc_ids": docs[:n_top],
-                       "negative_doc_ids": docs[n_top:], "active_contexts": fired_contexts[j],
-                       "n_tokens": tracker.n_tokens},
+                extra={"negative_kinds": [kinds[m] for m, *_ in slots[n_top:]],
+                       "context_doc_ids": docs[:n_top], "negative_doc_ids": docs[n_top:],
+                       "active_contexts": fired_contexts[j], "n_tokens": tracker.n_tokens},
             )
 
 
@@ -287,7 +308,7 @@ def _gc_paused(records: Iterator[FeatureRecord]) -> Iterator[FeatureRecord]:
 def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
                         n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
                         top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
-                        random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
+                        n_same_token: int = 5, random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
                         on_batch: Callable[[int, int], None] | None = None) -> Iterator[FeatureRecord]:
     """The top-k pass over ActivationBatch-like objects (acts [B,T,d], input_ids, mask, doc_ids),
     run now; returns an iterator that builds the records latent by latent (so a writer holds
@@ -299,7 +320,7 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
     if top_k < 1:
         raise UserError("--top-k must be at least 1")
     gen = torch.Generator().manual_seed(seed)
-    pool = torch.randperm(max(n_docs, 0), generator=gen)[:random_pool].tolist() if n_random > 0 else []
+    pool = torch.randperm(max(n_docs, 0), generator=gen)[:random_pool].tolist() if n_random + n_same_token > 0 else []
     # the top-k buffers live where the SAE does (activations arrive on the CPU)
     device = next((p.device for p in sae.parameters()), torch.device("cpu")) if hasattr(sae, "parameters") else torch.device("cpu")
     tracker: TopContexts | None = None
@@ -310,7 +331,7 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
                 tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, device)
             # positions count text tokens only (a context holds input_ids[mask], e.g. without BOS)
             token_row = mask.nonzero(as_tuple=True)[0]
-            token_pos = mask.nonzero(as_tuple=True)[1]
+            token_pos = (mask.cumsum(1) - 1)[mask]
             x = acts[mask].float()
             values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
             tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
@@ -319,7 +340,8 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
     if tracker is None:  # an empty corpus: every latent is dead
         tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
     tracker.prune()
-    return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random, seed=seed,
+    return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random,
+                                   n_same_token=n_same_token, seed=seed,
                                    model=model, layer=layer, checkpoint_step=checkpoint_step))
 
 
@@ -338,6 +360,7 @@ def collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: in
 
 def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, window: int = 64, *,
                  max_tokens: int | None = None, batch_size: int = 32, n_similar: int = 10, n_random: int = 20,
+                 n_same_token: int = 5,
                  features: Sequence[int] | None = None, seed: int = 0, device: str | None = None,
                  model_name: str | None = None, checkpoint_step: int | None = None,
                  on_batch: Callable[[int, int], None] | None = None) -> Iterator[FeatureRecord]:
@@ -353,7 +376,8 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return stream_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
                                 layer=layer, model=str(name), checkpoint_step=checkpoint_step, top_k=top_k,
-                                window=window, n_similar=n_similar, n_random=n_random, features=features,
+                                window=window, n_similar=n_similar, n_random=n_random,
+                                n_same_token=n_same_token, features=features,
                                 seed=seed, on_batch=on_batch)
 
 
@@ -428,6 +452,25 @@ def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str],
     return list(iter_jsonl(path, FeatureRecord.from_dict, on_error, warn))  # type: ignore[arg-type]
 
 
+def find_records(path: str | Path, feature: int, step: int | None = None, on_error: str = "fail",
+                 warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
+    """The records of one latent (at one step, or all steps) in a records file or llm-jp-sae
+    folder; only the matching lines are turned into dataclasses, so large files read fast."""
+    path = Path(path)
+    if path.is_dir() or (path.suffix == ".json" and path.stem.isdigit()):
+        records: Iterable[FeatureRecord] = import_llmjp_demo(path)
+    else:
+        if on_error not in ("skip", "fail"):
+            raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
+
+        def parse(d: dict[str, Any]) -> FeatureRecord | None:
+            hit = int(d["feature"]) == feature and (step is None or d.get("checkpoint_step") == step)
+            return FeatureRecord.from_dict(d) if hit else None
+
+        records = (r for r in iter_jsonl(path, parse, on_error, warn) if r is not None)  # type: ignore[arg-type]
+    return [r for r in records if r.feature == feature and (step is None or r.checkpoint_step == step)]
+
+
 # --------------------------------------------------------------------------- CLI: collect
 
 console = Console(stderr=True)
@@ -489,7 +532,7 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
 
     records = iter_collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
                       max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
-                      n_random=opts["n_random"], features=opts["features"], seed=opts["seed"],
+                      n_random=opts["n_random"], n_same_token=opts["n_same_token"], features=opts["features"], seed=opts["seed"],
                       device=opts["device"], model_name=str(prov["model"] or model_id), checkpoint_step=step,
                       on_batch=on_batch)
     counts = {"latents": 0, "dead": 0}
@@ -522,6 +565,7 @@ def cli_collect(
     features: str | None = typer.Option(None, "--features", help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
     n_similar: int = typer.Option(10, "--n-similar", help="'similar' negatives per latent (ranked just below the top-k)."),
     n_random: int = typer.Option(20, "--n-random", help="'random' negatives per latent (contexts where it is silent)."),
+    n_same_token: int = typer.Option(5, "--n-same-token", help="'same-token' negatives per latent (silent contexts holding its max token)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
@@ -541,7 +585,8 @@ def cli_collect(
     if (run is None) == (sae is None):
         raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
     opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
-                n_random=n_random, features=parse_features(features), seed=seed, device=device)
+                n_random=n_random, n_same_token=n_same_token, features=parse_features(features), seed=seed,
+                device=device)
     jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
     if sae is not None:
         if out is None:
@@ -642,8 +687,8 @@ def show(
 ) -> None:
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
     out = Console(highlight=False, soft_wrap=True)
-    matches = [r for r in read_records(file, on_error, warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
-               if r.feature == feature and (step is None or r.checkpoint_step == step)]
+    matches = find_records(file, feature, step, on_error,
+                           warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
     if not matches:
         raise UserError(f"{file}: no feature {feature}" + ("" if step is None else f" at step {step}"))
     if len(matches) > 1 and step is None:

@@ -96,11 +96,12 @@ def _fires(context: Context) -> bool:
 
 
 def negative_pool(record: FeatureRecord, others: Sequence[FeatureRecord], n: int, width: int) -> tuple[list[Context], str]:
-    """Non-activating windows: the record's own negatives, else other latents' top windows with
-    levels set to 0 (an approximation: this latent is assumed silent there)."""
-    own = [window(c, width) for c in record.negatives if c.tokens]
+    """Non-activating windows: the record's own negatives where the latent is silent (records'
+    "random" kind; the weakly firing "similar" ones are no negatives), else other latents' top
+    windows with levels set to 0 (an approximation: this latent is assumed silent there)."""
+    own = [window(c, width) for c in record.negatives if c.tokens and not _fires(c)]
     if own:
-        return [Context(c.tokens, [0] * len(c.tokens)) if _fires(c) else c for c in own][:n], "record"
+        return own[:n], "record"
     pool = [o for o in others if o.key != record.key and o.contexts]
     if not pool:
         return [], "none"

@@ -40,14 +40,41 @@ def explanations_path(step: int | None) -> Path:
     return EVAL_RUN / f"step-{step}" / "explanations.jsonl"
 
 
-def load_explanations(records: list[FeatureRecord]) -> dict | None:
+def cached_explanations(records: list[FeatureRecord]) -> dict:
     out = {}
     for step in sorted({r.checkpoint_step for r in records}):
         path = explanations_path(step)
         if path.exists():
             out.update({e.key: e for e in iter_jsonl(path, Explanation.from_dict, on_error="skip")})
-    have = sum(r.key in out and out[r.key].granularity is not None for r in records)
+    return {r.key: out[r.key] for r in records if r.key in out}
+
+
+def load_explanations(records: list[FeatureRecord]) -> dict | None:
+    """Cached explanations when they cover >= 90% of the records (the full ablation), else None."""
+    out = cached_explanations(records)
+    have = sum(e.granularity is not None for e in out.values())
     return out if have >= 0.9 * len(records) else None
+
+
+def subset_ablation(records: list[FeatureRecord], explanations: dict) -> None:
+    """The ablation on the features that have cached explanations (when not all have)."""
+    sub = [r for r in records if r.key in explanations]
+    y = np.asarray([r.extra["human_granularity"] for r in sub], dtype=object)
+    groups = [r.feature for r in sub]
+    folds = min(5, len(set(groups)))
+    print(f"\nablation on the {len(sub)} features with cached explanations ({folds}-fold grouped CV; "
+          f"a subset: noisier than the full table, and the models are fitted on {len(sub)} features only):")
+    majority = Counter(y).most_common(1)[0][0]
+    rows = {"majority class": np.asarray([majority] * len(y), dtype=object),
+            "LLM vote only (zero-shot)": np.asarray([explanations[r.key].granularity or majority for r in sub],
+                                                    dtype=object)}
+    for name, groups_used in (("statistics only", ["stats"]), ("LLM features only (fitted)", ["llm"]),
+                              ("statistics + LLM", ["stats", "llm"])):
+        X, names = design(sub, explanations, groups_used)
+        rows[name] = cross_validate(X, y, groups, names, folds=folds)
+    for name, pred in rows.items():
+        k4, k3 = kappas(y, pred)
+        print(f"  {name:<30} {k4:6.3f}  {k3:6.3f}")
 
 
 def make_explanations(records: list[FeatureRecord], threads: int | None) -> None:
@@ -194,6 +221,8 @@ def main() -> int:
                                                            "SmolLM2 server (cached)")
     ap.add_argument("--stats-only", action="store_true", help="ignore cached explanations")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads for --explain")
+    ap.add_argument("--per-step", type=int, default=None, help="--explain only the first N features of each "
+                                                                "checkpoint (a subset ablation)")
     ap.add_argument("--save", action="store_true", help="refit on all dev features and write the shipped model")
     args = ap.parse_args()
     if not args.dev.exists():
@@ -203,7 +232,11 @@ def main() -> int:
     y = np.asarray([r.extra["human_granularity"] for r in records], dtype=object)
     groups = [r.feature for r in records]
     if args.explain:
-        make_explanations(records, args.threads)
+        chosen = records
+        if args.per_step:
+            chosen = [r for step in sorted({r.checkpoint_step for r in records})
+                      for r in [x for x in records if x.checkpoint_step == step][:args.per_step]]
+        make_explanations(chosen, args.threads)
     explanations = None if args.stats_only else load_explanations(records)
     print(f"dev file: {args.dev.name}: {len(records)} features, {len({r.checkpoint_step for r in records})} checkpoints; "
           f"5-fold GroupKFold by feature id; JMdict lexicon: {'on' if G.lexicon_available() else 'off (pip install jamdict jamdict-data)'}")
@@ -225,6 +258,9 @@ def main() -> int:
         ablation["LLM features only (fitted)"] = cross_validate(X_llm, y, groups, n_llm)
         X_both, n_both = design(records, explanations, ["stats", "llm"])
         ablation["statistics + LLM"] = cross_validate(X_both, y, groups, n_both)
+    partial = {} if explanations or args.stats_only else cached_explanations(records)
+    if len(partial) >= 20:
+        subset_ablation(records, partial)
     print("\nablation (cross-validated)        kappa4  kappa3  syn P/R")
     for name, pred in ablation.items():
         k4, k3 = kappas(y, pred)

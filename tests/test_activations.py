@@ -8,12 +8,21 @@ import torch
 
 from autointerp import activations as A
 from autointerp import cli, lm
-from autointerp.corpus import DEBIAN_REFERENCE_DIR, Document
+from autointerp.corpus import Document
 
 DOCS = [Document("The package manager resolves dependencies between packages.", "en", "t", 0),
         Document("パッケージ管理システムは依存関係を解決します。鬱蒼とした森。", "ja", "t", 1),
         Document("short", "en", "t", 2),
         Document("A" * 300, "en", "t", 3)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,6 @@ def _check_equals_hidden_states(model, tokenizer, max_tokens=16):
             assert batch.acts.shape == (*batch.input_ids.shape, A.d_model(model))
             assert batch.input_ids.shape[1] <= max_tokens
             for row in range(len(batch.doc_ids)):
-                length = int((batch.input_ids[row] != -1).sum())
                 ids = tokenizer(DOCS[batch.doc_ids[row]].text, truncation=True, max_length=max_tokens)["input_ids"]
                 # a hand-written forward pass, one unpadded document at a time
                 with torch.no_grad():
@@ -60,7 +68,7 @@ def _check_equals_hidden_states(model, tokenizer, max_tokens=16):
                 got = batch.acts[row, :len(ids)]
                 assert torch.allclose(got, hidden, atol=1e-5), (type(model).__name__, layer)
                 assert batch.mask[row, len(ids):].sum() == 0  # padding is masked
-                assert length >= len(ids)
+                assert (batch.input_ids[row, len(ids):] == tokenizer.pad_token_id).all()  # right-padded
 
 
 def test_llama_activations_equal_hidden_states(llama, tokenizer):

@@ -17,6 +17,15 @@ TEXTS = ["The package manager resolves dependencies.", "パッケージ管理シ
          "鬱蒼とした森 (rare kanji, unseen in training) and émigré ünïcödé", "  spaces\tand\nnewlines  "]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and much faster when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     docs = load_corpus(limit=200)
@@ -125,3 +134,21 @@ def test_resume_with_other_settings_is_refused(trained):
     out, _, _, _ = trained
     with pytest.raises(UserError, match="lr"):
         lm.train(replace(lm.TINY, lr=0.5), out)
+
+
+def test_cli_trains_prints_the_table_and_refuses_bad_checkpoints(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from autointerp import cli
+
+    monkeypatch.setattr(sys, "argv", ["autointerp", "lm", "train", "--tiny", "--out", str(tmp_path)])
+    cli.main()
+    table = capsys.readouterr().out
+    assert "eval loss" in table and "│   30 │" in table
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-20", "step-30"]
+
+    monkeypatch.setattr(sys, "argv", ["autointerp", "lm", "train", "--checkpoints", "10,x", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "--checkpoints" in err

@@ -13,6 +13,15 @@ from autointerp.sae.model import scatter_outer, sparse_decode, topk_encode
 from autointerp.sae.train import geometric_median, shuffled_batches
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread avoids spin-waiting on a shared 2-core machine (several x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -151,3 +151,11 @@ def test_real_server_scores_one_latent(tmp_path):
     assert first.simulator["simulation"]["method"] in ("logprobs", "json")
     assert -1.0 <= first.simulation <= 1.0 and 0.0 <= first.detection <= 1.0 and 0.0 <= first.fuzzing <= 1.0
     assert again.to_dict() == first.to_dict()
+
+
+def test_weakly_firing_negatives_are_not_used_as_negatives():
+    record = _record(0)
+    weak = Context(tokens=[f"w{j}" for j in range(12)], levels=[0] * 5 + [2] + [0] * 6)
+    record.negatives = [weak] + record.negatives
+    negatives, source = score.negative_pool(record, [], 5, 4)
+    assert source == "record" and len(negatives) == 3 and all(max(c.levels) == 0 for c in negatives)

@@ -134,17 +134,18 @@ def write_metrics(directory: str | Path, metrics: dict[str, Any]) -> Path:
     return path
 
 
-METRIC_COLUMNS = [("fvu", "FVU", "{:.4f}"), ("explained_variance", "expl. var", "{:.4f}"),
+METRIC_COLUMNS = [("fvu", "FVU", "{:.4f}"), ("explained_variance", "EV", "{:.3f}"),
                   ("l0", "L0", "{:.1f}"), ("dead_fraction", "dead", "{:.1%}"),
-                  ("ce_clean", "CE clean", "{:.3f}"), ("ce_sae", "CE SAE", "{:.3f}"),
-                  ("ce_zero", "CE zero", "{:.3f}"), ("delta_ce", "ΔCE", "{:+.3f}"),
-                  ("ce_loss_recovered", "CE recovered", "{:.1%}")]
+                  ("ce_clean", "CE", "{:.3f}"), ("ce_sae", "CE+SAE", "{:.3f}"),
+                  ("ce_zero", "CE 0", "{:.3f}"), ("delta_ce", "ΔCE", "{:+.4f}"),
+                  ("ce_loss_recovered", "recov.", "{:.1%}")]
 
 
 def metrics_table(rows: list[tuple[str, dict[str, Any]]], title: str = "SAE metrics") -> Table:
     """A rich table, one row per SAE (label, metrics dict)."""
-    table = Table(title=title)
-    table.add_column("SAE")
+    table = Table(title=title, caption="EV explained variance; CE LM loss clean / with the SAE spliced in / "
+                                       "layer zero-ablated; recov. = share of the zero-ablation loss the SAE recovers")
+    table.add_column("SAE", no_wrap=True)
     for _, header, _ in METRIC_COLUMNS:
         table.add_column(header, justify="right")
     for label, m in rows:
