@@ -107,24 +107,31 @@ def test_quantise():
     assert quantise(torch.tensor([0.0, 0.0]), 0.0).tolist() == [0, 0]
 
 
-def test_random_negatives_never_fire():
+def test_silent_negatives_never_fire():
     acts, ids, mask, batches = make_corpus(n_docs=60)
+    ids = ids % 12  # a small vocabulary, so pool contexts often share a latent's max token
+    batches = [Batch(b.acts, ids[i * 7:i * 7 + len(b.doc_ids)], b.mask, b.doc_ids) for i, b in enumerate(batches)]
     sae = make_sae()
-    records = run_collect(batches, sae, len(acts), top_k=3, n_similar=0, n_random=6, random_pool=30)
+    records = run_collect(batches, sae, len(acts), top_k=3, n_similar=0, n_random=6, n_same_token=4, random_pool=30)
     with torch.no_grad():
         per_doc = [dense_acts(sae, acts[q][mask[q]]) for q in range(len(acts))]
-    seen_random = 0
+    seen = {"random": 0, "same-token": 0}
     for r in records:
         kinds = r.extra["negative_kinds"]
         assert len(kinds) == len(r.negatives) == len(r.extra["negative_doc_ids"])
+        assert kinds == sorted(kinds, key=["same-token", "random"].index)  # same-token first
         for ctx, kind, doc in zip(r.negatives, kinds, r.extra["negative_doc_ids"]):
-            assert kind == "random"
-            seen_random += 1
+            seen[kind] += 1
+            q = doc - 100
             assert all(v == 0 for v in ctx.levels) and ctx.activations is None
-            assert ctx.tokens == decode(ids[doc - 100][mask[doc - 100]].tolist())
-            assert float(per_doc[doc - 100][:, r.feature].max()) <= 0  # silent on the whole context
-        assert len(set(r.extra["negative_doc_ids"])) == len(r.negatives)
-    assert seen_random > 0
+            assert ctx.tokens == decode(ids[q][mask[q]].tolist())
+            assert float(per_doc[q][:, r.feature].max()) <= 0  # silent on the whole context
+            if kind == "same-token":  # holds the token at the latent's max in its top context
+                top_doc = r.extra["context_doc_ids"][0] - 100
+                top_token = ids[top_doc][mask[top_doc]][int(per_doc[top_doc][:, r.feature].argmax())]
+                assert f"t{int(top_token)}" in ctx.tokens
+        assert len(set(r.extra["negative_doc_ids"])) == len(r.negatives)  # no context twice
+    assert seen["random"] > 0 and seen["same-token"] > 0
 
 
 def test_deterministic_and_seeded():
