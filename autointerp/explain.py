@@ -315,10 +315,27 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
                         "is the server up? pass --model to skip this check") from None
 
 
+def _work_left(work: list[tuple[Target, list[FeatureRecord]]], no_score: bool) -> bool:
+    """Whether any latent still needs an explanation (or a score): if not, no server is needed."""
+    for t, records in work:
+        keys = {r.key for r in records}
+        if not keys <= load_finished(t.folder / "explanations.jsonl").keys():
+            return True
+        if not no_score:
+            from autointerp import score
+            scored = getattr(score, "load_finished", None)
+            if scored is None or not keys <= scored(t.folder / "scores.jsonl").keys():
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def _endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
-              n_ctx: int) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
+              n_ctx: int, needed: bool = True) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
     """(base URL, model, engine, liveness check, JSON response_format style) of the server to use."""
+    if not needed:  # everything is on disk already: start nothing, contact nothing
+        yield base_url or "(no server: nothing to send)", model or "(unused)", engine or "llama-cpp", None, None
+        return
     if base_url:
         yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
         return
@@ -370,21 +387,29 @@ def cli(
     run_dir = targets[0].run_dir
     sha = prompt_sha256(TEMPLATE)
     started = time.perf_counter()
-    with _endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive, style):
+    needed = _work_left(work, no_score)
+    with _endpoint(base_url, model, engine, threads, n_ctx, needed) as (url, model_name, engine_name, check_alive,
+                                                                          style):
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
                            timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
-        console.print(f"labelling {total} features in {len(work)} checkpoint(s) with {model_name} at {url}")
+        if needed:
+            console.print(f"labelling {total} features in {len(work)} checkpoint(s) with {model_name} at {url}")
+        else:
+            console.print(f"all {total} features already explained{'' if no_score else ' and scored'}: "
+                          "no server needed, rebuilding labels")
         try:
             for t, records in work:
                 _label_checkpoint(t, records, client, console, engine_name, n_ctx, max_contexts, window, no_score)
         finally:
             stats = client.stats.to_dict()
             client.close()
-            run_lib.update_manifest(run_dir, "label", {
-                "model": model_name, "engine": engine_name, "base_url": url, "prompt_sha256": {TEMPLATE: sha},
-                "concurrency": concurrency, "features": features, "n_ctx": n_ctx, "max_contexts": max_contexts,
-                "window": window, "checkpoints": [str(t.records_path) for t, _ in work], "llm_stats": stats,
-                "seconds": round(time.perf_counter() - started, 2)})
+            if needed:  # a run that sent nothing keeps the manifest of the run that did
+                run_lib.update_manifest(run_dir, "label", {
+                    "model": model_name, "engine": engine_name, "base_url": url, "prompt_sha256": {TEMPLATE: sha},
+                    "concurrency": concurrency, "features": features, "n_ctx": n_ctx,
+                    "max_contexts": max_contexts, "window": window,
+                    "checkpoints": [str(t.records_path) for t, _ in work], "llm_stats": stats,
+                    "seconds": round(time.perf_counter() - started, 2)})
     console.print(f"done: {stats['requests']} requests, {stats['cache_hits']} cache hits, "
                   f"{stats['retries']} retries, {stats['repairs']} repairs in "
                   f"{time.perf_counter() - started:.1f} s")
@@ -394,10 +419,12 @@ def _label_checkpoint(t: Target, records: list[FeatureRecord], client: LLMClient
                       engine: str, n_ctx: int, max_contexts: int, window: int, no_score: bool) -> None:
     start, base = time.perf_counter(), client.stats.to_dict()
 
+    finished = 0
+
     def rates() -> str:
         s, dt = client.stats, max(time.perf_counter() - start, 1e-9)
         tokens = s.prompt_tokens + s.completion_tokens - base["prompt_tokens"] - base["completion_tokens"]
-        return f"{tokens / dt:,.0f} tok/s  cache hits {s.cache_hits - base['cache_hits']}"
+        return f"{finished / dt:.2f} features/s  {tokens / dt:,.0f} tok/s  cache hits {s.cache_hits - base['cache_hits']}"
 
     with _progress(console) as progress:
         task = progress.add_task(f"explain {t.records_path.parent.name}", total=len(records), rates="")
@@ -405,6 +432,8 @@ def _label_checkpoint(t: Target, records: list[FeatureRecord], client: LLMClient
         progress.update(task, completed=done_before)
 
         def on_done(_: Explanation) -> None:
+            nonlocal finished
+            finished += 1
             progress.update(task, advance=1, rates=rates())
 
         explanations = explain_records(records, client, t.folder / "explanations.jsonl", max_contexts=max_contexts,

@@ -17,7 +17,7 @@ import json
 import random
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Coroutine, TypeVar
 

@@ -11,7 +11,6 @@ ratio to the mean of two raw loops, one before and one after the label runs (tar
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 import time

@@ -186,3 +186,11 @@ def test_parse_features():
     from autointerp.errors import UserError
     with pytest.raises(UserError):
         parse_features("a-b")
+
+
+def test_pool_larger_than_corpus():
+    """n_docs is an upper bound: pool positions past the last context are never used."""
+    acts, ids, mask, batches = make_corpus(n_docs=20)
+    records = run_collect(batches, make_sae(), n_docs=500, top_k=3, n_random=5, random_pool=400)
+    docs = {d for r in records for d in r.extra["negative_doc_ids"]}
+    assert docs and docs <= set(range(100, 120))

@@ -59,6 +59,7 @@ TRAIN_ARGS = ["--k", "4", "--expansion", "4", "--batch-size", "256", "--max-toke
               "--eval-docs", "20", "--threads", "1"]
 
 
+@pytest.mark.slow  # ~30 s: two SAEs trained through the CLI
 def test_train_over_a_run_is_resumable(setup):
     root, corpus, run = setup
     first = _cli("sae", "train", "--run", str(run), "--layer", "0", "--corpus", str(corpus), *TRAIN_ARGS)
@@ -83,6 +84,7 @@ def test_train_over_a_run_is_resumable(setup):
     assert "CE SAE" in shown.stdout
 
 
+@pytest.mark.slow  # ~15 s of CLI start-ups
 def test_bad_input_exits_with_one_line(setup, tmp_path):
     root, corpus, run = setup
     too_big_k = _cli("sae", "train", "--model", str(run / "lm" / "step-10"), "--out", str(tmp_path / "x"),

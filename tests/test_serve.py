@@ -17,7 +17,7 @@ from autointerp import serve
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.explain import EXPLANATION_SCHEMA, prompt_sha256
-from autointerp.llm import LLMClient, estimate_tokens
+from autointerp.llm import LLMClient
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

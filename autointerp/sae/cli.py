@@ -22,7 +22,7 @@ from autointerp.sae.model import SAEConfig, TopKSAE
 from autointerp.sae.train import TrainConfig, train_sae
 
 cli = typer.Typer(help="Train TopK sparse autoencoders and measure them.", no_args_is_help=True)
-console = Console()
+console = Console(width=max(Console().width, 120))  # the metrics table needs ~110 columns; piped output is 80
 
 EVAL_EVERY = 20  # every 20th en/ja document pair is held out for the metrics (5%)
 
@@ -122,7 +122,10 @@ def _train_one(model_path: str, revision: str | None, layer: int | None, step: i
                                                                    f"fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
 
     chunks = _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs)
-    sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
+    try:
+        sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
+    finally:
+        chunks.close()  # a budget can end mid-pass: this removes the extractor's layer hook now
     if rank != 0:
         return {}
     metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
