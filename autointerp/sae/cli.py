@@ -126,6 +126,8 @@ def _train_one(model_path: str, revision: str | None, layer: int | None, step: i
         sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
     finally:
         chunks.close()  # a budget can end mid-pass: this removes the extractor's layer hook now
+    if progress is not None:
+        progress.update(task, total=result.tokens, completed=result.tokens)
     if rank != 0:
         return {}
     metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
