@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,8 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+# Before torch loads OpenMP: on a shared machine, spinning OpenMP threads that wait for a
+# descheduled peer made both SAEs several times slower (measured, docs/sae.md). The SAELens
+# subprocess inherits the same setting. Override with OMP_WAIT_POLICY=ACTIVE.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -107,7 +113,7 @@ def main() -> None:
     batches = batches / batches.norm(dim=-1, keepdim=True)
 
     print(f"TopK SAE training step, d_model {a.d_model}, {args['d_sae']} latents, k {a.k}, batch {a.batch}, "
-          f"{a.threads} threads, median of {a.steps} steps")
+          f"{a.threads} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, median of {a.steps} steps")
     results = {"config": args, "autointerp": ours(batches, args)}
     if Path(a.bench_python).exists():
         with tempfile.TemporaryDirectory() as tmp:

@@ -274,7 +274,8 @@ def main() -> int:
         ks = np.array([kappas(y, cross_validate(X, y, groups, names, seed=s)) for s in range(5)])
         repeated[name] = (float(ks[:, 0].mean()), float(ks[:, 1].mean()))
         print(f"  {name:<30} {ks[:, 0].mean():6.3f}+-{ks[:, 0].std():.3f}  {ks[:, 1].mean():6.3f}+-{ks[:, 1].std():.3f}")
-    best_name = "statistics + LLM" if "statistics + LLM" in ablation else "statistics only"
+    # The LLM evidence is used only where it helps on held-out features (repeated-CV kappa).
+    best_name = max(repeated, key=lambda name: repeated[name][0])
     temperatures = {}
     for name, (X, names) in {"stats": (X_stats, n_stats), **({"both": design(records, explanations, ["stats", "llm"])}
                                                              if explanations else {})}.items():
@@ -299,7 +300,7 @@ def main() -> int:
         models = {"stats": G.fit_model(X_stats, list(y), n_stats, C=C)}
         models["stats"].info = info
         models["stats"].temperature = temperatures["stats"]
-        if explanations:
+        if explanations and best_name == "statistics + LLM":
             X_both, n_both = design(records, explanations, ["stats", "llm"])
             models["both"] = G.fit_model(X_both, list(y), n_both, C=C)
             models["both"].info = info | {"cv_kappa4": round(kappas(y, ablation["statistics + LLM"])[0], 4)}

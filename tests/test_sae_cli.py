@@ -81,7 +81,7 @@ def test_train_over_a_run_is_resumable(setup):
 
     shown = _cli("sae", "metrics", str(run / "step-100" / "sae"), "--corpus", str(corpus), "--eval-docs", "20")
     assert shown.returncode == 0, shown.stderr
-    assert "CE SAE" in shown.stdout
+    assert "CE+SAE" in shown.stdout and "step-100" in shown.stdout
 
 
 @pytest.mark.slow  # ~15 s of CLI start-ups

@@ -113,7 +113,7 @@ def _train_one(model_path: str, revision: str | None, layer: int | None, step: i
     epochs = args["epochs"] if budget is None else 10_000  # with a token budget: cycle until it is spent
     train_cfg = TrainConfig(batch_size=args["batch_size"], lr=args["lr"], warmup_frac=args["warmup"],
                             decay_frac=args["decay"], max_tokens=budget, auxk_alpha=args["auxk_alpha"],
-                            dead_tokens=args["dead_tokens"], seed=args["seed"])
+                            dead_tokens=args["dead_tokens"], seed=args["seed"], device=args["device"])
     task = progress.add_task(f"SAE {out}", total=budget) if progress else None
 
     def on_step(_step: int, tokens: int, logs: dict) -> None:
@@ -139,6 +139,18 @@ def _train_one(model_path: str, revision: str | None, layer: int | None, step: i
     save_sae(sae, out)
     write_metrics(out, metrics)  # written last: its presence marks the checkpoint done
     return metrics
+
+
+def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: int) -> None:
+    """A finished SAE is only reused if it was trained with the settings asked for now."""
+    done = json.loads((sae_dir / "config.json").read_text())
+    wanted = {"k": k, "expansion": expansion, **({"layer": layer} if layer is not None else {})}
+    have = {"k": done.get("k"), "expansion": done.get("d_sae", 0) // max(done.get("d_model", 1), 1),
+            "layer": done.get("layer")}
+    diff = [f"{key} {have[key]} (asked {value})" for key, value in wanted.items() if have[key] != value]
+    if diff:
+        raise UserError(f"{sae_dir} was trained with {', '.join(diff)}; pass --force to retrain "
+                        "or use another run directory")
 
 
 @cli.command()
@@ -175,6 +187,8 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     rank, world = _init_distributed()
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     args = dict(k=k, expansion=expansion, batch_size=batch_size, lr=lr, warmup=warmup, decay=decay,
                 max_tokens=max_tokens or None, epochs=epochs, seq_len=seq_len, auxk_alpha=auxk_alpha,
                 dead_tokens=dead_tokens, seed=seed, device=device)
@@ -194,6 +208,7 @@ def train(
         for model_path, rev, step, sae_dir in jobs:
             label = f"step {step}" if step is not None else str(sae_dir)
             if not force and (sae_dir / "metrics.json").exists() and (sae_dir / "sae.safetensors").exists():
+                _check_same_settings(sae_dir, layer, k, expansion)
                 rows.append((label + " (done)", json.loads((sae_dir / "metrics.json").read_text())))
                 continue
             metrics = _train_one(model_path, rev, layer, step, sae_dir, train_docs, held, args,

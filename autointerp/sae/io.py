@@ -153,8 +153,7 @@ def _load_saelens(d: Path, device: str) -> TopKSAE:
         # x -> x * sqrt(d) / ||x||: our unit-norm input scaled by sqrt(d), folded into the weights
         scale = math.sqrt(d_in)
         cfg.normalize_input = True
-        W_enc, b_dec, W_dec = W_enc * scale, b_dec / scale, W_dec / scale
-        b_enc = b_enc  # unchanged: pre = s*(u - b_dec/s) @ W_enc + b_enc
+        W_enc, b_dec, W_dec = W_enc * scale, b_dec / scale, W_dec / scale  # b_enc unchanged
     elif norm != "none":
         raise UserError(f"{d}: SAELens normalize_activations={norm!r} is not supported "
                         "(supported: none, constant_norm_rescale)")

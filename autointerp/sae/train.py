@@ -38,6 +38,7 @@ class TrainConfig:
     buffer_tokens: int = 65_536     # shuffle buffer size
     seed: int = 0
     adam_eps: float = 6.25e-10      # llm-jp-sae's value
+    device: str = "cpu"             # where the SAE trains (cuda: the rank's GPU under torchrun)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def train_sae(chunks: Iterable[Tensor], sae_cfg: SAEConfig, train_cfg: TrainConf
     if cfg.batch_size % world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(cfg.seed)
-    sae = sae or TopKSAE(sae_cfg, seed=cfg.seed)
+    sae = (sae or TopKSAE(sae_cfg, seed=cfg.seed)).to(cfg.device)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     total_steps = cfg.max_tokens // cfg.batch_size if cfg.max_tokens else None
     since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
