@@ -13,6 +13,14 @@ RUN    ?= runs/demo
 # completions on these machines (DESIGN.md). pip caches the built wheel.
 export CMAKE_ARGS := -DGGML_NATIVE=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Busy-waiting OpenMP threads make torch several times slower on a shared 2-core machine.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+# SAELens and sparsify live in their own venv (the SAE benchmark's baseline and the
+# format-import tests write files with the real packages); torch pinned in the same
+# command, or pip pulls a multi-GB CUDA build.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: setup demo test test-fast bench eval clean
 
@@ -32,16 +40,21 @@ $(APT_STAMP): | $(STAMP)
 	    debian-reference-en debian-reference-ja chromium >/dev/null; fi
 	touch $(APT_STAMP)
 
+$(BENCH_STAMP):
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 sae-lens eai-sparsify
+	touch $(BENCH_STAMP)
+
 demo: setup
 	$(BIN)/autointerp demo $(RUN)
 
-test: setup
+test: setup $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup $(BENCH_STAMP)
 	$(BIN)/python evals/bench.py
 
 eval: setup

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -100,6 +101,13 @@ def snippet(context, window: int) -> str:
 def top_tokens(record: FeatureRecord, n: int = 8) -> str:
     counts = Counter(c.tokens[c.max_index] for c in record.contexts if c.max_index >= 0)
     return ", ".join(f"{quote_token(t)} x{k}" for t, k in counts.most_common(n))
+
+
+def sample_live(records: list[FeatureRecord], n: int, seed: int = 0) -> list[FeatureRecord]:
+    """A seeded random sample of n latents that have contexts, in feature order (stable across reruns)."""
+    live = [r for r in records if r.contexts]
+    chosen = random.Random(seed).sample(live, min(n, len(live)))
+    return sorted(chosen, key=lambda r: r.feature)
 
 
 def render_explain_prompt(record: FeatureRecord, max_contexts: int = 10, window: int = 6) -> str:
@@ -360,7 +368,8 @@ def cli(
     engine: str = typer.Option(None, help="Embedded server engine (llama-cpp or vllm), or the name to record "
                                           "for --base-url."),
     concurrency: int = typer.Option(4, help="Requests in flight at once."),
-    features: int = typer.Option(None, help="Only the first N features of each checkpoint."),
+    features: int = typer.Option(None, help="Only N features of each checkpoint: a seeded random sample of the "
+                                            "live ones (with contexts), as the paper sampled 100 per checkpoint."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the first rendered prompt and the request "
                                                           "count; send nothing."),
     no_score: bool = typer.Option(False, "--no-score", help="Skip the simulator scores."),
@@ -378,7 +387,9 @@ def cli(
     targets = resolve_targets(target)
     work = []
     for t in targets:
-        records = read_records(t.records_path)[:features] if features else read_records(t.records_path)
+        records = read_records(t.records_path)
+        if features:
+            records = sample_live(records, features)
         work.append((t, records))
     total = sum(len(r) for _, r in work)
     if dry_run:
