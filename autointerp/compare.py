@@ -25,7 +25,7 @@ from typing import Any
 import typer
 
 from autointerp.errors import UserError
-from autointerp.schema import GRANULARITIES, three_way
+from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, three_way
 
 Key = tuple[int | None, int]
 THREE_WAY = ("token", "concept", "uninterpretable")
@@ -34,7 +34,6 @@ SHORT_NAMES = {"token": "token", "concept-synonym": "synonym", "concept-semantic
 
 # The llm-jp-sae demo's codes (docs/main.js): 1 Uninterpretable, 2 Concept (semantic similarity),
 # 3 Concept (synonymy), 4 Token-level.
-LLMJP_GRANULARITY_CODES = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
 _ALIASES = {
     "token-level": "token", "concept-synonymy": "concept-synonym", "synonym": "concept-synonym",
     "synonymy": "concept-synonym", "concept-syn": "concept-synonym", "concept-level (synonymy)": "concept-synonym",

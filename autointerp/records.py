@@ -38,7 +38,7 @@ from rich.text import Text
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
-from autointerp.schema import Context, FeatureRecord, iter_jsonl, write_jsonl
+from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
 LEVELS = 10  # levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
 
@@ -384,7 +384,7 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
 # --------------------------------------------------------------------------- importers
 
 # llm-jp-sae's docs/main.js: 1 Uninterpretable, 2 Concept (semantic sim.), 3 Concept (synonymy), 4 Token
-LLMJP_GRANULARITY = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
+LLMJP_GRANULARITY = LLMJP_GRANULARITY_CODES
 LLMJP_MODEL, LLMJP_LAYER = "llm-jp/llm-jp-3-1.8b", 12
 
 
