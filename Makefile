@@ -29,7 +29,7 @@ setup: $(STAMP) $(APT_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
-	$(BIN)/pip install -q -e '.[cpu,test]'
+	$(BIN)/pip install -q -e '.[cpu,test,ja]'
 	touch $(STAMP)
 
 # Debian packages: the bilingual corpus of the embedded default, and Chromium for the

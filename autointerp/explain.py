@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autointerp import run as run_lib
 from autointerp.errors import UserError
+from autointerp.score import split_contexts
 from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, sha256_text
 from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, JsonlAppender, Label, Scores,
                                read_records, write_jsonl)
@@ -99,8 +100,13 @@ def snippet(context, window: int) -> str:
 
 
 def top_tokens(record: FeatureRecord, n: int = 8) -> str:
-    counts = Counter(c.tokens[c.max_index] for c in record.contexts if c.max_index >= 0)
+    counts = Counter(c.tokens[c.max_index] for c in explainer_contexts(record) if c.max_index >= 0)
     return ", ".join(f"{quote_token(t)} x{k}" for t, k in counts.most_common(n))
+
+
+def explainer_contexts(record: FeatureRecord) -> list:
+    """The contexts the explainer may see; the simulator scores on the others (held out)."""
+    return split_contexts(record)[0]
 
 
 def sample_live(records: list[FeatureRecord], n: int, seed: int = 0) -> list[FeatureRecord]:
@@ -112,7 +118,7 @@ def sample_live(records: list[FeatureRecord], n: int, seed: int = 0) -> list[Fea
 
 def render_explain_prompt(record: FeatureRecord, max_contexts: int = 10, window: int = 6) -> str:
     return render(TEMPLATE, top_tokens=top_tokens(record),
-                  snippets=[snippet(c, window) for c in record.contexts[:max_contexts]])
+                  snippets=[snippet(c, window) for c in explainer_contexts(record)[:max_contexts]])
 
 
 def trim_steps(max_contexts: int, window: int) -> list[tuple[int, int]]:

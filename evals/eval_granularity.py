@@ -283,7 +283,7 @@ def main() -> int:
         temperatures[name] = fit_temperature(y, logits)
         print(f"calibration ({name}): out-of-fold ECE {expected_calibration_error(y, softmax(logits)):.3f} at T=1, "
               f"{expected_calibration_error(y, softmax(logits, temperatures[name])):.3f} at fitted "
-              f"T={temperatures[name]:.2f} (shipped)")
+              f"T={temperatures[name]:.2f}")
     started = time.perf_counter()
     profiles = [language.profile(r) for r in records]
     print(f"(language profiles: {time.perf_counter() - started:.0f} s for {len(records)} features)")

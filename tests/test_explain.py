@@ -85,7 +85,7 @@ def test_prompt_window_is_centred_on_max_token():
 
 def test_fit_prompt_trims_to_budget(tmp_path):
     record = toy_records(1)[0]
-    record.contexts = record.contexts * 5  # 15 contexts
+    record.contexts = record.contexts * 10  # 30 contexts: the explainer sees the 15 even-ranked
     full = render_explain_prompt(record, 12, 8)
     with FakeServer() as server:  # counts len(bytes)/4 tokens
         client = client_for(server, tmp_path)
