@@ -38,6 +38,7 @@ from rich.text import Text
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.language import trend_from_counts
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
 LEVELS = 10  # levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
@@ -389,14 +390,8 @@ LLMJP_MODEL, LLMJP_LAYER = "llm-jp/llm-jp-3-1.8b", 12
 
 
 def language_trend(counts: dict[str, int]) -> str:
-    """The paper's rule (docs/main.js): en or ja when over 90% of the contexts agree, else mix."""
-    en, ja = int(counts.get("en", 0)), int(counts.get("ja", 0))
-    total = en + ja
-    if total and en / total > 0.9:
-        return "en"
-    if total and ja / total > 0.9:
-        return "ja"
-    return "mix"
+    """The paper's rule (docs/main.js) over its en/ja counts: en or ja when over 90% agree, else mix."""
+    return trend_from_counts({"en": int(counts.get("en", 0)), "ja": int(counts.get("ja", 0))})
 
 
 def _llmjp_record(path: Path, step: int | None) -> FeatureRecord:
