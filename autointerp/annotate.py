@@ -17,7 +17,7 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import typer
 from rich.console import Console, Group

@@ -28,8 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import run as run_lib
 from autointerp.errors import UserError
 from autointerp.score import split_contexts
-from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, sha256_text
-from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, JsonlAppender, Label, Scores,
+from autointerp.llm import LLMAnswerError, LLMClient, stream_results, estimate_tokens, sha256_text
+from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, Label, Scores,
                                read_records, write_jsonl)
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
@@ -204,22 +204,7 @@ async def explain_records_async(records: list[FeatureRecord], client: LLMClient,
     settings = settings or ExplainSettings()
     done = load_finished(out_path) if out_path else {}
     todo = [r for r in records if r.key not in done]
-    appender = JsonlAppender(out_path) if out_path else None
-    tasks = [asyncio.create_task(explain_feature(r, client, settings)) for r in todo]
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            explanation = await next_done
-            done[explanation.key] = explanation
-            if appender:
-                appender.write(explanation)
-            if on_done:
-                on_done(explanation)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if appender:
-            appender.close()
+    await stream_results([explain_feature(r, client, settings) for r in todo], done, out_path, on_done)
     return [done[r.key] for r in records]
 
 

@@ -431,3 +431,27 @@ def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
     tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
     return ChatResult(text=d["text"], logprobs=tokens, cached=cached,
                       prompt_tokens=d.get("prompt_tokens", 0), completion_tokens=d.get("completion_tokens", 0))
+
+
+async def stream_results(coros: list[Coroutine[Any, Any, Any]], done: dict, out_path: str | Path | None = None,
+                         on_done: Callable[[Any], None] | None = None) -> None:
+    """Run per-latent coroutines concurrently; as each finishes, keep it in `done` (by .key),
+    append it to out_path and call on_done, so a crash loses only the latents in flight."""
+    from autointerp.schema import JsonlAppender
+
+    appender = JsonlAppender(out_path) if out_path else None
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            result = await next_done
+            done[result.key] = result
+            if appender:
+                appender.write(result)
+            if on_done:
+                on_done(result)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if appender:
+            appender.close()

@@ -37,7 +37,8 @@ from sklearn.metrics import balanced_accuracy_score
 from autointerp import run as run_lib
 from autointerp.errors import UserError
 from autointerp.language import clean_token
-from autointerp.schema import Context, Explanation, FeatureRecord, JsonlAppender, Scores, iter_jsonl, read_records
+from autointerp.llm import stream_results
+from autointerp.schema import Context, Explanation, FeatureRecord, Scores, iter_jsonl, read_records
 
 METHODS = ("simulation", "detection", "fuzzing")
 TEMPLATES = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"}
@@ -327,27 +328,9 @@ def score_records(records: Sequence[FeatureRecord], explanations: Sequence[Expla
         negatives, source = negative_pool(record, records, max(s.sim_negatives, s.det_contexts), s.window)
         return await score_feature(client, record, expl.description, negatives, s, source)
 
-    async def run_all() -> None:
-        appender = JsonlAppender(out_path) if out_path else None
-        try:
-            tasks = [asyncio.ensure_future(one(r)) for r in pending]
-            try:
-                for fut in asyncio.as_completed(tasks):
-                    result = await fut
-                    done[result.key] = result
-                    if appender:
-                        appender.write(result)
-                    if on_done:
-                        on_done(result)
-            finally:
-                for t in tasks:
-                    t.cancel()
-        finally:
-            if appender:
-                appender.close()
-
     if pending:
-        asyncio.run(run_all())
+        run = getattr(client, "run", asyncio.run)  # LLMClient.run also closes its connections in that loop
+        run(stream_results([one(r) for r in pending], done, out_path, on_done))
     return [done[r.key] for r in records]
 
 
