@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autointerp.errors import UserError
+from autointerp.run import update_manifest
 
 console = Console()
 
@@ -49,6 +50,8 @@ def cli(
         start = time.perf_counter()
         rc = subprocess.call([sys.executable, "-m", "autointerp.cli", *args])
         timings.append((name, time.perf_counter() - start))
+        update_manifest(run, f"demo: {name}", {"command": "autointerp " + " ".join(args),
+                                                "seconds": round(timings[-1][1], 1), "exit_code": rc})
         if rc != 0:
             raise UserError(f"stage '{name}' failed (exit {rc}); fix the cause and run `autointerp demo {run}` "
                             "again: finished stages are kept and skipped")
