@@ -140,6 +140,9 @@ _NUMBER_WORDS = {"1": ("one", "first"), "2": ("two", "second"), "3": ("three", "
 
 # ---- features ------------------------------------------------------------------------------------
 
+Z_CLIP = 3.0
+
+
 @dataclass
 class Evidence:
     """A latent's feature vector and what it is built from (kept in Label.evidence)."""
@@ -261,7 +264,10 @@ class GranularityModel:
     info: dict[str, Any] | None = None
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = ((X - self.mean) / self.scale) @ self.coef.T + self.intercept
+        # Clip standardised inputs to the fitted range (+-Z_CLIP sd): a linear model must not
+        # extrapolate on features far outside the training data (a tiny model's dense latents).
+        standardised = np.clip((X - self.mean) / self.scale, -Z_CLIP, Z_CLIP)
+        z = standardised @ self.coef.T + self.intercept
         z = z / self.temperature
         z = z - z.max(axis=1, keepdims=True)
         p = np.exp(z)

@@ -95,3 +95,15 @@ def test_shipped_model_reproduces_training_predictions():
     assert [l.granularity for l in labels] == [model.classes[i] for i in model.predict_proba(Xs).argmax(1)]
     agree = np.mean([l.granularity == r.extra["human_granularity"] for l, r in zip(labels, records)])
     assert agree >= 0.6  # training-set agreement on a spread of dev features
+
+
+def test_out_of_range_evidence_does_not_extrapolate():
+    """A feature far outside the fitted range (a tiny model's dense latents) weighs no more than
+    one at the clip: the linear model must not extrapolate without bound."""
+    model = G.load_models()["stats"]
+    base = model.mean.copy()
+    at_clip = base + G.Z_CLIP * model.scale
+    far_out = base + 30 * G.Z_CLIP * model.scale
+    assert np.allclose(model.predict_proba(at_clip[None]), model.predict_proba(far_out[None]))
+    inside = base + 0.5 * model.scale
+    assert not np.allclose(model.predict_proba(inside[None]), model.predict_proba(at_clip[None]))
