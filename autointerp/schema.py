@@ -102,8 +102,22 @@ class FeatureRecord:
         )
 
 
+class LatentRow:
+    """One latent's line in a stage's JSONL output, joined across stages on (checkpoint_step, feature)."""
+
+    checkpoint_step: int | None
+    feature: int
+
+    @property
+    def key(self) -> tuple[int | None, int]:
+        return (self.checkpoint_step, self.feature)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
-class Explanation:
+class Explanation(LatentRow):
     """What the explainer LLM said about one latent (the `explain` stage's output)."""
 
     checkpoint_step: int | None
@@ -115,20 +129,13 @@ class Explanation:
     explainer: dict[str, Any]  # {"model", "prompt_sha256", "engine"}
     error: str | None = None
 
-    @property
-    def key(self) -> tuple[int | None, int]:
-        return (self.checkpoint_step, self.feature)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
         return cls(**{f.name: d.get(f.name) for f in fields(cls)})
 
 
 @dataclass
-class Scores:
+class Scores(LatentRow):
     """Simulator scores for one latent (the `score` stage's output). None = not computed."""
 
     checkpoint_step: int | None
@@ -139,20 +146,13 @@ class Scores:
     simulator: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
-    @property
-    def key(self) -> tuple[int | None, int]:
-        return (self.checkpoint_step, self.feature)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
         return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")})
 
 
 @dataclass
-class Label:
+class Label(LatentRow):
     """The final label of one latent (DESIGN.md's label schema)."""
 
     checkpoint_step: int | None
@@ -167,13 +167,6 @@ class Label:
     explainer: dict[str, Any]
     error: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)  # what the decision rested on
-
-    @property
-    def key(self) -> tuple[int | None, int]:
-        return (self.checkpoint_step, self.feature)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Label":

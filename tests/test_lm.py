@@ -17,13 +17,7 @@ TEXTS = ["The package manager resolves dependencies.", "パッケージ管理シ
          "鬱蒼とした森 (rare kanji, unseen in training) and émigré ünïcödé", "  spaces\tand\nnewlines  "]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is faster, and much faster when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
