@@ -399,8 +399,12 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         summary = step_summary(data, human_labels)
         summaries.append(summary)
         all_model.update({k: l.granularity for k, l in data.labels.items() if l.granularity})
-        keys = sorted(set(data.labels) | set(data.records), key=lambda k: k[1])
-        shown = keys[:max_features] if max_features else keys
+        # Labelled features first; unlabelled ones (records only) are shown by default only when
+        # a checkpoint has no labels yet (a run labels a sample of its latents, e.g. the demo's 8 of 2048).
+        labelled = sorted(data.labels, key=lambda k: k[1])
+        unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k[1])
+        keys = labelled + unlabelled
+        shown = keys[:max_features] if max_features else (labelled or unlabelled)
         features = [feature_view(k, data, human_labels, contexts_per_feature, window) for k in shown]
         html = step_template.render(
             run_name=run.resolve().name, step=step, summary=summary, features=features,
@@ -446,7 +450,8 @@ def cli(
     contexts: int = typer.Option(5, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
     max_features: int | None = typer.Option(None, "--max-features", min=1,
-                                            help="At most this many features per checkpoint page (default all)."),
+                                            help="At most this many features per checkpoint page, labelled first "
+                                                 "(default: the labelled ones, or all when none is labelled)."),
 ) -> None:
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
     index = build_report(run_dir, human, out, contexts, window, max_features)

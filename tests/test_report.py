@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from autointerp.schema import GRANULARITIES, Context, FeatureRecord, Label, read_records, write_jsonl
+from autointerp.report import build_report
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 XSS = "<script>alert(1)</script>"
@@ -186,3 +187,21 @@ def test_index_loads_in_headless_chromium(tmp_path):
     _run_chromium(index, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,2400",
                   "--hide-scrollbars")
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+
+
+def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
+    run = make_run(tmp_path, per_step=12)
+    step = sorted(int(p.name.split("-")[1]) for p in run.glob("step-*"))[0]
+    labels_path = run / f"step-{step}" / "labels.jsonl"
+    kept = labels_path.read_text().splitlines()[:3]  # a run labels a sample of its latents
+    labels_path.write_text("\n".join(kept) + "\n")
+    labelled = [json.loads(line)["feature"] for line in kept]
+
+    build_report(run)
+    page = (run / "report" / f"step-{step}.html").read_text()
+    assert page.count('<div class="feature"') == 3
+    assert "9 more" in page
+    build_report(run, max_features=5)
+    page = (run / "report" / f"step-{step}.html").read_text()
+    shown = re.findall(r"<h3>#(\d+) ", page)
+    assert len(shown) == 5 and [int(f) for f in shown[:3]] == sorted(labelled)
