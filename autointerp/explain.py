@@ -9,28 +9,26 @@ rerun sends no request twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import json
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import httpx
 import jinja2
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from autointerp import granularity, score
 from autointerp import run as run_lib
 from autointerp.errors import UserError
-from autointerp.score import split_contexts
-from autointerp.llm import LLMAnswerError, LLMClient, stream_results, estimate_tokens, sha256_text
-from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, Label, Scores,
-                               read_records, write_jsonl)
+from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, sha256_text, stream_results
+from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, Scores, read_finished, read_records,
+                               write_jsonl)
+from autointerp.serve import endpoint
 
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 TEMPLATE = "explain"
@@ -106,7 +104,7 @@ def top_tokens(record: FeatureRecord, n: int = 8) -> str:
 
 def explainer_contexts(record: FeatureRecord) -> list:
     """The contexts the explainer may see; the simulator scores on the others (held out)."""
-    return split_contexts(record)[0]
+    return score.split_contexts(record)[0]
 
 
 def sample_live(records: list[FeatureRecord], n: int, seed: int = 0) -> list[FeatureRecord]:
@@ -179,23 +177,7 @@ async def explain_feature(record: FeatureRecord, client: LLMClient, settings: Ex
 
 
 def load_finished(path: Path) -> dict[tuple[int | None, int], Explanation]:
-    """Explanations already written; a line cut off by a crash is dropped and the file rewritten."""
-    if not path.exists():
-        return {}
-    done: dict[tuple[int | None, int], Explanation] = {}
-    raw = path.read_text(encoding="utf-8")
-    lines = raw.splitlines()
-    broken = bool(raw) and not raw.endswith("\n")
-    for line in lines:
-        try:
-            explanation = Explanation.from_dict(json.loads(line))
-        except (ValueError, TypeError, KeyError):
-            broken = True
-            continue
-        done[explanation.key] = explanation
-    if broken:
-        write_jsonl(path, done.values())
-    return done
+    return read_finished(path, Explanation.from_dict)
 
 
 async def explain_records_async(records: list[FeatureRecord], client: LLMClient, out_path: Path | None = None,
@@ -220,60 +202,13 @@ def explain_records(records: list[FeatureRecord], client: LLMClient, out_path: s
 
 # ---- labels --------------------------------------------------------------------------------------
 
-def _paper_trend(record: FeatureRecord) -> str:
-    """The paper's rule: max token ASCII letters -> en, else ja; >90% agreeing -> en/ja, else mix."""
-    langs = [("en" if c.tokens[c.max_index].strip().isascii() and c.tokens[c.max_index].strip().isalpha()
-              else "ja") for c in record.contexts if c.max_index >= 0]
-    if not langs:
-        return "mix"
-    share_en = langs.count("en") / len(langs)
-    return "en" if share_en > 0.9 else "ja" if share_en < 0.1 else "mix"
-
-
-def labels_from_votes(records: list[FeatureRecord], explanations: list[Explanation],
-                      scores: list[Scores] | None) -> list[Label]:
-    """Labels with granularity = the LLM's vote: the fallback while granularity.build_labels is absent."""
-    by_key = {s.key: s for s in scores or []}
-    labels = []
-    for record, expl in zip(records, explanations):
-        s = by_key.get(record.key)
-        labels.append(Label(
-            checkpoint_step=record.checkpoint_step, feature=record.feature, description=expl.description,
-            granularity=expl.granularity, cross_lingual=expl.cross_lingual, language=_paper_trend(record),
-            language_profile={},
-            scores={k: getattr(s, k) if s else None for k in ("simulation", "detection", "fuzzing")},
-            confidence=expl.confidence, explainer=expl.explainer, error=expl.error,
-            evidence={"source": "llm-vote"}))
-    return labels
-
-
-def build_labels(records: list[FeatureRecord], explanations: list[Explanation],
-                 scores: list[Scores] | None) -> list[Label]:
-    try:
-        from autointerp.granularity import build_labels as calibrated
-    except ImportError:
-        return labels_from_votes(records, explanations, scores)
-    return calibrated(records, explanations, scores)
-
-
 def run_scoring(records: list[FeatureRecord], explanations: list[Explanation], client: LLMClient,
-                out_path: Path, console: Console) -> list[Scores] | None:
-    """score.score_records(...) where helper "score"'s stage provides it; None otherwise."""
-    try:
-        from autointerp import score
-    except ImportError:
-        return None
-    score_records = getattr(score, "score_records", None)
-    if score_records is None:
-        console.print("[yellow]scoring skipped: autointerp.score.score_records is not available yet[/]")
-        return None
-    params = inspect.signature(score_records).parameters
-    kwargs: dict[str, Any] = {name: out_path for name in ("out_path", "path") if name in params}
+                out_path: Path, console: Console) -> list[Scores]:
+    """score.score_records with a progress bar."""
     with _progress(console) as progress:
         task = progress.add_task(f"score {out_path.parent.name}", total=len(records), rates="")
-        if "on_done" in params:
-            kwargs["on_done"] = lambda _: progress.update(task, advance=1)
-        scores = score_records(records, explanations, client, **kwargs)
+        scores = score.score_records(records, explanations, client, out_path,
+                                     on_done=lambda _: progress.update(task, advance=1))
         progress.update(task, completed=len(records))
     return scores
 
@@ -303,46 +238,15 @@ def resolve_targets(target: Path) -> list[Target]:
     raise UserError(f"{target}: no such records file or run directory")
 
 
-def served_model(base_url: str, timeout: float = 10.0) -> str:
-    """The first model a server lists at /v1/models."""
-    try:
-        response = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
-        response.raise_for_status()
-        return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
-        raise UserError(f"could not list models at {base_url}/models ({type(exc).__name__}: {exc}); "
-                        "is the server up? pass --model to skip this check") from None
-
-
 def _work_left(work: list[tuple[Target, list[FeatureRecord]]], no_score: bool) -> bool:
     """Whether any latent still needs an explanation (or a score): if not, no server is needed."""
     for t, records in work:
         keys = {r.key for r in records}
         if not keys <= load_finished(t.folder / "explanations.jsonl").keys():
             return True
-        if not no_score:
-            from autointerp import score
-            scored = getattr(score, "load_finished", None)
-            if scored is None or not keys <= scored(t.folder / "scores.jsonl").keys():
-                return True
+        if not no_score and not keys <= score.load_finished(t.folder / "scores.jsonl").keys():
+            return True
     return False
-
-
-@contextlib.contextmanager
-def _endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
-              n_ctx: int, needed: bool = True) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
-    """(base URL, model, engine, liveness check, JSON response_format style) of the server to use."""
-    if not needed:  # everything is on disk already: start nothing, contact nothing
-        yield base_url or "(no server: nothing to send)", model or "(unused)", engine or "llama-cpp", None, None
-        return
-    if base_url:
-        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
-        return
-    from autointerp.serve import start_server
-    engine = engine or "llama-cpp"
-    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
-        yield (server.base_url, server.model, engine, server.check,
-               "json_object" if engine == "llama-cpp" else "json_schema")
 
 
 def _progress(console: Console) -> Progress:
@@ -390,8 +294,8 @@ def cli(
     sha = prompt_sha256(TEMPLATE)
     started = time.perf_counter()
     needed = _work_left(work, no_score)
-    with _endpoint(base_url, model, engine, threads, n_ctx, needed) as (url, model_name, engine_name, check_alive,
-                                                                          style):
+    with endpoint(base_url, model, engine, threads, n_ctx, needed) as (url, model_name, engine_name, check_alive,
+                                                                         style):
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
                            timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
         if needed:
@@ -442,7 +346,7 @@ def _label_checkpoint(t: Target, records: list[FeatureRecord], client: LLMClient
                                        window=window, context_window=n_ctx, engine=engine, on_done=on_done)
     failed = sum(e.granularity is None for e in explanations)
     scores = None if no_score else run_scoring(records, explanations, client, t.folder / "scores.jsonl", console)
-    labels = build_labels(records, explanations, scores)
+    labels = granularity.build_labels(records, explanations, scores)
     write_jsonl(t.folder / "labels.jsonl", labels)
     dt = time.perf_counter() - start
     console.print(f"{t.folder / 'labels.jsonl'}: {len(labels)} labels ({failed} without a valid answer), "
@@ -451,7 +355,7 @@ def _label_checkpoint(t: Target, records: list[FeatureRecord], client: LLMClient
 
 def _dry_run(work: list[tuple[Target, list[FeatureRecord]]], total: int, n_ctx: int, max_contexts: int,
              window: int) -> None:
-    pending = sum(len([r for r in recs if r.key not in load_finished(t.folder / "explanations.jsonl")])
+    pending = sum(len({r.key for r in recs} - load_finished(t.folder / "explanations.jsonl").keys())
                   for t, recs in work)
     first = next((r for _, recs in work for r in recs), None)
     if first is not None:

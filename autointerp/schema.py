@@ -246,6 +246,29 @@ def write_jsonl(path: str | Path, items: Iterable[Any]) -> None:
     tmp.replace(path)
 
 
+def read_finished(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> dict[tuple[int | None, int], T]:
+    """The per-latent lines a stage already appended (by .key), to resume after them.
+
+    A line cut off by a crash is dropped and the file rewritten without it, so the next append
+    starts on a fresh line."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    done: dict[tuple[int | None, int], T] = {}
+    raw = path.read_text(encoding="utf-8")
+    broken = bool(raw) and not raw.endswith("\n")
+    for line in raw.splitlines():
+        try:
+            row = parse(json.loads(line))
+        except (ValueError, TypeError, KeyError):
+            broken = True
+            continue
+        done[row.key] = row
+    if broken:
+        write_jsonl(path, done.values())
+    return done
+
+
 class JsonlAppender:
     """Append one JSON line at a time and flush, so a crash loses only in-flight work."""
 

@@ -18,7 +18,6 @@ Scores stream to step-N/scores.jsonl, one line per latent, so a stopped run resu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import random
@@ -38,7 +37,7 @@ from autointerp import run as run_lib
 from autointerp.errors import UserError
 from autointerp.language import clean_token
 from autointerp.llm import stream_results
-from autointerp.schema import Context, Explanation, FeatureRecord, Scores, iter_jsonl, read_records
+from autointerp.schema import Context, Explanation, FeatureRecord, Scores, iter_jsonl, read_finished, read_records
 
 METHODS = ("simulation", "detection", "fuzzing")
 TEMPLATES = {"simulation": "simulate", "detection": "detect", "fuzzing": "fuzz"}
@@ -304,9 +303,7 @@ async def score_feature(client, record: FeatureRecord, description: str, negativ
 # ---- many latents, resumable ---------------------------------------------------------------------
 
 def load_finished(path: Path) -> dict[tuple[int | None, int], Scores]:
-    if not path.exists():
-        return {}
-    return {s.key: s for s in iter_jsonl(path, Scores.from_dict, on_error="skip")}
+    return read_finished(path, Scores.from_dict)
 
 
 def score_records(records: Sequence[FeatureRecord], explanations: Sequence[Explanation], client,
@@ -346,7 +343,8 @@ def cli(
     threads: int = typer.Option(None, help="CPU threads of the embedded llama.cpp server."),
     n_ctx: int = typer.Option(2048, "--n-ctx", help="The embedded server's context window in tokens."),
     concurrency: int = typer.Option(4, help="Requests in flight at once."),
-    features: int = typer.Option(None, help="Only the first N features of each checkpoint."),
+    features: int = typer.Option(None, help="Only N features of each checkpoint: the same seeded sample of live "
+                                            "ones as `autointerp label --features N`."),
     methods: str = typer.Option(",".join(METHODS), help="Comma-separated: simulation,detection,fuzzing."),
     sim_contexts: int = typer.Option(2, help="Held-out activating windows in the simulation call."),
     sim_negatives: int = typer.Option(1, help="Non-activating windows in the simulation call."),
@@ -361,7 +359,8 @@ def cli(
 ) -> None:
     """Score descriptions with the simulator: writes step-N/scores.jsonl (and labels.jsonl)."""
     from autointerp import granularity
-    from autointerp.explain import resolve_targets
+    from autointerp.explain import resolve_targets, sample_live
+    from autointerp.serve import endpoint
     from autointerp.schema import write_jsonl
 
     console = Console(stderr=True)
@@ -372,7 +371,7 @@ def cli(
     work = []
     for t in resolve_targets(target):
         records = read_records(t.records_path)
-        records = records[:features] if features else records
+        records = sample_live(records, features) if features else records  # the same sample as `label`
         expl_path = t.folder / "explanations.jsonl"
         explanations = list(iter_jsonl(expl_path, Explanation.from_dict)) if expl_path.exists() else None
         if explanations is None and not stats_only:
@@ -415,20 +414,6 @@ def cli(
                 "llm_stats": stats, "seconds": round(time.perf_counter() - started, 2)})
     console.print(f"done: {stats['requests']} requests, {stats['cache_hits']} cache hits in "
                   f"{time.perf_counter() - started:.1f} s")
-
-
-@contextlib.contextmanager
-def endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None, n_ctx: int):
-    """(base URL, model, engine, liveness check, JSON style): the given server, else an embedded one
-    (llama-cpp-python's server takes JSON schemas only as response_format "json_object")."""
-    if base_url:
-        from autointerp.explain import served_model
-        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
-        return
-    from autointerp.serve import start_server
-    engine = engine or "llama-cpp"
-    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
-        yield server.base_url, server.model, engine, server.check, "json_object" if engine == "llama-cpp" else None
 
 
 def _prompt_sha(name: str) -> str:

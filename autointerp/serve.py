@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import httpx
 import typer
@@ -226,6 +226,35 @@ def start_server(engine: str = "llama-cpp", model: str | None = None, host: str 
             yield server
     finally:
         server.stop()
+
+
+def served_model(base_url: str, timeout: float = 10.0) -> str:
+    """The first model a server lists at /v1/models."""
+    try:
+        response = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout)
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"could not list models at {base_url}/models ({type(exc).__name__}: {exc}); "
+                        "is the server up? pass --model to skip this check") from None
+
+
+@contextlib.contextmanager
+def endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
+             n_ctx: int, needed: bool = True) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
+    """(base URL, model, engine, liveness check, JSON response_format style) of the server to use:
+    the one at base_url, else an embedded one started here (llama-cpp-python's server takes JSON
+    schemas only as response_format "json_object")."""
+    if not needed:  # everything is on disk already: start nothing, contact nothing
+        yield base_url or "(no server: nothing to send)", model or "(unused)", engine or "llama-cpp", None, None
+        return
+    if base_url:
+        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
+        return
+    engine = engine or "llama-cpp"
+    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
+        yield (server.base_url, server.model, engine, server.check,
+               "json_object" if engine == "llama-cpp" else "json_schema")
 
 
 def cli(
