@@ -24,6 +24,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
+from autointerp import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, read_records
@@ -98,10 +99,8 @@ def context_text(context, window: int) -> Text:
 
 def render_feature(record: FeatureRecord, position: int, total: int, answer: dict | None,
                    n_contexts: int, window: int) -> Panel:
-    from autointerp.report import language_profile
-
-    profile = language_profile(record)
-    shares = next((profile[k] for k in ("shares", "max_token_scripts") if isinstance(profile.get(k), dict)), {})
+    profile = language.profile(record)
+    shares = profile["max_token_scripts"]
     header = Text.assemble(
         (f"step {record.checkpoint_step} · feature {record.feature}", "bold"),
         f"   ({position + 1}/{total})   language: ",

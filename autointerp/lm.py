@@ -38,6 +38,7 @@ from autointerp.errors import UserError
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+EVAL_EVERY_DOC = 20  # every 20th en/ja document pair is held out (5%)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainConfig:
     save_every: int = 100  # resume point (OUT/last/) between checkpoints
     corpus: str = "debian-reference"
     corpus_limit: int | None = None
-    eval_every_doc: int = 20  # every 20th document pair is held out for the eval loss
+    eval_every_doc: int = EVAL_EVERY_DOC  # document pairs: every Nth is held out for the eval loss
 
     def checkpoint_steps(self) -> list[int]:
         """The steps saved as OUT/step-N: the named ones (or powers of 10) and the final step."""
@@ -103,8 +104,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 8192):
 
 # ---- data --------------------------------------------------------------------------------
 
-def _is_eval_doc(doc: Document, every: int) -> bool:
-    return (doc.doc_id // 2) % every == every - 1  # whole en/ja pairs, so both languages are held out
+def is_eval_doc(doc: Document, every: int = EVAL_EVERY_DOC) -> bool:
+    """Held out for evaluation (LM loss, SAE metrics): whole en/ja pairs, so both languages are measured."""
+    return (doc.doc_id // 2) % every == every - 1
 
 
 def token_stream(tokenizer, docs: list[Document]) -> torch.Tensor:
@@ -227,8 +229,8 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
     if config.steps < 1:
         raise UserError(f"--steps must be at least 1, got {config.steps}")
     docs = load_corpus(config.corpus, limit=config.corpus_limit)
-    train_docs = [d for d in docs if not _is_eval_doc(d, config.eval_every_doc)]
-    held_out = [d for d in docs if _is_eval_doc(d, config.eval_every_doc)] or docs[-2:]
+    train_docs = [d for d in docs if not is_eval_doc(d, config.eval_every_doc)]
+    held_out = [d for d in docs if is_eval_doc(d, config.eval_every_doc)] or docs[-2:]
 
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"

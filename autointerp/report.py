@@ -24,6 +24,7 @@ import typer
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.language import profile as language_profile
 from autointerp.schema import (
     GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl,
 )
@@ -39,40 +40,6 @@ SAE_METRICS = {
 }
 COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": "#edc948",
           "uninterpretable": "#bab0ac", "en": "#4e79a7", "ja": "#e15759", "mix": "#b07aa1"}
-
-
-# --- language shares without the language stage ----------------------------------------------
-
-def _is_english(token: str) -> bool:
-    letters = [c for c in token if c.isalpha()]
-    return bool(letters) and all(c.isascii() for c in letters)
-
-
-def language_shares(record: FeatureRecord) -> dict[str, Any]:
-    """en/ja counts of the max-activating tokens and the paper's trend rule (>90% one language, else mix).
-
-    The paper's code calls a max token "en" if it is ASCII letters, else "ja". Used when the
-    language stage (autointerp.language) is not available.
-    """
-    counts = Counter("en" if _is_english(c.tokens[c.max_index]) else "ja"
-                     for c in record.contexts if c.tokens and c.max_index >= 0)
-    n = sum(counts.values())
-    shares = {lang: (counts[lang] / n if n else 0.0) for lang in ("en", "ja")}
-    trend = "en" if shares["en"] > 0.9 else "ja" if shares["ja"] > 0.9 else "mix"
-    return {"counts": {"en": counts["en"], "ja": counts["ja"]}, "shares": shares, "trend": trend,
-            "method": "max-token script (paper rule)"}
-
-
-def language_profile(record: FeatureRecord) -> dict[str, Any]:
-    """The language stage's profile where that module is present, else `language_shares`."""
-    try:
-        from autointerp.language import profile
-    except ImportError:
-        return language_shares(record)
-    try:
-        return profile(record)
-    except Exception:  # an unfinished language stage must not stop a report
-        return language_shares(record)
 
 
 # --- reading a run directory -----------------------------------------------------------------

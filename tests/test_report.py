@@ -126,18 +126,19 @@ def test_report_on_a_missing_run_is_a_user_error(tmp_path):
         build_report(tmp_path / "nope")
 
 
-def test_language_shares_follow_the_paper_rule():
-    from autointerp.report import language_shares
+def test_language_trend_follows_the_paper_rule():
+    from autointerp.language import profile
 
     def rec(max_tokens):
         return FeatureRecord(model="m", layer=0, checkpoint_step=1, feature=0,
                              contexts=[Context(tokens=["x", t], levels=[0, 10]) for t in max_tokens])
 
-    assert language_shares(rec([" dog"] * 10))["trend"] == "en"
-    assert language_shares(rec(["犬"] * 10))["trend"] == "ja"
-    mixed = language_shares(rec([" dog"] * 5 + ["犬"] * 5))
-    assert mixed["trend"] == "mix" and mixed["shares"]["en"] == pytest.approx(0.5)
-    assert language_shares(rec([" dog"] * 9 + ["犬"]))["trend"] == "mix"  # 90% is not over 90%
+    assert profile(rec([" dog"] * 10))["trend"] == "en"
+    assert profile(rec(["犬"] * 10))["trend"] == "ja"
+    mixed = profile(rec([" dog"] * 5 + ["犬"] * 5))
+    assert mixed["trend"] == "mix" and mixed["max_token_scripts"]["en"] == pytest.approx(0.5)
+    assert mixed["paper_counts"] == {"en": 5, "ja": 5}
+    assert profile(rec([" dog"] * 9 + ["犬"]))["trend"] == "mix"  # 90% is not over 90%
 
 
 def _chromium() -> str | None:

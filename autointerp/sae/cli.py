@@ -24,22 +24,17 @@ from autointerp.sae.train import TrainConfig, train_sae
 cli = typer.Typer(help="Train TopK sparse autoencoders and measure them.", no_args_is_help=True)
 console = Console(width=max(Console().width, 120))  # the metrics table needs ~110 columns; piped output is 80
 
-EVAL_EVERY = 20  # every 20th en/ja document pair is held out for the metrics (5%)
-
-
-def _is_eval(doc) -> bool:
-    # the same documents `autointerp lm train` holds out: whole pairs, so both languages are measured
-    return (doc.doc_id // 2) % EVAL_EVERY == EVAL_EVERY - 1
 
 
 def _split_docs(corpus: str, limit: int | None, eval_docs: int):
     from autointerp.corpus import load_corpus
+    from autointerp.lm import is_eval_doc  # the documents `lm train` holds out
 
     docs = load_corpus(corpus, limit=limit)
     if not docs:
         raise UserError(f"corpus {corpus!r} has no documents")
-    train = [d for d in docs if not _is_eval(d)]
-    held = [d for d in docs if _is_eval(d)][:eval_docs]
+    train = [d for d in docs if not is_eval_doc(d)]
+    held = [d for d in docs if is_eval_doc(d)][:eval_docs]
     return train, held or train[:eval_docs]
 
 
