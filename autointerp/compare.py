@@ -14,7 +14,6 @@ Labels are joined on (checkpoint_step, feature); features in one input only are 
 from __future__ import annotations
 
 import csv
-import gzip
 import html
 import json
 import math
@@ -25,7 +24,7 @@ from typing import Any
 import typer
 
 from autointerp.errors import UserError
-from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, three_way
+from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, iter_jsonl, three_way
 
 Key = tuple[int | None, int]
 THREE_WAY = ("token", "concept", "uninterpretable")
@@ -79,34 +78,18 @@ class LabelSet:
             self.descriptions[key] = str(description)
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{lineno}: not JSON ({exc})") from None
-    except (UnicodeDecodeError, OSError, EOFError) as exc:
-        raise UserError(f"{path}: not a UTF-8 JSONL file ({exc})") from None
-    return rows
-
-
 def _load_jsonl(path: Path, out: LabelSet) -> None:
-    for i, row in enumerate(_read_json_lines(path), 1):
+    def add(row: Any) -> None:
         if not isinstance(row, dict) or "feature" not in row:
-            raise UserError(f"{path}:{i}: a label line needs 'feature' (and 'checkpoint_step', 'granularity')")
+            raise ValueError("a label line needs 'feature' (and 'checkpoint_step', 'granularity')")
         if "contexts" in row:  # a feature record: the human fields of the shared dev file
             granularity = row.get("human_granularity", row.get("human_granularity_code"))
         else:
             granularity = row.get("granularity")
-        try:
-            out.add(row.get("checkpoint_step"), row["feature"], granularity, row.get("description"))
-        except ValueError as exc:
-            raise UserError(f"{path}:{i}: {exc}") from None
+        out.add(row.get("checkpoint_step"), row["feature"], granularity, row.get("description"))
+
+    for _ in iter_jsonl(path, add, fail_hint=""):  # a bad line: UserError naming file:line
+        pass
 
 
 def _load_csv(path: Path, out: LabelSet) -> None:

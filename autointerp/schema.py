@@ -197,11 +197,13 @@ def _open_text(path: Path, mode: str):
 
 
 def iter_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error: OnError = "fail",
-               warn: Callable[[str], None] | None = None) -> Iterator[T]:
+               warn: Callable[[str], None] | None = None,
+               fail_hint: str = "use --on-error skip to go on") -> Iterator[T]:
     """Yield parsed objects from a JSONL(.gz) file.
 
     A malformed line is reported as `file:line: reason`; with on_error="skip" it is skipped
-    (passed to `warn`) and reading goes on, with "fail" it raises UserError.
+    (passed to `warn`) and reading goes on, with "fail" it raises UserError (ending with
+    `fail_hint`, for commands that offer a way on).
     """
     path = Path(path)
     if not path.exists():
@@ -220,7 +222,7 @@ def iter_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error:
                 except (ValueError, KeyError, TypeError) as exc:
                     message = f"{path}:{lineno}: malformed line ({type(exc).__name__}: {exc})"
                     if on_error == "fail":
-                        raise UserError(message + "; use --on-error skip to go on") from None
+                        raise UserError(f"{message}; {fail_hint}" if fail_hint else message) from None
                     if warn:
                         warn(message)
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
