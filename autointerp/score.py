@@ -31,7 +31,6 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.metrics import balanced_accuracy_score
 
 from autointerp import run as run_lib
 from autointerp.errors import UserError
@@ -61,6 +60,8 @@ def balanced_accuracy(true: Sequence[bool], predicted: Sequence[bool]) -> float:
         raise ValueError(f"{len(predicted)} answers for {len(true)} items")
     if len(set(true)) < 2:  # one class only: plain accuracy is all there is
         return float(np.mean(np.asarray(true) == np.asarray(predicted))) if true else 0.0
+    from sklearn.metrics import balanced_accuracy_score  # here: sklearn costs ~1 s of every CLI start
+
     return float(balanced_accuracy_score(list(true), list(predicted)))
 
 
