@@ -57,6 +57,10 @@ def build_params(args: argparse.Namespace) -> Any:
     params.n_ctx = args.n_ctx * args.parallel  # llama.cpp's n_ctx is the total over all slots
     params.ui = False  # no web UI assets in the wheel; an API server only
     params.offline = True  # never reach for the network
+    # No host-RAM prompt cache (default 8 GiB): autointerp never sends a prompt twice (its response
+    # cache answers repeats), so over a long run it would only grow; each slot still reuses the
+    # prefix it holds.
+    params.cache_ram_mib = 0
     for assignment in args.set:
         set_param(params, assignment)
     return params

@@ -192,16 +192,16 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
     slots = httpx.get(server_root(llama_server.base_url) + "/slots", timeout=10).json()
     assert [s["n_ctx"] for s in slots] == [1024, 1024]  # --n-ctx is per slot
     text = "The feature fires on 犬 and dog."
-    count = asyncio.run(client.count_tokens(text))
+    count = client.run(client.count_tokens(text))
     assert client.stats.tokenize_requests == 1 and 5 <= count <= len(text.encode())
-    result = asyncio.run(client.chat([{"role": "user", "content": "Say one digit."}], max_tokens=3,
+    result = client.run(client.chat([{"role": "user", "content": "Say one digit."}], max_tokens=3,
                                      logprobs=True, top_logprobs=5))
     assert result.logprobs and all(len(t.top) >= 1 and t.logprob <= 0 for t in result.logprobs)
     assert max(len(t.top) for t in result.logprobs) == 5
-    completion = asyncio.run(client.complete("The capital of France is", max_tokens=4, logprobs=3))
+    completion = client.run(client.complete("The capital of France is", max_tokens=4, logprobs=3))
     assert completion.text and len(completion.logprobs) >= 1 and len(completion.logprobs[0].top) == 3
     assert completion.truncated  # 4 tokens, no stop
-    answer = asyncio.run(client.chat_json([{"role": "user", "content": "Label a feature that fires on ' the'."}],
+    answer = client.run(client.chat_json([{"role": "user", "content": "Label a feature that fires on ' the'."}],
                                           EXPLANATION_SCHEMA, max_tokens=160))
     assert answer["granularity"] in GRANULARITIES and isinstance(answer["cross_lingual"], bool)
     assert client.stats.errors == 0  # OpenAI's json_schema form taken as is, no fallback
@@ -211,7 +211,7 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
 @needs_llama
 def test_real_server_json_answer_cut_short_is_not_taken(llama_server):
     client = LLMClient(llama_server.base_url, llama_server.model, timeout=300)
-    result = asyncio.run(client.chat([{"role": "user", "content": "Describe a feature that fires on ' the'."}],
+    result = client.run(client.chat([{"role": "user", "content": "Describe a feature that fires on ' the'."}],
                                      max_tokens=6, response_format={"type": "json_schema", "json_schema": {
                                          "name": "answer", "schema": EXPLANATION_SCHEMA}}))
     assert result.truncated and result.completion_tokens == 6
@@ -238,7 +238,7 @@ def test_real_server_decodes_two_requests_at_once(llama_server):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        results = asyncio.run(two())
+        results = client.run(two())
     finally:
         done.set()
         watcher.join()
@@ -252,13 +252,13 @@ def test_real_server_killed_gives_one_line_error(tmp_path):
     with serve.start_server("llama-cpp", n_ctx=512, parallel=1) as server:
         client = LLMClient(server.base_url, server.model, timeout=30, max_retries=1, backoff=0.01,
                            check_alive=server.check)
-        assert asyncio.run(client.chat([{"role": "user", "content": "hi"}], max_tokens=2)).text is not None
+        assert client.run(client.chat([{"role": "user", "content": "hi"}], max_tokens=2)).text is not None
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(30)
         with pytest.raises(UserError) as info:
-            asyncio.run(client.chat([{"role": "user", "content": "hi again"}], max_tokens=2))
+            client.run(client.chat([{"role": "user", "content": "hi again"}], max_tokens=2))
     message = str(info.value)
-    assert "llama-cpp server died (exit code -9)" in message and "listening on" in message
+    assert "llama-cpp server died (exit code -9); last log lines: " in message and "(empty log)" not in message
     assert "\n" not in message and str(server.log_path) in message
 
 
