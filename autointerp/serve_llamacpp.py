@@ -61,6 +61,7 @@ def build_params(args: argparse.Namespace) -> Any:
     # cache answers repeats), so over a long run it would only grow; each slot still reuses the
     # prefix it holds.
     params.cache_ram_mib = 0
+    params.cache_idle_slots = False  # needs the RAM cache
     for assignment in args.set:
         set_param(params, assignment)
     return params

@@ -6,8 +6,8 @@ In one run, on one server, with the same prompts (the label stage's, fitted with
 tokenizer) and the same JSON-schema request: (1) the raw ceiling, a plain loop of `openai` chat
 calls (one in flight per server slot), (2) `explain_records` at --concurrency with a fresh cache,
 (3) the raw loop again (the spread of the two shows the noise of a shared CPU), (4) a rerun with
-the warm cache, which must send zero requests. Prints generated tokens/s, explained features/s,
-the share of valid answers that were not cut short by max_tokens, and label / raw (target >= 0.9x).
+the warm cache, which must send zero requests. Prints prompt and generated tokens/s, explained
+features/s, the share of valid answers not cut short by max_tokens, and label / raw (target >= 0.9x).
 """
 
 from __future__ import annotations
@@ -79,25 +79,23 @@ def main() -> None:
         raw = openai.OpenAI(base_url=server.base_url, api_key="none", timeout=600, max_retries=0)
         raw.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
 
-        def ask(prompt: str) -> tuple[int, bool]:
+        def ask(prompt: str) -> tuple[int, int, bool]:
             response = raw.chat.completions.create(
                 model=server.model, messages=[{"role": "user", "content": prompt}], max_tokens=settings.max_tokens,
                 temperature=0.0, seed=0, response_format=json_response_format(EXPLANATION_SCHEMA, "explanation"))
             choice = response.choices[0]
             answer = ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason)
-            return response.usage.completion_tokens, check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+            valid = check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+            return response.usage.prompt_tokens, response.usage.completion_tokens, valid
 
-        def raw_loop() -> tuple[float, int, int]:
+        rows = []  # name, seconds, prompt tokens, generated tokens, valid answers, requests, note
+
+        def run_raw(name: str) -> None:
             started = time.perf_counter()
             with ThreadPoolExecutor(slots) as pool:  # one request in flight per slot: the server's ceiling
                 answers = list(pool.map(ask, prompts))
-            return time.perf_counter() - started, sum(t for t, _ in answers), sum(ok for _, ok in answers)
-
-        rows = []  # name, seconds, generated tokens, valid answers, requests, note
-
-        def run_raw(name: str) -> None:
-            seconds, tokens, valid = raw_loop()
-            rows.append((name, seconds, tokens, valid, len(prompts), ""))
+            seconds = time.perf_counter() - started
+            rows.append((name, seconds, *(sum(column) for column in zip(*answers)), len(prompts), ""))
             print(f"{name}: {seconds:.1f} s", flush=True)
 
         def run_label(name: str, cache: str) -> None:
@@ -107,7 +105,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             valid = sum(e.error is None for e in explanations)
             s = c.stats
-            rows.append((name, seconds, s.completion_tokens, valid, s.requests,
+            rows.append((name, seconds, s.prompt_tokens, s.completion_tokens, valid, s.requests,
                          f"{s.truncated} cut short, {s.repairs} re-asked" if s.requests else "all from cache"))
             print(f"{name}: {seconds:.1f} s  {s}", flush=True)
             c.close()
@@ -120,19 +118,21 @@ def main() -> None:
         peak_rss = peak_memory_mib(server.process.pid)
 
     raw_rate = 2 * len(records) / (rows[0][1] + rows[2][1])
-    print(f"\n{'run':<24}{'seconds':>8}{'gen tok/s':>10}{'features/s':>11}{'vs raw':>7}{'valid':>7}{'requests':>9}  notes")
-    for name, seconds, tokens, valid, requests, note in rows:
+    print(f"\n{'run':<24}{'seconds':>8}{'prompt tok/s':>13}{'gen tok/s':>10}{'features/s':>11}{'vs raw':>7}"
+          f"{'valid':>7}{'requests':>9}  notes")
+    for name, seconds, prompt_tokens, tokens, valid, requests, note in rows:
         rate = len(records) / seconds
         if requests == 0:  # the warm-cache rerun: no server time to compare
-            print(f"{name:<24}{seconds:>8.2f}{'-':>10}{'-':>11}{'-':>7}{valid:>4}/{len(records):<2}{requests:>9}  {note}")
+            print(f"{name:<24}{seconds:>8.2f}{'-':>13}{'-':>10}{'-':>11}{'-':>7}{valid:>4}/{len(records):<2}"
+                  f"{requests:>9}  {note}")
         else:
-            print(f"{name:<24}{seconds:>8.1f}{tokens / seconds:>10.1f}{rate:>11.3f}{rate / raw_rate:>6.2f}x"
-                  f"{valid:>4}/{len(records):<2}{requests:>9}  {note}")
+            print(f"{name:<24}{seconds:>8.1f}{prompt_tokens / seconds:>13.1f}{tokens / seconds:>10.1f}{rate:>11.3f}"
+                  f"{rate / raw_rate:>6.2f}x{valid:>4}/{len(records):<2}{requests:>9}  {note}")
     spread = abs(rows[0][1] - rows[2][1]) / max(rows[0][1], rows[2][1])
     print(f"raw loops differ by {spread:.0%} (noise of the shared CPU); valid = parsed, matched the schema and "
           f"was not cut short by max_tokens ({settings.max_tokens})")
     print(f"server peak memory (VmHWM): {peak_rss:.0f} MiB")
-    rerun = rows[-1][4]
+    rerun = rows[-1][5]
     print(f"second run requests: {rerun} ({'OK' if rerun == 0 else 'FAIL'})")
 
 

@@ -50,22 +50,24 @@ def start_old(python: str, threads: int, n_ctx: int, log: Path) -> Server:
 
 
 def one_pass(base_url: str, prompts: list[str], response_format: dict, concurrency: int,
-             max_tokens: int) -> tuple[float, int, int]:
-    """(seconds, generated tokens, valid complete answers) for all prompts, `concurrency` in flight."""
+             max_tokens: int) -> tuple[float, int, int, int]:
+    """(seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
+    `concurrency` in flight."""
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=900, max_retries=0)
 
-    def ask(prompt: str) -> tuple[int, bool]:
+    def ask(prompt: str) -> tuple[int, int, bool]:
         response = client.chat.completions.create(
             model=DEFAULT_MODEL_ALIAS, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
             temperature=0.0, seed=0, response_format=response_format)
         choice = response.choices[0]
         answer = ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason)
-        return response.usage.completion_tokens, check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+        valid = check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+        return response.usage.prompt_tokens, response.usage.completion_tokens, valid
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         answers = list(pool.map(ask, prompts))
-    return time.perf_counter() - started, sum(t for t, _ in answers), sum(ok for _, ok in answers)
+    return (time.perf_counter() - started, *(sum(column) for column in zip(*answers)))
 
 
 def main() -> None:
@@ -99,17 +101,19 @@ def main() -> None:
             for url, form in ((old.base_url, object_form), (new.base_url, schema_form)):  # warm both up
                 one_pass(url, prompts[:1], form, 1, 8)
             ratios = []
-            print(f"{'round':<6}{'server':<20}{'seconds':>8}{'features/s':>11}{'gen tok/s':>10}{'valid':>7}")
+            print(f"{'round':<6}{'server':<20}{'seconds':>8}{'features/s':>11}{'prompt tok/s':>13}{'gen tok/s':>10}"
+                  f"{'valid':>7}")
             for r in range(args.rounds):
                 order = [("llama-cpp-python", old.base_url, object_form), ("xllamacpp", new.base_url, schema_form)]
                 if r % 2:  # alternate who goes first
                     order.reverse()
                 rates = {}
                 for name, url, form in order:
-                    seconds, tokens, valid = one_pass(url, prompts, form, args.concurrency, settings.max_tokens)
+                    seconds, prompt_tokens, tokens, valid = one_pass(url, prompts, form, args.concurrency,
+                                                                     settings.max_tokens)
                     rates[name] = len(prompts) / seconds
-                    print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{tokens / seconds:>10.1f}"
-                          f"{valid:>4}/{len(prompts)}", flush=True)
+                    print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{prompt_tokens / seconds:>13.1f}"
+                          f"{tokens / seconds:>10.1f}{valid:>4}/{len(prompts)}", flush=True)
                 ratios.append(rates["xllamacpp"] / rates["llama-cpp-python"])
             print(f"explained features/s, xllamacpp / llama-cpp-python per round: "
                   f"{', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x (target >= 1.3x)")
