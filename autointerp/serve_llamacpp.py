@@ -12,6 +12,7 @@ cpuparams.poll=0, cache_prompt=false); the server's own log goes to stderr.
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import signal
 import sys
@@ -32,7 +33,14 @@ def set_param(params: Any, assignment: str) -> None:
     current = getattr(target, field)
     if isinstance(current, bool):
         value: Any = text.lower() in ("1", "true", "yes", "on")
-    elif isinstance(current, int) and not hasattr(current, "name"):  # enums keep their own type
+    elif isinstance(current, enum.Enum):  # by member name or number, e.g. flash_attn_type=0
+        kind = type(current)
+        try:
+            value = kind(int(text)) if text.lstrip("-").isdigit() else kind[text.upper()]
+        except (KeyError, ValueError):
+            raise ValueError(f"{name!r} takes one of {', '.join(m.name for m in kind)} (or its number), "
+                             f"got {text!r}") from None
+    elif isinstance(current, int):
         value = int(text)
     elif isinstance(current, float):
         value = float(text)

@@ -17,6 +17,7 @@ round, and the new/old ratio of each round.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -49,9 +50,15 @@ def start_old(python: str, threads: int, n_ctx: int, log: Path) -> Server:
     return server
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one_pass(base_url: str, prompts: list[str], response_format: dict, concurrency: int,
              max_tokens: int) -> tuple[float, int, int, int]:
-    """(seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
+    """(wall seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
     `concurrency` in flight."""
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=900, max_retries=0)
 
@@ -100,23 +107,31 @@ def main() -> None:
                   flush=True)
             for url, form in ((old.base_url, object_form), (new.base_url, schema_form)):  # warm both up
                 one_pass(url, prompts[:1], form, 1, 8)
-            ratios = []
+            ratios, cpu_ratios = [], []
             print(f"{'round':<6}{'server':<20}{'seconds':>8}{'features/s':>11}{'prompt tok/s':>13}{'gen tok/s':>10}"
-                  f"{'valid':>7}")
+                  f"{'valid':>7}{'server CPU s':>13}{'features/CPU s':>15}")
             for r in range(args.rounds):
                 order = [("llama-cpp-python", old.base_url, object_form), ("xllamacpp", new.base_url, schema_form)]
                 if r % 2:  # alternate who goes first
                     order.reverse()
-                rates = {}
+                rates, cpu_rates = {}, {}
                 for name, url, form in order:
+                    pid = (old if name == "llama-cpp-python" else new).process.pid
+                    cpu_before = cpu_seconds(pid)
                     seconds, prompt_tokens, tokens, valid = one_pass(url, prompts, form, args.concurrency,
                                                                      settings.max_tokens)
-                    rates[name] = len(prompts) / seconds
+                    cpu = cpu_seconds(pid) - cpu_before
+                    rates[name], cpu_rates[name] = len(prompts) / seconds, len(prompts) / cpu
                     print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{prompt_tokens / seconds:>13.1f}"
-                          f"{tokens / seconds:>10.1f}{valid:>4}/{len(prompts)}", flush=True)
+                          f"{tokens / seconds:>10.1f}{valid:>4}/{len(prompts)}{cpu:>13.1f}{cpu_rates[name]:>15.3f}",
+                          flush=True)
                 ratios.append(rates["xllamacpp"] / rates["llama-cpp-python"])
+                cpu_ratios.append(cpu_rates["xllamacpp"] / cpu_rates["llama-cpp-python"])
             print(f"explained features/s, xllamacpp / llama-cpp-python per round: "
                   f"{', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x (target >= 1.3x)")
+            print(f"explained features per server CPU second, same ratio: "
+                  f"{', '.join(f'{x:.2f}x' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.2f}x "
+                  "(less sensitive to other jobs on the machine)")
         finally:
             old.stop()
 

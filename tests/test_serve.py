@@ -84,6 +84,12 @@ def test_server_params_are_set_by_name():
         set_param(params, assignment)
     assert params.n_batch == 256 and params.cache_prompt is False and params.sampling.top_k == 5
     assert params.cpuparams.poll == 0 and abs(params.slot_prompt_similarity - 0.5) < 1e-6
+    set_param(params, "flash_attn_type=LLAMA_FLASH_ATTN_TYPE_DISABLED")
+    assert params.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    set_param(params, "flash_attn_type=1")
+    assert params.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    with pytest.raises(ValueError, match="takes one of LLAMA_FLASH_ATTN_TYPE_AUTO"):
+        set_param(params, "flash_attn_type=fast")
     with pytest.raises(ValueError, match="no field 'n_bogus'"):
         set_param(params, "n_bogus=1")
     with pytest.raises(ValueError, match="not NAME=VALUE"):
