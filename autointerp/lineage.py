@@ -81,13 +81,17 @@ class Moments:
         return (self.fired > 0) & (self.std > 0)
 
 
-def moments(codes: Codes) -> Moments:
-    idx = codes.indices.reshape(-1).long()
-    vals = codes.values.reshape(-1).double()
+def moments(codes: Codes, tokens_per_chunk: int = 1 << 16) -> Moments:
     n = max(codes.n_tokens, 1)
-    total = torch.zeros(codes.n_latents, dtype=torch.float64).index_add_(0, idx, vals)
-    squares = torch.zeros(codes.n_latents, dtype=torch.float64).index_add_(0, idx, vals * vals)
-    fired = torch.bincount(idx[vals > 0], minlength=codes.n_latents)
+    total = torch.zeros(codes.n_latents, dtype=torch.float64)
+    squares = torch.zeros(codes.n_latents, dtype=torch.float64)
+    fired = torch.zeros(codes.n_latents, dtype=torch.long)
+    for t in range(0, codes.n_tokens, tokens_per_chunk):  # chunks: no T x k float64 temporaries
+        idx = codes.indices[t:t + tokens_per_chunk].reshape(-1).long()
+        vals = codes.values[t:t + tokens_per_chunk].reshape(-1).double()
+        total.index_add_(0, idx, vals)
+        squares.index_add_(0, idx, vals * vals)
+        fired += torch.bincount(idx[vals > 0], minlength=codes.n_latents)
     mean = total / n
     var = (squares / n - mean * mean).clamp_min(0.0)
     std = torch.where(fired > 0, var.sqrt(), torch.zeros_like(var))
@@ -111,8 +115,8 @@ def _by_latent(codes: Codes) -> _ByLatent:
     # zero entries (fewer than k positive latents) sort last, under the sentinel latent n
     lat = torch.where(vals > 0, codes.indices.reshape(-1), torch.tensor(codes.n_latents, dtype=torch.int32))
     lat, order = torch.sort(lat)
-    token = torch.div(order, k, rounding_mode="floor").to(torch.int32)
     value = vals[order]
+    token = order.div_(k, rounding_mode="floor").to(torch.int32)  # in place: no second int64 copy
     del order
     start = torch.zeros(codes.n_latents + 2, dtype=torch.long)
     start[1:] = torch.bincount(lat.long(), minlength=codes.n_latents + 1).cumsum(0)
@@ -132,7 +136,7 @@ class Match:
 
 
 def match(a: Codes, b: Codes, b_order: torch.Tensor | None = None, group_bytes: int = 16 << 20,
-          on_group: Callable[[int, int], None] | None = None, entries_per_chunk: int = 1 << 17,
+          on_group: Callable[[int, int], None] | None = None, entries_per_chunk: int = 1 << 14,
           a_moments: Moments | None = None, b_moments: Moments | None = None,
           a_sorted: _ByLatent | None = None) -> Match:
     """The best two parents in A of every latent of B, by the Pearson correlation of their
@@ -151,12 +155,22 @@ def match(a: Codes, b: Codes, b_order: torch.Tensor | None = None, group_bytes: 
     sorted_a = a_sorted or _by_latent(a)
     n, n_a, n_b = max(a.n_tokens, 1), a.n_latents, b.n_latents
     b_idx, b_val = b.indices, b.values
-    rows = max(1, min(n_a, group_bytes // (8 * n_b)))
-    sd_a = torch.where(ma.live, ma.std, torch.ones_like(ma.std))
-    sd_b = torch.where(mb.live, mb.std, torch.full_like(mb.std, math.inf))  # dead columns: corr 0
+    rows = max(1, min(n_a, group_bytes // (8 * n_b), (2**31 - 1) // n_b))  # int32 flat indices
+    # corr_ij = (C_ij / n - mean_i mean_j) / (sd_i sd_j) = (C_ij u_i - z_i mean_j) / sd_j, with
+    # u = 1 / (n sd_A), z = mean_A / sd_A. Per column j the ranking over i needs only the bracket
+    # (two in-place passes over a block); / sd_j is applied to the two winners. Dead rows of A get
+    # u = 0 and a huge z, so they lose to every live row (they are removed at the end).
+    u = torch.where(ma.live, 1.0 / (n * ma.std.clamp_min(1e-300)), torch.zeros_like(ma.std))
+    z = torch.where(ma.live, ma.mean / ma.std.clamp_min(1e-300), torch.full_like(ma.std, 1e150))
     top_v = torch.full((2, n_b), -math.inf, dtype=torch.float64)
     top_i = torch.full((2, n_b), -1, dtype=torch.long)
     block = torch.empty(rows * n_b, dtype=torch.float64)
+    columns = torch.arange(n_b)
+    # reused buffers: fresh multi-MB temporaries per chunk cost more in page faults than the work
+    k_b = b_idx.shape[1]
+    buf_idx = torch.empty(entries_per_chunk, k_b, dtype=b_idx.dtype)
+    buf_val = torch.empty(entries_per_chunk, k_b, dtype=b_val.dtype)
+    buf_prod = torch.empty(entries_per_chunk, k_b, dtype=torch.float64)
     groups = range(0, n_a, rows)
     for g, i0 in enumerate(groups):
         i1 = min(n_a, i0 + rows)
@@ -164,28 +178,37 @@ def match(a: Codes, b: Codes, b_order: torch.Tensor | None = None, group_bytes: 
         lo, hi = int(sorted_a.start[i0]), int(sorted_a.start[i1])
         for s in range(lo, hi, entries_per_chunk):
             e = slice(s, min(hi, s + entries_per_chunk))
+            m = e.stop - e.start
             tok = sorted_a.token[e].long()
             if b_order is not None:
                 tok = b_order[tok]
-            flat = ((sorted_a.latent[e].long() - i0) * n_b)[:, None] + b_idx[tok].long()
-            prod = sorted_a.value[e].double()[:, None] * b_val[tok].double()
+            flat, val, prod = buf_idx[:m], buf_val[:m], buf_prod[:m]
+            torch.index_select(b_idx, 0, tok, out=flat)
+            torch.index_select(b_val, 0, tok, out=val)
+            flat.add_(((sorted_a.latent[e] - i0) * n_b).to(flat.dtype)[:, None])
+            prod.copy_(val).mul_(sorted_a.value[e].double()[:, None])  # exact: f32 x f32 fits in f64
             block.index_add_(0, flat.view(-1), prod.view(-1))
-        corr = block[: (i1 - i0) * n_b].view(i1 - i0, n_b)
-        # corr_ij = (C_ij / n - mean_i mean_j) / (sd_i sd_j), in place
-        corr.div_(n).addr_(ma.mean[i0:i1], mb.mean, alpha=-1)
-        corr.div_(sd_a[i0:i1, None]).div_(sd_b[None, :])
-        corr[~ma.live[i0:i1]] = -math.inf
-        k = min(2, i1 - i0)
-        v, i = corr.topk(k, dim=0)
-        v, i = torch.cat([top_v, v]), torch.cat([top_i, i + i0])
+        x = block[: (i1 - i0) * n_b].view(i1 - i0, n_b)
+        x.mul_(u[i0:i1, None]).addr_(z[i0:i1], mb.mean, alpha=-1)
+        # top two per column: max, knock it out, max again (cheaper than topk along dim 0)
+        v1, r1 = x.max(dim=0)
+        if i1 - i0 > 1:
+            x[r1, columns] = -math.inf
+            v2, r2 = x.max(dim=0)
+        else:
+            v2, r2 = torch.full_like(v1, -math.inf), torch.zeros_like(r1)
+        v = torch.stack([top_v[0], top_v[1], v1, v2])
+        i = torch.stack([top_i[0], top_i[1], r1 + i0, r2 + i0])
         keep = v.topk(2, dim=0).indices
         top_v, top_i = v.gather(0, keep), i.gather(0, keep)
         if on_group:
             on_group(g + 1, len(groups))
-    no_parent = ~torch.isfinite(top_v[0])
-    top_i[0][no_parent] = -1
-    top_i[1][~torch.isfinite(top_v[1])] = -1
-    return Match(top_i[0], top_v[0], top_i[1], top_v[1], ma, mb)
+    sd_b = torch.where(mb.live, mb.std, torch.full_like(mb.std, math.inf))  # dead columns: corr 0
+    corr = top_v / sd_b[None, :]
+    valid = (top_i >= 0) & ma.live[top_i.clamp_min(0)]
+    corr = torch.where(valid, corr, torch.full_like(corr, -math.inf))
+    top_i = torch.where(valid, top_i, torch.full_like(top_i, -1))
+    return Match(top_i[0], corr[0], top_i[1], corr[1], ma, mb)
 
 
 def dense_correlation(a: Codes, b: Codes) -> torch.Tensor:
