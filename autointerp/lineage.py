@@ -540,18 +540,34 @@ class LatentClass:
     top_tokens: list[str] = field(default_factory=list)
 
 
+CLASSES_CACHE = "lineage.classes.json"
+
+
 def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
     """Every latent's granularity at `step`: its label where labelled, else the statistical
-    decision over its record (granularity.decide with no LLM input), so counts cover all latents."""
+    decision over its record (granularity.decide with no LLM input), so counts cover all latents.
+
+    Cached in step-N/lineage.classes.json, keyed on the sizes and times of records.jsonl and
+    labels.jsonl (reading 2,048 records and deciding takes ~15 s on the demo)."""
     from autointerp import granularity
 
     folder = runlib.step_dir(run, step)
+    sources = [folder / "records.jsonl", folder / "labels.jsonl"]
+    key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p.exists()]
+    cache = folder / CLASSES_CACHE
+    if cache.exists():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return {int(f): LatentClass(**c) for f, c in saved["classes"].items()}
+        except (ValueError, TypeError, KeyError):
+            pass  # a torn or old cache: recompute
     labels: dict[int, Label] = {}
-    if (folder / "labels.jsonl").exists():
-        labels = {l.feature: l for l in iter_jsonl(folder / "labels.jsonl", Label.from_dict, on_error="skip")}
+    if sources[1].exists():
+        labels = {l.feature: l for l in iter_jsonl(sources[1], Label.from_dict, on_error="skip")}
     out: dict[int, LatentClass] = {}
-    if (folder / "records.jsonl").exists():
-        for record in iter_jsonl(folder / "records.jsonl", FeatureRecord.from_dict, on_error="skip"):
+    if sources[0].exists():
+        for record in iter_jsonl(sources[0], FeatureRecord.from_dict, on_error="skip"):
             label = labels.get(record.feature)
             if label is not None and label.granularity:
                 tokens = [t for t, _ in (label.evidence or {}).get("top_tokens", [])][:3]
@@ -562,6 +578,14 @@ def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
     for feature, label in labels.items():
         if feature not in out and label.granularity:
             out[feature] = LatentClass(label.granularity, "label", [])
+    if key:
+        try:
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "classes": {f: c.__dict__ for f, c in out.items()}},
+                                      ensure_ascii=False))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only run: no cache, same answer
     return out
 
 
@@ -591,8 +615,16 @@ class LineageReport:
     figure_png: str | None                                  # base64 PNG
     cards: dict[tuple[int, int], dict[str, Any]]            # (step, feature) -> {"parent", "children"}
 
+    next_step: dict[int, int] = field(default_factory=dict)  # A -> B for every pair
+
     def card(self, step: int, feature: int) -> dict[str, Any] | None:
-        return self.cards.get((step, feature))
+        """A feature card's lineage: parent (or new) at the previous step, children at the next."""
+        found = self.cards.get((step, feature), {})
+        nxt = self.next_step.get(step)
+        if not found and nxt is None:
+            return None
+        return {"parent": None, "new": None, "parent_step": None, "correlation": None, "threshold": None,
+                "children": [], "n_children": 0, **found, "children_step": nxt}
 
 
 def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> LineageReport | None:
@@ -615,11 +647,12 @@ def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> Linea
         matrix = transition_matrix(rows, {f: c.granularity for f, c in ca.items()},
                                    {f: c.granularity for f, c in cb.items()})
         n_children = Counter(r.parent_feature for r in rows if not r.new)
-        sources = Counter(c.source for f, c in cb.items())
+        sources = Counter(cb[r.feature].source if r.feature in cb else "none" for r in rows)
         continued = [r.correlation for r in rows if not r.new]
         pairs.append({
             "parent_step": parent_step, "step": step, "meta": meta, "matrix": matrix,
             "rows_order": _order(matrix), "cols_order": _order(k for row in matrix.values() for k in row),
+            "col_totals": dict(sum((Counter(row) for row in matrix.values()), Counter())),
             "live": len(rows), "new": sum(r.new for r in rows), "continued": len(continued),
             "median_corr": float(torch.tensor(continued).median()) if continued else None,
             "parents_with_children": len(n_children), "splits": sum(1 for v in n_children.values() if v > 1),
@@ -635,14 +668,12 @@ def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> Linea
                 link = {"step": parent_step, "feature": r.parent_feature, "correlation": r.correlation,
                         "margin": r.margin, "granularity": pc.granularity if pc else None,
                         "tokens": pc.top_tokens if pc else []}
-            cards.setdefault((step, r.feature), {"parent": None, "children": [], "children_step": None})
-            cards[(step, r.feature)].update({"parent": link, "new": r.new, "correlation": r.correlation,
+            cards.setdefault((step, r.feature), {}).update({"parent": link, "new": r.new, "correlation": r.correlation,
                                              "threshold": r.threshold, "parent_step": parent_step,
                                              "candidate": r.candidate_feature})
         for parent, kids in children.items():
-            card = cards.setdefault((parent_step, parent), {"parent": None, "children": [], "new": None})
+            card = cards.setdefault((parent_step, parent), {})
             kids = sorted(kids, key=lambda r: -r.correlation)
-            card["children_step"] = step
             card["n_children"] = len(kids)
             card["children"] = [{"step": step, "feature": r.feature, "correlation": r.correlation,
                                  "granularity": cb[r.feature].granularity if r.feature in cb else None,
@@ -650,7 +681,7 @@ def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> Linea
                                 for r in kids[:max_children]]
     if not pairs:
         return None
-    return LineageReport(pairs, flow_figure(pairs), cards)
+    return LineageReport(pairs, flow_figure(pairs), cards, {p["parent_step"]: p["step"] for p in pairs})
 
 
 _FLOW_COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": "#edc948",
@@ -709,8 +740,14 @@ def flow_figure(pairs: list[dict[str, Any]], path: str | Path | None = None) -> 
                     continue
                 ax.add_patch(Rectangle((x, pos[name]), w, size[name], facecolor=_FLOW_COLORS.get(name, "#999"),
                                        edgecolor="white"))
-                label = f"{name} {size[name]}"
-                ax.text(-0.02 if x == 0 else 1.02, pos[name] + size[name] / 2, label, va="center",
+            # labels at their segment's middle, pushed apart where small segments would overlap
+            label_y, min_sep = [], 0.045 * (total + gap * len(names))
+            for name in names:
+                if size[name]:
+                    y = pos[name] + size[name] / 2
+                    label_y.append([name, max(y, label_y[-1][1] + min_sep) if label_y else y])
+            for name, y in label_y:
+                ax.text(-0.02 if x == 0 else 1.02, y, f"{name} {size[name]}", va="center",
                         ha="right" if x == 0 else "left", fontsize=8)
         height = total + gap * max(len(left_names), len(right_names))
         ax.set_xlim(-0.55, 1.55)

@@ -143,3 +143,64 @@ def test_rows_round_trip_through_jsonl(tmp_path):
     back = lineage.read_rows(tmp_path, 2)
     assert back == rows
     assert json.loads((tmp_path / "step-2" / "lineage.jsonl").read_text().splitlines()[1])["parent_feature"] is None
+
+
+# --------------------------------------------------------------------------- end to end on a tiny run
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two checkpoints of one tiny Llama; step 20's SAE is step 10's with its latents permuted, so
+    the lineage the CLI finds must be exactly that permutation."""
+    import shutil
+
+    from test_sae_cli import _corpus, _tiny_llama
+
+    from autointerp.sae import SAEConfig, TopKSAE, save_sae
+
+    root = tmp_path_factory.mktemp("lineage")
+    corpus = _corpus(root / "corpus.txt", n=60)
+    run = root / "run"
+    _tiny_llama(run / "lm" / "step-10", corpus)
+    shutil.copytree(run / "lm" / "step-10", run / "lm" / "step-20")
+    sae = TopKSAE(SAEConfig(d_model=16, d_sae=48, k=4, model="unused", layer=0, checkpoint_step=10), seed=0)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.1, 0.1)
+    save_sae(sae, run / "step-10" / "sae")
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(3))  # old latent i -> new latent perm[i]
+    moved = TopKSAE(SAEConfig(d_model=16, d_sae=48, k=4, model="unused", layer=0, checkpoint_step=20), seed=None)
+    inverse = torch.argsort(perm)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(moved, name).copy_(getattr(sae, name)[inverse])
+        moved.b_dec.copy_(sae.b_dec)
+    save_sae(moved, run / "step-20" / "sae")
+    collected = CliRunner().invoke(app, ["collect", "--run", str(run), "--corpus", str(corpus), "--top-k", "5"])
+    assert collected.exit_code == 0, collected.output  # records: the report's cards and classes
+    return run, corpus, perm
+
+
+def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, one_thread):
+    from autointerp.report import build_report
+
+    run, corpus, perm = tiny_run
+    result = CliRunner().invoke(app, ["lineage", str(run), "--corpus", str(corpus), "--sample", "all"])
+    assert result.exit_code == 0, result.output
+    rows = lineage.read_rows(run, 20)
+    meta = lineage.read_meta(run, 20)
+    assert rows and meta["live_b"] == len(rows) and meta["tokens"] > 500
+    assert all(not r.new and r.parent_step == 10 and r.parent_feature == int(torch.argsort(perm)[r.feature])
+               and r.correlation == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert "10 -> 20" in result.output
+    # a second run with the same settings is skipped; --force redoes it
+    stamp = (run / "step-20" / "lineage.jsonl").stat().st_mtime_ns
+    assert CliRunner().invoke(app, ["lineage", str(run), "--corpus", str(corpus), "--sample", "all"]).exit_code == 0
+    assert (run / "step-20" / "lineage.jsonl").stat().st_mtime_ns == stamp
+
+    index = build_report(run)
+    html = index.read_text()
+    assert 'id="lineage"' in html and f"<b>{len(rows)}</b>" in html  # the matrix total is every live latent
+    page20 = (index.parent / "step-20.html").read_text()
+    row = rows[0]
+    assert f'href="step-10.html#f{row.parent_feature}"' in page20
+    page10 = (index.parent / "step-10.html").read_text()
+    assert f'href="step-20.html#f{row.feature}"' in page10 and f'id="f{row.parent_feature}"' in page10
