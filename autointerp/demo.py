@@ -3,8 +3,9 @@
 A tiny bilingual Llama trained from scratch on the parallel English/Japanese Debian
 Reference, with checkpoints at log-spaced steps -> a TopK SAE per checkpoint -> feature
 records -> feature lineage between consecutive checkpoints -> labels from the embedded
-llama.cpp server (SmolLM2-135M-Instruct) with simulator scores -> HTML reports. Each stage is the same CLI command a user would run, so a stopped
-demo resumes where it stopped when run again.
+llama.cpp server (SmolLM2-135M-Instruct) with simulator scores -> HTML reports. Each stage
+is the same CLI command a user would run, so a stopped demo resumes where it stopped when
+run again.
 """
 
 from __future__ import annotations
