@@ -501,7 +501,7 @@ def cli(
     seed: int = typer.Option(0, "--seed", help="Seed of the token shuffle (the null)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (for the LM and SAE; matching runs on CPU)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     memory_mb: int = typer.Option(16, "--block-mb", help="Size of one block of the correlation matrix (MB); the whole matrix is never held."),
     force: bool = typer.Option(False, "--force", help="Redo pairs whose lineage.jsonl exists with the same settings."),
 ) -> None:

@@ -1,6 +1,6 @@
 """Bench: feature lineage between two checkpoints of 32,768 latents over 1M shared tokens.
 
-    .venv/bin/python evals/bench_lineage.py [--tokens 1000000] [--latents 32768] [--k 32] [--threads N]
+    .venv/bin/python evals/bench_lineage.py [--tokens 1000000] [--latents 32768] [--k 32] [--threads 1]
 
 Synthetic TopK codes (the LM and SAE are not what is measured): checkpoint A has k distinct
 latents per token with Zipf-skewed frequencies; checkpoint B renames A's latents by a random
@@ -83,7 +83,9 @@ def main() -> None:
     p.add_argument("--latents", type=int, default=32768)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--block-mb", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # 1 by default: the work is many small scatter/gather ops, and a torch thread pool on a shared
+    # machine waits for busy cores at each one (here: 65 s at 1 thread, 324 s at 2, load ~7 on 2 cores)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice)")
     p.add_argument("--target-mb", type=float, default=2048, help="memory target for the whole process")
     args = p.parse_args()
     if args.threads:
