@@ -517,8 +517,8 @@ def cli(
     for m in metas:
         print(f"step {m['parent_step']} -> {m['checkpoint_step']}: {m['continued']} continued, {m['new']} new "
               f"of {m['live_b']} live ({m['tokens']:,} tokens); median best correlation "
-              f"{m['real_best_corr_quantiles'].get('median', math.nan):.3f} vs null "
-              f"{m['null']['best_corr_quantiles'].get('median', math.nan):.3f}")
+              f"{m['real_best_corr_quantiles'].get('median', math.nan):.3f} "
+              f"(shuffled-token null: {m['null']['best_corr_quantiles'].get('median', math.nan):.3f})")
 
 
 # --------------------------------------------------------------------------- reading results
@@ -741,7 +741,7 @@ def flow_figure(pairs: list[dict[str, Any]], path: str | Path | None = None) -> 
                 ax.add_patch(Rectangle((x, pos[name]), w, size[name], facecolor=_FLOW_COLORS.get(name, "#999"),
                                        edgecolor="white"))
             # labels at their segment's middle, pushed apart where small segments would overlap
-            label_y, min_sep = [], 0.045 * (total + gap * len(names))
+            label_y, min_sep = [], 0.055 * (total + gap * len(names))
             for name in names:
                 if size[name]:
                     y = pos[name] + size[name] / 2
