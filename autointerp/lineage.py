@@ -541,6 +541,13 @@ class LatentClass:
 
 
 CLASSES_CACHE = "lineage.classes.json"
+CLASSES_CACHE_VERSION = 2
+
+
+def _shown(token: str) -> str:
+    """A max token as the card shows it: newlines as ↵, a blank token as ␣."""
+    token = token.replace("\n", "↵")
+    return token if token.strip() else "␣" * max(len(token), 1)
 
 
 def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
@@ -553,7 +560,7 @@ def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
 
     folder = runlib.step_dir(run, step)
     sources = [folder / "records.jsonl", folder / "labels.jsonl"]
-    key = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p.exists()]
+    key = [CLASSES_CACHE_VERSION] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p.exists()]
     cache = folder / CLASSES_CACHE
     if cache.exists():
         try:
@@ -570,15 +577,15 @@ def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
         for record in iter_jsonl(sources[0], FeatureRecord.from_dict, on_error="skip"):
             label = labels.get(record.feature)
             if label is not None and label.granularity:
-                tokens = [t for t, _ in (label.evidence or {}).get("top_tokens", [])][:3]
+                tokens = [_shown(t) for t, _ in (label.evidence or {}).get("top_tokens", [])][:3]
                 out[record.feature] = LatentClass(label.granularity, "label", tokens)
                 continue
             cls, _, evidence = granularity.decide(record)
-            out[record.feature] = LatentClass(cls, "stats", [t for t, _ in evidence.get("top_tokens", [])][:3])
+            out[record.feature] = LatentClass(cls, "stats", [_shown(t) for t, _ in evidence.get("top_tokens", [])][:3])
     for feature, label in labels.items():
         if feature not in out and label.granularity:
             out[feature] = LatentClass(label.granularity, "label", [])
-    if key:
+    if len(key) > 1:
         try:
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps({"key": key, "classes": {f: c.__dict__ for f, c in out.items()}},

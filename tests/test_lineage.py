@@ -204,3 +204,25 @@ def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, o
     assert f'href="step-10.html#f{row.parent_feature}"' in page20
     page10 = (index.parent / "step-10.html").read_text()
     assert f'href="step-20.html#f{row.feature}"' in page10 and f'id="f{row.parent_feature}"' in page10
+
+
+def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(tiny_run):
+    from autointerp.schema import Label, read_records
+
+    run = tiny_run[0]
+    records = read_records(run / "step-10" / "records.jsonl")
+    first = lineage.latent_classes(run, 10)
+    assert len(first) == len(records) and {c.source for c in first.values()} == {"stats"}
+    assert (run / "step-10" / lineage.CLASSES_CACHE).exists()
+    feature = records[0].feature
+    other = "concept-synonym" if first[feature].granularity != "concept-synonym" else "token"
+    labels = run / "step-10" / "labels.jsonl"
+    lineage.write_jsonl(labels, [Label(checkpoint_step=10, feature=feature, description="", granularity=other,
+                                       cross_lingual=False, language="en", language_profile={}, scores={},
+                                       confidence=1.0, explainer={})])
+    try:
+        again = lineage.latent_classes(run, 10)  # the cache is keyed on labels.jsonl too
+        assert again[feature].granularity == other and again[feature].source == "label"
+        assert sum(c.source == "stats" for c in again.values()) == len(records) - 1
+    finally:
+        labels.unlink()
