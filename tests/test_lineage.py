@@ -226,3 +226,20 @@ def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(t
         assert sum(c.source == "stats" for c in again.values()) == len(records) - 1
     finally:
         labels.unlink()
+
+
+def test_checkpoints_without_a_local_lm_use_the_model_and_revision_in_the_sae_config(tmp_path):
+    # a run over Hugging Face revisions: no RUN/lm/step-N, the SAE config names the hub model
+    for step in (1000, 2000):
+        folder = tmp_path / f"step-{step}" / "sae"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "revision": f"step{step}",
+                                                        "layer": 3, "d_model": 512, "d_sae": 8192, "k": 32}))
+    found = lineage.find_checkpoints(tmp_path)
+    assert [(c.step, c.model, c.revision, c.layer) for c in found] == [
+        (1000, "EleutherAI/pythia-70m", "step1000", 3), (2000, "EleutherAI/pythia-70m", "step2000", 3)]
+    (tmp_path / "lm" / "step-1000").mkdir(parents=True)  # a local checkpoint wins, as in collect
+    assert lineage.find_checkpoints(tmp_path)[0].model == str(tmp_path / "lm" / "step-1000")
+    (tmp_path / "step-2000" / "sae" / "config.json").write_text(json.dumps({"layer": 3}))
+    with pytest.raises(lineage.UserError, match="no LM for step 2000"):
+        lineage.find_checkpoints(tmp_path)
