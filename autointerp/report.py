@@ -361,6 +361,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     step_template = env.get_template("step.html")
 
     summaries, all_model = [], {}
+    lineage_view = _lineage_view(run, steps)
     for i, step in enumerate(steps):
         data = read_step(run, step)
         summary = step_summary(data, human_labels)
@@ -373,6 +374,8 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         keys = labelled + unlabelled
         shown = keys[:max_features] if max_features else (labelled or unlabelled)
         features = [feature_view(k, data, human_labels, contexts_per_feature, window) for k in shown]
+        for f in features:  # parent at the previous checkpoint and children at the next (autointerp lineage)
+            f["lineage"] = lineage_view.card(step, f["feature"]) if lineage_view else None
         html = step_template.render(
             run_name=run.resolve().name, step=step, summary=summary, features=features,
             n_hidden=len(keys) - len(shown), classes=list(GRANULARITIES) + ["unlabelled"],
@@ -396,10 +399,18 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         model=_manifest_model(manifest), run_missing=run_missing, comparison=comparison,
         classes=list(GRANULARITIES), languages=list(LANGUAGE_TRENDS), sae_metric_names=list(SAE_METRICS),
         has_human=bool(human_labels), human_source=str(human) if human else None,
+        lineage=lineage_view,
     )
     index_path = out / "index.html"
     index_path.write_text(index, encoding="utf-8")
     return index_path
+
+
+def _lineage_view(run: Path, steps: list[int]):
+    """The lineage section and card links, or None when `autointerp lineage` has not run."""
+    from autointerp import lineage
+
+    return lineage.report_view(run, steps)
 
 
 def _manifest_model(manifest: dict[str, Any]) -> str | None:
