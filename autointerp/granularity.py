@@ -11,8 +11,9 @@ input: the checkpoint step or feature id.
 Evidence comes in groups (EVIDENCE_GROUPS). `core` and `context` need no library; the others
 need the `ja` extra and are simply absent without it (`evidence_sources()` says which are there;
 the decision then falls back to a model fitted without them):
-- gloss_ja_en / gloss_en_ja: JMdict (jamdict-data's SQLite database) links a Japanese and an
-  English max token of the same meaning (犬 ~ dog), looked up in either direction;
+- gloss: JMdict (jamdict-data's SQLite database) links a Japanese and an English max token of
+  the same meaning (犬 ~ dog), looked up in both directions; gloss_same_script links two English
+  (in ~ at) or two Japanese (本名 ~ 通称) max tokens through a shared translation;
 - loanword: a katakana max token's source spelling (UniDic via cutlet: ソフトウェア -> software,
   else Hepburn romaji) links it to an English max token;
 - lemma: Japanese inflected forms (UniDic lemmas via fugashi: される / した -> 為る) count as one.
@@ -54,17 +55,20 @@ EVIDENCE_GROUPS: dict[str, list[str]] = {
         "activating_ratio", "log_density", "has_density",
         "top2_related", "variant_types_ratio", "prev_top_share", "max_position_mean",
     ],
-    "gloss_ja_en": ["gloss_ja_en_share", "gloss_ja_en_top2"],
-    "gloss_en_ja": ["gloss_en_ja_share", "gloss_en_ja_top2"],
-    "loanword": ["loanword_share", "loanword_top2"],
+    # JMdict both ways: Japanese -> English glosses, and English -> Japanese headwords
+    "gloss": ["gloss_ja_en_share", "gloss_ja_en_top2", "gloss_ja_en_any",
+              "gloss_en_ja_share", "gloss_en_ja_top2", "gloss_en_ja_any"],
+    "loanword": ["loanword_share", "loanword_top2", "loanword_any"],
     "lemma": ["lemma_top1_share", "lemma_distinct_ratio"],
+    "gloss_same_script": ["gloss_same_script_share", "gloss_same_script_top2"],
     "context": ["ctx_cohesion", "ctx_top_df", "next_top_share", "cohesion_x_diverse", "top1_x_incoherent"],
 }
 LLM_FEATURES = [*(f"vote_{g}" for g in GRANULARITIES), "vote_missing", "llm_confidence", "llm_cross_lingual"]
 SCORE_FEATURES = ["simulation", "detection", "fuzzing", "scores_missing"]
 STAT_FEATURES = [n for names in EVIDENCE_GROUPS.values() for n in names]
 # Which evidence source (optional library) each group needs.
-GROUP_SOURCES = {"gloss_ja_en": "jmdict", "gloss_en_ja": "jmdict", "loanword": "unidic", "lemma": "unidic"}
+GROUP_SOURCES = {"gloss": "jmdict", "gloss_same_script": "jmdict",
+                 "loanword": "unidic", "lemma": "unidic"}
 LINK_SOURCES = ("gloss_ja_en", "gloss_en_ja", "loanword")  # cross-script links a group is named after
 
 
@@ -139,7 +143,7 @@ def evidence_sources() -> dict[str, dict[str, Any]]:
     and for the model file). A group whose source is absent is left out of the decision."""
     return {
         "jmdict": {"available": _jmdict() is not None, "library": "jamdict-data",
-                   "version": _version("jamdict-data"), "groups": ["gloss_ja_en", "gloss_en_ja"]},
+                   "version": _version("jamdict-data"), "groups": ["gloss", "gloss_same_script"]},
         "unidic": {"available": _unidic() is not None, "library": "fugashi+unidic-lite+cutlet",
                    "version": "/".join(str(_version(d)) for d in ("fugashi", "unidic-lite", "cutlet")),
                    "groups": ["loanword", "lemma"]},
@@ -319,9 +323,23 @@ def _gloss_match(en: str, glosses: frozenset[str]) -> bool:
     return en in glosses or any(en == w.rstrip("s") or en.rstrip("s") == w for w in glosses)
 
 
+_GLOSS_STOPWORDS = frozenset("the and for with from that this one something someone thing etc".split())
+
+
 @lru_cache(maxsize=1 << 16)
 def linked(a: str, b: str, source: str) -> bool:
-    """Are normalised tokens a and b (one English, one Japanese) the same meaning via `source`?"""
+    """Are normalised tokens a and b the same meaning via `source`? The cross-script sources link
+    one English and one Japanese token; gloss_same_script links two English tokens that share a
+    Japanese headword (in ~ at: に) or two Japanese tokens that share an English gloss."""
+    if source == "gloss_same_script":
+        if a == b:
+            return False
+        sa, sb = language.token_script(a), language.token_script(b)
+        if sa == sb == "en" and min(len(lookup_form(a)), len(lookup_form(b))) >= 2:
+            return bool(japanese_headwords(a) & japanese_headwords(b))
+        if sa == sb == "ja":
+            return bool((english_glosses(a) & english_glosses(b)) - _GLOSS_STOPWORDS)
+        return False
     pair = _en_ja(a, b)
     if pair is None:
         return False
@@ -437,10 +455,11 @@ def stat_features(record: FeatureRecord) -> Evidence:
         "max_position_mean": sum(i / max(len(c.tokens) - 1, 1) for i, c in firing) / n,
     }
     # Cross-script links to the top token, one pair of features per dictionary source.
-    for source in LINK_SOURCES:
+    for source in (*LINK_SOURCES, "gloss_same_script"):
         share = sum(counts[t] for t in counts if t != top_token and linked(top_token, t, source)) / n
         f[f"{source}_share"] = share
         f[f"{source}_top2"] = float(bool(second) and linked(top_token, second, source))
+        f[f"{source}_any"] = float(share > 0)  # a link at all (rare, so a share alone weighs little)
     # Lemmas: inflected Japanese forms count as one token.
     lemmas = Counter()
     for t, k in counts.items():
@@ -508,42 +527,48 @@ def _show(raw: str) -> str:
     return f"“{text}”"
 
 
+def _link_text(en: str, ja: str) -> str | None:
+    """'JMdict: また = once more, once again' / 'loanword: ダーク = dark' for a linked pair, else None."""
+    if linked(en, ja, "gloss_ja_en") or linked(en, ja, "gloss_en_ja"):
+        glosses = _jmdict().glosses(lookup_form(ja)) if _jmdict() else []
+        word = lookup_form(en)
+        hit = next((i for i, g in enumerate(glosses) if word in _gloss_words(g)), None)
+        shown = glosses[hit:hit + 2] if hit is not None else [word]
+        return f"JMdict: {lookup_form(ja)} = {', '.join(dict.fromkeys(shown))}"
+    if linked(en, ja, "loanword"):
+        return f"loanword: {lookup_form(ja)} = {source_spelling(ja)}"
+    return None
+
+
 def evidence_summary(record: FeatureRecord, top_n: int = 3) -> str:
     """A deterministic line from the decision's own evidence: the top max tokens with counts,
     the dictionary link between an English and a Japanese max token where there is one, and the
     max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`."""
     n_ctx = len(record.contexts)
-    raws = [language.max_token(c) for c in record.contexts]
-    raws = [t for t in raws if t is not None]
+    raws = [t for t in (language.max_token(c) for c in record.contexts) if t is not None]
     if not raws:
         return f"no activating token in {n_ctx} contexts"
     counts = Counter(token_key(t) for t in raws)
-    shown = {}  # key -> the most common raw spelling of it
+    spelling: dict[str, str] = {}  # key -> its most common raw spelling
     for t, _ in Counter(raws).most_common():
-        shown.setdefault(token_key(t), t)
-    parts = [f"{_show(shown[k])} {c}/{n_ctx}" for k, c in counts.most_common(top_n)]
-    keys = [k for k, _ in counts.most_common(8)]
-    link = ""
-    for a in keys[:top_n]:
-        for b in keys:
-            pair = _en_ja(a, b)
-            if pair is None:
-                continue
-            en, ja = pair
-            if linked(a, b, "gloss_ja_en") or linked(a, b, "gloss_en_ja"):
-                glosses = [g for g in (_jmdict().glosses(lookup_form(ja)) if _jmdict() else [])][:3]
-                link = f"(JMdict: {ja} = {', '.join(dict.fromkeys(glosses)) or en})"
-            elif linked(a, b, "loanword"):
-                link = f"(loanword: {ja} = {source_spelling(ja)})"
-            if link:
-                break
-        if link:
+        spelling.setdefault(token_key(t), t)
+    top = [k for k, _ in counts.most_common(top_n)]
+    parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
+    extra = []
+    for a in top:  # the first English-Japanese pair among the top tokens (and the next few) that links
+        pair = next(((p, b) for b, _ in counts.most_common(8) if (p := _en_ja(a, b)) and _link_text(*p)), None)
+        if pair:
+            (en, ja), b = pair
+            note = f"({_link_text(en, ja)})"
+            if b in parts:
+                later = max(top.index(a), top.index(b))
+                parts[top[later]] += f" {note}"
+            else:
+                extra.append(f"{_show(spelling[b])} {counts[b]}/{n_ctx} {note}")
             break
-    if link:
-        parts[-1] += f" {link}"
     scripts = Counter(token_info(t).script for t in raws)
     langs = "+".join(s for s in ("en", "ja") if scripts.get(s, 0) / len(raws) >= 0.1) or "other"
-    return " · ".join([*parts, langs])
+    return " · ".join([*(parts[k] for k in top), *extra, langs])
 
 
 # ---- the model (JSON, rebuilt with numpy) --------------------------------------------------------
