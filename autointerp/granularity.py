@@ -32,6 +32,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
@@ -417,10 +418,11 @@ def stat_features(record: FeatureRecord) -> Evidence:
     cross_variant = sum(counts[t] for t in variants
                         if language.token_script(t) != language.token_script(top_token))
     second = top[1][0] if len(top) > 1 else ""
-    levels_per_ctx = [c.levels for c in record.contexts]
-    n_levels = sum(len(v) for v in levels_per_ctx)
-    active = [v for lv in levels_per_ctx for v in lv if v > 0]
-    high_per_ctx = sum(v >= 5 for v in active) / n_ctx
+    level_counts = Counter(chain.from_iterable(c.levels for c in record.contexts))  # levels 0..10
+    n_levels = sum(level_counts.values())
+    n_active = n_levels - level_counts.get(0, 0)
+    sum_active = sum(level * k for level, k in level_counts.items() if level > 0)
+    high_per_ctx = sum(k for level, k in level_counts.items() if level >= 5) / n_ctx
     ent = language.entropy(counts)
     f = {
         "top1_share": top_count / n,
@@ -439,8 +441,8 @@ def stat_features(record: FeatureRecord) -> Evidence:
         "katakana_share": classes.get("katakana", 0) / n,
         "kanji_share": classes.get("kanji", 0) / n,
         "char_class_entropy": language.entropy(classes) / math.log2(7),
-        "frac_active": len(active) / n_levels if n_levels else 0.0,
-        "mean_active_level": (sum(active) / len(active) / 10.0) if active else 0.0,
+        "frac_active": n_active / n_levels if n_levels else 0.0,
+        "mean_active_level": (sum_active / n_active / 10.0) if n_active else 0.0,
         "high_tokens_per_context": min(high_per_ctx, 10.0) / 10.0,
         "n_contexts_norm": min(n_ctx, 50) / 50.0,
         "activating_ratio": n / n_ctx,
@@ -470,6 +472,9 @@ def stat_features(record: FeatureRecord) -> Evidence:
     return Evidence(f, top[:10], None)
 
 
+_CONTENT_KEY: dict[str, str] = {}  # raw token -> its key if a content word, else '' (bounded by the vocabulary)
+
+
 def _context_features(firing: list[tuple[int, Any]], top1_share: float, distinct_ratio: float) -> dict[str, float]:
     """Beyond the max token: do the contexts share a topic (content words recurring across
     contexts) while their max tokens differ (concept-semantic), or does one token fire in
@@ -478,13 +483,24 @@ def _context_features(firing: list[tuple[int, Any]], top1_share: float, distinct
     max_keys = Counter(token_info(c.tokens[i]).key for i, c in firing)
     per_ctx: list[set[str]] = []
     for i, c in firing:
-        infos = [token_info(raw) for raw in set(c.tokens)]
-        per_ctx.append({t.key for t in infos if t.content} - {token_info(c.tokens[i]).key})
-    df = Counter(w for words in per_ctx for w in words)
+        distinct = set(c.tokens)
+        try:  # C-speed lookups once every token has been seen
+            words = set(map(_CONTENT_KEY.__getitem__, distinct))
+        except KeyError:
+            for raw in distinct:
+                if raw not in _CONTENT_KEY:
+                    info = token_info(raw)
+                    _CONTENT_KEY[raw] = info.key if info.content else ""
+            words = set(map(_CONTENT_KEY.__getitem__, distinct))
+        words.discard("")
+        words.discard(token_info(c.tokens[i]).key)
+        per_ctx.append(words)
+    df = Counter(chain.from_iterable(per_ctx))
     # how often a context's content words recur in the other contexts (0: unrelated texts)
     cohesion = 0.0
     if n > 1:
-        cohesion = sum(sum(df[w] - 1 for w in words) / len(words) for words in per_ctx if words) / n / (n - 1)
+        cohesion = sum((sum(map(df.__getitem__, words)) - len(words)) / len(words)
+                       for words in per_ctx if words) / n / (n - 1)
     shared = [k for k, _ in df.most_common(3) if k not in max_keys]
     nexts = Counter(token_info(c.tokens[i + 1]).key if i + 1 < len(c.tokens) else "<end>" for i, c in firing)
     return {
