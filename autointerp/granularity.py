@@ -75,6 +75,7 @@ LINK_SOURCES = ("gloss_ja_en", "gloss_en_ja", "loanword")  # cross-script links 
 
 # ---- optional evidence sources -------------------------------------------------------------------
 
+@lru_cache(maxsize=None)
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -386,11 +387,12 @@ def _max_index(values: list) -> int:
     return values.index(max(values))  # the first maximum, as Context.max_index (C speed)
 
 
-def stat_features(record: FeatureRecord) -> Evidence:
+def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) -> Evidence:
     """Features from the record's own contexts only (never its step or feature id).
 
-    All groups are computed (a group whose library is absent comes out as zeros; the decision
-    then uses a model fitted without it)."""
+    `core` and the optional `groups` (default: all) are computed; a group whose library is absent
+    comes out as zeros (the decision then uses a model fitted without it)."""
+    groups = set(EVIDENCE_GROUPS) if groups is None else set(groups)
     n_ctx = len(record.contexts)
     if n_ctx == 0:
         return Evidence({}, [], "no contexts")
@@ -457,18 +459,22 @@ def stat_features(record: FeatureRecord) -> Evidence:
         "max_position_mean": sum(i / max(len(c.tokens) - 1, 1) for i, c in firing) / n,
     }
     # Cross-script links to the top token, one pair of features per dictionary source.
-    for source in (*LINK_SOURCES, "gloss_same_script"):
+    sources = [*(LINK_SOURCES[:2] if "gloss" in groups else ()),
+               *(("loanword",) if "loanword" in groups else ()),
+               *(("gloss_same_script",) if "gloss_same_script" in groups else ())]
+    for source in sources:
         share = sum(counts[t] for t in counts if t != top_token and linked(top_token, t, source)) / n
         f[f"{source}_share"] = share
         f[f"{source}_top2"] = float(bool(second) and linked(top_token, second, source))
         f[f"{source}_any"] = float(share > 0)  # a link at all (rare, so a share alone weighs little)
-    # Lemmas: inflected Japanese forms count as one token.
-    lemmas = Counter()
-    for t, k in counts.items():
-        lemmas[japanese_lemma(t) if language.token_script(t) == "ja" else t] += k
-    f["lemma_top1_share"] = lemmas.most_common(1)[0][1] / n
-    f["lemma_distinct_ratio"] = len(lemmas) / n
-    f.update(_context_features(firing, f["top1_share"], f["distinct_ratio"]))
+    if "lemma" in groups:  # inflected Japanese forms count as one token
+        lemmas = Counter()
+        for t, k in counts.items():
+            lemmas[japanese_lemma(t) if language.token_script(t) == "ja" else t] += k
+        f["lemma_top1_share"] = lemmas.most_common(1)[0][1] / n
+        f["lemma_distinct_ratio"] = len(lemmas) / n
+    if "context" in groups:
+        f.update(_context_features(firing, f["top1_share"], f["distinct_ratio"]))
     return Evidence(f, top[:10], None)
 
 
@@ -529,8 +535,8 @@ def llm_features(explanation: Explanation | None, scores: Scores | None) -> dict
 
 
 def feature_vector(record: FeatureRecord, explanation: Explanation | None = None,
-                   scores: Scores | None = None) -> Evidence:
-    ev = stat_features(record)
+                   scores: Scores | None = None, groups: Iterable[str] | None = None) -> Evidence:
+    ev = stat_features(record, groups)
     if ev.problem is None:
         ev.features.update(llm_features(explanation, scores))
     return ev
@@ -708,11 +714,11 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
            models: dict[str, GranularityModel] | None = None) -> tuple[str, float, dict[str, Any]]:
     """(granularity, confidence, evidence) for one latent."""
     models = models if models is not None else load_models()
-    ev = feature_vector(record, explanation, scores)
-    if ev.problem is not None:
-        return "uninterpretable", 1.0, {"reason": ev.problem, "top_tokens": ev.top_tokens}
     name = choose_model(models, _has_llm_evidence(explanation, scores))
     model = models[name]
+    ev = feature_vector(record, explanation, scores, model.groups)  # only the evidence it uses
+    if ev.problem is not None:
+        return "uninterpretable", 1.0, {"reason": ev.problem, "top_tokens": ev.top_tokens}
     x = model.vector(ev.features)[None, :]
     proba = model.predict_proba(x)[0]
     best = int(np.argmax(proba))
