@@ -3,7 +3,7 @@
 A multinomial logistic regression over a latent's own evidence (its max-activating tokens, how
 they are related, its contexts and activation pattern, and, when present, the explainer's vote
 and the simulator's scores), shipped as JSON in autointerp/data/granularity_model.json
-(coefficients, standardisation, class-share offsets, the evidence groups it uses, library
+(coefficients, standardisation, fitted input range, the evidence groups it uses, library
 versions and its nested-CV numbers: no pickle; the estimator is rebuilt with numpy). It is fitted
 by autointerp/granularity_fit.py (`make eval` / evals/eval_granularity.py --save). Never an
 input: the checkpoint step or feature id.

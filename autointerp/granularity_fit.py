@@ -1,8 +1,8 @@
 """Fitting the granularity decision, and nested grouped cross-validation that cannot flatter it.
 
 Every choice — which optional evidence groups to use, the regularisation C, the class weights,
-the class-share offsets and the softmax temperature — is made by `select` from the rows it is
-given (the outer-training part), with inner cross-validation on those rows only. `nested_cv`
+the softmax temperature (and, when asked, class-share offsets) — is made by `select` from the
+rows it is given (the outer-training part), with inner cross-validation on those rows only. `nested_cv`
 runs `select` + `fit_choice` inside each outer fold (grouped by feature id, so no feature is
 scored by a model that saw any checkpoint of it), repeated over seeds, and scores the outer test
 fold with what was chosen. The shipped model is `select` + `fit_choice` on all rows.

@@ -129,6 +129,27 @@ def test_missing_source_falls_back_to_a_model_fitted_without_it(monkeypatch):
     assert G.choose_model(models) == ("stats" if not models["stats"].requires() else "stats-fallback")
 
 
+def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
+    """A real run with the optional libraries unimportable: sources reported absent, the
+    fallback model (library-free evidence) decides."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite'): sys.modules[m] = None\n"
+        "from autointerp import granularity as G\n"
+        "from autointerp.schema import Context, FeatureRecord\n"
+        "assert not any(s['available'] for s in G.evidence_sources().values())\n"
+        "r = FeatureRecord('m', 0, 1, 0, [Context(['x', t, 'z'], [0, 10, 0]) for t in [' dog'] * 30 + ['犬'] * 10])\n"
+        "g, p, e = G.decide(r)\n"
+        "assert e['model'] == 'stats-fallback' and set(e['evidence_groups']) <= {'core', 'context'}, e\n"
+        "assert G.english_glosses('犬') == frozenset() and G.source_spelling('ダーク') == ''\n"
+        "print(g)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() in GRANULARITIES
+
+
 def test_model_json_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     X = rng.normal(size=(60, 3))
