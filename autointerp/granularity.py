@@ -152,6 +152,16 @@ def evidence_sources() -> dict[str, dict[str, Any]]:
     }
 
 
+def describe_sources() -> str:
+    """One line for a CLI: which optional evidence sources this run has (`label` prints it)."""
+    parts = [f"{name} ({s['library']} {s['version']}): {'on' if s['available'] else 'off'}"
+             for name, s in evidence_sources().items()]
+    missing = not all(s["available"] for s in evidence_sources().values())
+    return "evidence sources: " + "; ".join(parts) + (
+        " (pip install 'autointerp[ja]' for the rest; meanwhile a model fitted without them decides)"
+        if missing else "")
+
+
 def available_groups() -> set[str]:
     sources = {name for name, s in evidence_sources().items() if s["available"]}
     return {g for g in EVIDENCE_GROUPS if GROUP_SOURCES.get(g) in (None, *sources)}

@@ -187,12 +187,9 @@ def main() -> int:
     if len(set(gid)) < 10:
         print(f"only {len(set(gid))} distinct feature ids: too few for nested grouped CV")
         return 1
-    sources = G.evidence_sources()
     print(f"dev file {args.dev.name}: {len(records)} features, {len(set(gid))} feature ids, "
           f"{len(set(steps))} checkpoints")
-    print("evidence sources: " + "; ".join(
-        f"{k} ({s['library']} {s['version']}): {'on' if s['available'] else 'OFF (pip install autointerp[ja])'}"
-        for k, s in sources.items()))
+    print(G.describe_sources())
     started = time.perf_counter()
     evidence = [G.feature_vector(r, explanations.get(r.key) if explanations else None).features for r in records]
     print(f"evidence: {len(records) / (time.perf_counter() - started):.0f} features/s (first pass, cold caches)")

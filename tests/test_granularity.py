@@ -69,6 +69,8 @@ def test_evidence_sources_are_reported():
     for s in sources.values():
         assert isinstance(s["available"], bool) and s["library"] and s["groups"]
     assert {"core", "context"} <= G.available_groups()
+    line = G.describe_sources()
+    assert line.startswith("evidence sources: jmdict (jamdict-data") and "unidic (" in line
 
 
 def test_context_cohesion_separates_shared_topic_from_unrelated_contexts():
