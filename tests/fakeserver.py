@@ -9,8 +9,11 @@ Each chat request takes the next fault from `faults` (then "ok" for the rest):
   garbage_body HTTP 200 with a body that is not JSON
   garbage      a valid completion whose content is not JSON
   bad_enum     valid JSON with a granularity outside the classes
+  truncated    valid JSON, but finish_reason "length" (cut short by max_tokens)
   hang         no answer for `hang_seconds` (bounded), then a valid one
-`down_after=N` answers 500 to every chat request after the first N. Run as a script
+`down_after=N` answers 500 to every chat request after the first N. /v1/completions answers
+" Paris." with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
+/tokenize counts UTF-8 bytes / 4 as llama.cpp's {"tokens": [...]}. Run as a script
 (`python tests/fakeserver.py --port P`) it serves until killed.
 """
 
@@ -28,8 +31,8 @@ GOOD_ANSWER = {"description": "the word highway", "granularity": "token", "cross
                "confidence": 0.8}
 
 
-def completion(content: str, request: dict[str, Any]) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
+def completion(content: str, request: dict[str, Any], finish_reason: str = "stop") -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason,
                               "message": {"role": "assistant", "content": content}}
     if request.get("logprobs"):
         k = int(request.get("top_logprobs") or 1)
@@ -41,15 +44,25 @@ def completion(content: str, request: dict[str, Any]) -> dict[str, Any]:
             "choices": [choice], "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
 
 
+def text_completion(text: str, request: dict[str, Any]) -> dict[str, Any]:
+    """A /v1/completions answer, logprobs in the completions form (as OpenAI and vLLM send them)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "text": text, "logprobs": None}
+    if request.get("logprobs") is not None:
+        tokens = [" Paris", "."]
+        choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.25, -0.5], "text_offset": [0, 6],
+                              "top_logprobs": [{" Paris": -0.25, " London": -4.0}, {".": -0.5, ",": -1.5}]}
+    return {"id": "fake-2", "object": "text_completion", "created": int(time.time()), "model": request.get("model"),
+            "choices": [choice], "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}
+
+
 class FakeServer:
     def __init__(self, faults: list[str] | None = None, answer: Callable[[dict], str] | None = None,
                  delay: float = 0.0, hang_seconds: float = 3.0, down_after: int | None = None, port: int = 0,
-                 tokenize: bool = True, legacy_json: bool = False):
+                 tokenize: bool = True):
         self.faults = deque(faults or [])
         self.answer = answer or (lambda request: json.dumps(GOOD_ANSWER))
         self.delay, self.hang_seconds, self.down_after = delay, min(hang_seconds, 30.0), down_after
         self.tokenize = tokenize
-        self.legacy_json = legacy_json  # like llama-cpp-python 0.3: HTTP 500 for response_format json_schema
         self.requests = 0  # chat requests received, faulted ones included
         self.in_flight = self.max_in_flight = 0
         self.bodies: list[dict[str, Any]] = []
@@ -97,17 +110,16 @@ class FakeServer:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
-                if self.path == "/extras/tokenize/count" and server.tokenize:
-                    self._json(200, {"count": len(body.get("input", "").encode()) // 4})
+                if self.path == "/tokenize" and server.tokenize:
+                    self._json(200, {"tokens": list(range(len(body.get("content", "").encode()) // 4))})
+                    return
+                if self.path == "/v1/completions":
+                    with server.lock:
+                        server.bodies.append(body)
+                    self._json(200, text_completion(" Paris.", body))
                     return
                 if self.path != "/v1/chat/completions":
                     self._json(404, {"error": "not found"})
-                    return
-                if server.legacy_json and (body.get("response_format") or {}).get("type") == "json_schema":
-                    # what llama-cpp-python 0.3.36 really answers (a 500, not a 422)
-                    self._json(500, {"error": {"message": "1 validation error: {'type': 'literal_error', 'loc': "
-                                               "('body', 'response_format', 'type'), 'msg': \"Input should be "
-                                               "'text' or 'json_object'\"}", "type": "internal_server_error"}})
                     return
                 fault = server._next_fault(body)
                 with server.lock:
@@ -131,6 +143,8 @@ class FakeServer:
                     self._send(200, b"<html>definitely not json", "text/html")
                 elif fault == "garbage":
                     self._json(200, completion("Sure! The feature is about roads.", body))
+                elif fault == "truncated":
+                    self._json(200, completion(server.answer(body), body, finish_reason="length"))
                 elif fault == "bad_enum":
                     self._json(200, completion(json.dumps({**GOOD_ANSWER, "granularity": "banana"}), body))
                 else:

