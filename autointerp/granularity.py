@@ -14,6 +14,7 @@ signal is just absent.
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import unicodedata
@@ -21,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -354,6 +355,49 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
     return model.classes[best], float(proba[best]), evidence
 
 
+def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
+                 models: dict[str, GranularityModel] | None = None) -> Label:
+    """The Label of one latent: calibrated granularity, language trend + profile, scores, explainer."""
+    try:
+        granularity, confidence, evidence = decide(record, expl, sc, models)
+        error = evidence.get("reason")
+    except Exception as exc:  # never lose a latent: label it and say why
+        granularity, confidence, evidence = "uninterpretable", 0.0, {}
+        error = f"granularity decision failed: {type(exc).__name__}: {exc}"
+    try:
+        profile = language.profile(record)
+    except Exception as exc:
+        profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
+    cross = bool(profile.get("cross_lingual")) or (
+        granularity == "concept-synonym" and evidence.get("features", {}).get("cross_script_variant_share", 0.0) > 0)
+    return Label(
+        checkpoint_step=record.checkpoint_step, feature=record.feature,
+        description=expl.description if expl else "",
+        granularity=granularity, cross_lingual=cross, language=profile.get("trend", "mix"),
+        language_profile=profile,
+        scores={k: getattr(sc, k) if sc else None for k in ("simulation", "detection", "fuzzing")},
+        confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
+        error=error or (expl.error if expl else None), evidence=evidence)
+
+
+def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,
+                scores: Iterable[Scores] | None = None, models: dict[str, GranularityModel] | None = None,
+                chunk: int = 256) -> Iterator[Label]:
+    """build_labels over a stream: one Label per record, in order, holding `chunk` records at a
+    time (their context languages are detected together, in one langdetect batch)."""
+    by_expl = {e.key: e for e in explanations or []}
+    by_score = {s.key: s for s in scores or []}
+    models = models if models is not None else load_models()
+    it = iter(records)
+    while batch := list(itertools.islice(it, chunk)):
+        try:
+            language.detect_records(batch)
+        except Exception:  # a text langdetect chokes on: each latent's profile reports its own error
+            pass
+        for record in batch:
+            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models)
+
+
 def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,
                  scores: Iterable[Scores] | None = None,
                  models: dict[str, GranularityModel] | None = None) -> list[Label]:
@@ -361,30 +405,4 @@ def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explan
 
     With explanations None (no server reachable) the statistical model decides alone.
     """
-    by_expl = {e.key: e for e in explanations or []}
-    by_score = {s.key: s for s in scores or []}
-    labels = []
-    for record in records:
-        expl, sc = by_expl.get(record.key), by_score.get(record.key)
-        try:
-            granularity, confidence, evidence = decide(record, expl, sc, models)
-            error = evidence.get("reason")
-        except Exception as exc:  # never lose a latent: label it and say why
-            granularity, confidence, evidence = "uninterpretable", 0.0, {}
-            error = f"granularity decision failed: {type(exc).__name__}: {exc}"
-        try:
-            profile = language.profile(record)
-        except Exception as exc:
-            profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
-        cross = bool(profile.get("cross_lingual")) or (
-            granularity == "concept-synonym" and evidence.get("features", {}).get("cross_script_variant_share", 0.0) > 0)
-        labels.append(Label(
-            checkpoint_step=record.checkpoint_step, feature=record.feature,
-            description=expl.description if expl else "",
-            granularity=granularity, cross_lingual=cross, language=profile.get("trend", "mix"),
-            language_profile=profile,
-            scores={k: getattr(sc, k) if sc else None for k in ("simulation", "detection", "fuzzing")},
-            confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
-            error=error or (expl.error if expl else None), evidence=evidence))
-    return labels
-
+    return list(iter_labels(records, explanations, scores, models))

@@ -37,6 +37,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.text import Text
 
 from autointerp import run as runlib
+from autointerp import schema
 from autointerp.errors import UserError
 from autointerp.language import trend_from_counts
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
@@ -436,15 +437,22 @@ def import_llmjp_demo(path: str | Path) -> list[FeatureRecord]:
     return [_llmjp_record(f, s) for s, f in pairs]
 
 
-def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
-    """Records from a records JSONL(.gz) file (this project's or the shared dev file; extras
-    such as human labels are kept in .extra) or from an llm-jp-sae demo folder/file."""
+def stream_records(path: str | Path, on_error: str = "fail",
+                   warn: Callable[[str], None] | None = None) -> Iterator[FeatureRecord]:
+    """Records, one at a time, from a records file (JSONL plain, .gz or .zst: this project's or
+    the shared dev file; extras such as human labels are kept in .extra) or from an llm-jp-sae
+    demo folder/file."""
     path = Path(path)
     if path.is_dir() or (path.suffix == ".json" and path.stem.isdigit()):
-        return import_llmjp_demo(path)
+        return iter(import_llmjp_demo(path))
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
-    return list(iter_jsonl(path, FeatureRecord.from_dict, on_error, warn))  # type: ignore[arg-type]
+    return schema.stream_records(path, on_error, warn)  # type: ignore[arg-type]
+
+
+def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
+    """stream_records(...) as a list."""
+    return list(stream_records(path, on_error, warn))
 
 
 def find_records(path: str | Path, feature: int, step: int | None = None, on_error: str = "fail",
@@ -545,12 +553,12 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
 
 
 def cli_collect(
-    run: Path | None = typer.Option(None, "--run", help="Run directory: collect for every RUN/step-N/sae into RUN/step-N/records.jsonl."),
+    run: Path | None = typer.Option(None, "--run", help="Run directory: collect for every RUN/step-N/sae into RUN/step-N/records.jsonl.zst."),
     sae: Path | None = typer.Option(None, "--sae", help="One SAE folder (instead of --run)."),
     model: str | None = typer.Option(None, "--model", help="LM (HF id or folder). Default: RUN/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
     corpus: str = typer.Option("debian-reference", "--corpus", help="Corpus spec (see autointerp.corpus.load_corpus)."),
-    out: Path | None = typer.Option(None, "--out", help="Output records JSONL (with --sae)."),
+    out: Path | None = typer.Option(None, "--out", help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
     layer: int | None = typer.Option(None, "--layer", help="Layer (default: the SAE config's)."),
     steps: str | None = typer.Option(None, "--steps", help="With --run: only these steps, comma-separated."),
     top_k: int = typer.Option(50, "--top-k", help="Top contexts kept per latent (the true top-k by max activation)."),
@@ -565,7 +573,7 @@ def cli_collect(
     seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
     threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
-    force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records.jsonl exists."),
+    force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records file exists."),
     on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
 ) -> None:
     """Collect feature records: the true top-k contexts of every SAE latent, negatives, density."""
@@ -597,7 +605,7 @@ def cli_collect(
             if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
                 continue
             lm_dir = runlib.lm_checkpoint_dir(run, step)
-            jobs.append((sae_dir, runlib.step_dir(run, step) / "records.jsonl", model or (str(lm_dir) if lm_dir.is_dir() else None), step))
+            jobs.append((sae_dir, runlib.records_file(runlib.step_dir(run, step)), model or (str(lm_dir) if lm_dir.is_dir() else None), step))
         if not jobs:
             raise UserError(f"{run}: no step-N/sae folders to collect from (train SAEs first: autointerp sae train)")
     todo = [j for j in jobs if force or not j[1].exists()]
@@ -673,7 +681,7 @@ def describe_record(record: FeatureRecord, n_contexts: int = 5, n_negatives: int
 
 @cli_records.command("show")
 def show(
-    file: Path = typer.Argument(..., help="records.jsonl(.gz), or an llm-jp-sae docs/data folder."),
+    file: Path = typer.Argument(..., help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
     feature: int = typer.Option(..., "--feature", "-f", help="Latent id."),
     step: int | None = typer.Option(None, "--step", help="Checkpoint step (when the file holds several)."),
     contexts: int = typer.Option(5, "--contexts", help="How many top contexts to print."),
@@ -696,11 +704,18 @@ def show(
 @cli_records.command("import")
 def import_(
     source: Path = typer.Argument(..., help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
-    out: Path = typer.Option(..., "--out", help="Output records JSONL."),
+    out: Path = typer.Option(..., "--out", help="Output records file: .jsonl (plain), .jsonl.zst (compact) or .jsonl.gz."),
     on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
-    """Convert llm-jp-sae demo data (or a records file) into this project's records JSONL."""
-    records = read_records(source, on_error, warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
-    write_jsonl(out, records)
-    steps = sorted({r.checkpoint_step for r in records}, key=lambda s: -1 if s is None else s)
-    console.print(f"{out}: {len(records)} records, steps {steps}")
+    """Convert llm-jp-sae demo data or a records file (plain, .gz or .zst) into records JSONL,
+    plain or compact by --out's name; streamed, so it also turns a compact file back into plain JSONL."""
+    steps: set[int | None] = set()
+
+    def seen(records: Iterable[FeatureRecord]) -> Iterator[FeatureRecord]:
+        for r in records:
+            steps.add(r.checkpoint_step)
+            yield r
+
+    n = write_jsonl(out, seen(stream_records(source, on_error,
+                                             warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))))
+    console.print(f"{out}: {n} records, steps {sorted(steps, key=lambda s: -1 if s is None else s)}")
