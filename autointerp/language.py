@@ -169,6 +169,12 @@ def entropy(counter: Counter) -> float:
     return -sum(v / total * math.log2(v / total) for v in counter.values() if v) if total else 0.0
 
 
+def trend(record: FeatureRecord) -> str:
+    """The paper's language trend of a latent alone (profile()["trend"], without langdetect)."""
+    tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
+    return trend_from_counts(Counter(paper_token_language(t) for t in tokens))
+
+
 def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1) -> dict[str, Any]:
     """A JSON-able language profile of one latent.
 
