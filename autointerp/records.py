@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -115,12 +116,15 @@ class TopContexts:
 
     @torch.inference_mode()
     def add(self, values: torch.Tensor, indices: torch.Tensor, token_row: torch.Tensor,
-            token_pos: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, doc_ids: Sequence[int]) -> None:
+            token_pos: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, doc_ids: Sequence[int],
+            base: int | None = None) -> None:
         """Merge one batch: SAE codes `values/indices` [N, k_sae] of the batch's N valid tokens
-        (in row-major order), with each token's row and position in the [B, T] batch."""
+        (in row-major order), with each token's row and position in the [B, T] batch. `base`:
+        the stream position of the batch's first context (default: right after the last batch;
+        a rank under torchrun sees only its share of the batches)."""
         B, T = input_ids.shape
         n = len(self.latents)
-        base = self.n_contexts
+        base = self.n_contexts if base is None else base
         values, indices = values.to(self.device), indices.to(self.device)
         token_row, token_pos = token_row.to(self.device), token_pos.to(self.device)
         col = self.column[indices]
@@ -174,6 +178,45 @@ class TopContexts:
         alive = set(torch.unique(self.context).tolist()) | set(self.pool)
         for q in [q for q in self.stored if q not in alive]:
             del self.stored[q]
+
+    def merge_ranks(self) -> bool:
+        """Under torchrun: every rank's buffers merged into rank 0's tracker, exactly as one
+        process over all the batches would have them (per latent the top `keep` contexts by
+        activation, ties to the earlier context; counts summed). Returns True on rank 0."""
+        from autointerp.distributed import broadcast_from_first, gather_to_first, rank_world
+
+        rank, _ = rank_world()
+        self.prune()
+        parts = gather_to_first({name: getattr(self, name).cpu() for name in
+                                 ("values", "context", "position", "fired_tokens", "fired_contexts", "pool_fired")}
+                                | {"n_tokens": self.n_tokens, "n_contexts": self.n_contexts})
+        needed = None
+        if parts is not None:
+            values = torch.cat([p["values"] for p in parts], 1)
+            context = torch.cat([p["context"] for p in parts], 1)
+            position = torch.cat([p["position"] for p in parts], 1)
+            # order by context (empty slots last), then stably by value: ties keep the earlier context
+            by_context = torch.sort(torch.where(values > 0, context, torch.iinfo(torch.long).max), dim=1,
+                                    stable=True).indices
+            values, context, position = (t.gather(1, by_context) for t in (values, context, position))
+            order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :self.keep]
+            values, context, position = (t.gather(1, order) for t in (values, context, position))
+            context = torch.where(values > 0, context, torch.full_like(context, -1))
+            position = torch.where(values > 0, position, torch.zeros_like(position))
+            for name, value in (("values", values), ("context", context), ("position", position),
+                                ("fired_tokens", sum(p["fired_tokens"] for p in parts)),
+                                ("fired_contexts", sum(p["fired_contexts"] for p in parts)),
+                                ("pool_fired", torch.stack([p["pool_fired"] for p in parts]).any(0))):
+                setattr(self, name, value.to(self.device))
+            self.n_tokens = sum(p["n_tokens"] for p in parts)
+            self.n_contexts = sum(p["n_contexts"] for p in parts)
+            needed = set(context[context >= 0].tolist()) | set(self.pool)
+        needed = broadcast_from_first(needed)
+        stored = gather_to_first({q: s for q, s in self.stored.items() if q in needed})
+        if stored is None:
+            return False
+        self.stored = {q: s for part in stored for q, s in part.items()}
+        return True
 
 
 # --------------------------------------------------------------------------- records
@@ -326,6 +369,9 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
     # the top-k buffers live where the SAE does (activations arrive on the CPU)
     device = next((p.device for p in sae.parameters()), torch.device("cpu")) if hasattr(sae, "parameters") else torch.device("cpu")
     tracker: TopContexts | None = None
+    from autointerp.distributed import rank_world
+
+    distributed = rank_world()[1] > 1  # each rank has its share of the batches (iter_activations' shard)
     with torch.inference_mode():
         for batch in batches:
             acts, mask = batch.acts.to(device), batch.mask.to(device)
@@ -336,12 +382,15 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
             token_pos = (mask.cumsum(1) - 1)[mask]
             x = acts[mask].float()
             values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
-            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
+            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids),
+                        base=batch.start if distributed else None)
             if on_batch:
                 on_batch(len(batch.doc_ids), int(mask.sum()))
-    if tracker is None:  # an empty corpus: every latent is dead
-        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
+    if tracker is None:  # an empty corpus (or no batch left for this rank): every latent is dead
+        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool if distributed else (), device)
     tracker.prune()
+    if distributed and not tracker.merge_ranks():
+        return iter(())  # rank 0 writes the records
     return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random,
                                    n_same_token=n_same_token, seed=seed,
                                    model=model, layer=layer, checkpoint_step=checkpoint_step))
@@ -373,8 +422,12 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
     """
     from autointerp.activations import iter_activations, token_strings
 
+    from autointerp.distributed import rank_world
+
+    rank, world = rank_world()
     batches = iter_activations(model, tokenizer, docs, layer, batch_size=batch_size,
-                               max_tokens=max_tokens or window, device=device)
+                               max_tokens=max_tokens or window, device=device,
+                               shard=(rank, world) if world > 1 else None)
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return stream_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
                                 layer=layer, model=str(name), checkpoint_step=checkpoint_step, top_k=top_k,
@@ -499,10 +552,10 @@ def parse_features(spec: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
-def _progress() -> Progress:
+def _progress(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=disable)
 
 
 def _sae_provenance(sae) -> dict[str, Any]:
@@ -546,9 +599,14 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
             counts["dead"] += not r.contexts
             yield r
 
+    from autointerp.distributed import rank_world
+
+    if rank_world()[0] != 0:  # under torchrun rank 0 holds the merged records and writes them
+        return {}
     write_jsonl(out, counted(records))  # streamed: one chunk of latents in memory at a time
     seconds = time.perf_counter() - started
-    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s")
+    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s"
+                  + (f" (this rank's share of the tokens; {rank_world()[1]} ranks)" if rank_world()[1] > 1 else ""))
     return {"records": str(out), **counts, "tokens": seen[0], "seconds": round(seconds, 2)}
 
 
@@ -576,8 +634,12 @@ def cli_collect(
     force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records file exists."),
     on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
 ) -> None:
-    """Collect feature records: the true top-k contexts of every SAE latent, negatives, density."""
+    """Collect feature records: the true top-k contexts of every SAE latent, negatives, density.
+
+    Under torchrun each rank runs the model on its share of the documents; rank 0 merges the
+    per-rank top-k exactly and writes the records."""
     from autointerp.corpus import load_corpus
+    from autointerp.distributed import init_from_env
 
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
@@ -587,6 +649,9 @@ def cli_collect(
         torch.set_num_threads(threads)
     if (run is None) == (sae is None):
         raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
+    rank, world = init_from_env()
+    if world > 1 and device and device.startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
     opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
                 n_random=n_random, n_same_token=n_same_token, features=parse_features(features), seed=seed,
                 device=device)
@@ -610,7 +675,7 @@ def cli_collect(
             raise UserError(f"{run}: no step-N/sae folders to collect from (train SAEs first: autointerp sae train)")
     todo = [j for j in jobs if force or not j[1].exists()]
     for j in jobs:
-        if j not in todo:
+        if j not in todo and rank == 0:
             console.print(f"[dim]{j[1]} exists; skipped (--force to redo)[/]")
     if not todo:
         return
@@ -619,7 +684,7 @@ def cli_collect(
         raise UserError(f"corpus {corpus!r} has no documents")
     done: dict[str, Any] = {}
     failed: list[str] = []
-    with _progress() as progress:
+    with _progress(disable=rank != 0) as progress:
         for sae_dir, out_path, lm, step in todo:
             try:
                 done[str(step)] = _collect_one(sae_dir, out_path, lm, revision, docs, layer=layer, step=step,
@@ -629,10 +694,13 @@ def cli_collect(
                     raise UserError(f"{sae_dir}: {exc}") from None
                 failed.append(str(sae_dir))
                 console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
-    if run is not None:
+    if run is not None and rank == 0:
         runlib.update_manifest(run, "collect", {"corpus": corpus, "max_docs": max_docs, "checkpoints": done,
+                                                 "world_size": world,
                                                  "failed": failed, **{k: v for k, v in opts.items() if k != "features"},
                                                  "features": features})
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if failed:
         raise UserError(f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}")
 
