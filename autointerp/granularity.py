@@ -356,8 +356,9 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
 
 
 def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
-                 models: dict[str, GranularityModel] | None = None) -> Label:
-    """The Label of one latent: calibrated granularity, language trend + profile, scores, explainer."""
+                 models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None) -> Label:
+    """The Label of one latent: calibrated granularity, language trend + profile, scores, explainer.
+    `texts`: its language.context_texts, when the caller has them."""
     try:
         granularity, confidence, evidence = decide(record, expl, sc, models)
         error = evidence.get("reason")
@@ -365,7 +366,7 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
         error = f"granularity decision failed: {type(exc).__name__}: {exc}"
     try:
-        profile = language.profile(record)
+        profile = language.profile(record, texts=texts)
     except Exception as exc:
         profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
     cross = bool(profile.get("cross_lingual")) or (
@@ -391,11 +392,11 @@ def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explana
     it = iter(records)
     while batch := list(itertools.islice(it, chunk)):
         try:
-            language.detect_records(batch)
+            texts = language.detect_records(batch)
         except Exception:  # a text langdetect chokes on: each latent's profile reports its own error
-            pass
-        for record in batch:
-            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models)
+            texts = [None] * len(batch)
+        for record, record_texts in zip(batch, texts):
+            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models, record_texts)
 
 
 def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,

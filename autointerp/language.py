@@ -51,11 +51,13 @@ def clean_token(token: str) -> str:
     return _BYTE_TOKEN.sub(byte, token).replace("\ufffd", "")
 
 
+@lru_cache(maxsize=1 << 18)
 def normalize_token(token: str) -> str:
     """The form two max tokens are compared in: text, NFKC, stripped, lowercased."""
     return unicodedata.normalize("NFKC", clean_token(token)).strip().lower()
 
 
+@lru_cache(maxsize=1 << 18)
 def token_script(token: str) -> str:
     """Script of one token: 'ja' (kana/kanji), 'en' (Latin letters), else 'other'."""
     text = normalize_token(token)
@@ -85,7 +87,11 @@ def trend_from_counts(counts: dict[str, int], threshold: float = TREND_THRESHOLD
 
 
 def context_text(context: Context) -> str:
-    return "".join(map(clean_token, context.tokens))
+    """The context's tokens as one text (clean_token on each)."""
+    text = "".join(context.tokens)
+    if "\u2581" in text or "<0x" in text or "\ufffd" in text:  # else clean_token changes no token
+        return "".join(map(clean_token, context.tokens))
+    return text
 
 
 def context_texts(record: FeatureRecord) -> list[str]:
@@ -93,9 +99,12 @@ def context_texts(record: FeatureRecord) -> list[str]:
     return [context_text(c) for c in record.contexts if c.tokens]
 
 
-def detect_records(records: Sequence[FeatureRecord]) -> None:
-    """Detect the context languages of many latents in one batch (profile() then finds them cached)."""
-    detect_languages(t for r in records for t in context_texts(r))
+def detect_records(records: Sequence[FeatureRecord]) -> list[list[str]]:
+    """Detect the context languages of many latents in one batch (profile() then finds them
+    cached); returns each record's context_texts."""
+    texts = [context_texts(r) for r in records]
+    detect_languages(t for ts in texts for t in ts)
+    return texts
 
 
 def langdetect_language(text: str) -> str:
@@ -175,15 +184,17 @@ def trend(record: FeatureRecord) -> str:
     return trend_from_counts(Counter(paper_token_language(t) for t in tokens))
 
 
-def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1) -> dict[str, Any]:
+def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1,
+            texts: Sequence[str] | None = None) -> dict[str, Any]:
     """A JSON-able language profile of one latent.
 
     trend is the paper's rule (by `paper_token_language` on max tokens); trend_langdetect is the
     same >90% rule over langdetect's context languages. cross_lingual: both English and Japanese
-    max tokens, each in at least `cross_lingual_min_share` of the activating contexts.
+    max tokens, each in at least `cross_lingual_min_share` of the activating contexts. `texts`:
+    context_texts(record), when the caller has them already.
     """
     tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
-    context_langs = Counter(detect_languages(context_texts(record)))
+    context_langs = Counter(detect_languages(context_texts(record) if texts is None else texts))
     scripts = Counter(token_script(t) for t in tokens)
     paper_counts = Counter(paper_token_language(t) for t in tokens)
     n = len(tokens)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
@@ -44,7 +45,7 @@ class Context:
     levels: list[int]
     activations: list[float] | None = None
 
-    @property
+    @cached_property  # contexts are not changed once built; stat features ask for it many times
     def max_index(self) -> int:
         """The first position of the largest activation (of the largest level without activations)."""
         values = self.activations if self.activations is not None else self.levels
@@ -124,7 +125,8 @@ class LatentRow:
         return (self.checkpoint_step, self.feature)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow (asdict deep-copies every nested dict: a third of writing a whole SAE's labels)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
