@@ -58,6 +58,7 @@ class StepData:
     n_records: int = 0  # all records in the file, kept or not
     record_keys: set[Key] = field(default_factory=set)
     record_trends: Counter = field(default_factory=Counter)  # the paper's language trend of every record
+    context_counts: dict[Key, int] = field(default_factory=dict)  # contexts of kept records before trimming
     labels: dict[Key, Label] = field(default_factory=dict)
     explanations: dict[Key, Explanation] = field(default_factory=dict)
     scores: dict[Key, Scores] = field(default_factory=dict)
@@ -71,10 +72,11 @@ def _read_keyed(path: Path, parse: Callable[[dict], Any], warnings: list[str]) -
     return {item.key: item for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append)}
 
 
-def read_step(run: Path, step: int, max_records: int | None = None) -> StepData:
+def read_step(run: Path, step: int, max_records: int | None = None, max_contexts: int | None = None) -> StepData:
     """A checkpoint's stage outputs. Records are streamed: every one is counted and its language
     trend tallied, but only `max_records` are kept (None: all): the labelled ones with the
-    lowest feature ids first, then unlabelled ones by feature id; so memory does not grow with
+    lowest feature ids first, then unlabelled ones by feature id; kept records keep only their
+    first `max_contexts` contexts and no negatives (None: all). So memory does not grow with
     the number of latents."""
     folder = runlib.step_dir(run, step)
     data = StepData(step=step)
@@ -89,7 +91,7 @@ def read_step(run: Path, step: int, max_records: int | None = None) -> StepData:
             data.missing.append(missing_name)
     records_path = runlib.records_file(folder)
     if records_path.exists():
-        _stream_records(records_path, data, max_records)
+        _stream_records(records_path, data, max_records, max_contexts)
     else:
         data.missing.insert(0, "records (autointerp collect)")
     metrics_path = folder / "sae" / "metrics.json"
@@ -103,7 +105,7 @@ def read_step(run: Path, step: int, max_records: int | None = None) -> StepData:
     return data
 
 
-def _stream_records(path: Path, data: StepData, max_records: int | None) -> None:
+def _stream_records(path: Path, data: StepData, max_records: int | None, max_contexts: int | None) -> None:
     labelled = sorted(data.labels, key=lambda k: k[1])
     wanted = set(labelled if max_records is None else labelled[:max_records])
     room = None if max_records is None else max_records - len(wanted)
@@ -112,6 +114,9 @@ def _stream_records(path: Path, data: StepData, max_records: int | None) -> None
         data.n_records += 1
         data.record_keys.add(record.key)
         data.record_trends[language_trend(record)] += 1
+        if max_contexts is not None:
+            data.context_counts[record.key] = len(record.contexts)
+            record.contexts, record.negatives = record.contexts[:max_contexts], []
         if record.key in data.labels:
             if record.key in wanted:
                 data.records[record.key] = record
@@ -177,7 +182,7 @@ def feature_view(key: Key, data: StepData, human: dict[Key, str], n_contexts: in
         "density": record.density if record else None,
         "max_activation": record.max_activation if record else None,
         "contexts": [context_window(c, window) for c in (record.contexts[:n_contexts] if record else [])],
-        "n_contexts": len(record.contexts) if record else 0,
+        "n_contexts": data.context_counts.get(key, len(record.contexts)) if record else 0,
     }
 
 
@@ -401,7 +406,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
 
     summaries, all_model = [], {}
     for i, step in enumerate(steps):
-        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES)
+        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature)
         summary = step_summary(data, human_labels)
         summaries.append(summary)
         all_model.update({k: l.granularity for k, l in data.labels.items() if l.granularity})

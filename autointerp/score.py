@@ -377,7 +377,7 @@ def cli(
             n = write_stat_labels(t.records_path, t.folder / "labels.jsonl")
             seconds = time.perf_counter() - started
             console.print(f"{t.folder / 'labels.jsonl'}: {n} statistical labels "
-                          f"({n / max(seconds, 1e-9):,.0f} features/s)")
+                          f"({n / max(seconds, 1e-9):,.1f} features/s)")
         return
     work = []
     for t in resolve_targets(target):

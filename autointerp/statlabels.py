@@ -22,7 +22,7 @@ from autointerp import granularity, language
 from autointerp.errors import UserError
 from autointerp.schema import FeatureRecord, iter_lines, to_json_line, write_jsonl
 
-CHUNK = 128  # latents per task: large enough to batch langdetect, small enough to stream
+CHUNK = 32  # latents per task: enough to batch langdetect, few enough to share a small file between workers
 
 
 def label_lines(path: str, lines: list[tuple[int, str]]) -> list[str]:

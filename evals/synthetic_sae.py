@@ -50,13 +50,14 @@ class SyntheticSAE:
                  n_similar: int = 10, n_same_token: int = 5, n_random: int = 20):
         self.pool, self.n_latents, self.seed = pool, n_latents, seed
         self.top_k, self.n_similar, self.n_same, self.n_random = top_k, n_similar, n_same_token, n_random
-        where: dict[str, list[int]] = defaultdict(list)  # token -> windows holding it
+        where: dict[str, list[tuple[int, int]]] = defaultdict(list)  # token -> (window, position) occurrences
         for w, tokens in enumerate(pool):
-            for token in set(tokens):
+            for i, token in enumerate(tokens):
                 if token.strip():
-                    where[token].append(w)
-        self.where = {t: np.array(ws) for t, ws in where.items() if len(ws) >= 3}
+                    where[token].append((w, i))
+        self.where = {t: np.array(occ, dtype=np.int64) for t, occ in where.items() if len({w for w, _ in occ}) >= 3}
         self.anchors = sorted(self.where)
+        self.lengths = np.array([len(t) for t in pool])
         # popular windows are drawn more often (Zipf-like), as a real SAE's top contexts concentrate
         rank = np.random.default_rng(seed).permutation(len(pool)) + 1
         self.popularity = (1.0 / rank ** 0.8) / (1.0 / rank ** 0.8).sum()
@@ -70,27 +71,39 @@ class SyntheticSAE:
                                  extra={"negative_kinds": [], "context_doc_ids": [], "negative_doc_ids": [],
                                         "active_contexts": 0, "n_tokens": n_tokens})
         anchors = [self.anchors[i] for i in rng.choice(len(self.anchors), 1 if kind == "token" else 4, replace=False)]
-        candidates = np.unique(np.concatenate([self.where[a] for a in anchors]))
         n_top = self.top_k + self.n_similar
-        if kind == "diffuse" or len(candidates) < n_top:
+        if kind != "diffuse":  # one random occurrence of an anchor per window that holds one
+            occ = np.concatenate([self.where[a] for a in anchors])
+            occ = occ[rng.permutation(len(occ))]
+            windows, first = np.unique(occ[:, 0], return_index=True)
+            hits = dict(zip(windows.tolist(), occ[first, 1].tolist()))
+        else:
+            hits = {}
+        candidates = np.array(sorted(hits), dtype=np.int64)
+        if len(candidates) < n_top:
             extra = rng.choice(len(self.pool), n_top, replace=False, p=self.popularity)
             candidates = np.unique(np.concatenate([candidates, extra]))
         chosen = rng.choice(candidates, min(n_top, len(candidates)), replace=False)
+        n = len(chosen)
+        lengths = self.lengths[chosen]
         top_value = float(rng.uniform(2.0, 20.0))
-        peaks = np.sort(rng.uniform(0.05, 1.0, len(chosen)))[::-1] * top_value
+        peaks = np.sort(rng.uniform(0.05, 1.0, n))[::-1] * top_value
         peaks[0] = top_value
-        contexts = []
-        for w, peak in zip(chosen.tolist(), peaks):
-            tokens = self.pool[w]
-            hits = [i for i, t in enumerate(tokens) if t in anchors] if kind != "diffuse" else []
-            at = hits[int(rng.integers(len(hits)))] if hits else int(rng.integers(len(tokens)))
-            acts = np.zeros(len(tokens))
-            others = rng.integers(len(tokens), size=int(rng.integers(0, 6)))
-            acts[others] = rng.uniform(0.05, 0.6, len(others)) * peak
-            acts[at] = peak
-            acts = _sig5(acts)
-            levels = np.where(acts > 0, np.clip(np.round(acts * 10 / top_value), 1, 10), 0).astype(int)
-            contexts.append(Context(list(tokens), levels.tolist(), acts.tolist()))
+        at = (rng.random(n) * lengths).astype(np.int64)  # a random position, or an anchor's
+        for j, w in enumerate(chosen.tolist()):
+            if w in hits:
+                at[j] = hits[w]
+        acts = np.zeros((n, int(lengths.max())))
+        others = (rng.random((n, 5)) * lengths[:, None]).astype(np.int64)
+        keep = rng.random((n, 5)) < 0.5
+        rows = np.repeat(np.arange(n), 5)[keep.reshape(-1)]
+        acts[rows, others[keep]] = (rng.uniform(0.05, 0.6, (n, 5)) * peaks[:, None])[keep]
+        acts[np.arange(n), at] = peaks
+        acts = _sig5(acts)
+        levels = np.where(acts > 0, np.clip(np.round(acts * 10 / top_value), 1, 10), 0).astype(np.int64)
+        acts_l, levels_l = acts.tolist(), levels.tolist()
+        contexts = [Context(list(self.pool[w]), levels_l[j][:length], acts_l[j][:length])
+                    for j, (w, length) in enumerate(zip(chosen.tolist(), lengths.tolist()))]
         silent = rng.choice(len(self.pool), self.n_same + self.n_random, replace=False)
         negatives = [Context(list(self.pool[w]), [0] * len(self.pool[w])) for w in silent.tolist()]
         kinds = ["similar"] * (len(contexts) - self.top_k) + ["same-token"] * self.n_same + ["random"] * self.n_random
