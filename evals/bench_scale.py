@@ -147,6 +147,40 @@ def label_rate(records: Path) -> dict:
         return result
 
 
+def breakdown(path: Path, n: int) -> str:
+    """Where one core's time goes on the first n latents (CPU ms a latent, in this process)."""
+    import json
+
+    from autointerp.schema import FeatureRecord
+
+    clock = time.process_time
+    language._LANGUAGE_CACHE.clear()
+    granularity.load_models()
+    t0 = clock()
+    lines = [line for _, (_, line) in zip(range(n), iter_lines(path))]
+    t1 = clock()
+    dicts = [json.loads(line) for line in lines]
+    t2 = clock()
+    for d in dicts:
+        d["negatives"] = []
+    records = [FeatureRecord.from_dict(d) for d in dicts]
+    t3 = clock()
+    texts = language.detect_records(records)
+    t4 = clock()
+    labels = [granularity.label_record(r, texts=ts) for r, ts in zip(records, texts)]
+    t5 = clock()
+    for label in labels:
+        to_json_line(label)
+    t6 = clock()
+    for r in records:  # again, alone (its caches, e.g. JMdict glosses, are warm now)
+        granularity.stat_features(r)
+    t7 = clock()
+    parts = [("decompress", t1 - t0), ("json.loads", t2 - t1), ("from_dict", t3 - t2),
+             ("langdetect (distinct texts)", t4 - t3), ("label_record", t5 - t4),
+             ("of which granularity.stat_features (warm)", t7 - t6), ("label JSON", t6 - t5)]
+    return ", ".join(f"{name} {seconds / len(records) * 1e3:.2f}" for name, seconds in parts)
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
@@ -194,6 +228,8 @@ def main() -> None:
           f"RSS of the largest {mb(label['max_rss'])})", flush=True)
     print(f"    baseline (pre-#14 path, first {n_base} latents, one process, start-up excluded): {base:,.1f} features/s -> "
           f"{rate / base:.1f}x", flush=True)
+    print(f"    one core's CPU ms a latent (first {min(args.subset * 4, args.latents)} latents): "
+          f"{breakdown(records, min(args.subset * 4, args.latents))}", flush=True)
     report = run_measured([*AUTOINTERP, "report", str(run)])
     print(f"  report: {report['wall']:.0f} s, peak memory {mb(report['tree_rss'])} (Pss; RSS of the largest "
           f"process {mb(report['max_rss'])})", flush=True)
@@ -205,10 +241,11 @@ def main() -> None:
         _done.add(name)
         n_base, base = baseline_rate(path, args.subset)
         new = label_rate(path)
+        cost = breakdown(path, min(new["n"], args.subset * 4))
         print(f"\n{name} ({path}, {new['n']} latents):\n  statistical labels {new['rate']:,.1f} features/s "
               f"({new['wall']:.1f} s wall with start-up, {new['cpu'] / new['n'] * 1e3:.1f} ms CPU a latent), "
               f"peak memory {mb(new['tree_rss'])}\n    baseline (pre-#14 path, {n_base} latents, one process, start-up excluded): "
-              f"{base:,.1f} features/s -> {new['rate'] / base:.1f}x", flush=True)
+              f"{base:,.1f} features/s -> {new['rate'] / base:.1f}x\n    one core's CPU ms a latent: {cost}", flush=True)
     tmp.cleanup()
 
 
