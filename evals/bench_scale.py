@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from itertools import islice
 import resource
 import shutil
 import subprocess
@@ -36,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from synthetic_sae import SyntheticSAE, demo_pool  # noqa: E402
 
 from autointerp import granularity, language  # noqa: E402
-from autointerp.schema import iter_lines, read_records, to_json_line, write_jsonl  # noqa: E402
+from autointerp.schema import iter_lines, stream_records, to_json_line, write_jsonl  # noqa: E402
 from autointerp.statlabels import default_workers  # noqa: E402
 
 DEV = HERE.parents[1] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -116,7 +117,8 @@ def baseline_labels(path: Path, limit: int | None, out: Path) -> None:
     one_call = functools.lru_cache(maxsize=65536)(language.langdetect_language)
     language.detect_languages = lambda texts: [one_call(t) for t in texts]
     started = time.perf_counter()
-    write_jsonl(out, [granularity.label_record(r) for r in read_records(path)[:limit]])
+    records = list(islice(stream_records(path), limit))  # in memory, as before #14 (only the subset)
+    write_jsonl(out, [granularity.label_record(r) for r in records])
     print(f"BASELINE_SECONDS {time.perf_counter() - started}")
 
 
