@@ -118,7 +118,7 @@ def langdetect_language(text: str) -> str:
 
 
 _LANGUAGE_CACHE: dict[str, str] = {}  # context text -> language; a whole SAE's contexts repeat
-_CACHE_LIMIT = 1 << 20
+_CACHE_LIMIT = 1 << 18  # texts (~0.5 KB each with the key): ~130 MB at most per process
 
 
 @lru_cache(maxsize=1)
