@@ -187,3 +187,22 @@ def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
     from collections import Counter
     assert step_summary(data, {})["language"] == dict(Counter(language.profile(r)["trend"] for r in records))
     assert len(data.records) == 5
+
+
+def test_lean_records_read_what_a_label_needs_like_the_general_reader():
+    import json
+
+    from autointerp.statlabels import lean_record
+
+    records = synthetic(20) + (dev_records(30) if DEV.exists() else [])
+    odd = records[0].to_dict() | {"model": None, "feature": "5"}  # msgspec's strict types refuse these
+    odd["contexts"] = [dict(c, levels=[float(v) for v in c["levels"]]) for c in odd["contexts"]]
+    lines = [to_json_line(r) for r in records] + [json.dumps(odd)]
+    for line in lines:
+        general = FeatureRecord.from_dict(json.loads(line))
+        lean = lean_record(line)
+        assert (lean.key, lean.model, lean.layer, lean.density, lean.max_activation) == \
+            (general.key, general.model, general.layer, general.density, general.max_activation)
+        assert lean.contexts == general.contexts and not lean.negatives
+    with pytest.raises(ValueError):
+        lean_record(json.dumps(records[0].to_dict() | {"contexts": [{"tokens": ["a"], "levels": [1, 2]}]}))
