@@ -28,7 +28,7 @@ from autointerp.errors import UserError
 from autointerp.language import profile as language_profile
 from autointerp.language import trend as language_trend
 from autointerp.schema import (
-    GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl,
+    GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
 )
 
 Key = tuple[int | None, int]
@@ -110,7 +110,8 @@ def _stream_records(path: Path, data: StepData, max_records: int | None, max_con
     wanted = set(labelled if max_records is None else labelled[:max_records])
     room = None if max_records is None else max_records - len(wanted)
     unlabelled: list[tuple[int, int, FeatureRecord]] = []  # a max-heap by feature id (negated), size <= room
-    for i, record in enumerate(iter_jsonl(path, FeatureRecord.from_dict, on_error="skip", warn=data.warnings.append)):
+    # a page shows contexts, density and max activation: the lean reader skips negatives and extras
+    for i, record in enumerate(stream_lean_records(path, on_error="skip", warn=data.warnings.append)):
         data.n_records += 1
         data.record_keys.add(record.key)
         data.record_trends[language_trend(record)] += 1

@@ -20,6 +20,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
+import msgspec
+
 from autointerp.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -284,6 +286,64 @@ def iter_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error:
 def stream_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
     """The feature records of a records file (plain, .gz or .zst), one at a time."""
     return iter_jsonl(path, FeatureRecord.from_dict, on_error, warn)
+
+
+class _LeanContext(msgspec.Struct):
+    tokens: list[str]
+    levels: list[int]
+    activations: list[float] | None = None
+
+
+class _LeanRecord(msgspec.Struct, kw_only=True):
+    """What a label reads of a record: msgspec decodes it straight into typed objects and skips
+    the rest (negatives, extras) unparsed, ~3x faster than json.loads + FeatureRecord.from_dict."""
+
+    model: str = ""
+    layer: int = -1
+    checkpoint_step: int | None = None
+    feature: int
+    contexts: list[_LeanContext] = []
+    density: float | None = None
+    max_activation: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+
+_decode_lean = msgspec.json.Decoder(_LeanRecord).decode
+
+
+def lean_record(line: str) -> FeatureRecord:
+    """A record without negatives or extras, for what reads only the top contexts (statistical
+    labels, the report). A line msgspec's strict types refuse
+    (a null model, levels written as 3.0, a length mismatch, another schema version) goes the
+    general way, which converts it, or raises the error every reader gives."""
+    try:
+        r = _decode_lean(line)
+    except msgspec.DecodeError:
+        r = None
+    if r is None or r.schema_version != SCHEMA_VERSION or any(
+            len(c.tokens) != len(c.levels) or (c.activations is not None and len(c.activations) != len(c.tokens))
+            for c in r.contexts):
+        d = json.loads(line)
+        d["negatives"] = []
+        return FeatureRecord.from_dict(d)
+    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
+                         [Context(c.tokens, c.levels, c.activations) for c in r.contexts],
+                         density=r.density, max_activation=r.max_activation)
+
+
+def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
+    """stream_records without negatives or extras (lean_record), with the same error handling."""
+    for lineno, line in iter_lines(path):
+        try:
+            yield lean_record(line)
+        except UserError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            message = f"{path}:{lineno}: malformed line ({type(exc).__name__}: {exc})"
+            if on_error == "fail":
+                raise UserError(message) from None
+            if warn:
+                warn(message)
 
 
 def read_records(path: str | Path, on_error: OnError = "fail", warn=None) -> list[FeatureRecord]:

@@ -9,7 +9,6 @@ whatever the number of latents (a 32,768-latent checkpoint included).
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 from collections import deque
@@ -18,55 +17,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import msgspec
-
 from autointerp import granularity, language
 from autointerp.errors import UserError
-from autointerp.schema import SCHEMA_VERSION, Context, FeatureRecord, iter_lines, to_json_line, write_jsonl
+from autointerp.schema import iter_lines, lean_record, to_json_line, write_jsonl
 
 CHUNK = 32  # latents per task: enough to batch langdetect, few enough to share a small file between workers
-
-
-class _Context(msgspec.Struct):
-    tokens: list[str]
-    levels: list[int]
-    activations: list[float] | None = None
-
-
-class _Record(msgspec.Struct, kw_only=True):
-    """What a label reads of a record: msgspec decodes it straight into typed objects and skips
-    the rest (negatives, extras) unparsed, ~3x faster than json.loads + FeatureRecord.from_dict."""
-
-    model: str = ""
-    layer: int = -1
-    checkpoint_step: int | None = None
-    feature: int
-    contexts: list[_Context] = []
-    density: float | None = None
-    max_activation: float | None = None
-    schema_version: int = SCHEMA_VERSION
-
-
-_decode = msgspec.json.Decoder(_Record).decode
-
-
-def lean_record(line: str) -> FeatureRecord:
-    """A record without negatives or extras, for labelling. A line msgspec's strict types refuse
-    (a null model, levels written as 3.0, a length mismatch, another schema version) goes the
-    general way, which converts it, or raises the error every reader gives."""
-    try:
-        r = _decode(line)
-    except msgspec.DecodeError:
-        r = None
-    if r is None or r.schema_version != SCHEMA_VERSION or any(
-            len(c.tokens) != len(c.levels) or (c.activations is not None and len(c.activations) != len(c.tokens))
-            for c in r.contexts):
-        d = json.loads(line)
-        d["negatives"] = []
-        return FeatureRecord.from_dict(d)
-    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
-                         [Context(c.tokens, c.levels, c.activations) for c in r.contexts],
-                         density=r.density, max_activation=r.max_activation)
 
 
 def label_lines(path: str, lines: list[tuple[int, str]]) -> list[str]:

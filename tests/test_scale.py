@@ -192,7 +192,7 @@ def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
 def test_lean_records_read_what_a_label_needs_like_the_general_reader():
     import json
 
-    from autointerp.statlabels import lean_record
+    from autointerp.schema import lean_record
 
     records = synthetic(20) + (dev_records(30) if DEV.exists() else [])
     odd = records[0].to_dict() | {"model": None, "feature": "5"}  # msgspec's strict types refuse these
