@@ -360,7 +360,7 @@ def find_checkpoints(run: Path) -> list[Checkpoint]:
     steps = runlib.checkpoint_steps(run)
     with_sae = [s for s in steps if (runlib.step_dir(run, s) / "sae").is_dir()]
     if not with_sae:
-        if any((runlib.step_dir(run, s) / "records.jsonl").exists() for s in steps):
+        if any(runlib.records_file(runlib.step_dir(run, s)).exists() for s in steps):
             raise UserError(f"{run}: lineage cannot run on feature records alone (imported records?): it runs the "
                             "same tokens through each checkpoint's LM and SAE, and this run has no step-N/sae")
         raise UserError(f"{run}: no step-N/sae folders (train SAEs first: autointerp sae train --run {run})")
@@ -554,12 +554,12 @@ def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
     """Every latent's granularity at `step`: its label where labelled, else the statistical
     decision over its record (granularity.decide with no LLM input), so counts cover all latents.
 
-    Cached in step-N/lineage.classes.json, keyed on the sizes and times of records.jsonl and
+    Cached in step-N/lineage.classes.json, keyed on the sizes and times of the records file and
     labels.jsonl (reading 2,048 records and deciding takes ~15 s on the demo)."""
     from autointerp import granularity
 
     folder = runlib.step_dir(run, step)
-    sources = [folder / "records.jsonl", folder / "labels.jsonl"]
+    sources = [runlib.records_file(folder), folder / "labels.jsonl"]
     key = [CLASSES_CACHE_VERSION] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p.exists()]
     cache = folder / CLASSES_CACHE
     if cache.exists():
