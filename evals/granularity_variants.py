@@ -53,6 +53,7 @@ SQUARED = ["top1_share", "top2_share", "family_share", "distinct_ratio", "entrop
            "gloss_ja_en_share", "gloss_en_ja_share", "loanword_share", "cross_script_variant_share",
            "activating_ratio"]
 SYN_OFFSETS = (-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+TREES = 200  # boosting iterations / forest size of the tree families
 
 
 # ---- extra evidence --------------------------------------------------------------------------------
@@ -170,10 +171,10 @@ class TreeModel:
 
     def __init__(self, family: str, X: np.ndarray, y: list[str], seed: int = 0):
         from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
-        self.est = (HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=200,
+        self.est = (HistGradientBoostingClassifier(max_depth=3, learning_rate=0.05, max_iter=TREES,
                                                    min_samples_leaf=10, random_state=seed)
                     if family == "hgb" else
-                    RandomForestClassifier(n_estimators=200, max_depth=6, n_jobs=1, random_state=seed))
+                    RandomForestClassifier(n_estimators=TREES, max_depth=6, n_jobs=1, random_state=seed))
         self.est.fit(X, y)
 
     def logits(self, X: np.ndarray) -> np.ndarray:
