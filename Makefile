@@ -19,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench eval clean
+.PHONY: setup demo test test-fast bench eval eval-lineage clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -62,6 +62,11 @@ bench:
 
 eval: setup
 	$(BIN)/python evals/eval_granularity.py
+
+# Feature lineage on a finished run (make demo first): permuted self-match, a second-seed SAE
+# on the last checkpoint (trained once into RUN/eval-lineage/), the shuffled-token null.
+eval-lineage: setup
+	$(BIN)/python evals/eval_lineage.py --run $(RUN)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

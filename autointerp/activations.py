@@ -44,6 +44,7 @@ class ActivationBatch:
     input_ids: torch.Tensor   # [B, T] long; right-padded
     mask: torch.Tensor        # [B, T] bool: True at real text tokens (not padding, not BOS/special)
     doc_ids: list[int]
+    start: int = 0            # position of the batch's first document in the stream
 
 
 # ---- model loading and introspection -----------------------------------------------------
@@ -138,8 +139,12 @@ def _doc_text_and_id(doc: Document | str, index: int) -> tuple[str, int]:
 
 
 def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int, batch_size: int = 32,
-                     max_tokens: int = 64, device: str | torch.device | None = None) -> Iterator[ActivationBatch]:
-    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document."""
+                     max_tokens: int = 64, device: str | torch.device | None = None,
+                     shard: tuple[int, int] | None = None) -> Iterator[ActivationBatch]:
+    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document.
+
+    shard=(rank, world): only the batches b with b % world == rank run (the model sees ~1/world
+    of the tokens; see autointerp.distributed)."""
     layers = decoder_layers(model)
     check_layer(model, layer)
     if batch_size < 1 or max_tokens < 1:
@@ -156,7 +161,12 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
     handle = layers[layer].register_forward_hook(hook)
     try:
         stream = iter(enumerate(docs))
-        while chunk := list(itertools.islice(stream, batch_size)):
+        for index in itertools.count():
+            chunk = list(itertools.islice(stream, batch_size))
+            if not chunk:
+                break
+            if shard is not None and index % shard[1] != shard[0]:
+                continue
             texts, doc_ids = zip(*(_doc_text_and_id(d, i) for i, d in chunk))
             encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
             width = max(len(e) for e in encoded)
@@ -175,7 +185,7 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
                 raise RuntimeError(f"the hook on layer {layer} did not run")
             acts = captured[0].float().cpu()
             mask = attention & ~torch.isin(input_ids, special)
-            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids))
+            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids), start=chunk[0][0])
     finally:
         handle.remove()
 

@@ -63,7 +63,7 @@ def _end_with_newline(path: Path) -> None:
 def load_records(source: Path) -> list[FeatureRecord]:
     """Records from a records JSONL(.gz) file, or every RUN/step-N/records.jsonl of a run directory."""
     if source.is_dir():
-        files = [runlib.step_dir(source, s) / "records.jsonl" for s in runlib.checkpoint_steps(source)]
+        files = [runlib.records_file(runlib.step_dir(source, s)) for s in runlib.checkpoint_steps(source)]
         files = [f for f in files if f.exists()]
         if not files:
             raise UserError(f"{source}: no step-N/records.jsonl in this directory (run `autointerp collect`)")

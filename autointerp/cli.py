@@ -29,6 +29,7 @@ STAGES = [
     ("sae", "autointerp.sae.cli"),
     ("collect", "autointerp.records"),
     ("records", "autointerp.records"),
+    ("lineage", "autointerp.lineage"),
     ("serve", "autointerp.serve"),
     ("label", "autointerp.explain"),
     ("score", "autointerp.score"),

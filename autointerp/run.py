@@ -4,7 +4,8 @@
       manifest.json              what was run, with which versions, seeds and prompt hashes
       lm/step-{N}/               Hugging Face checkpoints (model + tokenizer), N = training step
       step-{N}/sae/              sae.safetensors + config.json (+ metrics.json)
-      step-{N}/records.jsonl     feature records (top contexts, negatives, density)
+      step-{N}/records.jsonl.zst feature records (top contexts, negatives, density); zstd-compressed
+                                 JSONL (a plain records.jsonl is read as well)
       step-{N}/explanations.jsonl
       step-{N}/scores.jsonl
       step-{N}/labels.jsonl
@@ -28,6 +29,17 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_dir(run: str | Path, step: int) -> Path:
     return Path(run) / f"step-{step}"
+
+
+RECORDS_FILE = "records.jsonl.zst"  # what collect writes
+RECORDS_FILES = (RECORDS_FILE, "records.jsonl", "records.jsonl.gz")  # what every reader looks for
+
+
+def records_file(folder: str | Path) -> Path:
+    """A checkpoint folder's records file: the first of RECORDS_FILES that exists, else where
+    collect writes it."""
+    folder = Path(folder)
+    return next((folder / n for n in RECORDS_FILES if (folder / n).is_file()), folder / RECORDS_FILE)
 
 
 def lm_checkpoint_dir(run: str | Path, step: int) -> Path:

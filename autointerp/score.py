@@ -362,6 +362,16 @@ def cli(
     if bad := [m for m in chosen if m not in METHODS]:
         raise UserError(f"unknown scoring method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     settings = ScoreSettings(sim_contexts, sim_negatives, det_contexts, fuzz_contexts, window_width, methods=chosen)
+    if stats_only and not features:  # every latent, streamed (a whole SAE does not fit in memory as objects)
+        from autointerp.statlabels import write_stat_labels
+
+        for t in resolve_targets(target):
+            started = time.perf_counter()
+            n = write_stat_labels(t.records_path, t.folder / "labels.jsonl")
+            seconds = time.perf_counter() - started
+            console.print(f"{t.folder / 'labels.jsonl'}: {n} statistical labels "
+                          f"({n / max(seconds, 1e-9):,.1f} features/s)")
+        return
     work = []
     for t in resolve_targets(target):
         records = read_records(t.records_path)

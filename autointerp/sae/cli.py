@@ -39,22 +39,28 @@ def _split_docs(corpus: str, limit: int | None, eval_docs: int):
 
 
 def _activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs: int,
-                       cache_bytes: int = 2 << 30) -> Iterator[torch.Tensor]:
+                       cache_bytes: int = 2 << 30, shard: bool = False) -> Iterator[torch.Tensor]:
     """The masked token activations of every document, `epochs` times over.
 
     The first pass runs the LM; later passes replay it from memory when it fits in
-    `cache_bytes`, else they run the LM again (it is deterministic).
+    `cache_bytes`, else they run the LM again (it is deterministic). shard=True under torchrun:
+    each rank runs the LM on its share of the batches and the ranks exchange the activations,
+    so every rank yields the whole stream in single-process order (autointerp.distributed).
     """
     from autointerp.activations import iter_activations
+    from autointerp.distributed import gathered_rounds, rank_world
 
+    rank, world = rank_world() if shard else (0, 1)
     cache: list[torch.Tensor] | None = []
     size = 0
     for epoch in range(epochs):
         if epoch > 0 and cache is not None:
             yield from cache
             continue
-        for batch in iter_activations(model, tokenizer, docs, layer, batch_size=32, max_tokens=seq_len):
-            acts = batch.acts[batch.mask]
+        local = (b.acts[b.mask] for b in iter_activations(model, tokenizer, docs, layer, batch_size=32,
+                                                          max_tokens=seq_len,
+                                                          shard=(rank, world) if world > 1 else None))
+        for acts in gathered_rounds(local) if world > 1 else local:
             if cache is not None:
                 size += acts.numel() * acts.element_size()
                 cache = cache + [acts] if size <= cache_bytes else None
@@ -89,9 +95,9 @@ def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> d
 
 
 def _init_distributed() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    from autointerp.distributed import init_from_env
+
+    return init_from_env()
 
 
 def _train_one(model_path: str, revision: str | None, layer: int | None, step: int | None, out: Path,
@@ -116,7 +122,7 @@ def _train_one(model_path: str, revision: str | None, layer: int | None, step: i
             progress.update(task, completed=tokens, description=f"SAE {out.parent.name if step is not None else out} "
                                                                    f"fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
 
-    chunks = _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs)
+    chunks = _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs, shard=True)
     try:
         sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
     finally:
