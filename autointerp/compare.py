@@ -121,7 +121,10 @@ def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
 
 def load_labels(source: str | Path) -> LabelSet:
     """Read granularity labels from any supported input (see the module docstring)."""
-    path = expect(source, *LABEL_KINDS)
+    path = Path(source)
+    if path.suffix.lower() != ".csv":  # a CSV's columns are checked by _load_csv
+        expect(path, *LABEL_KINDS, expected="labels (label or annotate output, records with human labels, "
+                                            "a run folder or llm-jp-sae demo data)")
     out = LabelSet(source=str(source))
     if path.is_dir():
         label_files = sorted(path.glob("step-*/labels.jsonl"))

@@ -267,17 +267,18 @@ def _nouns(kinds: tuple[Kind, ...]) -> str:
     return nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " or " + nouns[-1]
 
 
-def expect(path: str | Path, *wanted: Kind, what: str | None = None) -> Path:
+def expect(path: str | Path, *wanted: Kind, what: str | None = None, expected: str | None = None) -> Path:
     """`path` if it holds one of the `wanted` kinds, else a UserError naming what it holds, what
     was expected and, when the path sits in a run, where the expected thing is.
 
-    `what` names the argument in the message (e.g. "--human") when that helps."""
+    `what` names the argument in the message (e.g. "--out") when that helps; `expected` says in
+    words what is read, when the list of kinds is long."""
     path = Path(path)
     found, detail = _detect(path)
     if _accepts(found, wanted):
         return path
     label = f"{what} {path}" if what else str(path)
-    expected = _nouns(wanted)
+    expected = expected or _nouns(wanted)
     if found == Kind.MISSING:
         message = f"{label}: no such file or folder (expected {expected})"
     else:

@@ -159,7 +159,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
     b.write_text('{"checkpoint_step": 2, "feature": 1, "granularity": "token"}\n')
     with pytest.raises(UserError, match="no \\(checkpoint_step, feature\\) in common"):
         compare_files(a, b)
-    with pytest.raises(UserError, match="neither a run directory"):
+    with pytest.raises(UserError, match="is a folder holding a.jsonl, b.jsonl, .* not labels"):
         load_labels(tmp_path)
 
 
