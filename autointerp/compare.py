@@ -292,10 +292,11 @@ def no_overlap_message(human: dict[Key, str], model: dict[Key, str], human_sourc
     model_path = Path(model_source)
     records = model_path if model_path.is_dir() else runlib.records_file(model_path.parent)
     target = str(records) if records.exists() else "RECORDS"
+    count = f"{len(ms[step])} feature{'s' if len(ms[step]) != 1 else ''}"
     return (f"{head}: the human labels cover features {feature_ranges(hs[step])} at step {step}; the model labels "
-            f"cover {feature_ranges(ms[step])} ({len(ms[step])} features): `autointerp label --features N` labels "
-            f"a seeded sample of N features per checkpoint, and `autointerp annotate {target} --features {n}` "
-            "shows you the same sample")
+            f"cover {feature_ranges(ms[step])} ({count}). `autointerp label --features N` labels a seeded sample of "
+            f"N live features per checkpoint: annotate the same ones with "
+            f"`autointerp annotate {target} --features {n}`")
 
 
 # --- output -------------------------------------------------------------------------------

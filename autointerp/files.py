@@ -234,7 +234,7 @@ def _pointer(path: Path, found: Kind, wanted: tuple[Kind, ...]) -> str:
                 files = [runlib.records_file(d) for d in _step_dirs(run) if runlib.records_file(d).exists()]
                 if files:
                     return f"records are in {_listed(files)}"
-        elif kind in (Kind.LABELS, Kind.HUMAN_LABELS):
+        elif kind == Kind.LABELS:  # labels.jsonl holds model labels
             if checkpoint is not None and (checkpoint / "labels.jsonl").exists() and path != checkpoint / "labels.jsonl":
                 return f"labels are in {checkpoint / 'labels.jsonl'}"
         elif kind == Kind.SAE:

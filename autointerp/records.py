@@ -559,18 +559,22 @@ def _fail_or_skip(value: str) -> str:
     return value
 
 
-def _cli_features(spec: str | None) -> list[int] | None:
+def _features_option(spec: str | None) -> str | None:
+    """--features N|A-B|a,b,c, checked when the command line is read."""
     try:
-        return parse_features(spec)
+        parse_features(spec)
     except UserError as exc:
-        raise typer.BadParameter(str(exc).split(": ", 1)[-1], param_hint="'--features'") from None
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return spec
 
 
-def _cli_steps(spec: str) -> set[int]:
+def _steps_option(spec: str | None) -> str | None:
+    """--steps: comma-separated checkpoint steps, checked when the command line is read."""
     try:
-        return {int(s) for s in spec.split(",") if s.strip()}
+        _ = spec is None or {int(s) for s in spec.split(",") if s.strip()}
     except ValueError:
-        raise typer.BadParameter(f"{spec!r}: expected comma-separated steps, e.g. 10,100", param_hint="'--steps'") from None
+        raise typer.BadParameter(f"{spec!r}: expected comma-separated steps, e.g. 10,100") from None
+    return spec
 
 
 def _progress(disable: bool = False) -> Progress:
@@ -653,12 +657,12 @@ def cli_collect(
     out: Path | None = typer.Option(None, "--out", metavar="RECORDS",
                                     help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
     layer: int | None = typer.Option(None, "--layer", min=0, help="Layer (default: the SAE config's)."),
-    steps: str | None = typer.Option(None, "--steps", metavar="STEPS", help="With --run: only these steps, comma-separated."),
+    steps: str | None = typer.Option(None, "--steps", metavar="STEPS", callback=_steps_option, help="With --run: only these steps, comma-separated."),
     top_k: int = typer.Option(50, "--top-k", min=1, help="Top contexts kept per latent (the true top-k by max activation)."),
     window: int = typer.Option(64, "--window", min=1, help="Context window in tokens (centred on the max token when documents are longer)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens read per document (default: --window)."),
     max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
-    features: str | None = typer.Option(None, "--features", metavar="FEATURES",
+    features: str | None = typer.Option(None, "--features", metavar="FEATURES", callback=_features_option,
                                         help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
     n_similar: int = typer.Option(10, "--n-similar", min=0, help="'similar' negatives per latent (ranked just below the top-k)."),
     n_random: int = typer.Option(20, "--n-random", min=0, help="'random' negatives per latent (contexts where it is silent)."),
@@ -690,7 +694,7 @@ def cli_collect(
     if world > 1 and device and device.startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"
     opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
-                n_random=n_random, n_same_token=n_same_token, features=_cli_features(features), seed=seed,
+                n_random=n_random, n_same_token=n_same_token, features=parse_features(features), seed=seed,
                 device=device)
     jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
     if sae is not None:
@@ -699,7 +703,7 @@ def cli_collect(
         jobs.append((sae, out, model, None))
     else:
         assert run is not None
-        wanted = None if steps is None else _cli_steps(steps)
+        wanted = None if steps is None else {int(s) for s in steps.split(",") if s.strip()}
         for step in runlib.checkpoint_steps(run):
             sae_dir = runlib.step_dir(run, step) / "sae"
             if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
