@@ -250,13 +250,13 @@ def annotate(records: Sequence[FeatureRecord], out: Path, annotator: str, read_k
     return {**done, "remaining": remaining}
 
 
-def _features_option(value: str | None) -> int | None:
-    if value is None:
-        return None
+def _features_option(value: str) -> str:
+    """--features N|all, checked when the command line is read."""
     try:
-        return parse_count(value)
+        parse_count(value)
     except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.", param_hint="'--features'") from None
+        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.") from None
+    return value
 
 
 def cli(
@@ -265,7 +265,7 @@ def cli(
     out: Path = typer.Option(..., "--out", metavar="HUMAN_LABELS",
                              help="Where answers are appended (JSONL); resumed if it exists."),
     annotator: str = typer.Option("anonymous", "--annotator", help="Your name, saved with each answer."),
-    features: str = typer.Option("all", "--features", metavar="N|all",
+    features: str = typer.Option("all", "--features", metavar="N|all", callback=_features_option,
                                  help="The seeded sample of N live features per records file that "
                                       "`autointerp label --features N` labels, or all features in file order."),
     step: list[int] = typer.Option([], "--step", min=0, help="Only these checkpoint steps (repeatable)."),
@@ -276,7 +276,7 @@ def cli(
     expect(records, Kind.RECORDS, Kind.RUN)
     if out.exists() and out.stat().st_size:
         expect(out, Kind.HUMAN_LABELS, what="--out")
-    selected = select(records_files(records), step, _features_option(features))
+    selected = select(records_files(records), step, parse_count(features))
     if not len(selected):
         raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else "")
                         + ("" if features == "all" else " with contexts"))
