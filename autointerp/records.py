@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -738,10 +737,14 @@ def cli_collect(
                                                  "checkpoints": done, "world_size": world,
                                                  "failed": [runlib.saved_path(f, run) for f in failed], **{k: v for k, v in opts.items() if k != "features"},
                                                  "features": features})
+    message = f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}" if failed else ""
     if world > 1:
-        torch.distributed.destroy_process_group()
+        if message and rank == 0:
+            console.print(f"[red]error:[/] {message}")
+        from autointerp.distributed import leave
+        leave(1 if failed else 0)
     if failed:
-        raise UserError(f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}")
+        raise UserError(message)
 
 
 # --------------------------------------------------------------------------- CLI: records show

@@ -230,7 +230,8 @@ def train(
                                                 "docs": docs,
                                                 "world_size": world, "seconds": round(time.time() - started, 1)})
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from autointerp.distributed import leave
+        leave()
 
 
 @cli.command()
