@@ -111,7 +111,7 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
         if parallel:
             raise UserError("--parallel applies to --engine llama-cpp (vLLM schedules its own batches)")
         if not model:
-            raise UserError("--engine vllm needs --model (a Hugging Face model id or local path)")
+            raise UserError("--engine vllm needs --llm (a Hugging Face model id or local path)")
         exe = shutil.which("vllm")
         prefix = [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
         cmd = [*prefix, "serve", model, "--host", host, "--port", str(port), "--max-model-len", str(n_ctx),
