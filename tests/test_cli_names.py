@@ -182,3 +182,47 @@ def test_a_value_that_looks_like_an_old_name_is_left_alone():
                                         {"--limit": "--docs"}, {}, {"--server-arg"})
     assert args == ["--server-arg", "--limit", "--docs=3", "x", "--", "--limit"] and len(notes) == 1
     assert refusal is None
+
+
+DOCS = [TABLE.parents[1] / "README.md", *sorted((TABLE.parent).glob("*.md"))]
+GROUPS = {"lm", "sae", "records"}
+
+
+def documented_commands():
+    """(file, line, subcommand, options) of every `autointerp ...` command line in a code block of
+    the README and docs/ (a `# comment` cut off; a value after --server-arg is not an option)."""
+    for path in DOCS:
+        in_block = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+                continue
+            match = re.match(r"(?:\s*(?:\$ )?(?:time )?|.*\| )(?:\.venv/bin/)?autointerp ([a-z]+)(?: ([a-z]+))?(.*)", line)
+            if not in_block or not match:
+                continue
+            first, second, rest = match.groups()
+            command = f"{first} {second}" if first in GROUPS and second else first
+            if first not in GROUPS and second:
+                rest = f" {second}{rest}"
+            words = rest.split(" #")[0].replace("[", " ").replace("]", " ").split()
+            options, skip = [], False
+            for word in words:
+                if not skip and word.startswith("--"):
+                    options.append(word.split("=")[0])
+                skip = word == "--server-arg"
+            yield path.name, number, command, options
+
+
+def test_the_readme_and_docs_use_the_current_names():
+    """A command line shown in the README or docs/ uses each option by its current name."""
+    commands = real_commands()
+    stale = []
+    seen = 0
+    for name, number, command, options in documented_commands():
+        if command not in commands or command in PENDING:
+            continue
+        seen += 1
+        names = visible_names(commands[command]) | {"--help"}
+        stale += [f"{name}:{number}: autointerp {command} {o}" for o in options if o not in names]
+    assert seen > 30
+    assert not stale, "old or unknown option names:\n" + "\n".join(stale)
