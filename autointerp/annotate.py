@@ -1,6 +1,6 @@
 """Label features by hand in the terminal, in the same format `autointerp compare` reads.
 
-    autointerp annotate RECORDS --out human.jsonl [--features N] [--annotator NAME]
+    autointerp annotate RECORDS --out human.jsonl [--features N] [--steps 10,600] [--annotator NAME]
 
 `--features N` asks about the same seeded sample of N live features per records file that
 `autointerp label --features N` labels (autointerp.sampling), so the two sets of labels meet in
@@ -34,6 +34,7 @@ from autointerp import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
+from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.sampling import parse_count, sample_keys
 from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, lean_record, scan_records
 
@@ -259,6 +260,7 @@ def _features_option(value: str) -> str:
     return value
 
 
+@renamed({"--step": "--steps"})
 def cli(
     records: Path = typer.Argument(..., metavar="RECORDS",
                                    help="Feature records: a records file (.jsonl, .jsonl.zst, .jsonl.gz) or a run folder."),
@@ -268,7 +270,8 @@ def cli(
     features: str = typer.Option("all", "--features", metavar="N|all", callback=_features_option,
                                  help="The seeded sample of N live features per records file that "
                                       "`autointerp label --features N` labels, or all features in file order."),
-    step: list[int] = typer.Option([], "--step", min=0, help="Only these checkpoint steps (repeatable)."),
+    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                                    help=f"Only these checkpoint steps, {STEPS_HELP}."),
     contexts: int = typer.Option(8, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),
 ) -> None:
@@ -276,8 +279,8 @@ def cli(
     expect(records, Kind.RECORDS, Kind.RUN)
     if out.exists() and out.stat().st_size:
         expect(out, Kind.HUMAN_LABELS, what="--out")
-    selected = select(records_files(records), step, parse_count(features))
+    selected = select(records_files(records), steps, parse_count(features))
     if not len(selected):
-        raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else "")
+        raise UserError(f"{records}: no feature records" + (f" at steps {', '.join(map(str, steps))}" if steps else "")
                         + ("" if features == "all" else " with contexts"))
     annotate(selected, out, annotator, key_reader(), n_contexts=contexts, window=window)

@@ -31,8 +31,8 @@ def stages(run: Path, layer: int, features: int, threads: int | None) -> list[tu
         label += ["--threads", str(threads)]
     return [
         ("train LM checkpoints", ["lm", "train", "--out", str(run / "lm")]),
-        ("train SAE per checkpoint", ["sae", "train", "--run", str(run), "--layer", str(layer)]),
-        ("collect feature records", ["collect", "--run", str(run)]),
+        ("train SAE per checkpoint", ["sae", "train", str(run), "--layer", str(layer)]),
+        ("collect feature records", ["collect", str(run)]),
         # all documents, not only the held-out ones: the embedded corpus holds out 136 documents
         # (7.9k tokens), on which ~28% of step 100's live latents never fire
         ("trace feature lineage", ["lineage", str(run), "--sample", "all"]),

@@ -25,6 +25,7 @@ import typer
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.options import renamed
 from autointerp.language import profile as language_profile
 from autointerp.language import trend as language_trend
 from autointerp.schema import (
@@ -466,6 +467,7 @@ def _manifest_model(manifest: dict[str, Any]) -> str | None:
     return manifest.get("model") if isinstance(manifest.get("model"), str) else None
 
 
+@renamed({"--max-features": "--per-page"})
 def cli(
     run_dir: Path = typer.Argument(..., help="Run directory (e.g. runs/demo)."),
     human: Path | None = typer.Option(None, "--human", help="Human labels to compare with (any format "
@@ -473,7 +475,7 @@ def cli(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default RUN_DIR/report)."),
     contexts: int = typer.Option(5, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
-    max_features: int | None = typer.Option(None, "--max-features", min=1,
+    max_features: int | None = typer.Option(None, "--per-page", min=1,
                                             help="At most this many features per checkpoint page, labelled first "
                                                  "(default: the labelled ones, or all when none is labelled, "
                                                  f"up to {DEFAULT_MAX_FEATURES})."),

@@ -122,7 +122,7 @@ def resolve_model(value: str | None, sae_dir: str | Path) -> str | None:
     """The language model an SAE config names (its `model`), as a path that exists or a Hugging
     Face id; a UserError naming the paths tried (and suggesting --model) when it is neither.
 
-    Tried in order: relative to the SAE folder (how `sae train --run` saves it), absolute or
+    Tried in order: relative to the SAE folder (how `sae train RUN_DIR` saves it), absolute or
     relative to the working directory (older runs), and for an SAE at RUN/step-N/sae whose saved
     path ends in lm/step-N, RUN/lm/step-N (an old run moved or opened from elsewhere)."""
     if not value:

@@ -1,4 +1,4 @@
-"""The data contract between stages: feature records and labels (see DESIGN.md).
+"""The data contract between stages: feature records and labels (docs/design.md).
 
 Every stage reads and writes these dataclasses through `iter_jsonl` / `write_jsonl`,
 so a file written by one stage is the input of the next.
@@ -169,7 +169,7 @@ class Scores(LatentRow):
 
 @dataclass
 class Label(LatentRow):
-    """The final label of one latent (DESIGN.md's label schema)."""
+    """The final label of one latent (the label schema of docs/design.md)."""
 
     checkpoint_step: int | None
     feature: int

@@ -89,9 +89,9 @@ def test_annotate_rejects_empty_input(tmp_path):
     records_path = tmp_path / "records.jsonl"
     write_jsonl(records_path, _records(2))
     result = CliRunner().invoke(_app(), [str(records_path), "--out", str(tmp_path / "h.jsonl"),
-                                         "--step", "7"], input="")
+                                         "--steps", "7"], input="")
     assert result.exit_code != 0
-    assert "no feature records at steps [7]" in str(result.exception)
+    assert "no feature records at steps 7" in str(result.exception)
 
 
 def _mixed_records(steps=(10, 100), n: int = 40) -> list[FeatureRecord]:

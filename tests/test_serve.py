@@ -133,7 +133,7 @@ def test_vllm_command_passes_parallel_flags_through():
     assert model == "explainer"  # clients must send the served name
     assert serve.build_command("vllm", "m", "h", 1, extra_args=["--served-model-name=x"])[1] == "x"
     assert serve.vllm_parallel_args() == []
-    with pytest.raises(UserError, match="needs --model"):
+    with pytest.raises(UserError, match="needs --llm"):
         serve.build_command("vllm", None, "127.0.0.1", 1)
     with pytest.raises(UserError, match="unknown engine"):
         serve.build_command("tgi", "m", "127.0.0.1", 1)
