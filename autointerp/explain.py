@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import jinja2
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,12 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import granularity, score
 from autointerp import run as run_lib
 from autointerp.errors import UserError
-from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, sha256_text, stream_results
+from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, stream_results
+from autointerp.prompting import PROMPTS_DIR, prompt_sha256, render  # noqa: F401 (score.py imports them from here until it switches)
 from autointerp.schema import (GRANULARITIES, Explanation, FeatureRecord, Scores, read_finished, read_records,
                                write_jsonl)
 from autointerp.serve import endpoint
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 TEMPLATE = "explain"
 
 EXPLANATION_SCHEMA: dict[str, Any] = {
@@ -51,28 +50,6 @@ CHAT_OVERHEAD_TOKENS = 48  # the chat template's role markers around the prompt
 
 
 # ---- prompts -------------------------------------------------------------------------------------
-
-def _template_path(name: str) -> Path:
-    path = PROMPTS_DIR / f"{name}.txt"
-    if not path.is_file():
-        raise UserError(f"prompt template {path} not found")
-    return path
-
-
-def prompt_sha256(name: str) -> str:
-    """sha256 of a template's text: recorded with every answer and part of the cache key."""
-    return sha256_text(_template_path(name).read_text(encoding="utf-8"))
-
-
-_env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PROMPTS_DIR)), undefined=jinja2.StrictUndefined,
-                          keep_trailing_newline=False, autoescape=False)
-
-
-def render(name: str, **variables: Any) -> str:
-    """Render prompts/<name>.txt with jinja2 (missing variables are an error)."""
-    _template_path(name)
-    return _env.get_template(f"{name}.txt").render(**variables)
-
 
 def quote_token(token: str) -> str:
     """A token as a JSON string: HTML, quotes and instruction-like text stay visibly data."""
