@@ -18,6 +18,7 @@ import json
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,3 +69,42 @@ def update_manifest(run: str | Path, stage: str, info: dict[str, Any]) -> None:
     tmp = run / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     tmp.replace(run / "manifest.json")
+
+
+@dataclass
+class Target:
+    """One checkpoint's records file and where its stage outputs go."""
+
+    records_path: Path
+    folder: Path  # explanations/scores/labels.jsonl go here: next to records.jsonl
+    run_dir: Path  # manifest.json and cache.sqlite live here
+
+
+def resolve_targets(target: Path) -> list[Target]:
+    """A records.jsonl file, a step-N folder, or a run directory (every step-N/records.jsonl)."""
+    from autointerp.errors import UserError
+
+    target = Path(target)
+    if target.is_file():
+        folder = target.parent
+        run_dir = folder.parent if _STEP_DIR.match(folder.name) else folder
+        return [Target(target, folder, run_dir)]
+    if target.is_dir():
+        if (target / "records.jsonl").is_file():
+            return resolve_targets(target / "records.jsonl")
+        found = [step_dir(target, s) / "records.jsonl" for s in checkpoint_steps(target)]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return [Target(p, p.parent, target) for p in found]
+        raise UserError(f"{target}: no step-N/records.jsonl inside (run `autointerp collect` first)")
+    raise UserError(f"{target}: no such records file or run directory")
+
+
+def sample_live(records: list, n: int, seed: int = 0) -> list:
+    """A seeded random sample of n latents that have contexts, in feature order (stable across
+    reruns): what `label --features N` and `score --features N` work on."""
+    import random
+
+    live = [r for r in records if r.contexts]
+    chosen = random.Random(seed).sample(live, min(n, len(live)))
+    return sorted(chosen, key=lambda r: r.feature)

@@ -141,14 +141,20 @@ class Scores(LatentRow):
     checkpoint_step: int | None
     feature: int
     simulation: float | None = None
-    detection: float | None = None
-    fuzzing: float | None = None
-    simulator: dict[str, Any] = field(default_factory=dict)
+    detection: float | None = None  # balanced accuracy
+    fuzzing: float | None = None  # balanced accuracy
+    simulator: dict[str, Any] = field(default_factory=dict)  # model, examples shown, metric details
     error: str | None = None
+    ci95: dict[str, list[float]] = field(default_factory=dict)  # method -> [lo, hi], seeded bootstrap
+    auc: dict[str, float] = field(default_factory=dict)  # detection/fuzzing AUC where logprobs came back
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
-        return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")})
+        out = {f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")}
+        for name in ("simulator", "ci95", "auc"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return cls(**out)
 
 
 @dataclass
