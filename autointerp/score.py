@@ -80,8 +80,8 @@ class ScoreSettings:
     n_non_activating: int = 10  # non-activating windows per method
     per_prompt: int = 5  # detection/fuzzing examples per prompt (delphi's 5)
     n_quantiles: int = 5  # activation bins the activating windows are drawn from
-    window: int = 4  # detection/fuzzing: tokens shown either side of the window's centre
-    sim_window: int = 2  # simulation: tokens either side of the centre
+    window: int = 3  # detection/fuzzing: tokens shown either side of the window's centre
+    sim_window: int = 1  # simulation: tokens either side of the centre
     sim_per_prompt: int = 20  # simulation windows per prompt (all tokens are pooled over prompts)
     simulation: str = "json"  # "json" (chat + JSON schema + top_logprobs) or "prompt-logprobs" (vLLM)
     top_logprobs: int = 10
@@ -183,7 +183,7 @@ def expected_level(top_logprobs: dict[str, float]) -> float | None:
     weights: dict[int, float] = {}
     for token, logprob in top_logprobs.items():
         text = (token or "").strip()
-        if text.isdigit() and 0 <= int(text) <= 10:
+        if text.isascii() and text.isdigit() and 0 <= int(text) <= 10:
             weights[int(text)] = weights.get(int(text), 0.0) + math.exp(logprob)
     total = sum(weights.values())
     return sum(k * w for k, w in weights.items()) / total if total > 0 else None
@@ -545,7 +545,7 @@ def simulation_predictions(text: str, logprobs: list | None, n: int) -> tuple[li
     if not array:
         return parsed, "json"
     out, used = [], 0
-    for i, m in enumerate(re.finditer(r"\d+(?:\.\d+)?", array.group(1))):
+    for i, m in enumerate(re.finditer(r"[0-9]+(?:\.[0-9]+)?", array.group(1))):
         if i >= n:
             break
         lp = starts.get(array.start(1) + m.start())
@@ -562,19 +562,14 @@ def _object_schema(key: str, n: int, item: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _simulate_json(client, description: str, windows: list[Window], settings: ScoreSettings) -> list[float]:
-    """One chat request: the simulator lists an integer 0..10 per numbered token."""
-    texts, index = [], 0
-    for w in windows:
-        tokens = []
-        for token in w.tokens:
-            index += 1
-            tokens.append({"index": index, "text": json.dumps(shown_token(token), ensure_ascii=False)})
-        texts.append(tokens)
+    """One chat request: the simulator lists an integer 0..10 per token, text after text."""
+    texts = [[shown_token(t).replace("|", "¦") for t in w.tokens] for w in windows]
+    index = sum(len(t) for t in texts)
     prompt = render("simulate", description=description, texts=texts, n_tokens=index)
     schema = _object_schema("activations", index, {"type": "integer", "minimum": 0, "maximum": 10})
     result = await client.chat([{"role": "user", "content": prompt}], template_sha=prompt_sha256("simulate"),
                                response_format=json_response_format(schema, "simulation"),
-                               max_tokens=4 * index + 32, temperature=0.0, logprobs=True,
+                               max_tokens=6 * index + 64, temperature=0.0, logprobs=True,
                                top_logprobs=settings.top_logprobs)
     if result.truncated:  # a cut-short list would be padded with zeros: not a prediction
         raise ValueError("answer cut short by max_tokens")
@@ -983,7 +978,9 @@ def cli(
     n_non_activating: int = typer.Option(None, help="Non-activating examples per method (the records' negatives)."),
     per_prompt: int = typer.Option(None, help="Detection/fuzzing examples per prompt (default 5, as delphi)."),
     window_width: int = typer.Option(None, "--window", help="Detection/fuzzing: tokens shown either side of the "
-                                                            "max token (default 4 on CPU, 16 on vLLM)."),
+                                                            "max token (default 3 on CPU, 16 on vLLM)."),
+    sim_window: int = typer.Option(None, help="Simulation: tokens shown either side of the max token (default 1 "
+                                              "on CPU, 8 on vLLM)."),
     simulation: str = typer.Option(None, help="json (chat answer, top_logprobs: llama.cpp) or prompt-logprobs "
                                               "(one prefill pass: vLLM); default by engine."),
     control_fraction: float = typer.Option(0.2, help="Share of the scored latents scored again with another "
@@ -1007,7 +1004,7 @@ def cli(
     console = Console(stderr=True)
     settings = ScoreSettings.for_engine(
         engine, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_activating=n_activating,
-        n_non_activating=n_non_activating, per_prompt=per_prompt, window=window_width, simulation=simulation,
+        n_non_activating=n_non_activating, per_prompt=per_prompt, window=window_width, sim_window=sim_window, simulation=simulation,
         seed=seed)
     targets = run_lib.resolve_targets(target)
     work = []

@@ -212,7 +212,7 @@ def test_plan_examples_held_out_balanced_and_description_free():
     held_tokens = {tuple(c.tokens) for c in held}
     assert len(plan.activating) == 10 and len(plan.non_activating) == 10
     for w in plan.activating:  # every activating window is a slice of a held-out context
-        assert any(tuple(w.tokens) == t[max(0, 8 - 4):8 + 5] for t in held_tokens) and w.peak > 0
+        assert any(tuple(w.tokens) == t[8 - settings.window:8 + settings.window + 1] for t in held_tokens) and w.peak > 0
     kinds = plan.counts()
     assert "similar" not in kinds and kinds.get("same-token", 0) + kinds.get("random", 0) == 10
     same = [w for w in plan.non_activating if w.kind == "same-token"]
@@ -266,7 +266,7 @@ class ScriptedClient:
                 lps += [TokenLogprob(str(h), 0.0, {"1": math.log(p1), "0": math.log(1 - p1)}), TokenLogprob(",", 0.0, {})]
             lps[-1] = TokenLogprob("]", 0.0, {})
             return ChatResult(text=text, logprobs=lps)
-        tokens = [json.loads(t) for t in re.findall(r'^\d+\. (".*")$', last, re.M)]
+        tokens = [t for line in re.findall(r"^Text \d+ \(\d+ tokens\): (.*)$", last, re.M) for t in line.split("|")]
         values = [0 if self.constant else (10 if t.strip() == word else 0) for t in tokens]
         return ChatResult(text=json.dumps({"activations": values}))
 
