@@ -19,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench eval eval-lineage clean
+.PHONY: setup demo test test-fast bench eval eval-lineage eval-scores clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -63,6 +63,11 @@ eval: setup
 # on the last checkpoint (trained once into RUN/eval-lineage/), the shuffled-token null.
 eval-lineage: setup
 	$(BIN)/python evals/eval_lineage.py --run $(RUN)
+
+# The scorers' shuffled-description control on the dev features: each sampled feature scored with
+# its own and with another's description (embedded SmolLM2; cached in runs/eval-scores/).
+eval-scores: setup
+	$(BIN)/python evals/eval_scores.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -66,6 +66,7 @@ TEMPLATES = {"detection": "detect", "fuzzing": "fuzz", "simulation": "simulate",
              "simulation-prompt-logprobs": "simulate_all_at_once"}
 SIMULATION_MODES = ("json", "prompt-logprobs")
 NO_DESCRIPTION = "no description to score"
+MIN_CONTROL_PAIRS = 10  # latents scored both ways before the control may call a method informative
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -879,9 +880,13 @@ def compare_control(matched: dict[Key, Scores], shuffled: dict[Key, Scores], met
         gaps = list(a - b)
         ci = bootstrap_ci([gaps], lambda g: float(np.mean(g)), n_boot, f"control:{seed}:{method}")
         gap = float(np.mean(gaps))
-        signal = ci[0] > 0
+        # a percentile bootstrap over a handful of latents is too narrow to trust: no verdict of signal
+        signal = ci[0] > 0 and len(pairs) >= MIN_CONTROL_PAIRS
         span = f"gap {_num(gap)}, 95% CI {_num(ci[0])}–{_num(ci[1])}"
-        if signal:
+        if len(pairs) < MIN_CONTROL_PAIRS:
+            verdict = (f"{method}: {len(pairs)} latents are too few for a verdict ({span}; at least "
+                       f"{MIN_CONTROL_PAIRS} needed): treat it as noise")
+        elif signal:
             verdict = f"{method} discriminates ({span})"
         elif ci[1] < 0:
             verdict = (f"{method} from {model} scores shuffled descriptions higher than matched ones ({span}): "
@@ -894,6 +899,23 @@ def compare_control(matched: dict[Key, Scores], shuffled: dict[Key, Scores], met
     return out
 
 
+def control_plan(records: Sequence[FeatureRecord], descriptions: dict[Key, str], scores: Sequence[Scores],
+                 fraction: float = 0.2, minimum: int = 10, seed: int = 0
+                 ) -> tuple[list[FeatureRecord], dict[Key, str], dict[Key, Key]]:
+    """(sample, shuffled descriptions, where each came from): the control's seeded sample of the
+    latents with a description and a matched score, and a seeded derangement of their descriptions
+    (avoiding equal texts where possible). Empty descriptions when fewer than 2 latents."""
+    scored = {s.key for s in scores if any(getattr(s, m) is not None for m in METHODS)}
+    sample = control_sample(records, descriptions, scored, fraction, minimum, seed)
+    if len(sample) < 2:
+        return sample, {}, {}
+    texts = [descriptions[r.key].strip() for r in sample]
+    perm = shuffled_assignment(texts, random.Random(f"derangement:{seed}"))
+    shuffled = {r.key: descriptions[sample[p].key] for r, p in zip(sample, perm)}
+    origin = {r.key: sample[p].key for r, p in zip(sample, perm)}
+    return sample, shuffled, origin
+
+
 def run_control(records: Sequence[FeatureRecord], descriptions: dict[Key, str], scores: Sequence[Scores],
                 client, out_path: str | Path | None, settings: ScoreSettings | None = None,
                 fraction: float = 0.2, minimum: int = 10, seed: int = 0,
@@ -904,8 +926,9 @@ def run_control(records: Sequence[FeatureRecord], descriptions: dict[Key, str], 
     (never the matched scores' file) and are resumable. Returns the comparison per method."""
     settings = settings or ScoreSettings()
     matched = {s.key: s for s in scores if any(getattr(s, m) is not None for m in METHODS)}
-    sample = control_sample(records, descriptions, set(matched), fraction, minimum, seed)
-    model = getattr(client, "model", "") or ""
+    sample, shuffled, origin = control_plan(records, descriptions, scores, fraction, minimum, seed)
+    model = next((s.simulator.get("model") for s in matched.values() if (s.simulator or {}).get("model")),
+                 getattr(client, "model", "") or "")
     base = ControlResult(methods={}, n_latents=len(sample), model=model, seed=seed, fraction=fraction,
                          sample=[list(r.key) for r in sample])
     if len(sample) < 2:
@@ -914,10 +937,6 @@ def run_control(records: Sequence[FeatureRecord], descriptions: dict[Key, str], 
                             "verdict": f"{m}: too few scored latents ({len(sample)}) for a control"}
                         for m in settings.methods}
         return base
-    texts = [descriptions[r.key].strip() for r in sample]
-    perm = shuffled_assignment(texts, random.Random(f"derangement:{seed}"))
-    shuffled = {r.key: descriptions[sample[p].key] for r, p in zip(sample, perm)}
-    origin = {r.key: sample[p].key for r, p in zip(sample, perm)}
     control_scores = score_records(sample, shuffled, client, out_path, settings, on_done, pool=records, origin=origin)
     base.methods = compare_control(matched, {s.key: s for s in control_scores}, settings.methods, model, seed)
     return base

@@ -105,21 +105,25 @@ def test_compare_control_hand_computed():
     def s(key, det, auc=None):
         return Scores(5, key, detection=det, auc={} if auc is None else {"detection": auc})
 
-    matched = {(5, i): s(i, v) for i, v in enumerate([0.9, 0.8, 0.7, 0.6])}
-    shuffled = {(5, i): s(i, v) for i, v in enumerate([0.5, 0.6, 0.7, 0.8])}
+    matched = {(5, i): s(i, v) for i, v in enumerate([0.9, 0.8, 0.7, 0.6] * 3)}
+    shuffled = {(5, i): s(i, v) for i, v in enumerate([0.5, 0.6, 0.7, 0.8] * 3)}
     out = score.compare_control(matched, shuffled, ["detection"], "m", seed=0)["detection"]
-    # gaps 0.4, 0.2, 0.0, -0.2: mean 0.1; balanced accuracy since no latent has an AUC
-    assert out["metric"] == "balanced accuracy" and out["n"] == 4
+    # gaps 0.4, 0.2, 0.0, -0.2 (x3): mean 0.1; balanced accuracy since no latent has an AUC
+    assert out["metric"] == "balanced accuracy" and out["n"] == 12
     assert out["matched"] == pytest.approx(0.75) and out["shuffled"] == pytest.approx(0.65)
     assert out["gap"] == pytest.approx(0.1)
     lo, hi = out["ci95"]
     assert -0.2 <= lo < 0.1 < hi <= 0.4 and not out["signal"]
     assert "does not beat shuffled descriptions (gap 0.10" in out["verdict"]
     # worse than shuffled: the interval lies below 0
-    low = {(5, i): s(i, 0.5 + 0.01 * i) for i in range(6)}
-    high = {(5, i): s(i, 0.8 - 0.02 * i) for i in range(6)}
+    low = {(5, i): s(i, 0.5 + 0.01 * i) for i in range(10)}
+    high = {(5, i): s(i, 0.8 - 0.01 * i) for i in range(10)}
     worse = score.compare_control(low, high, ["detection"], "m", 0)["detection"]
     assert worse["ci95"][1] < 0 and "higher than matched" in worse["verdict"] and "−" in worse["verdict"]
+    # a clear gap on fewer than MIN_CONTROL_PAIRS latents is no verdict of signal
+    small = score.compare_control({(5, i): s(i, 0.9) for i in range(3)}, {(5, i): s(i, 0.5 + 0.01 * i) for i in range(3)},
+                                  ["detection"], "m", 0)["detection"]
+    assert small["ci95"][0] > 0 and not small["signal"] and "too few for a verdict" in small["verdict"]
     # too few latents
     few = score.compare_control({(5, 0): s(0, 1.0)}, {(5, 0): s(0, 0.5)}, ["detection"], "m", 0)["detection"]
     assert few["gap"] is None and not few["signal"] and "too few" in few["verdict"]
