@@ -247,10 +247,12 @@ class LLMClient:
 
     async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
                        temperature: float = 0.0, logprobs: int | None = None,
-                       stop: list[str] | None = None, extra_body: dict[str, Any] | None = None) -> ChatResult:
+                       stop: list[str] | None = None, extra_body: dict[str, Any] | None = None,
+                       cache: bool = True) -> ChatResult:
         """A plain text completion (the /completions endpoint: few-shot prompts, no chat
         template); `logprobs` asks for that many alternatives per generated token; `extra_body`
-        carries server extensions, e.g. vLLM's {"prompt_logprobs": N}."""
+        carries server extensions, e.g. vLLM's {"prompt_logprobs": N}; cache=False for answers too
+        big to keep (prompt logprobs: N alternatives at every prompt token)."""
         request: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                                    "seed": self.seed}
         if logprobs is not None:
@@ -259,12 +261,14 @@ class LLMClient:
             request["stop"] = stop
         if extra_body:
             request["extra_body"] = extra_body
-        return await self._send("completions", request, template_sha)
+        return await self._send("completions", request, template_sha, cache)
 
-    async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str) -> ChatResult:
+    async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str,
+                    use_cache: bool = True) -> ChatResult:
         """One request to /chat/completions or /completions: cache, bounded concurrency, retries."""
         key = cache_key(self.model, template_sha, request if endpoint == "chat" else {"completions": request})
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        cache = self.cache if use_cache else None
+        if cache is not None and (hit := cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return _result_from_dict(hit, cached=True)
 
@@ -287,8 +291,8 @@ class LLMClient:
                     self.stats.requests += 1
                     self.stats.prompt_tokens += result.prompt_tokens
                     self.stats.completion_tokens += result.completion_tokens
-                    if self.cache is not None:
-                        self.cache.put(key, _result_to_dict(result))
+                    if cache is not None:
+                        cache.put(key, _result_to_dict(result))
                     return result
                 finally:
                     self.stats.seconds += time.perf_counter() - started

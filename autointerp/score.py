@@ -633,7 +633,8 @@ async def _simulate_prompt_logprobs(client, description: str, windows: list[Wind
     prompt, slots = all_at_once_prompt(description, windows)
     result = await client.complete(prompt, template_sha=prompt_sha256(TEMPLATES["simulation-prompt-logprobs"]),
                                    max_tokens=1, temperature=0.0,
-                                   extra_body={"prompt_logprobs": settings.top_logprobs})
+                                   extra_body={"prompt_logprobs": settings.top_logprobs},
+                                   cache=False)  # N alternatives at every prompt token: MBs an answer
     return predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
 
 

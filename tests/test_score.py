@@ -376,3 +376,69 @@ def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
     assert scored.detection is not None and 0.0 <= scored.detection <= 1.0
     assert "detection" in scored.auc and len(scored.ci95["detection"]) == 2
     assert scored.simulator["detection"]["answered"] == 5
+
+
+class _VllmLike:
+    """A /v1/completions endpoint answering as vLLM does with prompt_logprobs: the simulator it
+    plays predicts 10 at every " dog" slot and 0 elsewhere."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                bodies.append(body)
+                prompt = body["prompt"]
+                target = prompt.rsplit("Description:", 1)[1]
+                slot_tokens = re.findall(r"^(.*)\tunknown$", target, re.M)
+                expected = {i: ({"10": 0.9, "0": 0.1} if t == " dog" else {"0": 0.95, "1": 0.05})
+                            for i, t in enumerate(slot_tokens)}
+                answer = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                          "choices": [{"index": 0, "text": "\n", "logprobs": None, "finish_reason": "length",
+                                       "prompt_logprobs": _vllm_prompt_logprobs(prompt, expected)}],
+                          "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_simulation_over_vllm_prompt_logprobs_end_to_end(tmp_path):
+    from autointerp.llm import LLMClient
+
+    server = _VllmLike()
+    try:
+        client = LLMClient(server.base_url, "m", cache_path=tmp_path / "cache.sqlite")
+        settings = score.ScoreSettings.for_engine("vllm", methods=("simulation",), n_activating=10,
+                                                  n_non_activating=10, bootstrap=100)
+        [s] = score.score_records([_record(0)], {(5, 0): "the word dog"}, client, settings=settings)
+        client.close()
+    finally:
+        server.close()
+    body = server.bodies[0]
+    assert body["prompt_logprobs"] == settings.top_logprobs and body["max_tokens"] == 1  # one prefill pass
+    windows = score.sim_windows(score.plan_examples(_record(0), settings), settings)
+    assert len(windows) == 20 and len(server.bodies) == 1  # 20 windows: one prompt, one request
+    assert body["prompt"].count("\tunknown") == sum(len(w.tokens) for w in windows) == s.simulator["simulation"]["n_tokens"]
+    # expected values 0.9 * 10 = 9 at " dog", 0.05 * 1 elsewhere, against the true levels, pooled
+    predicted = [9.0 if t == " dog" else 0.05 for w in windows for t in w.tokens]
+    true = [v for w in windows for v in w.levels]
+    assert s.simulator["simulation"]["mode"] == "prompt-logprobs"
+    assert s.simulation == pytest.approx(score.correlation(predicted, true), abs=1e-4) and s.simulation > 0.5
+    assert not (tmp_path / "cache.sqlite").exists() or "prompt_logprobs" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
