@@ -44,6 +44,7 @@ class ActivationBatch:
     input_ids: torch.Tensor   # [B, T] long; right-padded
     mask: torch.Tensor        # [B, T] bool: True at real text tokens (not padding, not BOS/special)
     doc_ids: list[int]
+    start: int = 0            # position of the batch's first document in the stream
 
 
 # ---- model loading and introspection -----------------------------------------------------
@@ -138,8 +139,12 @@ def _doc_text_and_id(doc: Document | str, index: int) -> tuple[str, int]:
 
 
 def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int, batch_size: int = 32,
-                     max_tokens: int = 64, device: str | torch.device | None = None) -> Iterator[ActivationBatch]:
-    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document."""
+                     max_tokens: int = 64, device: str | torch.device | None = None,
+                     shard: tuple[int, int] | None = None) -> Iterator[ActivationBatch]:
+    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document.
+
+    shard=(rank, world): only the batches b with b % world == rank run (the model sees ~1/world
+    of the tokens; see autointerp.distributed)."""
     layers = decoder_layers(model)
     check_layer(model, layer)
     if batch_size < 1 or max_tokens < 1:
@@ -156,7 +161,12 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
     handle = layers[layer].register_forward_hook(hook)
     try:
         stream = iter(enumerate(docs))
-        while chunk := list(itertools.islice(stream, batch_size)):
+        for index in itertools.count():
+            chunk = list(itertools.islice(stream, batch_size))
+            if not chunk:
+                break
+            if shard is not None and index % shard[1] != shard[0]:
+                continue
             texts, doc_ids = zip(*(_doc_text_and_id(d, i) for i, d in chunk))
             encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
             width = max(len(e) for e in encoded)
@@ -175,7 +185,7 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
                 raise RuntimeError(f"the hook on layer {layer} did not run")
             acts = captured[0].float().cpu()
             mask = attention & ~torch.isin(input_ids, special)
-            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids))
+            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids), start=chunk[0][0])
     finally:
         handle.remove()
 
@@ -215,15 +225,15 @@ def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
 # ---- CLI ---------------------------------------------------------------------------------
 
 def cli(
-    model: str = typer.Option(..., "--model", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
-    layer: int = typer.Option(..., "--layer", help="Decoder layer (0-based) whose output is read."),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
+    layer: int = typer.Option(..., "--layer", min=0, help="Decoder layer (0-based) whose output is read."),
     revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
-    corpus: str = typer.Option("debian-reference", "--corpus", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    limit: int = typer.Option(None, "--limit", help="Use only the first N documents."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens read from the start of each document (BOS included)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Use only the first N documents."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens read from the start of each document (BOS included)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    out: Path = typer.Option(None, "--out", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
+    out: Path = typer.Option(None, "--out", metavar="DIR", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
 ) -> None:
     """Extract one layer's residual stream over a corpus, streaming; print a summary (and write shards)."""
     docs = load_corpus(corpus, limit=limit)

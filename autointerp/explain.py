@@ -205,9 +205,9 @@ def resolve_targets(target: Path) -> list[Target]:
         run_dir = folder.parent if run_lib._STEP_DIR.match(folder.name) else folder
         return [Target(target, folder, run_dir)]
     if target.is_dir():
-        if (target / "records.jsonl").is_file():
-            return resolve_targets(target / "records.jsonl")
-        found = [run_lib.step_dir(target, s) / "records.jsonl" for s in run_lib.checkpoint_steps(target)]
+        if run_lib.records_file(target).is_file():
+            return resolve_targets(run_lib.records_file(target))
+        found = [run_lib.records_file(run_lib.step_dir(target, s)) for s in run_lib.checkpoint_steps(target)]
         found = [p for p in found if p.is_file()]
         if found:
             return [Target(p, p.parent, target) for p in found]

@@ -24,6 +24,7 @@ distinct token, not per context.
 from __future__ import annotations
 
 import difflib
+
 import json
 import math
 import sqlite3
@@ -32,10 +33,10 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, islice
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -743,6 +744,52 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
     return model.classes[best], float(proba[best]), evidence
 
 
+def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
+                 models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None) -> Label:
+    """The Label of one latent: calibrated granularity, language trend + profile, scores, explainer.
+    `texts`: its language.context_texts, when the caller has them."""
+    try:
+        granularity, confidence, evidence = decide(record, expl, sc, models)
+        error = evidence.get("reason")
+    except Exception as exc:  # never lose a latent: label it and say why
+        granularity, confidence, evidence = "uninterpretable", 0.0, {}
+        error = f"granularity decision failed: {type(exc).__name__}: {exc}"
+    try:
+        profile = language.profile(record, texts=texts)
+    except Exception as exc:
+        profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
+    features = evidence.get("features", {})
+    cross = bool(profile.get("cross_lingual")) or (granularity == "concept-synonym" and (
+        features.get("cross_script_variant_share", 0.0) > 0
+        or any(features.get(f"{s}_share", 0.0) > 0 for s in LINK_SOURCES)))
+    return Label(
+        checkpoint_step=record.checkpoint_step, feature=record.feature,
+        description=expl.description if expl else "",
+        granularity=granularity, cross_lingual=cross, language=profile.get("trend", "mix"),
+        language_profile=profile,
+        scores={k: getattr(sc, k) if sc else None for k in ("simulation", "detection", "fuzzing")},
+        confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
+        error=error or (expl.error if expl else None), evidence=evidence)
+
+
+def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,
+                scores: Iterable[Scores] | None = None, models: dict[str, GranularityModel] | None = None,
+                chunk: int = 256) -> Iterator[Label]:
+    """build_labels over a stream: one Label per record, in order, holding `chunk` records at a
+    time (their context languages are detected together, in one langdetect batch)."""
+    by_expl = {e.key: e for e in explanations or []}
+    by_score = {s.key: s for s in scores or []}
+    models = models if models is not None else load_models()
+    it = iter(records)
+    while batch := list(islice(it, chunk)):
+        try:
+            texts = language.detect_records(batch)
+        except Exception:  # a text langdetect chokes on: each latent's profile reports its own error
+            texts = [None] * len(batch)
+        for record, record_texts in zip(batch, texts):
+            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models, record_texts)
+
+
 def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,
                  scores: Iterable[Scores] | None = None,
                  models: dict[str, GranularityModel] | None = None) -> list[Label]:
@@ -750,31 +797,4 @@ def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explan
 
     With explanations None (no server reachable) the statistical model decides alone.
     """
-    by_expl = {e.key: e for e in explanations or []}
-    by_score = {s.key: s for s in scores or []}
-    labels = []
-    for record in records:
-        expl, sc = by_expl.get(record.key), by_score.get(record.key)
-        try:
-            granularity, confidence, evidence = decide(record, expl, sc, models)
-            error = evidence.get("reason")
-        except Exception as exc:  # never lose a latent: label it and say why
-            granularity, confidence, evidence = "uninterpretable", 0.0, {}
-            error = f"granularity decision failed: {type(exc).__name__}: {exc}"
-        try:
-            profile = language.profile(record)
-        except Exception as exc:
-            profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
-        features = evidence.get("features", {})
-        cross = bool(profile.get("cross_lingual")) or (granularity == "concept-synonym" and (
-            features.get("cross_script_variant_share", 0.0) > 0
-            or any(features.get(f"{s}_share", 0.0) > 0 for s in LINK_SOURCES)))
-        labels.append(Label(
-            checkpoint_step=record.checkpoint_step, feature=record.feature,
-            description=expl.description if expl else "",
-            granularity=granularity, cross_lingual=cross, language=profile.get("trend", "mix"),
-            language_profile=profile,
-            scores={k: getattr(sc, k) if sc else None for k in ("simulation", "detection", "fuzzing")},
-            confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
-            error=error or (expl.error if expl else None), evidence=evidence))
-    return labels
+    return list(iter_labels(records, explanations, scores, models))

@@ -2,7 +2,9 @@
 
 Two detectors, because they see different things:
 - langdetect over each context's text (seeded: langdetect is random unless DetectorFactory.seed
-  is set). Knows ~55 languages; too noisy on one token.
+  is set). Knows ~55 languages; too noisy on one token. It runs once per distinct text (a cache:
+  a whole SAE's contexts repeat across latents), over many texts at once through
+  langdetect_batch (the same answers, bit for bit, ~4x faster than one call a text).
 - a script detector for the max-activating token: kana/kanji -> "ja", Latin letters -> "en",
   anything else (digits, punctuation, whitespace, byte fragments) -> "other".
 The paper's own rule (llm-jp-sae) is coarser: a max token is "en" when it is ASCII, else "ja",
@@ -17,7 +19,7 @@ import re
 import unicodedata
 from collections import Counter
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from langdetect import DetectorFactory, detect_langs
 from langdetect.lang_detect_exception import LangDetectException
@@ -37,6 +39,7 @@ def _is_latin_letter(ch: str) -> bool:
     return ch.isalpha() and "LATIN" in unicodedata.name(ch, "")
 
 
+@lru_cache(maxsize=1 << 18)
 def clean_token(token: str) -> str:
     """A token as text: SentencePiece's '▁' as a space, byte tokens like '<0x0A>' as their char."""
     token = token.replace("▁", " ")
@@ -48,11 +51,13 @@ def clean_token(token: str) -> str:
     return _BYTE_TOKEN.sub(byte, token).replace("\ufffd", "")
 
 
+@lru_cache(maxsize=1 << 18)
 def normalize_token(token: str) -> str:
     """The form two max tokens are compared in: text, NFKC, stripped, lowercased."""
     return unicodedata.normalize("NFKC", clean_token(token)).strip().lower()
 
 
+@lru_cache(maxsize=1 << 18)
 def token_script(token: str) -> str:
     """Script of one token: 'ja' (kana/kanji), 'en' (Latin letters), else 'other'."""
     text = normalize_token(token)
@@ -82,16 +87,73 @@ def trend_from_counts(counts: dict[str, int], threshold: float = TREND_THRESHOLD
 
 
 def context_text(context: Context) -> str:
-    return "".join(clean_token(t) for t in context.tokens)
+    """The context's tokens as one text (clean_token on each)."""
+    text = "".join(context.tokens)
+    if "\u2581" in text or "<0x" in text or "\ufffd" in text:  # else clean_token changes no token
+        return "".join(map(clean_token, context.tokens))
+    return text
 
 
-@lru_cache(maxsize=65536)
-def detect_language(text: str) -> str:
-    """langdetect's best language code for a text ('unknown' when it has no letters)."""
+def context_texts(record: FeatureRecord) -> list[str]:
+    """The texts langdetect reads for a latent: its (non-empty) top contexts."""
+    return [context_text(c) for c in record.contexts if c.tokens]
+
+
+def detect_records(records: Sequence[FeatureRecord]) -> list[list[str]]:
+    """Detect the context languages of many latents in one batch (profile() then finds them
+    cached); returns each record's context_texts."""
+    texts = [context_texts(r) for r in records]
+    detect_languages(t for ts in texts for t in ts)
+    return texts
+
+
+def langdetect_language(text: str) -> str:
+    """langdetect's best language code for one text, one library call ('unknown' when it has no
+    letters). The reference that detect_languages reproduces; no cache."""
     try:
-        return detect_langs(text)[0].lang
+        found = detect_langs(text)
     except LangDetectException:
         return "unknown"
+    return found[0].lang if found else "unknown"
+
+
+_LANGUAGE_CACHE: dict[str, str] = {}  # context text -> language; a whole SAE's contexts repeat
+_CACHE_LIMIT = 1 << 18  # texts (~0.5 KB each with the key): ~130 MB at most per process
+
+
+@lru_cache(maxsize=1)
+def _batch_detector():
+    from autointerp.langdetect_batch import BatchDetector
+
+    try:
+        return BatchDetector()
+    except RuntimeError:  # a Python whose random.choice draws differently: one call a text
+        return None
+
+
+def detect_languages(texts: Iterable[str], batch: int = 16384) -> list[str]:
+    """langdetect's best language per text: each distinct text is detected once (cached), the new
+    ones `batch` at a time."""
+    texts = list(texts)
+    cache = _LANGUAGE_CACHE
+    todo = list(dict.fromkeys(t for t in texts if t not in cache))
+    if not todo:
+        return [cache[t] for t in texts]
+    detector = _batch_detector()
+    new: dict[str, str] = {}
+    for i in range(0, len(todo), batch):
+        part = todo[i:i + batch]
+        new.update(zip(part, detector.detect(part) if detector else map(langdetect_language, part)))
+    result = [new[t] if t in new else cache[t] for t in texts]
+    if len(cache) + len(new) > _CACHE_LIMIT:
+        cache.clear()
+    cache.update(new)
+    return result
+
+
+def detect_language(text: str) -> str:
+    """langdetect's best language code for a text ('unknown' when it has no letters)."""
+    return detect_languages([text])[0]
 
 
 def max_token(context: Context) -> str | None:
@@ -116,15 +178,23 @@ def entropy(counter: Counter) -> float:
     return -sum(v / total * math.log2(v / total) for v in counter.values() if v) if total else 0.0
 
 
-def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1) -> dict[str, Any]:
+def trend(record: FeatureRecord) -> str:
+    """The paper's language trend of a latent alone (profile()["trend"], without langdetect)."""
+    tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
+    return trend_from_counts(Counter(paper_token_language(t) for t in tokens))
+
+
+def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1,
+            texts: Sequence[str] | None = None) -> dict[str, Any]:
     """A JSON-able language profile of one latent.
 
     trend is the paper's rule (by `paper_token_language` on max tokens); trend_langdetect is the
     same >90% rule over langdetect's context languages. cross_lingual: both English and Japanese
-    max tokens, each in at least `cross_lingual_min_share` of the activating contexts.
+    max tokens, each in at least `cross_lingual_min_share` of the activating contexts. `texts`:
+    context_texts(record), when the caller has them already.
     """
     tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
-    context_langs = Counter(detect_language(context_text(c)) for c in record.contexts if c.tokens)
+    context_langs = Counter(detect_languages(context_texts(record) if texts is None else texts))
     scripts = Counter(token_script(t) for t in tokens)
     paper_counts = Counter(paper_token_language(t) for t in tokens)
     n = len(tokens)

@@ -37,7 +37,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.text import Text
 
 from autointerp import run as runlib
+from autointerp import schema
 from autointerp.errors import UserError
+from autointerp.files import Kind, expect
 from autointerp.language import trend_from_counts
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
@@ -114,12 +116,15 @@ class TopContexts:
 
     @torch.inference_mode()
     def add(self, values: torch.Tensor, indices: torch.Tensor, token_row: torch.Tensor,
-            token_pos: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, doc_ids: Sequence[int]) -> None:
+            token_pos: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, doc_ids: Sequence[int],
+            base: int | None = None) -> None:
         """Merge one batch: SAE codes `values/indices` [N, k_sae] of the batch's N valid tokens
-        (in row-major order), with each token's row and position in the [B, T] batch."""
+        (in row-major order), with each token's row and position in the [B, T] batch. `base`:
+        the stream position of the batch's first context (default: right after the last batch;
+        a rank under torchrun sees only its share of the batches)."""
         B, T = input_ids.shape
         n = len(self.latents)
-        base = self.n_contexts
+        base = self.n_contexts if base is None else base
         values, indices = values.to(self.device), indices.to(self.device)
         token_row, token_pos = token_row.to(self.device), token_pos.to(self.device)
         col = self.column[indices]
@@ -173,6 +178,45 @@ class TopContexts:
         alive = set(torch.unique(self.context).tolist()) | set(self.pool)
         for q in [q for q in self.stored if q not in alive]:
             del self.stored[q]
+
+    def merge_ranks(self) -> bool:
+        """Under torchrun: every rank's buffers merged into rank 0's tracker, exactly as one
+        process over all the batches would have them (per latent the top `keep` contexts by
+        activation, ties to the earlier context; counts summed). Returns True on rank 0."""
+        from autointerp.distributed import broadcast_from_first, gather_to_first, rank_world
+
+        rank, _ = rank_world()
+        self.prune()
+        parts = gather_to_first({name: getattr(self, name).cpu() for name in
+                                 ("values", "context", "position", "fired_tokens", "fired_contexts", "pool_fired")}
+                                | {"n_tokens": self.n_tokens, "n_contexts": self.n_contexts})
+        needed = None
+        if parts is not None:
+            values = torch.cat([p["values"] for p in parts], 1)
+            context = torch.cat([p["context"] for p in parts], 1)
+            position = torch.cat([p["position"] for p in parts], 1)
+            # order by context (empty slots last), then stably by value: ties keep the earlier context
+            by_context = torch.sort(torch.where(values > 0, context, torch.iinfo(torch.long).max), dim=1,
+                                    stable=True).indices
+            values, context, position = (t.gather(1, by_context) for t in (values, context, position))
+            order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :self.keep]
+            values, context, position = (t.gather(1, order) for t in (values, context, position))
+            context = torch.where(values > 0, context, torch.full_like(context, -1))
+            position = torch.where(values > 0, position, torch.zeros_like(position))
+            for name, value in (("values", values), ("context", context), ("position", position),
+                                ("fired_tokens", sum(p["fired_tokens"] for p in parts)),
+                                ("fired_contexts", sum(p["fired_contexts"] for p in parts)),
+                                ("pool_fired", torch.stack([p["pool_fired"] for p in parts]).any(0))):
+                setattr(self, name, value.to(self.device))
+            self.n_tokens = sum(p["n_tokens"] for p in parts)
+            self.n_contexts = sum(p["n_contexts"] for p in parts)
+            needed = set(context[context >= 0].tolist()) | set(self.pool)
+        needed = broadcast_from_first(needed)
+        stored = gather_to_first({q: s for q, s in self.stored.items() if q in needed})
+        if stored is None:
+            return False
+        self.stored = {q: s for part in stored for q, s in part.items()}
+        return True
 
 
 # --------------------------------------------------------------------------- records
@@ -325,6 +369,9 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
     # the top-k buffers live where the SAE does (activations arrive on the CPU)
     device = next((p.device for p in sae.parameters()), torch.device("cpu")) if hasattr(sae, "parameters") else torch.device("cpu")
     tracker: TopContexts | None = None
+    from autointerp.distributed import rank_world
+
+    distributed = rank_world()[1] > 1  # each rank has its share of the batches (iter_activations' shard)
     with torch.inference_mode():
         for batch in batches:
             acts, mask = batch.acts.to(device), batch.mask.to(device)
@@ -335,12 +382,15 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
             token_pos = (mask.cumsum(1) - 1)[mask]
             x = acts[mask].float()
             values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
-            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids))
+            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids),
+                        base=batch.start if distributed else None)
             if on_batch:
                 on_batch(len(batch.doc_ids), int(mask.sum()))
-    if tracker is None:  # an empty corpus: every latent is dead
-        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, (), "cpu")
+    if tracker is None:  # an empty corpus (or no batch left for this rank): every latent is dead
+        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool if distributed else (), device)
     tracker.prune()
+    if distributed and not tracker.merge_ranks():
+        return iter(())  # rank 0 writes the records
     return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random,
                                    n_same_token=n_same_token, seed=seed,
                                    model=model, layer=layer, checkpoint_step=checkpoint_step))
@@ -372,8 +422,12 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
     """
     from autointerp.activations import iter_activations, token_strings
 
+    from autointerp.distributed import rank_world
+
+    rank, world = rank_world()
     batches = iter_activations(model, tokenizer, docs, layer, batch_size=batch_size,
-                               max_tokens=max_tokens or window, device=device)
+                               max_tokens=max_tokens or window, device=device,
+                               shard=(rank, world) if world > 1 else None)
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return stream_from_batches(batches, sae, lambda ids: token_strings(tokenizer, ids), n_docs=len(docs),
                                 layer=layer, model=str(name), checkpoint_step=checkpoint_step, top_k=top_k,
@@ -436,15 +490,22 @@ def import_llmjp_demo(path: str | Path) -> list[FeatureRecord]:
     return [_llmjp_record(f, s) for s, f in pairs]
 
 
-def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
-    """Records from a records JSONL(.gz) file (this project's or the shared dev file; extras
-    such as human labels are kept in .extra) or from an llm-jp-sae demo folder/file."""
+def stream_records(path: str | Path, on_error: str = "fail",
+                   warn: Callable[[str], None] | None = None) -> Iterator[FeatureRecord]:
+    """Records, one at a time, from a records file (JSONL plain, .gz or .zst: this project's or
+    the shared dev file; extras such as human labels are kept in .extra) or from an llm-jp-sae
+    demo folder/file."""
     path = Path(path)
     if path.is_dir() or (path.suffix == ".json" and path.stem.isdigit()):
-        return import_llmjp_demo(path)
+        return iter(import_llmjp_demo(path))
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
-    return list(iter_jsonl(path, FeatureRecord.from_dict, on_error, warn))  # type: ignore[arg-type]
+    return schema.stream_records(path, on_error, warn)  # type: ignore[arg-type]
+
+
+def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
+    """stream_records(...) as a list."""
+    return list(stream_records(path, on_error, warn))
 
 
 def find_records(path: str | Path, feature: int, step: int | None = None, on_error: str = "fail",
@@ -491,10 +552,42 @@ def parse_features(spec: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
-def _progress() -> Progress:
+def _fail_or_skip(value: str) -> str:
+    if value not in ("fail", "skip"):
+        raise typer.BadParameter(f"{value!r} is not one of 'fail', 'skip'.")
+    return value
+
+
+def _features_option(spec: str | None) -> str | None:
+    """--features N|A-B|a,b,c, checked when the command line is read."""
+    try:
+        parse_features(spec)
+    except UserError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return spec
+
+
+def _steps_option(spec: str | None) -> str | None:
+    """--steps: comma-separated checkpoint steps, checked when the command line is read."""
+    try:
+        _ = spec is None or {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+        raise typer.BadParameter(f"{spec!r}: expected comma-separated steps, e.g. 10,100") from None
+    return spec
+
+
+def _progress(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=disable)
+
+
+def _model_name(model_id: str, run: Path | None) -> str:
+    """The records' `model` field: a hub id as is, a local folder relative to the run (lm/step-600)
+    or, outside a run, absolute."""
+    if run is not None:
+        return runlib.saved_path(model_id, run)
+    return str(Path(model_id).resolve()) if Path(model_id).exists() else model_id
 
 
 def _sae_provenance(sae) -> dict[str, Any]:
@@ -503,13 +596,14 @@ def _sae_provenance(sae) -> dict[str, Any]:
 
 
 def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | None, docs, *, layer: int | None,
-                 step: int | None, opts: dict[str, Any], progress: Progress) -> dict[str, Any]:
+                 step: int | None, opts: dict[str, Any], progress: Progress, run: Path | None = None) -> dict[str, Any]:
     from autointerp.activations import load_lm
     from autointerp.sae import load_sae
 
     sae = load_sae(sae_dir, device=opts["device"] or "cpu")
     prov = _sae_provenance(sae)
-    model_id = lm_path or prov["model"]
+    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+    model_id = lm_path or runlib.resolve_model(prov["model"], folder)
     if not model_id:
         raise UserError(f"{sae_dir}: the SAE config names no model; pass --model")
     layer = layer if layer is not None else prov["layer"]
@@ -528,7 +622,7 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
     records = iter_collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
                       max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
                       n_random=opts["n_random"], n_same_token=opts["n_same_token"], features=opts["features"], seed=opts["seed"],
-                      device=opts["device"], model_name=str(prov["model"] or model_id), checkpoint_step=step,
+                      device=opts["device"], model_name=_model_name(str(model_id), run), checkpoint_step=step,
                       on_batch=on_batch)
     counts = {"latents": 0, "dead": 0}
 
@@ -538,56 +632,73 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
             counts["dead"] += not r.contexts
             yield r
 
+    from autointerp.distributed import rank_world
+
+    if rank_world()[0] != 0:  # under torchrun rank 0 holds the merged records and writes them
+        return {}
     write_jsonl(out, counted(records))  # streamed: one chunk of latents in memory at a time
     seconds = time.perf_counter() - started
-    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s")
-    return {"records": str(out), **counts, "tokens": seen[0], "seconds": round(seconds, 2)}
+    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s"
+                  + (f" (this rank's share of the tokens; {rank_world()[1]} ranks)" if rank_world()[1] > 1 else ""))
+    return {"records": runlib.saved_path(out, run) if run is not None else str(out), **counts, "tokens": seen[0],
+            "seconds": round(seconds, 2)}
 
 
 def cli_collect(
-    run: Path | None = typer.Option(None, "--run", help="Run directory: collect for every RUN/step-N/sae into RUN/step-N/records.jsonl."),
-    sae: Path | None = typer.Option(None, "--sae", help="One SAE folder (instead of --run)."),
-    model: str | None = typer.Option(None, "--model", help="LM (HF id or folder). Default: RUN/lm/step-N, else the SAE config's model."),
+    run: Path | None = typer.Option(None, "--run", metavar="RUN_DIR",
+                                    help="Run folder: collect for every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst."),
+    sae: Path | None = typer.Option(None, "--sae", metavar="SAE_DIR", help="One SAE folder (instead of --run)."),
+    model: str | None = typer.Option(None, "--model", metavar="MODEL",
+                                     help="LM (Hugging Face id or folder). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
-    corpus: str = typer.Option("debian-reference", "--corpus", help="Corpus spec (see autointerp.corpus.load_corpus)."),
-    out: Path | None = typer.Option(None, "--out", help="Output records JSONL (with --sae)."),
-    layer: int | None = typer.Option(None, "--layer", help="Layer (default: the SAE config's)."),
-    steps: str | None = typer.Option(None, "--steps", help="With --run: only these steps, comma-separated."),
-    top_k: int = typer.Option(50, "--top-k", help="Top contexts kept per latent (the true top-k by max activation)."),
-    window: int = typer.Option(64, "--window", help="Context window in tokens (centred on the max token when documents are longer)."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Tokens read per document (default: --window)."),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="Read at most this many documents."),
-    features: str | None = typer.Option(None, "--features", help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
-    n_similar: int = typer.Option(10, "--n-similar", help="'similar' negatives per latent (ranked just below the top-k)."),
-    n_random: int = typer.Option(20, "--n-random", help="'random' negatives per latent (contexts where it is silent)."),
-    n_same_token: int = typer.Option(5, "--n-same-token", help="'same-token' negatives per latent (silent contexts holding its max token)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
+                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    out: Path | None = typer.Option(None, "--out", metavar="RECORDS",
+                                    help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
+    layer: int | None = typer.Option(None, "--layer", min=0, help="Layer (default: the SAE config's)."),
+    steps: str | None = typer.Option(None, "--steps", metavar="STEPS", callback=_steps_option, help="With --run: only these steps, comma-separated."),
+    top_k: int = typer.Option(50, "--top-k", min=1, help="Top contexts kept per latent (the true top-k by max activation)."),
+    window: int = typer.Option(64, "--window", min=1, help="Context window in tokens (centred on the max token when documents are longer)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens read per document (default: --window)."),
+    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
+    features: str | None = typer.Option(None, "--features", metavar="FEATURES", callback=_features_option,
+                                        help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
+    n_similar: int = typer.Option(10, "--n-similar", min=0, help="'similar' negatives per latent (ranked just below the top-k)."),
+    n_random: int = typer.Option(20, "--n-random", min=0, help="'random' negatives per latent (contexts where it is silent)."),
+    n_same_token: int = typer.Option(5, "--n-same-token", min=0, help="'same-token' negatives per latent (silent contexts holding its max token)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
-    force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records.jsonl exists."),
-    on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
+    force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records file exists."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
 ) -> None:
-    """Collect feature records: the true top-k contexts of every SAE latent, negatives, density."""
-    from autointerp.corpus import load_corpus
+    """Collect feature records: the true top-k contexts of every SAE latent, negatives, density.
 
-    if on_error not in ("skip", "fail"):
-        raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
+    Under torchrun each rank runs the model on its share of the documents; rank 0 merges the
+    per-rank top-k exactly and writes the records."""
+    from autointerp.corpus import load_corpus
+    from autointerp.distributed import init_from_env
+
     if threads is not None:
-        if threads < 1:
-            raise UserError("--threads must be at least 1")
         torch.set_num_threads(threads)
     if (run is None) == (sae is None):
-        raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
+        raise UserError("give either --run RUN_DIR or --sae SAE_DIR (with --out RECORDS)")
+    if run is not None:
+        expect(run, Kind.RUN, what="--run")
+    if sae is not None:
+        expect(sae, Kind.SAE, what="--sae")
+    rank, world = init_from_env()
+    if world > 1 and device and device.startswith("cuda"):
+        device = f"cuda:{torch.cuda.current_device()}"
     opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
                 n_random=n_random, n_same_token=n_same_token, features=parse_features(features), seed=seed,
                 device=device)
     jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
     if sae is not None:
         if out is None:
-            raise UserError("--sae needs --out FILE")
-        if not sae.is_dir() and not sae.is_file():
-            raise UserError(f"{sae}: no such SAE folder")
+            raise UserError("--sae needs --out RECORDS")
         jobs.append((sae, out, model, None))
     else:
         assert run is not None
@@ -597,12 +708,12 @@ def cli_collect(
             if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
                 continue
             lm_dir = runlib.lm_checkpoint_dir(run, step)
-            jobs.append((sae_dir, runlib.step_dir(run, step) / "records.jsonl", model or (str(lm_dir) if lm_dir.is_dir() else None), step))
+            jobs.append((sae_dir, runlib.records_file(runlib.step_dir(run, step)), model or (str(lm_dir) if lm_dir.is_dir() else None), step))
         if not jobs:
             raise UserError(f"{run}: no step-N/sae folders to collect from (train SAEs first: autointerp sae train)")
     todo = [j for j in jobs if force or not j[1].exists()]
     for j in jobs:
-        if j not in todo:
+        if j not in todo and rank == 0:
             console.print(f"[dim]{j[1]} exists; skipped (--force to redo)[/]")
     if not todo:
         return
@@ -611,22 +722,29 @@ def cli_collect(
         raise UserError(f"corpus {corpus!r} has no documents")
     done: dict[str, Any] = {}
     failed: list[str] = []
-    with _progress() as progress:
+    with _progress(disable=rank != 0) as progress:
         for sae_dir, out_path, lm, step in todo:
             try:
                 done[str(step)] = _collect_one(sae_dir, out_path, lm, revision, docs, layer=layer, step=step,
-                                               opts=opts, progress=progress)
+                                               opts=opts, progress=progress, run=run)
             except (UserError, OSError, ValueError, RuntimeError) as exc:
                 if on_error == "fail":
                     raise UserError(f"{sae_dir}: {exc}") from None
                 failed.append(str(sae_dir))
                 console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
-    if run is not None:
-        runlib.update_manifest(run, "collect", {"corpus": corpus, "max_docs": max_docs, "checkpoints": done,
-                                                 "failed": failed, **{k: v for k, v in opts.items() if k != "features"},
+    if run is not None and rank == 0:
+        runlib.update_manifest(run, "collect", {"corpus": runlib.saved_path(corpus, run), "max_docs": max_docs,
+                                                 "checkpoints": done, "world_size": world,
+                                                 "failed": [runlib.saved_path(f, run) for f in failed], **{k: v for k, v in opts.items() if k != "features"},
                                                  "features": features})
+    message = f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}" if failed else ""
+    if world > 1:
+        if message and rank == 0:
+            console.print(f"[red]error:[/] {message}")
+        from autointerp.distributed import leave
+        leave(1 if failed else 0)
     if failed:
-        raise UserError(f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}")
+        raise UserError(message)
 
 
 # --------------------------------------------------------------------------- CLI: records show
@@ -673,14 +791,17 @@ def describe_record(record: FeatureRecord, n_contexts: int = 5, n_negatives: int
 
 @cli_records.command("show")
 def show(
-    file: Path = typer.Argument(..., help="records.jsonl(.gz), or an llm-jp-sae docs/data folder."),
-    feature: int = typer.Option(..., "--feature", "-f", help="Latent id."),
-    step: int | None = typer.Option(None, "--step", help="Checkpoint step (when the file holds several)."),
-    contexts: int = typer.Option(5, "--contexts", help="How many top contexts to print."),
-    negatives: int = typer.Option(0, "--negatives", help="How many negatives to print."),
-    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    file: Path = typer.Argument(..., metavar="RECORDS",
+                                help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
+    feature: int = typer.Option(..., "--feature", "-f", min=0, help="Latent id."),
+    step: int | None = typer.Option(None, "--step", min=0, help="Checkpoint step (when the file holds several)."),
+    contexts: int = typer.Option(5, "--contexts", min=0, help="How many top contexts to print."),
+    negatives: int = typer.Option(0, "--negatives", min=0, help="How many negatives to print."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
+    expect(file, Kind.RECORDS, Kind.LLMJP_DEMO)
     out = Console(highlight=False, soft_wrap=True)
     matches = find_records(file, feature, step, on_error,
                            warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
@@ -695,12 +816,23 @@ def show(
 
 @cli_records.command("import")
 def import_(
-    source: Path = typer.Argument(..., help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
-    out: Path = typer.Option(..., "--out", help="Output records JSONL."),
-    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    source: Path = typer.Argument(..., metavar="SOURCE",
+                                  help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
+    out: Path = typer.Option(..., "--out", metavar="RECORDS",
+                             help="Output records file: .jsonl (plain), .jsonl.zst (compact) or .jsonl.gz."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
-    """Convert llm-jp-sae demo data (or a records file) into this project's records JSONL."""
-    records = read_records(source, on_error, warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
-    write_jsonl(out, records)
-    steps = sorted({r.checkpoint_step for r in records}, key=lambda s: -1 if s is None else s)
-    console.print(f"{out}: {len(records)} records, steps {steps}")
+    """Convert llm-jp-sae demo data or a records file (plain, .gz or .zst) into records JSONL,
+    plain or compact by --out's name; streamed, so it also turns a compact file back into plain JSONL."""
+    expect(source, Kind.RECORDS, Kind.LLMJP_DEMO)
+    steps: set[int | None] = set()
+
+    def seen(records: Iterable[FeatureRecord]) -> Iterator[FeatureRecord]:
+        for r in records:
+            steps.add(r.checkpoint_step)
+            yield r
+
+    n = write_jsonl(out, seen(stream_records(source, on_error,
+                                             warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))))
+    console.print(f"{out}: {n} records, steps {sorted(steps, key=lambda s: -1 if s is None else s)}")

@@ -13,6 +13,7 @@ data is HTML-escaped by jinja2's autoescape. A stage that has not run is named, 
 from __future__ import annotations
 
 import base64
+import heapq
 import io
 import json
 from collections import Counter
@@ -25,8 +26,9 @@ import typer
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.language import profile as language_profile
+from autointerp.language import trend as language_trend
 from autointerp.schema import (
-    GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl,
+    GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
 )
 
 Key = tuple[int | None, int]
@@ -44,10 +46,19 @@ COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": 
 
 # --- reading a run directory -----------------------------------------------------------------
 
+# A checkpoint page lists at most this many features by default: a whole SAE (32,768 latents)
+# on one page would be hundreds of MB of HTML; the page says how many it leaves out.
+DEFAULT_MAX_FEATURES = 1000
+
+
 @dataclass
 class StepData:
     step: int
-    records: dict[Key, FeatureRecord] = field(default_factory=dict)
+    records: dict[Key, FeatureRecord] = field(default_factory=dict)  # those kept (see read_step)
+    n_records: int = 0  # all records in the file, kept or not
+    record_keys: set[Key] = field(default_factory=set)
+    record_trends: Counter = field(default_factory=Counter)  # the paper's language trend of every record
+    context_counts: dict[Key, int] = field(default_factory=dict)  # contexts of kept records before trimming
     labels: dict[Key, Label] = field(default_factory=dict)
     explanations: dict[Key, Explanation] = field(default_factory=dict)
     scores: dict[Key, Scores] = field(default_factory=dict)
@@ -61,11 +72,15 @@ def _read_keyed(path: Path, parse: Callable[[dict], Any], warnings: list[str]) -
     return {item.key: item for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append)}
 
 
-def read_step(run: Path, step: int) -> StepData:
+def read_step(run: Path, step: int, max_records: int | None = None, max_contexts: int | None = None) -> StepData:
+    """A checkpoint's stage outputs. Records are streamed: every one is counted and its language
+    trend tallied, but only `max_records` are kept (None: all): the labelled ones with the
+    lowest feature ids first, then unlabelled ones by feature id; kept records keep only their
+    first `max_contexts` contexts and no negatives (None: all). So memory does not grow with
+    the number of latents."""
     folder = runlib.step_dir(run, step)
     data = StepData(step=step)
-    stages = [("records.jsonl", "records", FeatureRecord.from_dict, "records (autointerp collect)"),
-              ("labels.jsonl", "labels", Label.from_dict, "labels (autointerp label)"),
+    stages = [("labels.jsonl", "labels", Label.from_dict, "labels (autointerp label)"),
               ("explanations.jsonl", "explanations", Explanation.from_dict, None),
               ("scores.jsonl", "scores", Scores.from_dict, None)]
     for filename, attr, parse, missing_name in stages:
@@ -74,6 +89,11 @@ def read_step(run: Path, step: int) -> StepData:
             setattr(data, attr, _read_keyed(path, parse, data.warnings))
         elif missing_name:
             data.missing.append(missing_name)
+    records_path = runlib.records_file(folder)
+    if records_path.exists():
+        _stream_records(records_path, data, max_records, max_contexts)
+    else:
+        data.missing.insert(0, "records (autointerp collect)")
     metrics_path = folder / "sae" / "metrics.json"
     if metrics_path.exists():
         try:
@@ -83,6 +103,31 @@ def read_step(run: Path, step: int) -> StepData:
     else:
         data.missing.append("SAE metrics (sae/metrics.json)")
     return data
+
+
+def _stream_records(path: Path, data: StepData, max_records: int | None, max_contexts: int | None) -> None:
+    labelled = sorted(data.labels, key=lambda k: k[1])
+    wanted = set(labelled if max_records is None else labelled[:max_records])
+    room = None if max_records is None else max_records - len(wanted)
+    unlabelled: list[tuple[int, int, FeatureRecord]] = []  # a max-heap by feature id (negated), size <= room
+    # a page shows contexts, density and max activation: the lean reader skips negatives and extras
+    for i, record in enumerate(stream_lean_records(path, on_error="skip", warn=data.warnings.append)):
+        data.n_records += 1
+        data.record_keys.add(record.key)
+        data.record_trends[language_trend(record)] += 1
+        if max_contexts is not None:
+            data.context_counts[record.key] = len(record.contexts)
+            record.contexts, record.negatives = record.contexts[:max_contexts], []
+        if record.key in data.labels:
+            if record.key in wanted:
+                data.records[record.key] = record
+        elif room is None:
+            data.records[record.key] = record
+        elif room > 0:
+            heapq.heappush(unlabelled, (-record.feature, -i, record))
+            if len(unlabelled) > room:
+                heapq.heappop(unlabelled)
+    data.records.update((r.key, r) for _, _, r in unlabelled)
 
 
 def sae_metric(metrics: dict[str, Any], name: str) -> float | None:
@@ -138,7 +183,7 @@ def feature_view(key: Key, data: StepData, human: dict[Key, str], n_contexts: in
         "density": record.density if record else None,
         "max_activation": record.max_activation if record else None,
         "contexts": [context_window(c, window) for c in (record.contexts[:n_contexts] if record else [])],
-        "n_contexts": len(record.contexts) if record else 0,
+        "n_contexts": data.context_counts.get(key, len(record.contexts)) if record else 0,
     }
 
 
@@ -167,8 +212,8 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
     if labels:
         language = Counter(l.language or (l.language_profile or {}).get("trend") or "unknown" for l in labels)
         cross = sum(l.cross_lingual for l in labels) / len(labels)
-    elif data.records:
-        language = Counter(language_profile(r).get("trend", "unknown") for r in data.records.values())
+    elif data.n_records:
+        language = Counter(data.record_trends)
         cross = None
     else:
         language, cross = Counter(), None
@@ -185,7 +230,7 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
 
         agreement = compare_labels(step_human, model).overall
     return {
-        "step": data.step, "n_records": len(data.records), "n_labels": len(labels),
+        "step": data.step, "n_records": data.n_records, "n_labels": len(labels),
         "granularity": dict(granularity), "language": dict(language), "cross_lingual": cross,
         "scores": scores, "metrics": {name: sae_metric(data.metrics, name) for name in SAE_METRICS},
         "human_shares": _shares(Counter(step_human.values())), "agreement": agreement,
@@ -363,7 +408,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     summaries, all_model = [], {}
     lineage_view = _lineage_view(run, steps)
     for i, step in enumerate(steps):
-        data = read_step(run, step)
+        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature)
         summary = step_summary(data, human_labels)
         summaries.append(summary)
         all_model.update({k: l.granularity for k, l in data.labels.items() if l.granularity})
@@ -372,13 +417,14 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         labelled = sorted(data.labels, key=lambda k: k[1])
         unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k[1])
         keys = labelled + unlabelled
-        shown = keys[:max_features] if max_features else (labelled or unlabelled)
+        shown = keys[:max_features] if max_features else (labelled or unlabelled)[:DEFAULT_MAX_FEATURES]
         features = [feature_view(k, data, human_labels, contexts_per_feature, window) for k in shown]
         for f in features:  # parent at the previous checkpoint and children at the next (autointerp lineage)
             f["lineage"] = lineage_view.card(step, f["feature"]) if lineage_view else None
+        n_features = len(set(data.labels) | data.record_keys)
         html = step_template.render(
             run_name=run.resolve().name, step=step, summary=summary, features=features,
-            n_hidden=len(keys) - len(shown), classes=list(GRANULARITIES) + ["unlabelled"],
+            n_hidden=n_features - len(shown), classes=list(GRANULARITIES) + ["unlabelled"],
             languages=sorted({f["language"] for f in features}),
             prev_step=steps[i - 1] if i > 0 else None, next_step=steps[i + 1] if i + 1 < len(steps) else None,
             metrics=data.metrics, sae_metric_names=list(SAE_METRICS), has_human=bool(human_labels),
@@ -429,9 +475,13 @@ def cli(
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
     max_features: int | None = typer.Option(None, "--max-features", min=1,
                                             help="At most this many features per checkpoint page, labelled first "
-                                                 "(default: the labelled ones, or all when none is labelled)."),
+                                                 "(default: the labelled ones, or all when none is labelled, "
+                                                 f"up to {DEFAULT_MAX_FEATURES})."),
 ) -> None:
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
+    from autointerp.files import Kind, expect
+
+    expect(run_dir, Kind.RUN)
     index = build_report(run_dir, human, out, contexts, window, max_features)
     pages = sorted(index.parent.glob("step-*.html"))
     size = sum(p.stat().st_size for p in [index, *pages]) / 1e6

@@ -4,7 +4,8 @@
       manifest.json              what was run, with which versions, seeds and prompt hashes
       lm/step-{N}/               Hugging Face checkpoints (model + tokenizer), N = training step
       step-{N}/sae/              sae.safetensors + config.json (+ metrics.json)
-      step-{N}/records.jsonl     feature records (top contexts, negatives, density)
+      step-{N}/records.jsonl.zst feature records (top contexts, negatives, density); zstd-compressed
+                                 JSONL (a plain records.jsonl is read as well)
       step-{N}/explanations.jsonl
       step-{N}/scores.jsonl
       step-{N}/labels.jsonl
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -23,12 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from autointerp import __version__
+from autointerp.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def step_dir(run: str | Path, step: int) -> Path:
     return Path(run) / f"step-{step}"
+
+
+RECORDS_FILE = "records.jsonl.zst"  # what collect writes
+RECORDS_FILES = (RECORDS_FILE, "records.jsonl", "records.jsonl.gz")  # what every reader looks for
+
+
+def records_file(folder: str | Path) -> Path:
+    """A checkpoint folder's records file: the first of RECORDS_FILES that exists, else where
+    collect writes it."""
+    folder = Path(folder)
+    return next((folder / n for n in RECORDS_FILES if (folder / n).is_file()), folder / RECORDS_FILE)
 
 
 def lm_checkpoint_dir(run: str | Path, step: int) -> Path:
@@ -100,11 +114,60 @@ def resolve_targets(target: Path) -> list[Target]:
     raise UserError(f"{target}: no such records file or run directory")
 
 
-def sample_live(records: list, n: int, seed: int = 0) -> list:
-    """A seeded random sample of n latents that have contexts, in feature order (stable across
-    reruns): what `label --features N` and `score --features N` work on."""
-    import random
+# --------------------------------------------------------------------------- paths saved in run files
+# A run folder can be moved or opened from any working directory: a path that a run file stores
+# (the SAE config's model, the manifest's files and corpus) is relative to the folder of that file
+# when it lies inside the run, absolute when it lies outside, and resolved against that folder on
+# load. Older runs stored paths as given (absolute or relative to the working directory then):
+# those still load (see resolve_model).
 
-    live = [r for r in records if r.contexts]
-    chosen = random.Random(seed).sample(live, min(n, len(live)))
-    return sorted(chosen, key=lambda r: r.feature)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def saved_path(value: str | Path, base: str | Path, root: str | Path | None = None) -> str:
+    """How a run file at folder `base` stores `value`: an existing local path relative to `base`
+    when it lies inside `root` (default `base`), else absolute; anything else (a Hugging Face
+    id, a corpus name) unchanged."""
+    path = Path(value)
+    if not path.exists():
+        return str(value)
+    target, root_abs = path.resolve(), Path(root if root is not None else base).resolve()
+    if target == root_abs or root_abs in target.parents:
+        return Path(os.path.relpath(target, Path(base).resolve())).as_posix()
+    return str(target)
+
+
+def load_saved(value: str | None, base: str | Path) -> str | None:
+    """A path saved by saved_path, read back by a process in any working directory: relative to
+    `base` when it exists there, else unchanged (absolute, an old cwd-relative path, or a name)."""
+    if not value:
+        return value
+    path = Path(value)
+    if not path.is_absolute() and (Path(base) / path).exists():
+        return os.path.normpath(Path(base) / path)
+    return str(value)
+
+
+def resolve_model(value: str | None, sae_dir: str | Path) -> str | None:
+    """The language model an SAE config names (its `model`), as a path that exists or a Hugging
+    Face id; a UserError naming the paths tried (and suggesting --model) when it is neither.
+
+    Tried in order: relative to the SAE folder (how `sae train --run` saves it), absolute or
+    relative to the working directory (older runs), and for an SAE at RUN/step-N/sae whose saved
+    path ends in lm/step-N, RUN/lm/step-N (an old run moved or opened from elsewhere)."""
+    if not value:
+        return None
+    sae_dir = Path(sae_dir)
+    path = Path(value)
+    tried = [path] if path.is_absolute() else [Path(os.path.normpath(sae_dir / path)), path]
+    step = sae_dir.parent
+    if _STEP_DIR.match(step.name) and path.name == step.name and path.parent.name == "lm":
+        tried.append(step.parent / "lm" / step.name)
+    for candidate in dict.fromkeys(tried):
+        if candidate.exists():
+            return str(candidate)
+    if not path.is_absolute() and _HUB_ID.match(str(value)) and not str(value).startswith("."):
+        return str(value)  # a Hugging Face id
+    shown = ", ".join(str(c if c.is_absolute() else f"./{c}") for c in dict.fromkeys(tried))
+    raise UserError(f"{sae_dir}: the SAE was trained on the model at {value!r}, which is not there "
+                    f"(tried {shown}); pass --model with the model's folder or Hugging Face id")

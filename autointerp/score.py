@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp import run as run_lib
+from autointerp import sampling
 from autointerp.errors import UserError
 from autointerp.language import clean_token
 from autointerp.llm import LLMAnswerError, RequestRejected, json_response_format, parse_json_answer
@@ -1049,6 +1050,8 @@ def cli(
     rescore: bool = typer.Option(False, help="Score again the latents already in scores.jsonl (cached answers "
                                              "are reused)."),
     seed: int = typer.Option(0, help="Seed of the example draws, bootstrap intervals and the control."),
+    stats_only: bool = typer.Option(False, "--stats-only", help="No server: write labels.jsonl for every latent "
+                                                                "from the statistical model alone."),
     timeout: float = typer.Option(300.0, help="Seconds per request before it is retried."),
     retries: int = typer.Option(4, help="Retries per request on timeouts, 429, 5xx, connection errors."),
 ) -> None:
@@ -1066,10 +1069,20 @@ def cli(
         n_non_activating=n_non_activating, per_prompt=per_prompt, window=window_width, sim_window=sim_window, simulation=simulation,
         seed=seed)
     targets = run_lib.resolve_targets(target)
+    if stats_only and not features:  # every latent, streamed (a whole SAE does not fit in memory as objects)
+        from autointerp.statlabels import write_stat_labels
+
+        for t in targets:
+            started = time.perf_counter()
+            n = write_stat_labels(t.records_path, t.folder / "labels.jsonl")
+            seconds = time.perf_counter() - started
+            console.print(f"{t.folder / 'labels.jsonl'}: {n} statistical labels "
+                          f"({n / max(seconds, 1e-9):,.1f} features/s)")
+        return
     work = []
     for t in targets:
         records = read_records(t.records_path)
-        records = run_lib.sample_live(records, features) if features else records  # the same sample as `label`
+        records = sampling.sample_live(records, features) if features else records  # the same sample as `label`
         expl_path = t.folder / "explanations.jsonl"
         if not expl_path.exists():
             raise UserError(f"{expl_path}: no explanations to score (run `autointerp label` first)")

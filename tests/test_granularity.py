@@ -304,3 +304,53 @@ def test_shipped_model_is_its_recorded_choice_fitted_on_the_dev_file(dev_records
     labels = G.build_labels(dev_records[::10])
     agree = np.mean([l.granularity == r.extra["human_granularity"] for l, r in zip(labels, dev_records[::10])])
     assert agree >= 0.75  # training-set agreement on a spread of dev features
+
+
+def _load_variants():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "evals" / "granularity_variants.py"
+    spec = importlib.util.spec_from_file_location("granularity_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["family", "syn-offset"])
+def test_variant_selections_never_see_the_outer_test_fold(small_grid, variant):
+    """The selection variants rated in evals/granularity_variants.py (model family, synonym
+    offset chosen inside) get only outer-training rows and give the same choice and model when
+    every other row is poisoned."""
+    V = _load_variants()
+    V.TREES = 20  # the same code path, smaller ensembles
+    select_fn, fit_fn = {"family": (V.select_family, V.fit_family),
+                         "syn-offset": (V.select_syn_offset, F.fit_choice)}[variant]
+    X, y, gid, names = _synthetic(n_groups=16)
+    test_rows = []
+
+    def poisoned(rows):
+        outside = np.setdiff1d(np.arange(len(y)), rows)
+        Xp, yp = X.copy(), list(y)
+        Xp[outside] = np.nan
+        for i in outside:
+            yp[i] = GRANULARITIES[(GRANULARITIES.index(y[i]) + 1) % 4]
+        return Xp, yp
+
+    def select_spy(X_, y_, gid_, idx, names_, candidates, **kw):
+        choice = select_fn(X_, y_, gid_, idx, names_, candidates, **kw)
+        Xp, yp = poisoned(idx)
+        assert select_fn(Xp, yp, gid_, idx, names_, candidates, **kw) == choice
+        return choice
+
+    def fit_spy(X_, y_, idx, names_, choice):
+        model = fit_fn(X_, y_, idx, names_, choice)
+        Xp, yp = poisoned(idx)
+        test = np.setdiff1d(np.arange(len(y)), idx)
+        test_rows.append(test)
+        cols = F.columns(names_, choice.groups)
+        assert np.allclose(fit_fn(Xp, yp, idx, names_, choice).logits(X[np.ix_(test, cols)]),
+                           model.logits(X[np.ix_(test, cols)]))
+        return model
+
+    result = F.nested_cv(X, y, gid, names, ["context"], seeds=[0], folds=3, select_fn=select_spy, fit_fn=fit_spy)
+    assert [set(t) for t in test_rows] == [set(test) for _, test in result.folds[0]]
+    assert F.summarise(result, y, [1] * len(y))["kappa4"][0] > 0.6  # a learnable problem is learnt

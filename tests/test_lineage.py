@@ -210,7 +210,7 @@ def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(t
     from autointerp.schema import Label, read_records
 
     run = tiny_run[0]
-    records = read_records(run / "step-10" / "records.jsonl")
+    records = read_records(lineage.runlib.records_file(run / "step-10"))
     first = lineage.latent_classes(run, 10)
     assert len(first) == len(records) and {c.source for c in first.values()} == {"stats"}
     assert (run / "step-10" / lineage.CLASSES_CACHE).exists()

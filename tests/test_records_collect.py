@@ -87,15 +87,15 @@ def test_cli_collect_run_resumes_and_forces(setup):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     for step in (10, 20):
-        records = read_records(run / f"step-{step}/records.jsonl")
+        records = read_records(run / f"step-{step}/records.jsonl.zst")  # collect writes the compact form
         assert [r.feature for r in records] == list(range(8))
         assert {r.checkpoint_step for r in records} == {step} and {r.layer for r in records} == {LAYER}
-    stamp = (run / "step-10/records.jsonl").stat().st_mtime_ns
+    stamp = (run / "step-10/records.jsonl.zst").stat().st_mtime_ns
     result = runner.invoke(app, args)  # resumable: existing records are kept
-    assert result.exit_code == 0 and (run / "step-10/records.jsonl").stat().st_mtime_ns == stamp
+    assert result.exit_code == 0 and (run / "step-10/records.jsonl.zst").stat().st_mtime_ns == stamp
     result = runner.invoke(app, args + ["--force", "--steps", "10", "--features", "2"])
     assert result.exit_code == 0
-    assert [r.feature for r in read_records(run / "step-10/records.jsonl")] == [0, 1]
+    assert [r.feature for r in read_records(run / "step-10/records.jsonl.zst")] == [0, 1]
     manifest = json.loads((run / "manifest.json").read_text())
     assert "collect" in manifest["stages"]
 
@@ -116,10 +116,14 @@ def test_cli_collect_errors(setup, tmp_path):
     result = runner.invoke(app, ["collect", "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "--run" in str(result.exception)
     result = runner.invoke(app, ["collect", "--run", str(tmp_path), "--corpus", str(corpus)])
+    assert isinstance(result.exception, UserError) and "is an empty folder, not a run folder" in str(result.exception)
+    (tmp_path / "imported/step-5").mkdir(parents=True)
+    (tmp_path / "imported/step-5/records.jsonl").write_text('{"feature": 0, "contexts": []}\n')
+    result = runner.invoke(app, ["collect", "--run", str(tmp_path / "imported"), "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "no step-N/sae" in str(result.exception)
     bad = tmp_path / "bad"
     (bad / "step-5/sae").mkdir(parents=True)
     (bad / "step-5/sae/config.json").write_text("{}")
     result = runner.invoke(app, ["collect", "--run", str(bad), "--corpus", str(corpus), "--on-error", "skip"])
     assert isinstance(result.exception, UserError) and "1 checkpoint(s) failed" in str(result.exception)
-    assert not (bad / "step-5/records.jsonl").exists()
+    assert not any((bad / "step-5").glob("records.jsonl*"))

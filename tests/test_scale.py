@@ -1,0 +1,208 @@
+"""Whole-SAE scale: compact records round-trip exactly, langdetect runs once per distinct text
+with langdetect's own answers, and streamed statistical labels equal the in-memory ones."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autointerp import granularity, language, run as runlib
+from autointerp.cli import app
+from autointerp.langdetect_batch import BatchDetector
+from autointerp.schema import (FeatureRecord, iter_lines, read_records, stream_records, to_json_line, write_jsonl)
+from autointerp.statlabels import write_stat_labels
+
+DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
+needs_dev = pytest.mark.skipif(not DEV.exists(), reason=f"shared dev file {DEV} is absent")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
+from synthetic_sae import SyntheticSAE, window_pool  # noqa: E402
+
+TEXTS = ["The kernel module is loaded at boot time by the init system.",
+         "Debian パッケージは apt コマンドで管理します。", "設定ファイルを編集してください。",
+         "東京都", "123 456 !!", "", "   ", "http://example.org/x mail@example.org",
+         "L'utilisateur doit redémarrer le serveur après la mise à jour.", "ȘȚ și ț — Ünïcödé", "ABC DEF GHI"]
+
+
+def synthetic(n: int) -> list[FeatureRecord]:
+    texts = TEXTS * 3 + [f"Section {i}: the package {w} provides a daemon と設定 {i * 7}"
+                         for i, w in enumerate(["apt", "dpkg", "systemd", "ssh", "xorg", "grub"] * 5)]
+    return list(SyntheticSAE(window_pool(texts, width=24, stride=8, min_tokens=4), n, seed=1).records())
+
+
+def dev_records(step: int = 1) -> list[FeatureRecord]:
+    return read_records(DEV)[::step]
+
+
+# ---- langdetect: the batch detector is langdetect, the cache changes nothing ----------------
+
+def _reference_probabilities(text: str):
+    from langdetect import detector_factory
+    from langdetect.lang_detect_exception import LangDetectException
+
+    detector_factory.init_factory()
+    detector = detector_factory._factory.create()
+    detector.append(text)
+    try:
+        detector._detect_block()
+    except LangDetectException:
+        return None
+    return detector.langprob
+
+
+def test_batch_detector_is_bit_identical_to_langdetect():
+    texts = TEXTS + [language.context_text(c)
+                     for r in synthetic(40) for c in r.contexts[:3]]
+    if DEV.exists():  # every 12th distinct context of the dev file (en, ja, mixed, code)
+        texts += list(dict.fromkeys(t for r in dev_records() for t in language.context_texts(r)))[::12]
+    got = BatchDetector().probabilities(texts)
+    for text, probs in zip(texts, got):
+        want = _reference_probabilities(text)
+        assert (probs is None) == (want is None), text
+        if want is not None:
+            assert list(probs) == want, text  # exact floats, not approximately
+    assert BatchDetector().detect(["", "Bonjour tout le monde, comment allez-vous ?"]) == ["unknown", "fr"]
+
+
+@needs_dev
+def test_cached_profiles_equal_uncached_langdetect(monkeypatch):
+    records = dev_records(7)
+    language._LANGUAGE_CACHE.clear()
+    cached = [language.profile(r) for r in records]
+    calls = []
+
+    def one_call_a_text(texts):  # the uncached path: langdetect itself on every context
+        texts = list(texts)
+        calls.extend(texts)
+        return [language.langdetect_language(t) for t in texts]
+
+    monkeypatch.setattr(language, "detect_languages", one_call_a_text)
+    uncached = [language.profile(r) for r in records]
+    assert cached == uncached
+    assert len(calls) == sum(len(language.context_texts(r)) for r in records)
+
+
+def test_each_distinct_text_is_detected_once(monkeypatch):
+    records = synthetic(30)
+    language._LANGUAGE_CACHE.clear()
+    seen = []
+    detector = language._batch_detector()
+    monkeypatch.setattr(detector, "detect", lambda texts: seen.extend(texts) or ["xx"] * len(texts))
+    language.detect_records(records)
+    for r in records:
+        language.profile(r)
+    texts = [t for r in records for t in language.context_texts(r)]
+    assert sorted(seen) == sorted(set(texts)) and len(texts) > len(set(texts))  # contexts repeat; one call each
+    language._LANGUAGE_CACHE.clear()
+
+
+# ---- compact records -------------------------------------------------------------------------
+
+def test_compact_records_round_trip_to_jsonl_exactly(tmp_path):
+    records = synthetic(60) + (dev_records(10) if DEV.exists() else [])
+    plain, compact, back = tmp_path / "r.jsonl", tmp_path / "r.jsonl.zst", tmp_path / "back.jsonl"
+    write_jsonl(plain, records)
+    write_jsonl(compact, records)
+    assert compact.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+    assert compact.stat().st_size * 4 <= plain.stat().st_size
+    result = CliRunner().invoke(app, ["records", "import", str(compact), "--out", str(back)])
+    assert result.exit_code == 0, result.output
+    assert back.read_bytes() == plain.read_bytes()  # byte for byte
+    assert [r.to_dict() for r in stream_records(compact)] == [r.to_dict() for r in records]
+    # every reader takes every form, whatever the name says
+    misnamed = tmp_path / "records.jsonl"
+    shutil.copy(compact, misnamed)
+    assert [r.key for r in read_records(misnamed)] == [r.key for r in records]
+    gz = tmp_path / "r.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    assert [line for _, line in iter_lines(gz)] == plain.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+@needs_dev
+def test_dev_file_reads_as_it_is_and_converts_both_ways(tmp_path):
+    compact, plain = tmp_path / "dev.jsonl.zst", tmp_path / "dev.jsonl"
+    runner = CliRunner()
+    assert runner.invoke(app, ["records", "import", str(DEV), "--out", str(compact)]).exit_code == 0
+    assert runner.invoke(app, ["records", "import", str(compact), "--out", str(plain)]).exit_code == 0
+    assert plain.read_bytes() == "".join(to_json_line(r) for r in read_records(DEV)).encode()
+
+
+def test_run_directory_finds_compact_or_plain_records(tmp_path):
+    step = tmp_path / "step-5"
+    step.mkdir()
+    assert runlib.records_file(step).name == "records.jsonl.zst"  # where collect writes
+    write_jsonl(step / "records.jsonl", synthetic(3))
+    assert runlib.records_file(step).name == "records.jsonl"  # an older run's plain file still reads
+
+
+# ---- streamed statistical labels ----------------------------------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
+    records = synthetic(150) + (dev_records(6) if DEV.exists() else [])
+    path = tmp_path / "records.jsonl.zst"
+    write_jsonl(path, records)
+    n = write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
+    language._LANGUAGE_CACHE.clear()
+    in_memory = [to_json_line(label) for label in granularity.build_labels(read_records(path))]
+    assert n == len(records)
+    assert (tmp_path / "labels.jsonl").read_text(encoding="utf-8") == "".join(in_memory)
+    # and iter_labels really streams: it pulls records as it yields labels, a chunk at a time
+    pulled = []
+
+    def source():
+        for r in records:
+            pulled.append(r.key)
+            yield r
+
+    stream = granularity.iter_labels(source(), chunk=16)
+    first = next(stream)
+    assert first.key == records[0].key and len(pulled) == 16
+
+
+def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
+    from autointerp.report import read_step, step_summary
+
+    records = synthetic(40)
+    step = tmp_path / "step-600"
+    write_jsonl(step / "records.jsonl.zst", records)
+    labelled = [records[7], records[3], records[30]]
+    write_jsonl(step / "labels.jsonl", granularity.build_labels(labelled))
+    everything = read_step(tmp_path, 600)  # max_records None: every record kept, as before
+    data = read_step(tmp_path, 600, max_records=5, max_contexts=2)
+    assert data.n_records == everything.n_records == len(everything.records) == 40
+    # the labelled ones first, then the lowest unlabelled feature ids; only the contexts shown
+    assert sorted(k[1] for k in data.records) == [0, 1, 3, 7, 30]
+    assert all(len(r.contexts) <= 2 and not r.negatives for r in data.records.values())
+    assert data.context_counts[records[7].key] == len(records[7].contexts)
+    assert step_summary(data, {}) == step_summary(everything, {})
+    language._LANGUAGE_CACHE.clear()
+    # without labels the page's language shares come from every record's trend, kept or not
+    (step / "labels.jsonl").unlink()
+    data = read_step(tmp_path, 600, max_records=5, max_contexts=2)
+    from collections import Counter
+    assert step_summary(data, {})["language"] == dict(Counter(language.profile(r)["trend"] for r in records))
+    assert len(data.records) == 5
+
+
+def test_lean_records_read_what_a_label_needs_like_the_general_reader():
+    import json
+
+    from autointerp.schema import lean_record
+
+    records = synthetic(20) + (dev_records(30) if DEV.exists() else [])
+    odd = records[0].to_dict() | {"model": None, "feature": "5"}  # msgspec's strict types refuse these
+    odd["contexts"] = [dict(c, levels=[float(v) for v in c["levels"]]) for c in odd["contexts"]]
+    lines = [to_json_line(r) for r in records] + [json.dumps(odd)]
+    for line in lines:
+        general = FeatureRecord.from_dict(json.loads(line))
+        lean = lean_record(line)
+        assert (lean.key, lean.model, lean.layer, lean.density, lean.max_activation) == \
+            (general.key, general.model, general.layer, general.density, general.max_activation)
+        assert lean.contexts == general.contexts and not lean.negatives
+    with pytest.raises(ValueError):
+        lean_record(json.dumps(records[0].to_dict() | {"contexts": [{"tokens": ["a"], "levels": [1, 2]}]}))
