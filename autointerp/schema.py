@@ -138,16 +138,21 @@ class Explanation(LatentRow):
 
     checkpoint_step: int | None
     feature: int
-    description: str
-    granularity: str | None  # the LLM's vote; None when it failed to give a valid one
-    cross_lingual: bool
-    confidence: float
-    explainer: dict[str, Any]  # {"model", "prompt_sha256", "engine"}
+    description: str  # one line; "" when the explainer gave no valid answer (then `error` says why)
+    # An LLM vote on granularity and the cross-lingual flag, with its confidence: files written
+    # before the explainer stopped voting carry them; the explainer writes None now.
+    granularity: str | None = None
+    cross_lingual: bool | None = None
+    confidence: float | None = None
+    explainer: dict[str, Any] = field(default_factory=dict)  # {"model", "prompt_sha256", "engine", "form"}
     error: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        out = {f.name: d.get(f.name) for f in fields(cls)}
+        out["explainer"] = out["explainer"] or {}
+        out["description"] = out["description"] or ""
+        return cls(**out)
 
 
 @dataclass

