@@ -169,8 +169,8 @@ def render_feature(record: FeatureRecord, position: int, total: int, answer: dic
         (str(profile.get("trend", "?")), "bold"),
         "  " + "  ".join(f"{k} {v:.0%}" for k, v in shares.items() if isinstance(v, (int, float))),
     )
-    if profile.get("cross_lingual"):
-        header.append("  cross-lingual", style="cyan")
+    if profile.get("bilingual_firing"):
+        header.append("  fires in both scripts", style="cyan")
     if answer is not None:
         header.append(f"\nyour answer: {answer.get('granularity') or 'skipped'}", style="green")
     lines = [context_text(c, window) for c in record.contexts[:n_contexts]]
