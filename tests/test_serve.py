@@ -316,6 +316,7 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
         assert label.granularity in GRANULARITIES or (label.granularity is None and label.error)
         assert label.explainer["engine"] == "llama-cpp" and label.explainer["prompt_sha256"] == prompt_sha256("explain")
         assert 0.0 <= label.confidence <= 1.0 and label.language in ("en", "ja", "mix")
+        assert label.sampled and label.evidence_summary  # 2 latents < --features 100: all in the LLM sample
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]
     assert stage["llm_stats"]["requests"] >= 2
     # rerun from scratch (explanations deleted): every answer comes from the cache
