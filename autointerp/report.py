@@ -2,12 +2,18 @@
 
     autointerp report RUN_DIR [--human FILE]
 
-The index plots how the features evolve over training (granularity shares, the paper's main
-figure; language trend; cross-lingual share; simulator scores; SAE metrics; model vs human
-labels and kappa). Each checkpoint page lists its features with their description, label,
-scores, language profile and top contexts shaded by activation, with class/language filters.
-Pages are self-contained (plots are embedded PNGs, CSS and JS inline) and every string from the
-data is HTML-escaped by jinja2's autoescape. A stage that has not run is named, not fatal.
+Every page opens with the run's shuffled-description control (manifest stages.label.control,
+else stages.score.control): per method the gap matched - shuffled with its 95% interval and a
+verdict in words; scores the control does not vouch for are greyed and labelled "noise". The
+index plots how the features evolve over training from ALL labelled latents of each checkpoint
+(granularity shares, the paper's main figure, with Wilson 95% intervals and the LLM-described
+sample beside them; language trend; bilingual firing vs cross-lingual; the sample's scores; SAE
+metrics; model vs human labels and kappa). Each checkpoint page shows its share table and lists
+its features (the LLM-described first) with the evidence summary, description, scores with their
+intervals, language profile and top contexts shaded by activation, with filters. Labels and
+records are streamed, so memory does not grow with the number of latents. Pages are
+self-contained (plots are embedded PNGs, CSS and JS inline) and every string from the data is
+HTML-escaped by jinja2's autoescape. A stage that has not run is named, not fatal.
 """
 
 from __future__ import annotations
@@ -680,9 +686,10 @@ def cli(
     contexts: int = typer.Option(5, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
     max_features: int | None = typer.Option(None, "--max-features", min=1,
-                                            help="At most this many features per checkpoint page, labelled first "
-                                                 "(default: the labelled ones, or all when none is labelled, "
-                                                 f"up to {DEFAULT_MAX_FEATURES})."),
+                                            help="At most this many feature cards per checkpoint page: the "
+                                                 "LLM-described latents first, then the others by feature id "
+                                                 f"(default {DEFAULT_MAX_FEATURES}; without labels, records). "
+                                                 "Shares always count every latent."),
 ) -> None:
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
     from autointerp.files import Kind, expect
