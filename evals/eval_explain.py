@@ -133,11 +133,21 @@ def explain_all(name: str, records: list[FeatureRecord], out: Path, client, sett
 
 
 def demo_records(run: Path, per_checkpoint: int, seed: int) -> list[FeatureRecord]:
+    """The plain seeded sample of live latents per checkpoint (annotate's before any label run),
+    found by a key scan: only the chosen records are parsed."""
+    import json
+
+    from autointerp.schema import scan_records
+
     out = []
     for step in run_lib.checkpoint_steps(run):
         path = run_lib.records_file(run_lib.step_dir(run, step))
-        if path.is_file():
-            out += sampling.sample_live(read_records(path), per_checkpoint, seed)
+        if not path.is_file():
+            continue
+        live = [key for key, is_live, _ in scan_records(path) if is_live]
+        chosen = set(sampling.sample_keys(live, per_checkpoint, seed))
+        found = {key: FeatureRecord.from_dict(json.loads(raw)) for key, _, raw in scan_records(path) if key in chosen}
+        out += [found[k] for k in sorted(found, key=lambda k: k[1])]
     return out
 
 
