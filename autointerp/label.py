@@ -352,7 +352,7 @@ def cli(
                expected="a run folder, a checkpoint folder, feature records or an SAE folder")
         if out is not None:
             raise UserError("--out applies to an SAE folder only (labels are written beside the records)")
-        targets = resolve(target)
+        targets = run_lib.resolve_targets(target)
     run_dir = targets[0].run_dir
     cps = [Checkpoint(t) for t in targets]
     manifest = run_lib.read_manifest(run_dir)
@@ -376,20 +376,6 @@ def cli(
         _label(cps, run_dir, url, llm_name, engine_name, check_alive, needed, console, features=features, seed=seed,
                concurrency=concurrency, n_ctx=n_ctx, contexts=contexts, window=window, timeout=timeout,
                retries=retries, dry_run=dry_run, no_score=no_score, started=started)
-
-
-def resolve(target: Path) -> list[run_lib.Target]:
-    """Records files of a run, checkpoint folder or records file (compact or plain)."""
-    target = Path(target)
-    if target.is_file():
-        return run_lib.resolve_targets(target)
-    if run_lib.records_file(target).is_file():
-        return run_lib.resolve_targets(run_lib.records_file(target))
-    found = [run_lib.records_file(run_lib.step_dir(target, s)) for s in run_lib.checkpoint_steps(target)]
-    found = [p for p in found if p.is_file()]
-    if not found:
-        raise UserError(f"{target}: no step-N records inside (run `autointerp collect` first)")
-    return [run_lib.Target(p, p.parent, target) for p in found]
 
 
 def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine: str, check_alive, needed: bool,

@@ -104,13 +104,13 @@ def resolve_targets(target: Path) -> list[Target]:
         run_dir = folder.parent if _STEP_DIR.match(folder.name) else folder
         return [Target(target, folder, run_dir)]
     if target.is_dir():
-        if (target / "records.jsonl").is_file():
-            return resolve_targets(target / "records.jsonl")
-        found = [step_dir(target, s) / "records.jsonl" for s in checkpoint_steps(target)]
+        if records_file(target).is_file():
+            return resolve_targets(records_file(target))
+        found = [records_file(step_dir(target, s)) for s in checkpoint_steps(target)]
         found = [p for p in found if p.is_file()]
         if found:
             return [Target(p, p.parent, target) for p in found]
-        raise UserError(f"{target}: no step-N/records.jsonl inside (run `autointerp collect` first)")
+        raise UserError(f"{target}: no step-N records file inside (run `autointerp collect` first)")
     raise UserError(f"{target}: no such records file or run directory")
 
 

@@ -1082,7 +1082,9 @@ def cli(
     work = []
     for t in targets:
         records = read_records(t.records_path)
-        records = sampling.sample_live(records, features) if features else records  # the same sample as `label`
+        if features:  # the latents `label` described (its stratified sample), else the plain seeded sample
+            labelled = set(sampling.labelled_sample(t.folder / "labels.jsonl"))
+            records = [r for r in records if r.key in labelled] if labelled else sampling.sample_live(records, features)
         expl_path = t.folder / "explanations.jsonl"
         if not expl_path.exists():
             raise UserError(f"{expl_path}: no explanations to score (run `autointerp label` first)")
