@@ -102,6 +102,7 @@ class StepData:
     step: int
     records: dict[Key, FeatureRecord] = field(default_factory=dict)  # those kept (see read_step)
     n_records: int = 0  # all records in the file, kept or not
+    n_live: int = 0  # records with contexts: the latents a label file should cover
     record_keys: set[Key] = field(default_factory=set)
     record_trends: Counter = field(default_factory=Counter)  # the paper's language trend of every record
     context_counts: dict[Key, int] = field(default_factory=dict)  # contexts of kept records before trimming
@@ -192,6 +193,7 @@ def _stream_records(path: Path, data: StepData, max_records: int | None, max_con
     # a page shows contexts, density and max activation: the lean reader skips negatives and extras
     for i, record in enumerate(stream_lean_records(path, on_error="skip", warn=data.warnings.append)):
         data.n_records += 1
+        data.n_live += bool(record.contexts)
         data.record_keys.add(record.key)
         data.record_trends[language_trend(record)] += 1
         if max_contexts is not None:
@@ -346,7 +348,7 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
     return {
         "step": data.step, "n_records": data.n_records, "n_labels": data.n_labels, "n_sampled": sample.n,
         # labels of only some latents (files from before every latent got a statistical label)
-        "partial": bool(data.n_labels and data.n_records > data.n_labels),
+        "partial": bool(data.n_labels and data.n_live > data.n_labels), "n_live": data.n_live,
         "granularity": granularity, "granularity_sample": sample, "sample_agreement": agreement_sample,
         "language": dict(language.counts), "language_table": language,
         "bilingual_firing": bilingual, "cross_lingual": cross,

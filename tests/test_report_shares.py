@@ -226,7 +226,7 @@ def test_an_old_label_file_still_renders(tmp_path):
     build_report(run)
     page = pages(run)["step-10.html"]
     assert page.count('<div class="feature') == len(SAMPLED)  # the labelled ones, as before
-    assert "These labels cover 5 of the checkpoint's 40 latents" in page
+    assert "These labels cover 5 of the checkpoint's 40 live latents" in page
     assert 'class="desc"' in card(page, 3) and 'class="evidence"' not in card(page, 3)
     assert "statistical label only" not in page  # an old label with a description is the LLM's
     # the old `cross_lingual` was the profile flag (every 4th latent here): it reads as bilingual
