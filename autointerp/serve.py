@@ -232,7 +232,7 @@ def start_server(engine: str = "llama-cpp", model: str | None = None, host: str 
         port = free_port(host)
     elif port_in_use(host, port):
         raise UserError(f"port {port} on {host} is already in use (another server?); choose another "
-                        f"--port, or point --base-url at the server already there")
+                        f"--port, or point --server at the server already there")
     if engine == "llama-cpp" and importlib.util.find_spec("xllamacpp") is None:
         raise UserError("xllamacpp is not installed (llama.cpp's server, a prebuilt wheel): "
                         "pip install xllamacpp, or pip install 'autointerp[cpu]'")
@@ -319,7 +319,7 @@ def cli(
                   f"{flag_value(server.command, '--n-ctx')} tokens, {flag_value(server.command, '--threads')} "
                   f"thread(s)", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
-        print(f"use: autointerp label RUN_DIR --base-url {server.base_url} --model {server.model}", flush=True)
+        print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model}", flush=True)
         try:
             while True:
                 server.check()
