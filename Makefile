@@ -19,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench eval eval-lineage eval-scores clean
+.PHONY: setup demo test test-fast bench eval eval-lineage eval-scores eval-explain clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -69,6 +69,11 @@ eval: setup
 # on the last checkpoint (trained once into RUN/eval-lineage/), the shuffled-token null.
 eval-lineage: setup
 	$(BIN)/python evals/eval_lineage.py --run $(RUN)
+
+# The explainer's descriptions on the 300 dev features and a demo sample: distinct share, token-level
+# features quoting a top max token, copied template text (embedded SmolLM2; cached in runs/eval-explain*/).
+eval-explain: setup
+	$(BIN)/python evals/eval_explain.py
 
 # The scorers' shuffled-description control on the dev features: each sampled feature scored with
 # its own and with another's description (embedded SmolLM2; cached in runs/eval-scores/).
