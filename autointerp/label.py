@@ -337,7 +337,7 @@ def cli(
     stratified sample, the shuffled-description control, then the class shares with 95% intervals.
     Writes step-N/labels.jsonl (one line per live latent), explanations.jsonl, scores.jsonl,
     RUN/control.jsonl. Scorer example counts by engine: vllm 50 + 50 (delphi's), else 10 + 10."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # paths stay whole, to copy
     server = server or base_url
     contexts = max_contexts or contexts
     started = time.perf_counter()

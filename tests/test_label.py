@@ -237,3 +237,38 @@ def test_label_usage_mistakes_exit_2(tmp_path):
     for args in (["--features", "zero"], ["--features", "0"], ["--no-such-option"]):
         result = CliRunner().invoke(app, ["label", str(run), *args])
         assert result.exit_code == 2, (args, result.output)
+
+
+def test_label_an_sae_folder_collects_its_records_then_labels(tmp_path):
+    """`label SAE_DIR --model M --corpus C`: records collected first (beside the SAE, said where),
+    then every live latent labelled; a second run reuses the records."""
+    from autointerp import lm
+    from autointerp.sae import SAEConfig, TopKSAE, save_sae
+
+    texts = ["The package manager resolves dependencies.", "パッケージ管理システムは依存関係を解決します。",
+             "Use apt to install a package.", "設定ファイルは /etc にあります。"] * 4
+    tokenizer = lm.train_tokenizer(texts, vocab_size=300)
+    model_dir = tmp_path / "tiny-lm"
+    model = lm.build_model(lm.TrainConfig(d_model=32, layers=2, heads=2, seed=1), tokenizer).eval()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_sae(TopKSAE(SAEConfig(d_model=32, d_sae=16, k=3, layer=1), seed=1), tmp_path / "my-sae")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"{t} ({i})"}, ensure_ascii=False) + "\n"
+                              for i, t in enumerate(texts)))
+    args = ["label", str(tmp_path / "my-sae"), "--model", str(model_dir), "--corpus", str(corpus),
+            "--features", "3", "--no-score"]
+    with FakeServer() as server:
+        result = CliRunner().invoke(app, [*args, "--server", server.base_url])
+        assert result.exit_code == 0, result.output
+        records_path = tmp_path / "my-sae-labels" / "records.jsonl.zst"
+        assert records_path.is_file() and str(records_path) in " ".join(result.output.split())
+        from autointerp.schema import read_records
+
+        live = [r for r in read_records(records_path) if r.contexts]
+        labels = [Label.from_dict(json.loads(l))
+                  for l in (tmp_path / "my-sae-labels" / "labels.jsonl").read_text().splitlines()]
+        assert sorted(l.feature for l in labels) == sorted(r.feature for r in live) and live
+        assert 1 <= sum(l.sampled for l in labels) <= len(live)
+        again = CliRunner().invoke(app, [*args, "--server", server.base_url])
+        assert again.exit_code == 0 and "exist; labelling them" in " ".join(again.output.split())
