@@ -6,30 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeserver import FakeServer  # noqa: E402
 
-from autointerp.cli import app  # noqa: E402
 from autointerp.errors import UserError  # noqa: E402
 from autointerp.explain import (ExplainSettings, clean_answer, explain_records, fit_prompt,  # noqa: E402
                                 load_finished, prompt_sha256, render_explain_prompt)
 from autointerp.llm import LLMClient  # noqa: E402
-from autointerp.schema import (GRANULARITIES, Context, Explanation, FeatureRecord, Label, iter_jsonl,  # noqa: E402
-                               read_records, write_jsonl)
+from autointerp.schema import Context, Explanation, FeatureRecord, iter_jsonl  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
-AUTOINTERP = str(REPO / ".venv/bin/autointerp") if (REPO / ".venv/bin/autointerp").exists() else "autointerp"
 
 
 def make_record(feature: int, tokens: list[str], max_at: int, step: int = 100) -> FeatureRecord:

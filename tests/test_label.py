@@ -272,3 +272,33 @@ def test_label_an_sae_folder_collects_its_records_then_labels(tmp_path):
         assert 1 <= sum(l.sampled for l in labels) <= len(live)
         again = CliRunner().invoke(app, [*args, "--server", server.base_url])
         assert again.exit_code == 0 and "exist; labelling them" in " ".join(again.output.split())
+
+
+def test_label_killed_midway_resumes_with_each_latent_once(tmp_path):
+    """SIGKILL mid-explain: the rerun sends only what is missing and every sampled latent ends up
+    with exactly one explanation and one labelled line."""
+    import os
+    import signal
+
+    run, records = write_run(tmp_path)
+    out = next(run.glob("step-*")) / "explanations.jsonl"
+    with FakeServer(delay=0.4) as server:
+        cmd = [sys.executable, "-m", "autointerp.cli", "label", str(run), "--server", server.base_url,
+               "--features", "8", "--concurrency", "1", "--no-score"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        written = len(out.read_text().splitlines())
+        before = len(server.bodies)
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+    labels = labels_of(run)
+    sampled = [l.key for l in labels if l.sampled]
+    assert 3 <= written < len(sampled)
+    explained = [(d["checkpoint_step"], d["feature"]) for d in map(json.loads, out.read_text().splitlines())]
+    assert sorted(explained) == sorted(sampled)  # each exactly once
+    assert len(server.bodies) - before <= len(sampled) - written + 1  # at most the one in flight again
+    assert len(labels) == len([r for r in records if r.contexts])
