@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +355,10 @@ def cli(
             raise UserError("--out applies to an SAE folder only (labels are written beside the records)")
         targets = run_lib.resolve_targets(target)
     run_dir = targets[0].run_dir
+    for folder in {t.folder for t in targets} | {run_dir}:
+        if folder.exists() and not os.access(folder, os.W_OK):
+            raise UserError(f"{folder} is not writable: labels are written beside the records; copy them into a "
+                            "folder of your own (e.g. RUN/step-N/records.jsonl)")
     cps = [Checkpoint(t) for t in targets]
     manifest = run_lib.read_manifest(run_dir)
     # a server is needed unless nothing will be sent: a dry run, or a rebuild of a finished sample
