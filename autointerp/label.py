@@ -332,7 +332,7 @@ def cli(
                                                           "and send nothing."),
     no_score: bool = typer.Option(False, "--no-score", help="Describe the sample but do not score it (no control)."),
     base_url: str = typer.Option(None, "--base-url", hidden=True),
-    max_contexts: int = typer.Option(None, "--max-contexts", hidden=True),
+    max_contexts: int = typer.Option(None, "--max-contexts", min=1, hidden=True),
 ) -> None:
     """Label every live latent: a statistical label for all, an LLM description and scores for a
     stratified sample, the shuffled-description control, then the class shares with 95% intervals.
