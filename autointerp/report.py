@@ -594,6 +594,18 @@ def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
 NO_CONTROL_GREY = {n: "no control" for n in SCORE_NAMES}
 
 
+def sample_note(manifest: dict[str, Any]) -> str | None:
+    """How the LLM sample was drawn (manifest stages.label.sample), in words: a stratified sample
+    gives every class at least one latent, so a rare class's share in it is high by design."""
+    info = ((manifest.get("stages") or {}).get("label") or {}).get("sample")
+    if not isinstance(info, dict) or not isinstance(info.get("strata"), dict):
+        return None
+    strata = ", ".join(f"{k} {v}" for k, v in info["strata"].items())
+    return (f"The LLM sample is drawn stratified by the statistical class (seed {info.get('seed', '?')}; {strata}): "
+            "every class present gets at least one latent, so a rare class's share in the sample lies above its "
+            "share over all latents by design.")
+
+
 def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: str | Path | None = None,
                  contexts_per_feature: int = 5, window: int = 12, max_features: int | None = None) -> Path:
     """Render RUN/report/index.html and one step-N.html per checkpoint; return the index path."""
@@ -615,6 +627,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     manifest = runlib.read_manifest(run)
     control = control_view(manifest)
     grey = control["grey"] if control else NO_CONTROL_GREY
+    note = sample_note(manifest)
 
     summaries, all_model = [], {}
     lineage_view = _lineage_view(run, steps)
@@ -641,7 +654,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
             languages=sorted({f["language"] for f in features}),
             prev_step=steps[i - 1] if i > 0 else None, next_step=steps[i + 1] if i + 1 < len(steps) else None,
             metrics=data.metrics, sae_metric_names=list(SAE_METRICS), has_human=bool(human_labels),
-            control=control, has_scores=any(summary["scores"].values()), grey=grey,
+            control=control, has_scores=any(summary["scores"].values()), grey=grey, sample_note=note,
         )
         (out / f"step-{step}.html").write_text(html, encoding="utf-8")
 
@@ -658,7 +671,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         model=_manifest_model(manifest), run_missing=run_missing, comparison=comparison,
         classes=list(GRANULARITIES), languages=list(LANGUAGE_TRENDS), sae_metric_names=list(SAE_METRICS),
         has_human=bool(human_labels), human_source=str(human) if human else None,
-        lineage=lineage_view, control=control, grey=grey,
+        lineage=lineage_view, control=control, grey=grey, sample_note=note,
         has_scores=any(any(s["scores"].values()) for s in summaries),
     )
     index_path = out / "index.html"
