@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,35 @@ def update_manifest(run: str | Path, stage: str, info: dict[str, Any]) -> None:
     tmp = run / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     tmp.replace(run / "manifest.json")
+
+
+@dataclass
+class Target:
+    """One checkpoint's records file and where its stage outputs go."""
+
+    records_path: Path
+    folder: Path  # explanations/scores/labels.jsonl go here: next to records.jsonl
+    run_dir: Path  # manifest.json and cache.sqlite live here
+
+
+def resolve_targets(target: Path) -> list[Target]:
+    """A records.jsonl file, a step-N folder, or a run directory (every step-N/records.jsonl)."""
+    from autointerp.errors import UserError
+
+    target = Path(target)
+    if target.is_file():
+        folder = target.parent
+        run_dir = folder.parent if _STEP_DIR.match(folder.name) else folder
+        return [Target(target, folder, run_dir)]
+    if target.is_dir():
+        if records_file(target).is_file():
+            return resolve_targets(records_file(target))
+        found = [records_file(step_dir(target, s)) for s in checkpoint_steps(target)]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return [Target(p, p.parent, target) for p in found]
+        raise UserError(f"{target}: no step-N records file inside (run `autointerp collect` first)")
+    raise UserError(f"{target}: no such records file or run directory")
 
 
 # --------------------------------------------------------------------------- paths saved in run files

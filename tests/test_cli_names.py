@@ -19,12 +19,6 @@ from autointerp.options import old_names
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
-# PENDING: `label` and `score` are being rewritten to the contract's names (issue #11/#14) on
-# another branch. Until that is merged their rows are compared in a test of their own that is
-# skipped (with the differences) rather than failing. Remove these two names once it is merged.
-PENDING = {"label", "score"}
-
-
 def _section(text: str, heading: str) -> list[list[str]]:
     """The body rows of the first table under `## heading`, as lists of cells."""
     part = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
@@ -139,19 +133,9 @@ def test_the_table_and_the_commands_agree():
     commands = real_commands()
     named = {c for row in rows for c in row["commands"]} | {c for c, _ in refused}
     assert not named - set(commands), f"docs/cli.md names commands that do not exist: {named - set(commands)}"
-    problems = [p for name, command in commands.items() if name not in PENDING
+    problems = [p for name, command in commands.items()
                 for p in _differences(rows, refused, name, command)]
     assert not problems, "\n".join(problems)
-
-
-@pytest.mark.parametrize("command", sorted(PENDING))
-def test_label_and_score_follow_the_contract(command):
-    """PENDING: the rewrite of label/score to these names is on another branch; until it is
-    merged the differences are reported as a skip. Remove PENDING (above) after the merge."""
-    rows, refused = read_table()
-    problems = _differences(rows, refused, command, real_commands()[command])
-    if problems:
-        pytest.skip("pending the label/score rewrite (contract): " + "; ".join(problems))
 
 
 def test_an_old_name_still_runs_and_a_refused_one_names_the_new(capsys, tmp_path):
@@ -219,7 +203,7 @@ def test_the_readme_and_docs_use_the_current_names():
     stale = []
     seen = 0
     for name, number, command, options in documented_commands():
-        if command not in commands or command in PENDING:
+        if command not in commands:
             continue
         seen += 1
         names = visible_names(commands[command]) | {"--help"}
