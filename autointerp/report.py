@@ -595,14 +595,19 @@ def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
 NO_CONTROL_GREY = {n: "no control" for n in SCORE_NAMES}
 
 
-def sample_note(manifest: dict[str, Any]) -> str | None:
-    """How the LLM sample was drawn (manifest stages.label.sample), in words: a stratified sample
-    gives every class at least one latent, so a rare class's share in it is high by design."""
+def sample_note(manifest: dict[str, Any], step: int | None = None) -> str | None:
+    """How the LLM sample was drawn (manifest stages.label.sample; the checkpoint's own strata
+    where `step` is given and recorded), in words: a stratified sample gives every class at least
+    one latent, so a rare class's share in it is high by design."""
     info = ((manifest.get("stages") or {}).get("label") or {}).get("sample")
     if not isinstance(info, dict) or not isinstance(info.get("strata"), dict):
         return None
-    strata = ", ".join(f"{k} {v}" for k, v in info["strata"].items())
-    return (f"The LLM sample is drawn stratified by the statistical class (seed {info.get('seed', '?')}; {strata}): "
+    own = (info.get("per_checkpoint") or {}).get(f"step-{step}") if step is not None else None
+    strata = own.get("strata") if isinstance(own, dict) and isinstance(own.get("strata"), dict) else info["strata"]
+    where = "" if own else " over all checkpoints"
+    strata = ", ".join(f"{k} {v}" for k, v in strata.items())
+    return (f"The LLM sample is drawn stratified by the statistical class (seed {info.get('seed', '?')}; "
+            f"{strata}{where}): "
             "every class present gets at least one latent, so a rare class's share in the sample lies above its "
             "share over all latents by design.")
 
@@ -655,7 +660,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
             languages=sorted({f["language"] for f in features}),
             prev_step=steps[i - 1] if i > 0 else None, next_step=steps[i + 1] if i + 1 < len(steps) else None,
             metrics=data.metrics, sae_metric_names=list(SAE_METRICS), has_human=bool(human_labels),
-            control=control, has_scores=any(summary["scores"].values()), grey=grey, sample_note=note,
+            control=control, has_scores=any(summary["scores"].values()), grey=grey, sample_note=sample_note(manifest, step),
         )
         (out / f"step-{step}.html").write_text(html, encoding="utf-8")
 

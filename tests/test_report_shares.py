@@ -93,7 +93,8 @@ def make_run(root: Path, new_format: bool = True, manifest_control: dict | None 
         write_jsonl(folder / "labels.jsonl", lines)
     stages = {"label": {"features": len(SAMPLED), "llm": {"model": "smollm2-135m-instruct", "engine": "llama.cpp"},
                         "sample": {"n": len(SAMPLED), "seed": 0,
-                                   "strata": {"token": 3, "concept-synonym": 1, "uninterpretable": 1}}}}
+                                   "strata": {"token": 3, "concept-synonym": 1, "uninterpretable": 1},
+                                   "per_checkpoint": {"step-600": {"n": 5, "strata": {"token": 2, "uninterpretable": 3}}}}}}
     if manifest_control is not None:
         stages[stage] = stages.get(stage, {}) | {"control": manifest_control}
     (run / "manifest.json").write_text(json.dumps({"stages": stages}))
@@ -135,7 +136,9 @@ def test_shares_count_every_latent_not_only_the_cards_shown(tmp_path):
                              re.S)
     assert (int(sample_token[3]), int(sample_token[4])) == (3, len(SAMPLED))
     assert "Sample vs all: sample of 5 vs all 40 latents" in page
-    assert "stratified by the statistical class (seed 0; token 3, concept-synonym 1, uninterpretable 1)" in page
+    # how the sample was drawn: the checkpoint's own strata where the manifest has them
+    assert "stratified by the statistical class (seed 0; token 2, uninterpretable 3)" in page
+    assert "(seed 0; token 3, concept-synonym 1, uninterpretable 1 over all checkpoints)" in pages(run)["step-10.html"]
     # bilingual firing (every 4th latent) and cross-lingual (2 synonym latents) over all 40
     assert re.search(rf"bilingual firing</td><td>10 / 40</td><td>25.0%</td><td class=\"ci\">{pct_interval(10, 40)}", page)
     assert re.search(rf"cross-lingual</td><td>2 / 40</td><td>5.0%</td><td class=\"ci\">{pct_interval(2, 40)}", page)
