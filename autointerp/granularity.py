@@ -394,10 +394,6 @@ class Evidence:
     problem: str | None  # why the record cannot be labelled (then: uninterpretable)
 
 
-def _max_index(values: list) -> int:
-    return values.index(max(values))  # the first maximum, as Context.max_index (C speed)
-
-
 def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) -> Evidence:
     """Features from the record's own contexts only (never its step or feature id).
 
@@ -409,11 +405,9 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         return Evidence({}, [], "no contexts")
     firing: list[tuple[int, Any]] = []  # (max index, context)
     for c in record.contexts:
-        values = c.activations if c.activations is not None else c.levels
-        if values:
-            i = _max_index(values)
-            if values[i] > 0:
-                firing.append((i, c))
+        i = c.max_index  # cached on the context: the language profile reads it too
+        if i >= 0 and (c.activations if c.activations is not None else c.levels)[i] > 0:
+            firing.append((i, c))
     n = len(firing)
     if n == 0:
         return Evidence({}, [], "no activating token in any context")
@@ -431,7 +425,9 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
     cross_variant = sum(counts[t] for t in variants
                         if language.token_script(t) != language.token_script(top_token))
     second = top[1][0] if len(top) > 1 else ""
-    level_counts = Counter(chain.from_iterable(c.levels for c in record.contexts))  # levels 0..10
+    levels = list(chain.from_iterable(c.levels for c in record.contexts))
+    level_counts = {k: levels.count(k) for k in range(11)} if levels and min(levels) >= 0 and max(levels) <= 10 \
+        else Counter(levels)  # levels are 0..10: eleven C-speed counts beat a Counter over every token
     n_levels = sum(level_counts.values())
     n_active = n_levels - level_counts.get(0, 0)
     sum_active = sum(level * k for level, k in level_counts.items() if level > 0)

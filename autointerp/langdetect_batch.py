@@ -97,7 +97,7 @@ class BatchDetector:
             text = NGram.normalize_vi(text)
         text = _SPACES.sub(" ", text[:10000])  # append(): a space after a space is dropped
         chars = set(text)
-        for ch in chars - self._non_latin.keys():
+        for ch in [ch for ch in chars if ch not in self._non_latin]:  # (not `chars - keys()`: that walks every known char)
             self._non_latin[ch] = ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"
             self._norm[ord(ch)] = NGram.normalize(ch)
         flagged = [ch for ch in chars if self._non_latin[ch]]

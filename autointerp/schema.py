@@ -16,7 +16,6 @@ import gzip
 import io
 import json
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
@@ -39,6 +38,21 @@ def three_way(granularity: str | None) -> str | None:
     return "concept" if granularity.startswith("concept") else granularity
 
 
+class _cached:
+    """functools.cached_property without its lock (Python 3.11 takes a lock on every first access,
+    and a whole SAE's labels read the max position of millions of contexts once each)."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)  # later reads find the instance's own attribute
+        return value
+
+
 @dataclass
 class Context:
     """One context window: tokens as strings, levels 0..10 against the latent's max."""
@@ -47,7 +61,7 @@ class Context:
     levels: list[int]
     activations: list[float] | None = None
 
-    @cached_property  # contexts are not changed once built; stat features ask for it many times
+    @_cached  # contexts are not changed once built; stat features ask for it many times
     def max_index(self) -> int:
         """The first position of the largest activation (of the largest level without activations)."""
         values = self.activations if self.activations is not None else self.levels
@@ -210,6 +224,20 @@ ZSTD_LEVEL = 3
 ZSTD_WINDOW_LOG = 27  # 128 MiB: zstd's default decoding limit, so `zstd -d` reads it without flags
 
 
+def _open_bytes(path: Path):
+    """A binary line reader on a plain, gzip or zstd file (by its first bytes)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic.startswith(GZIP_MAGIC):
+        return gzip.open(path, "rb")
+    if magic == ZSTD_MAGIC:
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, 1 << 20)
+    return open(path, "rb")
+
+
 def _open_text(path: Path, mode: str, suffix: str | None = None):
     """A text handle on a plain, gzip or zstd JSONL file: by its first bytes when reading (any
     name reads), by `suffix` (default: the path's; .gz, .zst) when writing."""
@@ -219,11 +247,7 @@ def _open_text(path: Path, mode: str, suffix: str | None = None):
         if magic.startswith(GZIP_MAGIC):
             return gzip.open(path, "rt", encoding="utf-8")
         if magic == ZSTD_MAGIC:
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True,
-                                                                 closefd=True)
-            return io.TextIOWrapper(io.BufferedReader(reader, 1 << 20), encoding="utf-8")
+            return io.TextIOWrapper(_open_bytes(path), encoding="utf-8")
         return open(path, "r", encoding="utf-8")
     suffix = path.suffix if suffix is None else suffix
     if suffix == ".gz":
@@ -241,15 +265,17 @@ def _open_text(path: Path, mode: str, suffix: str | None = None):
     return open(path, mode, encoding="utf-8")
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a JSONL(.gz/.zst) file, blank lines skipped, streamed."""
+def iter_lines(path: str | Path, binary: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, line) of a JSONL(.gz/.zst) file, blank lines skipped, streamed. `binary`:
+    the lines as UTF-8 bytes, undecoded (for a reader that takes bytes, as msgspec does: decoding
+    a whole SAE's records to str costs more than decompressing them)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.suffix in (".pt", ".pkl", ".pickle", ".bin"):
         raise UserError(f"{path}: expected a JSONL file, got a pickle/binary file")
     try:
-        with _open_text(path, "r") as fh:
+        with (_open_bytes(path) if binary else _open_text(path, "r")) as fh:
             for lineno, line in enumerate(fh, 1):
                 if line.strip():
                     yield lineno, line
@@ -289,7 +315,7 @@ def stream_records(path: str | Path, on_error: OnError = "fail", warn=None) -> I
 
 
 class _LeanContext(msgspec.Struct):
-    tokens: list[str]
+    tokens: msgspec.Raw  # decoded through _tokens(): a whole SAE's contexts repeat across latents
     levels: list[int]
     activations: list[float] | None = None
 
@@ -309,31 +335,47 @@ class _LeanRecord(msgspec.Struct, kw_only=True):
 
 
 _decode_lean = msgspec.json.Decoder(_LeanRecord).decode
+_decode_tokens = msgspec.json.Decoder(list[str]).decode
+_TOKENS: dict[bytes, list[str]] = {}  # a context's tokens as JSON -> the decoded list, shared by its latents
+_TOKENS_LIMIT = 1 << 14  # contexts (~5 KB each with their strings): ~80 MB at most per process
 
 
-def lean_record(line: str) -> FeatureRecord:
+def _tokens(raw: msgspec.Raw) -> list[str]:
+    """A context's tokens, decoded once per distinct context (the same list object is shared:
+    contexts are never changed once read)."""
+    key = bytes(raw)
+    tokens = _TOKENS.get(key)
+    if tokens is None:
+        tokens = _decode_tokens(key)
+        if len(_TOKENS) >= _TOKENS_LIMIT:
+            _TOKENS.clear()
+        _TOKENS[key] = tokens
+    return tokens
+
+
+def lean_record(line: str | bytes) -> FeatureRecord:
     """A record without negatives or extras, for what reads only the top contexts (statistical
     labels, the report). A line msgspec's strict types refuse
     (a null model, levels written as 3.0, a length mismatch, another schema version) goes the
     general way, which converts it, or raises the error every reader gives."""
     try:
         r = _decode_lean(line)
-    except msgspec.DecodeError:
+        contexts = [Context(_tokens(c.tokens), c.levels, c.activations) for c in r.contexts]
+    except msgspec.DecodeError:  # msgspec.ValidationError included
         r = None
     if r is None or r.schema_version != SCHEMA_VERSION or any(
             len(c.tokens) != len(c.levels) or (c.activations is not None and len(c.activations) != len(c.tokens))
-            for c in r.contexts):
+            for c in contexts):
         d = json.loads(line)
         d["negatives"] = []
         return FeatureRecord.from_dict(d)
-    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
-                         [Context(c.tokens, c.levels, c.activations) for c in r.contexts],
+    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature, contexts,
                          density=r.density, max_activation=r.max_activation)
 
 
 def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
     """stream_records without negatives or extras (lean_record), with the same error handling."""
-    for lineno, line in iter_lines(path):
+    for lineno, line in iter_lines(path, binary=True):
         try:
             yield lean_record(line)
         except UserError:

@@ -24,7 +24,7 @@ from autointerp.schema import iter_lines, lean_record, to_json_line, write_jsonl
 CHUNK = 32  # latents per task: enough to batch langdetect, few enough to share a small file between workers
 
 
-def label_lines(path: str, lines: list[tuple[int, str]]) -> list[str]:
+def label_lines(path: str, lines: list[tuple[int, bytes]]) -> list[str]:
     """The label JSON lines of raw record lines ((line number, line) of `path`, for errors)."""
     records = []
     for lineno, line in lines:
@@ -55,7 +55,7 @@ def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
                           chunk: int = CHUNK) -> Iterator[str]:
     """The statistical label (a JSON line) of every record in the file, in file order."""
     path = str(records_path)
-    chunks = _chunks(iter_lines(records_path), chunk)
+    chunks = _chunks(iter_lines(records_path, binary=True), chunk)  # the parent only reads
     workers = default_workers() if workers is None else workers
     _warm()
     if workers <= 1:
