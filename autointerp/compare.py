@@ -23,10 +23,14 @@ from typing import Any
 
 import typer
 
+from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.files import Kind, expect, llmjp_data_dir
 from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, iter_jsonl, three_way
 
 Key = tuple[int | None, int]
+# What compare reads on either side (the explainer's votes too); feature records need human fields.
+LABEL_KINDS = (Kind.LABELS, Kind.HUMAN_LABELS, Kind.HUMAN_RECORDS, Kind.EXPLANATIONS, Kind.RUN, Kind.LLMJP_DEMO)
 THREE_WAY = ("token", "concept", "uninterpretable")
 SHORT_NAMES = {"token": "token", "concept-synonym": "synonym", "concept-semantic": "semantic",
                "uninterpretable": "uninterp."}
@@ -108,15 +112,6 @@ def _load_csv(path: Path, out: LabelSet) -> None:
                 raise UserError(f"{path}:{i}: {exc}") from None
 
 
-def _llmjp_data_dir(path: Path) -> Path | None:
-    """docs/data of an llm-jp-sae checkout (or that folder itself), if `path` is one."""
-    for candidate in (path / "docs" / "data", path / "data", path):
-        steps = [p for p in candidate.iterdir() if p.is_dir() and p.name.isdigit()] if candidate.is_dir() else []
-        if steps and any(next(p.glob("*.json"), None) for p in steps):
-            return candidate
-    return None
-
-
 def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
     from autointerp.records import import_llmjp_demo  # lazily: records imports torch
 
@@ -127,15 +122,16 @@ def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
 def load_labels(source: str | Path) -> LabelSet:
     """Read granularity labels from any supported input (see the module docstring)."""
     path = Path(source)
+    if path.suffix.lower() != ".csv":  # a CSV's columns are checked by _load_csv
+        expect(path, *LABEL_KINDS, expected="labels (label or annotate output, records with human labels, "
+                                            "a run folder or llm-jp-sae demo data)")
     out = LabelSet(source=str(source))
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
     if path.is_dir():
         label_files = sorted(path.glob("step-*/labels.jsonl"))
         if label_files:
             for file in label_files:
                 _load_jsonl(file, out)
-        elif (data_dir := _llmjp_data_dir(path)) is not None:
+        elif (data_dir := llmjp_data_dir(path)) is not None:
             _load_llmjp_demo(data_dir, out)
         else:
             raise UserError(f"{path}: neither a run directory with step-N/labels.jsonl "
@@ -254,9 +250,53 @@ def compare_files(human: str | Path, model: str | Path) -> ComparisonResult:
     result = compare_labels(h.labels, m.labels, {**h.descriptions, **m.descriptions})
     result.human_source, result.model_source = h.source, m.source
     if result.n_common == 0:
-        raise UserError(f"no (checkpoint_step, feature) in common between {human} ({len(h.labels)} labels) "
-                        f"and {model} ({len(m.labels)} labels)")
+        raise UserError(no_overlap_message(h.labels, m.labels, human, model))
     return result
+
+
+def feature_ranges(features: list[int], limit: int = 6) -> str:
+    """Sorted ids as short ranges: [0, 1, 2, 7, 9] -> "0–2, 7, 9"; past `limit` parts, "…"."""
+    parts: list[str] = []
+    ids = sorted(set(features))
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if j == i else f"{ids[i]}–{ids[j]}")
+        i = j + 1
+    return ", ".join(parts[:limit]) + (", …" if len(parts) > limit else "")
+
+
+def no_overlap_message(human: dict[Key, str], model: dict[Key, str], human_source: str | Path,
+                       model_source: str | Path) -> str:
+    """Why two label sets share no feature, and what to do: features per checkpoint on each side,
+    and the `annotate --features N` that gives the model's seeded sample."""
+    def by_step(labels: dict[Key, str]) -> dict[int | None, list[int]]:
+        out: dict[int | None, list[int]] = {}
+        for step, feature in labels:
+            out.setdefault(step, []).append(feature)
+        return out
+
+    def steps_text(steps) -> str:
+        return ", ".join(str(s) for s in sorted(steps, key=lambda s: -1 if s is None else s))
+
+    hs, ms = by_step(human), by_step(model)
+    head = f"no (checkpoint_step, feature) in common between {human_source} and {model_source}"
+    shared = sorted(set(hs) & set(ms), key=lambda s: -1 if s is None else s)
+    if not shared:
+        return (f"{head}: the human labels are at step(s) {steps_text(hs)}, the model labels at step(s) "
+                f"{steps_text(ms)}; label or annotate the same checkpoints")
+    step = shared[-1]
+    n = max(len(ms[s]) for s in shared)
+    model_path = Path(model_source)
+    records = model_path if model_path.is_dir() else runlib.records_file(model_path.parent)
+    target = str(records) if records.exists() else "RECORDS"
+    count = f"{len(ms[step])} feature{'s' if len(ms[step]) != 1 else ''}"
+    return (f"{head}: the human labels cover features {feature_ranges(hs[step])} at step {step}; the model labels "
+            f"cover {feature_ranges(ms[step])} ({count}). `autointerp label --features N` labels a seeded sample of "
+            f"N live features per checkpoint: annotate the same ones with "
+            f"`autointerp annotate {target} --features {n}`")
 
 
 # --- output -------------------------------------------------------------------------------
@@ -355,7 +395,7 @@ def cli(
                                           "fields (the dev file), a run dir, an llm-jp-sae docs/data dir, or a CSV."),
     model: Path = typer.Argument(..., help="Labels to evaluate, in any of the same formats (e.g. runs/demo)."),
     out: Path | None = typer.Option(None, "--out", help="Write PREFIX.json and PREFIX.md."),
-    show: int = typer.Option(20, "--show", help="How many disagreeing features to print (all go to --out)."),
+    show: int = typer.Option(20, "--show", min=0, help="How many disagreeing features to print (all go to --out)."),
 ) -> None:
     """Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."""
     result = compare_files(human, model)

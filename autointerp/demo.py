@@ -42,10 +42,10 @@ def stages(run: Path, layer: int, features: int, threads: int | None) -> list[tu
 
 
 def cli(
-    run: Path = typer.Argument(Path("runs/demo"), help="Run directory (created; reused to resume)."),
-    layer: int = typer.Option(2, help="Decoder layer whose residual stream the SAE reads."),
-    features: int = typer.Option(8, help="Features labelled per checkpoint (the LLM is the slow part on CPU)."),
-    threads: int = typer.Option(0, help="llama.cpp threads (0: all cores)."),
+    run: Path = typer.Argument(Path("runs/demo"), metavar="RUN_DIR", help="Run folder (created; reused to resume)."),
+    layer: int = typer.Option(2, min=0, help="Decoder layer whose residual stream the SAE reads."),
+    features: int = typer.Option(8, min=1, help="Features labelled per checkpoint (the LLM is the slow part on CPU)."),
+    threads: int = typer.Option(0, min=0, help="llama.cpp threads (0: all cores)."),
 ) -> None:
     """Run the whole pipeline on the embedded default and print where the report is."""
     timings: list[tuple[str, float]] = []

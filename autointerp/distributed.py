@@ -9,6 +9,7 @@ single-process run (hence the same activations).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -30,6 +31,18 @@ def init_from_env() -> tuple[int, int]:
         else:
             dist.init_process_group("gloo")
     return rank_world()
+
+
+def leave(code: int = 0) -> None:
+    """End a torchrun rank once its work is written: wait for the other ranks, then exit without
+    destroying the process group or finalising the interpreter. gloo's worker threads can abort
+    either (SIGABRT, "terminate called without an active exception"; seen on CI, cf.
+    pytorch/pytorch#179291), which would turn a finished run into a failed one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def comm_device() -> torch.device:

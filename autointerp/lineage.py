@@ -39,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.files import Kind, expect
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, LatentRow, iter_jsonl, write_jsonl
 
 console = Console(stderr=True)
@@ -370,7 +371,7 @@ def find_checkpoints(run: Path) -> list[Checkpoint]:
         cfg_path = sae_dir / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         lm_dir = runlib.lm_checkpoint_dir(run, step)
-        model = str(lm_dir) if lm_dir.is_dir() else cfg.get("model")
+        model = str(lm_dir) if lm_dir.is_dir() else runlib.resolve_model(cfg.get("model"), sae_dir)
         if not model:
             raise UserError(f"{sae_dir}: no LM for step {step} (no {lm_dir} and the SAE config names no model), "
                             "so lineage cannot run its tokens through it")
@@ -431,8 +432,8 @@ def run_lineage(run: Path, corpus: str | None = None, sample: str = "eval", max_
                 device: str = "cpu", force: bool = False, group_bytes: int = 16 << 20) -> list[dict[str, Any]]:
     """Write step-N/lineage.jsonl + lineage.meta.json for every consecutive pair; return the metas."""
     checkpoints = find_checkpoints(run)
-    corpus = corpus or (runlib.read_manifest(run).get("stages", {}).get("sae", {}) or {}).get("corpus") \
-        or "debian-reference"
+    corpus = corpus or runlib.load_saved((runlib.read_manifest(run).get("stages", {}).get("sae", {}) or {}).get("corpus"),
+                                         run) or "debian-reference"
     settings = _settings(corpus, sample, max_docs, seq_len, quantile, bins, seed)
     pairs = list(zip(checkpoints, checkpoints[1:]))
     todo = []
@@ -490,26 +491,40 @@ def _threshold_range(meta: dict[str, Any]) -> str:
     return f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f} by firing band"
 
 
+def _eval_or_all(value: str) -> str:
+    if value not in ("eval", "all"):
+        raise typer.BadParameter(f"{value!r} is not one of 'eval', 'all'.")
+    return value
+
+
+def _null_quantile(value: float) -> float:
+    if not 0.5 <= value < 1:
+        raise typer.BadParameter(f"{value} is not in [0.5, 1).")
+    return value
+
+
 def cli(
-    run: Path = typer.Argument(..., help="Run directory with step-N/sae and LM checkpoints (RUN/lm/step-N or the SAE config's model)."),
-    corpus: str | None = typer.Option(None, "--corpus", help="Corpus of the shared tokens (default: the one the SAEs were trained on)."),
-    sample: str = typer.Option("eval", "--sample", help="Shared documents: eval (held out by `lm train`) or all."),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="At most this many shared documents."),
-    seq_len: int = typer.Option(64, "--seq-len", help="First tokens of each document (as for the SAEs and records)."),
-    quantile: float = typer.Option(0.99, "--quantile", help="A match counts when it beats this quantile of the shuffled-token null (per firing band)."),
-    bins: int = typer.Option(10, "--bins", help="Firing-frequency bands of the null threshold."),
+    run: Path = typer.Argument(..., metavar="RUN_DIR",
+                               help="Run folder with step-N/sae and LM checkpoints (RUN_DIR/lm/step-N or the SAE config's model)."),
+    corpus: str | None = typer.Option(None, "--corpus", metavar="CORPUS",
+                                      help="Corpus of the shared tokens (default: the one the SAEs were trained on)."),
+    sample: str = typer.Option("eval", "--sample", metavar="eval|all", callback=_eval_or_all,
+                               help="Shared documents: eval (held out by `lm train`) or all."),
+    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="At most this many shared documents."),
+    seq_len: int = typer.Option(64, "--seq-len", min=1, help="First tokens of each document (as for the SAEs and records)."),
+    quantile: float = typer.Option(0.99, "--quantile", callback=_null_quantile,
+                                   help="A match counts when it beats this quantile of the shuffled-token null "
+                                        "(per firing band); in [0.5, 1)."),
+    bins: int = typer.Option(10, "--bins", min=1, help="Firing-frequency bands of the null threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the token shuffle (the null)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (for the LM and SAE; matching runs on CPU)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
-    memory_mb: int = typer.Option(16, "--block-mb", help="Size of one block of the correlation matrix (MB); the whole matrix is never held."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
+    memory_mb: int = typer.Option(16, "--block-mb", min=1, help="Size of one block of the correlation matrix (MB); the whole matrix is never held."),
     force: bool = typer.Option(False, "--force", help="Redo pairs whose lineage.jsonl exists with the same settings."),
 ) -> None:
     """Match every latent of each checkpoint to its parent at the previous one (feature lineage)."""
-    if not 0.5 <= quantile < 1:
-        raise UserError("--quantile must be in [0.5, 1)")
-    if bins < 1 or seq_len < 1 or batch_size < 1 or memory_mb < 1:
-        raise UserError("--bins, --seq-len, --batch-size and --block-mb must be positive")
+    expect(run, Kind.RUN)
     if threads:
         torch.set_num_threads(threads)
     metas = run_lineage(run, corpus, sample, max_docs, seq_len, quantile, bins, seed, batch_size, device, force,

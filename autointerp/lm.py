@@ -341,20 +341,21 @@ def _parse_steps(text: str | None) -> list[int]:
 @cli.command("train")
 def train_command(
     out: Path = typer.Option(Path("runs/demo/lm"), "--out", help="Folder for step-N/ checkpoints and train_log.json."),
-    steps: int = typer.Option(TrainConfig.steps, help="Optimizer steps in total."),
-    d_model: int = typer.Option(TrainConfig.d_model, help="Residual stream width."),
-    layers: int = typer.Option(TrainConfig.layers, help="Decoder layers."),
-    heads: int = typer.Option(TrainConfig.heads, help="Attention heads (must divide --d-model)."),
-    seq_len: int = typer.Option(TrainConfig.seq_len, help="Tokens per training sequence."),
-    batch_size: int = typer.Option(TrainConfig.batch_size, help="Sequences per step."),
-    lr: float = typer.Option(TrainConfig.lr, help="Peak AdamW learning rate (warm-up, then cosine to 10%)."),
+    steps: int = typer.Option(TrainConfig.steps, min=1, help="Optimizer steps in total."),
+    d_model: int = typer.Option(TrainConfig.d_model, min=1, help="Residual stream width."),
+    layers: int = typer.Option(TrainConfig.layers, min=1, help="Decoder layers."),
+    heads: int = typer.Option(TrainConfig.heads, min=1, help="Attention heads (must divide --d-model)."),
+    seq_len: int = typer.Option(TrainConfig.seq_len, min=2, help="Tokens per training sequence."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, min=1, help="Sequences per step."),
+    lr: float = typer.Option(TrainConfig.lr, min=0.0, help="Peak AdamW learning rate (warm-up, then cosine to 10%)."),
     seed: int = typer.Option(TrainConfig.seed, help="Seed for the weights and the data order."),
-    vocab_size: int = typer.Option(TrainConfig.vocab_size, help="Byte-level BPE vocabulary size."),
-    checkpoints: str = typer.Option("", help="Comma-separated steps to save, e.g. 10,100,1000 "
+    vocab_size: int = typer.Option(TrainConfig.vocab_size, min=1, help="Byte-level BPE vocabulary size."),
+    checkpoints: str = typer.Option("", metavar="STEPS", help="Comma-separated steps to save, e.g. 10,100,1000 "
                                              "(default: powers of 10 below --steps); the final step is always saved."),
-    corpus: str = typer.Option("debian-reference", help="Corpus spec: debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    corpus_limit: int = typer.Option(None, help="Use only the first N documents."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default, one per core). "
+    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
+                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    corpus_limit: int = typer.Option(None, min=1, help="Use only the first N documents."),
+    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default, one per core). "
                                 "On a busy machine 1 can be faster."),
     tiny: bool = typer.Option(False, "--tiny", help="Test-sized model and run (seconds); other size flags are ignored."),
 ) -> None:

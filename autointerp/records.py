@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -40,6 +39,7 @@ from rich.text import Text
 from autointerp import run as runlib
 from autointerp import schema
 from autointerp.errors import UserError
+from autointerp.files import Kind, expect
 from autointerp.language import trend_from_counts
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
@@ -552,10 +552,42 @@ def parse_features(spec: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
+def _fail_or_skip(value: str) -> str:
+    if value not in ("fail", "skip"):
+        raise typer.BadParameter(f"{value!r} is not one of 'fail', 'skip'.")
+    return value
+
+
+def _features_option(spec: str | None) -> str | None:
+    """--features N|A-B|a,b,c, checked when the command line is read."""
+    try:
+        parse_features(spec)
+    except UserError as exc:
+        raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
+    return spec
+
+
+def _steps_option(spec: str | None) -> str | None:
+    """--steps: comma-separated checkpoint steps, checked when the command line is read."""
+    try:
+        _ = spec is None or {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+        raise typer.BadParameter(f"{spec!r}: expected comma-separated steps, e.g. 10,100") from None
+    return spec
+
+
 def _progress(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=disable)
+
+
+def _model_name(model_id: str, run: Path | None) -> str:
+    """The records' `model` field: a hub id as is, a local folder relative to the run (lm/step-600)
+    or, outside a run, absolute."""
+    if run is not None:
+        return runlib.saved_path(model_id, run)
+    return str(Path(model_id).resolve()) if Path(model_id).exists() else model_id
 
 
 def _sae_provenance(sae) -> dict[str, Any]:
@@ -564,13 +596,14 @@ def _sae_provenance(sae) -> dict[str, Any]:
 
 
 def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | None, docs, *, layer: int | None,
-                 step: int | None, opts: dict[str, Any], progress: Progress) -> dict[str, Any]:
+                 step: int | None, opts: dict[str, Any], progress: Progress, run: Path | None = None) -> dict[str, Any]:
     from autointerp.activations import load_lm
     from autointerp.sae import load_sae
 
     sae = load_sae(sae_dir, device=opts["device"] or "cpu")
     prov = _sae_provenance(sae)
-    model_id = lm_path or prov["model"]
+    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+    model_id = lm_path or runlib.resolve_model(prov["model"], folder)
     if not model_id:
         raise UserError(f"{sae_dir}: the SAE config names no model; pass --model")
     layer = layer if layer is not None else prov["layer"]
@@ -589,7 +622,7 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
     records = iter_collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
                       max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
                       n_random=opts["n_random"], n_same_token=opts["n_same_token"], features=opts["features"], seed=opts["seed"],
-                      device=opts["device"], model_name=str(prov["model"] or model_id), checkpoint_step=step,
+                      device=opts["device"], model_name=_model_name(str(model_id), run), checkpoint_step=step,
                       on_batch=on_batch)
     counts = {"latents": 0, "dead": 0}
 
@@ -607,32 +640,39 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
     seconds = time.perf_counter() - started
     console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s"
                   + (f" (this rank's share of the tokens; {rank_world()[1]} ranks)" if rank_world()[1] > 1 else ""))
-    return {"records": str(out), **counts, "tokens": seen[0], "seconds": round(seconds, 2)}
+    return {"records": runlib.saved_path(out, run) if run is not None else str(out), **counts, "tokens": seen[0],
+            "seconds": round(seconds, 2)}
 
 
 def cli_collect(
-    run: Path | None = typer.Option(None, "--run", help="Run directory: collect for every RUN/step-N/sae into RUN/step-N/records.jsonl.zst."),
-    sae: Path | None = typer.Option(None, "--sae", help="One SAE folder (instead of --run)."),
-    model: str | None = typer.Option(None, "--model", help="LM (HF id or folder). Default: RUN/lm/step-N, else the SAE config's model."),
+    run: Path | None = typer.Option(None, "--run", metavar="RUN_DIR",
+                                    help="Run folder: collect for every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst."),
+    sae: Path | None = typer.Option(None, "--sae", metavar="SAE_DIR", help="One SAE folder (instead of --run)."),
+    model: str | None = typer.Option(None, "--model", metavar="MODEL",
+                                     help="LM (Hugging Face id or folder). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
-    corpus: str = typer.Option("debian-reference", "--corpus", help="Corpus spec (see autointerp.corpus.load_corpus)."),
-    out: Path | None = typer.Option(None, "--out", help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
-    layer: int | None = typer.Option(None, "--layer", help="Layer (default: the SAE config's)."),
-    steps: str | None = typer.Option(None, "--steps", help="With --run: only these steps, comma-separated."),
-    top_k: int = typer.Option(50, "--top-k", help="Top contexts kept per latent (the true top-k by max activation)."),
-    window: int = typer.Option(64, "--window", help="Context window in tokens (centred on the max token when documents are longer)."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Tokens read per document (default: --window)."),
-    max_docs: int | None = typer.Option(None, "--max-docs", help="Read at most this many documents."),
-    features: str | None = typer.Option(None, "--features", help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
-    n_similar: int = typer.Option(10, "--n-similar", help="'similar' negatives per latent (ranked just below the top-k)."),
-    n_random: int = typer.Option(20, "--n-random", help="'random' negatives per latent (contexts where it is silent)."),
-    n_same_token: int = typer.Option(5, "--n-same-token", help="'same-token' negatives per latent (silent contexts holding its max token)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Documents per forward pass."),
+    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
+                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    out: Path | None = typer.Option(None, "--out", metavar="RECORDS",
+                                    help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
+    layer: int | None = typer.Option(None, "--layer", min=0, help="Layer (default: the SAE config's)."),
+    steps: str | None = typer.Option(None, "--steps", metavar="STEPS", callback=_steps_option, help="With --run: only these steps, comma-separated."),
+    top_k: int = typer.Option(50, "--top-k", min=1, help="Top contexts kept per latent (the true top-k by max activation)."),
+    window: int = typer.Option(64, "--window", min=1, help="Context window in tokens (centred on the max token when documents are longer)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens read per document (default: --window)."),
+    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
+    features: str | None = typer.Option(None, "--features", metavar="FEATURES", callback=_features_option,
+                                        help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
+    n_similar: int = typer.Option(10, "--n-similar", min=0, help="'similar' negatives per latent (ranked just below the top-k)."),
+    n_random: int = typer.Option(20, "--n-random", min=0, help="'random' negatives per latent (contexts where it is silent)."),
+    n_same_token: int = typer.Option(5, "--n-same-token", min=0, help="'same-token' negatives per latent (silent contexts holding its max token)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
     seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records file exists."),
-    on_error: str = typer.Option("fail", "--on-error", help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
 ) -> None:
     """Collect feature records: the true top-k contexts of every SAE latent, negatives, density.
 
@@ -641,14 +681,14 @@ def cli_collect(
     from autointerp.corpus import load_corpus
     from autointerp.distributed import init_from_env
 
-    if on_error not in ("skip", "fail"):
-        raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
     if threads is not None:
-        if threads < 1:
-            raise UserError("--threads must be at least 1")
         torch.set_num_threads(threads)
     if (run is None) == (sae is None):
-        raise UserError("give either --run RUN or --sae DIR (with --out FILE)")
+        raise UserError("give either --run RUN_DIR or --sae SAE_DIR (with --out RECORDS)")
+    if run is not None:
+        expect(run, Kind.RUN, what="--run")
+    if sae is not None:
+        expect(sae, Kind.SAE, what="--sae")
     rank, world = init_from_env()
     if world > 1 and device and device.startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"
@@ -658,9 +698,7 @@ def cli_collect(
     jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
     if sae is not None:
         if out is None:
-            raise UserError("--sae needs --out FILE")
-        if not sae.is_dir() and not sae.is_file():
-            raise UserError(f"{sae}: no such SAE folder")
+            raise UserError("--sae needs --out RECORDS")
         jobs.append((sae, out, model, None))
     else:
         assert run is not None
@@ -688,21 +726,25 @@ def cli_collect(
         for sae_dir, out_path, lm, step in todo:
             try:
                 done[str(step)] = _collect_one(sae_dir, out_path, lm, revision, docs, layer=layer, step=step,
-                                               opts=opts, progress=progress)
+                                               opts=opts, progress=progress, run=run)
             except (UserError, OSError, ValueError, RuntimeError) as exc:
                 if on_error == "fail":
                     raise UserError(f"{sae_dir}: {exc}") from None
                 failed.append(str(sae_dir))
                 console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
     if run is not None and rank == 0:
-        runlib.update_manifest(run, "collect", {"corpus": corpus, "max_docs": max_docs, "checkpoints": done,
-                                                 "world_size": world,
-                                                 "failed": failed, **{k: v for k, v in opts.items() if k != "features"},
+        runlib.update_manifest(run, "collect", {"corpus": runlib.saved_path(corpus, run), "max_docs": max_docs,
+                                                 "checkpoints": done, "world_size": world,
+                                                 "failed": [runlib.saved_path(f, run) for f in failed], **{k: v for k, v in opts.items() if k != "features"},
                                                  "features": features})
+    message = f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}" if failed else ""
     if world > 1:
-        torch.distributed.destroy_process_group()
+        if message and rank == 0:
+            console.print(f"[red]error:[/] {message}")
+        from autointerp.distributed import leave
+        leave(1 if failed else 0)
     if failed:
-        raise UserError(f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}")
+        raise UserError(message)
 
 
 # --------------------------------------------------------------------------- CLI: records show
@@ -749,14 +791,17 @@ def describe_record(record: FeatureRecord, n_contexts: int = 5, n_negatives: int
 
 @cli_records.command("show")
 def show(
-    file: Path = typer.Argument(..., help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
-    feature: int = typer.Option(..., "--feature", "-f", help="Latent id."),
-    step: int | None = typer.Option(None, "--step", help="Checkpoint step (when the file holds several)."),
-    contexts: int = typer.Option(5, "--contexts", help="How many top contexts to print."),
-    negatives: int = typer.Option(0, "--negatives", help="How many negatives to print."),
-    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    file: Path = typer.Argument(..., metavar="RECORDS",
+                                help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
+    feature: int = typer.Option(..., "--feature", "-f", min=0, help="Latent id."),
+    step: int | None = typer.Option(None, "--step", min=0, help="Checkpoint step (when the file holds several)."),
+    contexts: int = typer.Option(5, "--contexts", min=0, help="How many top contexts to print."),
+    negatives: int = typer.Option(0, "--negatives", min=0, help="How many negatives to print."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
+    expect(file, Kind.RECORDS, Kind.LLMJP_DEMO)
     out = Console(highlight=False, soft_wrap=True)
     matches = find_records(file, feature, step, on_error,
                            warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
@@ -771,12 +816,16 @@ def show(
 
 @cli_records.command("import")
 def import_(
-    source: Path = typer.Argument(..., help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
-    out: Path = typer.Option(..., "--out", help="Output records file: .jsonl (plain), .jsonl.zst (compact) or .jsonl.gz."),
-    on_error: str = typer.Option("fail", "--on-error", help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    source: Path = typer.Argument(..., metavar="SOURCE",
+                                  help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
+    out: Path = typer.Option(..., "--out", metavar="RECORDS",
+                             help="Output records file: .jsonl (plain), .jsonl.zst (compact) or .jsonl.gz."),
+    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
+                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
 ) -> None:
     """Convert llm-jp-sae demo data or a records file (plain, .gz or .zst) into records JSONL,
     plain or compact by --out's name; streamed, so it also turns a compact file back into plain JSONL."""
+    expect(source, Kind.RECORDS, Kind.LLMJP_DEMO)
     steps: set[int | None] = set()
 
     def seen(records: Iterable[FeatureRecord]) -> Iterator[FeatureRecord]:

@@ -479,6 +479,9 @@ def cli(
                                                  f"up to {DEFAULT_MAX_FEATURES})."),
 ) -> None:
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
+    from autointerp.files import Kind, expect
+
+    expect(run_dir, Kind.RUN)
     index = build_report(run_dir, human, out, contexts, window, max_features)
     pages = sorted(index.parent.glob("step-*.html"))
     size = sum(p.stat().st_size for p in [index, *pages]) / 1e6

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from autointerp import __version__
+from autointerp.errors import UserError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -80,3 +82,62 @@ def update_manifest(run: str | Path, stage: str, info: dict[str, Any]) -> None:
     tmp = run / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str))
     tmp.replace(run / "manifest.json")
+
+
+# --------------------------------------------------------------------------- paths saved in run files
+# A run folder can be moved or opened from any working directory: a path that a run file stores
+# (the SAE config's model, the manifest's files and corpus) is relative to the folder of that file
+# when it lies inside the run, absolute when it lies outside, and resolved against that folder on
+# load. Older runs stored paths as given (absolute or relative to the working directory then):
+# those still load (see resolve_model).
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def saved_path(value: str | Path, base: str | Path, root: str | Path | None = None) -> str:
+    """How a run file at folder `base` stores `value`: an existing local path relative to `base`
+    when it lies inside `root` (default `base`), else absolute; anything else (a Hugging Face
+    id, a corpus name) unchanged."""
+    path = Path(value)
+    if not path.exists():
+        return str(value)
+    target, root_abs = path.resolve(), Path(root if root is not None else base).resolve()
+    if target == root_abs or root_abs in target.parents:
+        return Path(os.path.relpath(target, Path(base).resolve())).as_posix()
+    return str(target)
+
+
+def load_saved(value: str | None, base: str | Path) -> str | None:
+    """A path saved by saved_path, read back by a process in any working directory: relative to
+    `base` when it exists there, else unchanged (absolute, an old cwd-relative path, or a name)."""
+    if not value:
+        return value
+    path = Path(value)
+    if not path.is_absolute() and (Path(base) / path).exists():
+        return os.path.normpath(Path(base) / path)
+    return str(value)
+
+
+def resolve_model(value: str | None, sae_dir: str | Path) -> str | None:
+    """The language model an SAE config names (its `model`), as a path that exists or a Hugging
+    Face id; a UserError naming the paths tried (and suggesting --model) when it is neither.
+
+    Tried in order: relative to the SAE folder (how `sae train --run` saves it), absolute or
+    relative to the working directory (older runs), and for an SAE at RUN/step-N/sae whose saved
+    path ends in lm/step-N, RUN/lm/step-N (an old run moved or opened from elsewhere)."""
+    if not value:
+        return None
+    sae_dir = Path(sae_dir)
+    path = Path(value)
+    tried = [path] if path.is_absolute() else [Path(os.path.normpath(sae_dir / path)), path]
+    step = sae_dir.parent
+    if _STEP_DIR.match(step.name) and path.name == step.name and path.parent.name == "lm":
+        tried.append(step.parent / "lm" / step.name)
+    for candidate in dict.fromkeys(tried):
+        if candidate.exists():
+            return str(candidate)
+    if not path.is_absolute() and _HUB_ID.match(str(value)) and not str(value).startswith("."):
+        return str(value)  # a Hugging Face id
+    shown = ", ".join(str(c if c.is_absolute() else f"./{c}") for c in dict.fromkeys(tried))
+    raise UserError(f"{sae_dir}: the SAE was trained on the model at {value!r}, which is not there "
+                    f"(tried {shown}); pass --model with the model's folder or Hugging Face id")

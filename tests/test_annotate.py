@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from autointerp.annotate import annotate, cli, context_text, load_answers
 from autointerp.compare import load_labels
-from autointerp.schema import Context, FeatureRecord, write_jsonl
+from autointerp.schema import Context, FeatureRecord, read_records, write_jsonl
 
 
 def _records(n: int = 5) -> list[FeatureRecord]:
@@ -92,3 +92,62 @@ def test_annotate_rejects_empty_input(tmp_path):
                                          "--step", "7"], input="")
     assert result.exit_code != 0
     assert "no feature records at steps [7]" in str(result.exception)
+
+
+def _mixed_records(steps=(10, 100), n: int = 40) -> list[FeatureRecord]:
+    """Several checkpoints in one file, every third latent dead (no contexts)."""
+    return [FeatureRecord(model="m", layer=0, checkpoint_step=s, feature=i,
+                          contexts=[] if i % 3 == 0 else [Context(tokens=["a", f"t{i}"], levels=[0, 10])])
+            for s in steps for i in range(n)]
+
+
+def test_features_n_is_the_sample_label_draws(tmp_path):
+    """annotate --features N asks about exactly the latents `label --features N` labels: the same
+    seeded sample of live latents per records file, drawn from a key scan, not from parsed records."""
+    from autointerp.annotate import records_files, select
+    from autointerp.explain import sample_live as label_sample
+    from autointerp.sampling import sample_live
+
+    run = tmp_path / "run"
+    for step in (10, 100):
+        write_jsonl(run / f"step-{step}" / "records.jsonl.zst", _mixed_records((step,)))
+    mixed = tmp_path / "mixed.jsonl"
+    write_jsonl(mixed, _mixed_records())
+    for source in (run, mixed):
+        for n in (1, 5, 12, 1000):
+            picked = select(records_files(source), features=n)
+            per_file = [r.key for f in records_files(source) for r in label_sample(read_records(f), n)]
+            assert picked.keys == per_file == [r.key for f in records_files(source)
+                                               for r in sample_live(read_records(f), n)]
+            assert all(r.contexts for r in picked) and [r.key for r in picked] == picked.keys
+    assert len(select([mixed], features=1000)) == 2 * 26  # every live latent, no dead one
+    everything = select(records_files(run), features=None)
+    assert everything.keys == [r.key for f in records_files(run) for r in read_records(f)]  # dead ones too
+    assert select(records_files(run), steps=[100], features=5).keys == \
+        [k for k in select(records_files(run), features=5).keys if k[0] == 100]
+
+
+def test_lazy_records_go_back_and_forth_without_reading_everything(tmp_path):
+    from autointerp.annotate import LazyRecords, select
+
+    path = tmp_path / "records.jsonl"
+    write_jsonl(path, _mixed_records((10,), 30))
+    lazy = select([path], features=None)
+    lazy._cache_size = 2  # going back past the cache re-reads from the file's start
+    order = [0, 1, 2, 29, 3, 0, 17, 16]
+    assert [lazy[i].feature for i in order] == order
+    assert isinstance(lazy, LazyRecords) and lazy[-1].feature == 29
+
+
+def test_cli_features_sample_and_resume(tmp_path):
+    from autointerp.sampling import sample_live
+
+    records_path, out = tmp_path / "records.jsonl", tmp_path / "human.jsonl"
+    write_jsonl(records_path, _mixed_records((100,), 30))
+    sample = [r.feature for r in sample_live(read_records(records_path), 4)]
+    first = CliRunner().invoke(_app(), [str(records_path), "--out", str(out), "--features", "4"], input="t\nq\n")
+    assert first.exit_code == 0, first.output
+    assert f"step 100 · feature {sample[0]}   (1/4)" in first.output
+    second = CliRunner().invoke(_app(), [str(records_path), "--out", str(out), "--features", "4"], input="u\nq\n")
+    assert f"feature {sample[1]}   (2/4)" in second.output
+    assert [k[1] for k in load_answers(out)] == sample[:2]

@@ -159,7 +159,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
     b.write_text('{"checkpoint_step": 2, "feature": 1, "granularity": "token"}\n')
     with pytest.raises(UserError, match="no \\(checkpoint_step, feature\\) in common"):
         compare_files(a, b)
-    with pytest.raises(UserError, match="neither a run directory"):
+    with pytest.raises(UserError, match="is a folder holding a.jsonl, b.jsonl, .* not labels"):
         load_labels(tmp_path)
 
 
@@ -170,3 +170,31 @@ def test_printed_descriptions_are_not_rich_markup(capsys):
                             descriptions={(1, 0): "[red]x[/red]"})
     print_result(result)
     assert "[red]x[/red]" in capsys.readouterr().out
+
+
+def test_no_overlap_says_which_features_each_side_has_and_what_to_run(tmp_path):
+    from autointerp.compare import feature_ranges
+
+    assert feature_ranges([0, 1, 2, 7, 9, 10]) == "0–2, 7, 9–10"
+    assert feature_ranges(list(range(0, 40, 2)), limit=3) == "0, 2, 4, …"
+    run = tmp_path / "run"
+    (run / "step-600").mkdir(parents=True)
+    write_jsonl(run / "step-600" / "records.jsonl.zst", [])
+    human, model = tmp_path / "human.jsonl", run / "step-600" / "labels.jsonl"
+    human.write_text("".join(json.dumps({"checkpoint_step": 600, "feature": f, "granularity": "token",
+                                         "annotator": "a"}) + "\n" for f in (0, 1)))
+    model.write_text("".join(json.dumps({"checkpoint_step": 600, "feature": f, "granularity": "token",
+                                         "description": "d", "scores": {}, "language_profile": {}}) + "\n"
+                             for f in (165, 1060, 1234)))
+    with pytest.raises(UserError) as err:
+        compare_files(human, run)
+    message = str(err.value)
+    assert "the human labels cover features 0–1 at step 600" in message
+    assert "the model labels cover 165, 1060, 1234 (3 features)" in message
+    assert f"`autointerp annotate {run} --features 3`" in message
+    with pytest.raises(UserError, match=f"autointerp annotate {run}/step-600/records.jsonl.zst --features 3"):
+        compare_files(human, model)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"checkpoint_step": 10, "feature": 0, "granularity": "token"}) + "\n")
+    with pytest.raises(UserError, match="human labels are at step\\(s\\) 10, the model labels at step\\(s\\) 600"):
+        compare_files(other, model)

@@ -41,7 +41,8 @@ json.dump({{"collect_tokens": out["collect_tokens"], "train_tokens": out["train_
 if rank == 0:
     json.dump(out["records"], open({folder!r} + "/records.json", "w"))
     save_file({{k: v.contiguous() for k, v in out["sae"].state_dict().items()}}, {folder!r} + "/sae.safetensors")
-dist.destroy_process_group()
+from autointerp.distributed import leave
+leave()
 """
 
 

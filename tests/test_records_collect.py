@@ -116,6 +116,10 @@ def test_cli_collect_errors(setup, tmp_path):
     result = runner.invoke(app, ["collect", "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "--run" in str(result.exception)
     result = runner.invoke(app, ["collect", "--run", str(tmp_path), "--corpus", str(corpus)])
+    assert isinstance(result.exception, UserError) and "is an empty folder, not a run folder" in str(result.exception)
+    (tmp_path / "imported/step-5").mkdir(parents=True)
+    (tmp_path / "imported/step-5/records.jsonl").write_text('{"feature": 0, "contexts": []}\n')
+    result = runner.invoke(app, ["collect", "--run", str(tmp_path / "imported"), "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "no step-N/sae" in str(result.exception)
     bad = tmp_path / "bad"
     (bad / "step-5/sae").mkdir(parents=True)

@@ -26,7 +26,8 @@ sae, result = train_sae(data(), sae_cfg, train_cfg)
 if dist.get_rank() == 0:
     save_file({{k: v.contiguous() for k, v in sae.state_dict().items()}}, sys.argv[1])
     print("steps", result.steps, "dead", result.dead_fraction)
-dist.destroy_process_group()
+from autointerp.distributed import leave
+leave()
 """
 
 

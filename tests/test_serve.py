@@ -298,22 +298,22 @@ def test_autointerp_serve_reports_a_killed_server_in_one_line(tmp_path):
 @needs_llama
 def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_server):
     path = tmp_path / "run" / "step-10" / "records.jsonl"
-    write_jsonl(path, dev_records(3))
+    write_jsonl(path, dev_records(2))
     # the embedded path: `label` starts its own llama.cpp server (the fixture's is another one)
     first = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--concurrency", "2"])
     assert first.exit_code == 0, first.output
     labels = [Label.from_dict(json.loads(l)) for l in (path.parent / "labels.jsonl").read_text().splitlines()]
-    assert [l.feature for l in labels] == [r.feature for r in dev_records(3)]
+    assert [l.feature for l in labels] == [r.feature for r in dev_records(2)]
     for label in labels:
         assert label.granularity in GRANULARITIES or (label.granularity is None and label.error)
         assert label.explainer["engine"] == "llama-cpp" and label.explainer["prompt_sha256"] == prompt_sha256("explain")
         assert 0.0 <= label.confidence <= 1.0 and label.language in ("en", "ja", "mix")
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]
-    assert stage["llm_stats"]["requests"] >= 3
+    assert stage["llm_stats"]["requests"] >= 2
     # rerun from scratch (explanations deleted): every answer comes from the cache
     (path.parent / "explanations.jsonl").unlink()
     again = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--base-url",
                                      llama_server.base_url])
     assert again.exit_code == 0, again.output
     stats = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]["llm_stats"]
-    assert stats["requests"] == 0 and stats["cache_hits"] >= 3
+    assert stats["requests"] == 0 and stats["cache_hits"] >= 2

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autointerp import run as rundir
 from autointerp.errors import UserError
+from autointerp.files import Kind, expect
 from autointerp.sae.io import load_sae, save_sae
 from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
 from autointerp.sae.model import SAEConfig, TopKSAE
@@ -101,14 +102,16 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def _train_one(model_path: str, revision: str | None, layer: int | None, step: int | None, out: Path,
-               train_docs, eval_docs, args: dict, progress: Progress | None, rank: int) -> dict:
+               train_docs, eval_docs, args: dict, progress: Progress | None, rank: int,
+               saved_model: str | None = None) -> dict:
     from autointerp.activations import check_layer, d_model, load_lm, num_layers
 
     model, tokenizer = load_lm(model_path, revision=revision, device=args["device"])
     layer = num_layers(model) // 2 if layer is None else layer
     check_layer(model, layer)
     d = d_model(model)
-    sae_cfg = SAEConfig(d_model=d, d_sae=d * args["expansion"], k=args["k"], model=model_path,
+    # saved_model: how config.json names the model (relative to the SAE folder inside a run)
+    sae_cfg = SAEConfig(d_model=d, d_sae=d * args["expansion"], k=args["k"], model=saved_model or model_path,
                         revision=revision, layer=layer, checkpoint_step=step)
     budget = args["max_tokens"]
     epochs = args["epochs"] if budget is None else 10_000  # with a token budget: cycle until it is spent
@@ -156,35 +159,37 @@ def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: in
 
 @cli.command()
 def train(
-    model: str = typer.Option(None, help="LM checkpoint folder or Hugging Face id (one SAE)."),
+    model: str = typer.Option(None, metavar="MODEL", help="LM checkpoint folder or Hugging Face id (one SAE)."),
     revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
-    run: Path = typer.Option(None, help="Run directory: train one SAE per RUN/lm/step-N into RUN/step-N/sae/."),
-    layer: int = typer.Option(None, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
-    corpus: str = typer.Option("debian-reference", help="Corpus spec (see `autointerp activations --help`)."),
-    docs: int = typer.Option(None, help="Use at most this many documents of the corpus."),
-    out: Path = typer.Option(None, help="Output folder for --model (default: ./sae)."),
+    run: Path = typer.Option(None, metavar="RUN_DIR",
+                             help="Run folder: train one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/."),
+    layer: int = typer.Option(None, min=0, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
+    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
+                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
+    out: Path = typer.Option(None, metavar="SAE_DIR", help="Output folder for --model (default: ./sae)."),
     force: bool = typer.Option(False, "--force", help="Retrain SAEs that are already done."),
-    k: int = typer.Option(32, help="Active latents per token (TopK)."),
-    expansion: int = typer.Option(16, help="Latents = expansion x d_model."),
-    batch_size: int = typer.Option(4096, help="Tokens per optimizer step."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate."),
-    warmup: float = typer.Option(0.0, help="Linear LR warm-up over this fraction of the steps."),
-    decay: float = typer.Option(0.0, help="Linear LR decay to 0 over this last fraction of the steps."),
-    max_tokens: int = typer.Option(1_000_000, help="Training tokens per SAE (the corpus is cycled); 0 = --epochs."),
-    epochs: int = typer.Option(1, help="Passes over the corpus when --max-tokens is 0."),
-    seq_len: int = typer.Option(64, help="First tokens of each document (the paper: 64)."),
-    auxk_alpha: float = typer.Option(1 / 32, help="Weight of the AuxK loss for dead latents (0 = off)."),
-    dead_tokens: int = typer.Option(250_000, help="A latent is dead after this many tokens without firing."),
-    eval_docs: int = typer.Option(200, help="Held-out documents for the metrics."),
+    k: int = typer.Option(32, min=1, help="Active latents per token (TopK)."),
+    expansion: int = typer.Option(16, min=1, help="Latents = expansion x d_model."),
+    batch_size: int = typer.Option(4096, min=1, help="Tokens per optimizer step."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
+    warmup: float = typer.Option(0.0, min=0.0, max=1.0, help="Linear LR warm-up over this fraction of the steps."),
+    decay: float = typer.Option(0.0, min=0.0, max=1.0, help="Linear LR decay to 0 over this last fraction of the steps."),
+    max_tokens: int = typer.Option(1_000_000, min=0, help="Training tokens per SAE (the corpus is cycled); 0 = --epochs."),
+    epochs: int = typer.Option(1, min=1, help="Passes over the corpus when --max-tokens is 0."),
+    seq_len: int = typer.Option(64, min=1, help="First tokens of each document (the paper: 64)."),
+    auxk_alpha: float = typer.Option(1 / 32, min=0.0, help="Weight of the AuxK loss for dead latents (0 = off)."),
+    dead_tokens: int = typer.Option(250_000, min=1, help="A latent is dead after this many tokens without firing."),
+    eval_docs: int = typer.Option(200, min=1, help="Held-out documents for the metrics."),
     seed: int = typer.Option(0, help="Seed of the SAE's init and the shuffle."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: int = typer.Option(None, help="Torch CPU threads (default: torch's choice)."),
+    threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: torch's choice)."),
 ) -> None:
     """Train TopK SAE(s), write sae.safetensors + config.json + metrics.json, print the metrics table."""
     if (model is None) == (run is None):
         raise UserError("give exactly one of --model (one SAE) or --run (one SAE per checkpoint)")
-    if k < 1 or expansion < 1 or batch_size < 1 or max_tokens < 0:
-        raise UserError("--k, --expansion and --batch-size must be positive, --max-tokens >= 0")
+    if run is not None:
+        expect(run, Kind.RUN, what="--run")
     if threads:
         torch.set_num_threads(threads)
     rank, world = _init_distributed()
@@ -200,6 +205,9 @@ def train(
         jobs = [(str(rundir.lm_checkpoint_dir(run, s)), None, s, rundir.step_dir(run, s) / "sae") for s in steps]
     else:
         jobs = [(model, revision, None, out or Path("sae"))]
+    # config.json names the model relative to the SAE folder inside a run (the run can move),
+    # else by its absolute path or hub id
+    saved = {sae_dir: rundir.saved_path(model_path, sae_dir, root=run) for model_path, _, _, sae_dir in jobs}
     train_docs, held = _split_docs(corpus, docs, eval_docs)
 
     rows = []
@@ -213,27 +221,32 @@ def train(
                 rows.append((label + " (done)", json.loads((sae_dir / "metrics.json").read_text())))
                 continue
             metrics = _train_one(model_path, rev, layer, step, sae_dir, train_docs, held, args,
-                                 progress if rank == 0 else None, rank)
+                                 progress if rank == 0 else None, rank, saved_model=saved[sae_dir])
             rows.append((label, metrics))
     if rank == 0:
         console.print(metrics_table(rows, title="SAE metrics (held-out documents)"))
         if run is not None:
-            rundir.update_manifest(run, "sae", {**args, "layer": layer, "corpus": corpus, "docs": docs,
+            rundir.update_manifest(run, "sae", {**args, "layer": layer, "corpus": rundir.saved_path(corpus, run),
+                                                "docs": docs,
                                                 "world_size": world, "seconds": round(time.time() - started, 1)})
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from autointerp.distributed import leave
+        leave()
 
 
 @cli.command()
 def metrics(
-    sae_dir: Path = typer.Argument(..., help="SAE folder (any supported format) or its weights file."),
-    model: str = typer.Option(None, help="LM the SAE reads (default: the model in the SAE's config)."),
+    sae_dir: Path = typer.Argument(..., metavar="SAE_DIR", help="SAE folder (any supported format) or its weights file."),
+    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder or Hugging Face id "
+                                                          "(default: the model in the SAE's config)."),
     revision: str = typer.Option(None, help="Model revision."),
-    layer: int = typer.Option(None, help="Layer (default: the layer in the SAE's config)."),
-    corpus: str = typer.Option("debian-reference", help="Corpus spec for the evaluation documents."),
-    docs: int = typer.Option(None, help="Use at most this many documents of the corpus."),
-    eval_docs: int = typer.Option(200, help="Held-out documents to measure on."),
-    seq_len: int = typer.Option(64, help="First tokens of each document."),
+    layer: int = typer.Option(None, min=0, help="Layer (default: the layer in the SAE's config)."),
+    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
+                               help="Corpus of the evaluation documents: debian-reference, a .txt/.jsonl path, "
+                                    "or hf:NAME[:SPLIT]."),
+    docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
+    eval_docs: int = typer.Option(200, min=1, help="Held-out documents to measure on."),
+    seq_len: int = typer.Option(64, min=1, help="First tokens of each document."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     write: bool = typer.Option(True, help="Write metrics.json next to the SAE (our format only)."),
@@ -241,8 +254,10 @@ def metrics(
     """Measure an SAE (FVU, explained variance, L0, dead latents, delta CE) and print the table."""
     from autointerp.activations import check_layer, load_lm
 
+    expect(sae_dir, Kind.SAE)
     sae = load_sae(sae_dir, trust_pickle=trust_pickle, device=device)
-    model = model or sae.cfg.model
+    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+    model = model or rundir.resolve_model(sae.cfg.model, folder)
     layer = sae.cfg.layer if layer is None else layer
     if model is None or layer is None:
         raise UserError("this SAE's config does not say which model/layer it reads: pass --model and --layer")
@@ -250,7 +265,6 @@ def metrics(
     check_layer(lm, layer)
     _, held = _split_docs(corpus, docs, eval_docs)
     result = measure(sae, lm, tokenizer, held, layer, seq_len)
-    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
     if write and (folder / "config.json").exists() and (folder / "sae.safetensors").exists():
         old = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
         write_metrics(folder, {**old, **result})

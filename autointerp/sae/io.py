@@ -23,10 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from autointerp.errors import UserError
+from autointerp.files import PICKLE_SUFFIXES, sae_format
 from autointerp.sae.model import SAEConfig, TopKSAE
 
 FORMAT = "autointerp-topk-sae"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
 def save_sae(sae: TopKSAE, directory: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
@@ -189,20 +189,11 @@ def _load_pickle(path: Path, device: str) -> TopKSAE:
 
 
 def detect_format(directory: Path) -> str:
-    d = directory
-    if (d / "config.json").exists() and (d / "sae.safetensors").exists():
-        return "autointerp"
-    if (d / "config.json").exists() and (d / "model.safetensors").exists():
-        return "llm-jp-sae"
-    if (d / "cfg.json").exists() and (d / "sae_weights.safetensors").exists():
-        return "saelens"
-    if (d / "cfg.json").exists() and (d / "sae.safetensors").exists():
-        return "sparsify"
-    pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES) if d.is_dir() else []
-    if pickles:
-        return "pickle:" + pickles[0]
-    raise UserError(f"{d}: no SAE found (expected config.json + sae.safetensors, config.json + "
-                    "model.safetensors, or cfg.json + sae.safetensors / sae_weights.safetensors)")
+    fmt = sae_format(directory)
+    if fmt is None:
+        raise UserError(f"{directory}: no SAE found (expected config.json + sae.safetensors, config.json + "
+                        "model.safetensors, or cfg.json + sae.safetensors / sae_weights.safetensors)")
+    return fmt
 
 
 def load_sae(path: str | Path, trust_pickle: bool = False, device: str = "cpu") -> TopKSAE:
