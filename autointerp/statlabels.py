@@ -1,9 +1,10 @@
 """Statistical labels for every latent of a records file: streamed, on worker processes.
 
 No LLM: the granularity comes from the statistical model and the language from the profile
-(granularity.iter_labels). The file is read line by line; chunks of raw lines go to the workers
-(cheap to send), each worker parses and labels its chunk, and the labels come back as JSON lines,
-in order, to one writer. At most 2 chunks per worker are in flight, so memory stays bounded
+(granularity.iter_labels). Each worker reads the file itself, line by line, and labels every
+W-th chunk of lines (sending a whole SAE's records through pipes cost the parent and the workers
+~10% of the work); the labels come back as JSON lines through one pipe per worker and the parent
+writes them in file order. A worker blocks while its pipe is full, so memory stays bounded
 whatever the number of latents (a 32,768-latent checkpoint included).
 """
 
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -51,27 +50,61 @@ def _warm() -> None:
     language.detect_languages(["warm up"])
 
 
+def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None:
+    """A worker: label chunks worker, worker + workers, ... of the file and send each chunk's
+    label lines; then None (done), or the exception that stopped it."""
+    try:
+        for i, lines in enumerate(_chunks(iter_lines(path, binary=True), chunk)):
+            if i % workers == worker:
+                conn.send(label_lines(path, lines))
+        conn.send(None)
+    except BaseException as exc:  # noqa: BLE001  the parent raises it
+        try:
+            conn.send(exc)
+        except Exception:
+            conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
 def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
                           chunk: int = CHUNK) -> Iterator[str]:
     """The statistical label (a JSON line) of every record in the file, in file order."""
     path = str(records_path)
-    chunks = _chunks(iter_lines(records_path, binary=True), chunk)  # the parent only reads
     workers = default_workers() if workers is None else workers
     _warm()
     if workers <= 1:
-        for lines in chunks:
+        for lines in _chunks(iter_lines(path, binary=True), chunk):
             yield from label_lines(path, lines)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque = deque()
-        for lines in chunks:
-            pending.append(pool.submit(label_lines, path, lines))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+    conns, procs = [], []
+    try:
+        for w in range(workers):
+            receive, send = context.Pipe(duplex=False)
+            proc = context.Process(target=_label_share, args=(path, w, workers, chunk, send), daemon=True)
+            proc.start()
+            send.close()  # the worker holds the sending end: recv() sees EOF if it dies
+            conns.append(receive)
+            procs.append(proc)
+        for i in count():
+            try:
+                message = conns[i % workers].recv()
+            except EOFError:
+                raise RuntimeError(f"a label worker died (exit code {procs[i % workers].exitcode})") from None
+            if message is None:  # no chunk i: the file is done
+                break
+            if isinstance(message, BaseException):
+                raise message
+            yield from message
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        for conn in conns:
+            conn.close()
 
 
 def write_stat_labels(records_path: str | Path, out_path: str | Path, workers: int | None = None,
