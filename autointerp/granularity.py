@@ -315,7 +315,10 @@ def string_related(a: str, b: str) -> bool:
             return True
         if len(a) >= 5 and len(b) >= 5 and _latin_stem(a) == _latin_stem(b):
             return True
-        return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8 and min(len(a), len(b)) >= 4
+        if min(len(a), len(b)) < 4 or 5 * min(len(a), len(b)) < 2 * (len(a) + len(b)):
+            return False  # (the ratio is at most 2 * min length / total length)
+        matcher = difflib.SequenceMatcher(None, a, b)
+        return matcher.quick_ratio() >= 0.8 and matcher.ratio() >= 0.8  # quick_ratio bounds ratio from above
     if sa == sb == "ja":
         return bool(set(a) & set(b) - set("のにをはがとでもへや、。"))  # a shared content character
     if {sa, sb} == {"en", "other"}:  # '1' ~ 'one' style: digits and their English number words

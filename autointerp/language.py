@@ -68,6 +68,7 @@ def token_script(token: str) -> str:
     return "other"
 
 
+@lru_cache(maxsize=1 << 18)
 def paper_token_language(token: str) -> str:
     """The paper's max-token rule: 'en' for an ASCII token, else 'ja'.
 
@@ -86,11 +87,26 @@ def trend_from_counts(counts: dict[str, int], threshold: float = TREND_THRESHOLD
     return "mix"
 
 
+# id(tokens) -> (tokens, text): records read by schema.lean_record share one tokens list per
+# distinct context, so a whole SAE joins each context once, and its text is one str object whose
+# hash is computed once (the language cache looks it up for every latent that shows it). The
+# list is kept in the entry, so its id cannot be reused while the entry lives.
+_TEXT_BY_TOKENS: dict[int, tuple[list[str], str]] = {}
+_TEXT_LIMIT = 1 << 14  # as schema._TOKENS_LIMIT: the same lists, so little more memory
+
+
 def context_text(context: Context) -> str:
     """The context's tokens as one text (clean_token on each)."""
-    text = "".join(context.tokens)
+    tokens = context.tokens
+    hit = _TEXT_BY_TOKENS.get(id(tokens))
+    if hit is not None and hit[0] is tokens:
+        return hit[1]
+    text = "".join(tokens)
     if "\u2581" in text or "<0x" in text or "\ufffd" in text:  # else clean_token changes no token
-        return "".join(map(clean_token, context.tokens))
+        text = "".join(map(clean_token, tokens))
+    if len(_TEXT_BY_TOKENS) >= _TEXT_LIMIT:
+        _TEXT_BY_TOKENS.clear()
+    _TEXT_BY_TOKENS[id(tokens)] = (tokens, text)
     return text
 
 
@@ -165,9 +181,11 @@ def detect_languages(texts: Iterable[str], batch: int = 16384) -> list[str]:
     ones `batch` at a time, except those whose script settles it (script_language)."""
     texts = list(texts)
     cache = _LANGUAGE_CACHE
+    try:  # the usual case in a whole SAE: every text seen before
+        return list(map(cache.__getitem__, texts))
+    except KeyError:
+        pass
     todo = list(dict.fromkeys(t for t in texts if t not in cache))
-    if not todo:
-        return [cache[t] for t in texts]
     new: dict[str, str] = {}
     for t in todo:
         if (lang := script_language(t)) is not None:
@@ -227,10 +245,10 @@ def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1,
     max tokens, each in at least `cross_lingual_min_share` of the activating contexts. `texts`:
     context_texts(record), when the caller has them already.
     """
-    tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
+    tokens = [t for t in map(max_token, record.contexts) if t is not None]
     context_langs = Counter(detect_languages(context_texts(record) if texts is None else texts))
-    scripts = Counter(token_script(t) for t in tokens)
-    paper_counts = Counter(paper_token_language(t) for t in tokens)
+    scripts = Counter(map(token_script, tokens))
+    paper_counts = Counter(map(paper_token_language, tokens))
     n = len(tokens)
     en_share = scripts.get("en", 0) / n if n else 0.0
     ja_share = scripts.get("ja", 0) / n if n else 0.0

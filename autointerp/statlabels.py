@@ -10,8 +10,10 @@ whatever the number of latents (a 32,768-latent checkpoint included).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
+from contextlib import contextmanager
 from itertools import count, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -50,10 +52,31 @@ def _warm() -> None:
     language.detect_languages(["warm up"])
 
 
+GC_THRESHOLD = (20_000, 50, 1000)  # labelling makes no reference cycles to speak of
+
+
+@contextmanager
+def _few_collections():
+    """Labelling allocates ~10^5 short-lived objects a latent beside large long-lived caches (the
+    langdetect profiles, token and text caches): Python's default collector thresholds spend
+    ~25% of the time scanning them. What exists now is frozen (never scanned), and young
+    objects are collected 30x less often; the settings are restored afterwards."""
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None:
     """A worker: label chunks worker, worker + workers, ... of the file and send each chunk's
     label lines; then None (done), or the exception that stopped it."""
     try:
+        gc.freeze()  # the parent's objects: never scanned (nor their pages copied by the scan)
+        gc.set_threshold(*GC_THRESHOLD)
         for i, lines in enumerate(_chunks(iter_lines(path, binary=True), chunk)):
             if i % workers == worker:
                 conn.send(label_lines(path, lines))
@@ -75,7 +98,9 @@ def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
     _warm()
     if workers <= 1:
         for lines in _chunks(iter_lines(path, binary=True), chunk):
-            yield from label_lines(path, lines)
+            with _few_collections():
+                labels = label_lines(path, lines)
+            yield from labels
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
