@@ -51,16 +51,19 @@ def latin_count(text: str) -> int:
     return len(_LATIN.findall(text))
 
 
-class _WordRows(dict):
-    """word -> its n-gram rows (followed by a space), computed on first use."""
+class _Computed(dict):
+    """key -> compute(key), computed on first use."""
 
     def __init__(self, compute):
         super().__init__()
         self.compute = compute
 
-    def __missing__(self, word: str) -> list[int]:
-        rows = self[word] = self.compute(word)
-        return rows
+    def __missing__(self, key):
+        value = self[key] = self.compute(key)
+        return value
+
+
+LONG_WORD = 24  # longer words (a Japanese run between spaces) rarely repeat: not kept
 
 
 class BatchDetector:
@@ -84,7 +87,8 @@ class BatchDetector:
         self._stream = np.zeros(0, dtype=np.int64)
         self._norm: dict[int, str] = {}  # ord(char) -> NGram.normalize(char), a str.translate table
         self._non_latin: dict[str, bool] = {}
-        self._word_rows = _WordRows(lambda word: self._word_ngram_rows(word, closed=True))
+        self._word_rows = _Computed(lambda word: self._word_ngram_rows(word, closed=True))
+        self._end_rows = _Computed(self._end_grams)
 
     # ---- text -> n-gram rows (Detector.append, cleaning_text, _extract_ngrams) -----------------
 
@@ -108,7 +112,10 @@ class BatchDetector:
         cache = self._word_rows
         if len(cache) > 1_000_000:
             cache.clear()
-        rows = list(chain.from_iterable(map(cache.__getitem__, filter(None, words))))
+        if len(self._end_rows) > 1_000_000:
+            self._end_rows.clear()
+        rows = list(chain.from_iterable(
+            cache[w] if len(w) <= LONG_WORD else self._word_ngram_rows(w, closed=True) for w in words if w))
         if last:  # the last word has no closing space
             rows.extend(self._word_ngram_rows(last, closed=False))
         return rows
@@ -116,17 +123,20 @@ class BatchDetector:
     def _word_ngram_rows(self, word: str, closed: bool) -> list[int]:
         """Detector._extract_ngrams over ' ' + word (+ ' '), for already normalised chars: after
         each char its 1-, 2- and 3-gram, except after an upper-case char that follows another
-        (NGram.capitalword) and the 1-gram ' '."""
+        (NGram.capitalword) and the 1-gram ' '. What comes after a char depends only on it and
+        the two before it, so the rows are looked up by those (at most) 3 chars."""
         p = " " + word + (" " if closed else "")
+        ends = self._end_rows
+        return list(chain(ends[p[:2]], chain.from_iterable(map(ends.__getitem__, [p[i:i + 3] for i in range(len(p) - 2)]))))
+
+    def _end_grams(self, end: str) -> tuple[int, ...]:
+        """The rows of the grams NGram yields after the last char of `end` (the 2 or 3 chars
+        ending there; 2 at the first char of a word, after its space)."""
+        if len(end) == 3 and end[2].isupper() and end[1].isupper():  # NGram.capitalword
+            return ()
+        grams = [end[-1:], end[-2:], end] if len(end) == 3 else [end[-1:], end]
         get = self.row.get
-        if any(c.isupper() for c in word):
-            upper = [c.isupper() for c in p]
-            grams = [p[max(e - n + 1, 0):e + 1] for e in range(1, len(p)) if not (upper[e] and upper[e - 1])
-                     for n in (1, 2, 3) if e - n + 1 >= 0]
-        else:
-            grams = [p[e - n + 1:e + 1] for e in range(1, len(p)) for n in (1, 2, 3) if e - n + 1 >= 0]
-        return [r for r in map(get, grams) if r is not None] if " " not in self.row else \
-            [r for w, r in zip(grams, map(get, grams)) if r is not None and w != " "]
+        return tuple(r for g in grams if g != " " and (r := get(g)) is not None)
 
     # ---- the seeded trials, all texts in lockstep --------------------------------------------
 
