@@ -177,7 +177,7 @@ class BatchDetector:
         m = len(live)
         sizes = np.array([len(grams[i]) for i in live], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each text's n-gram rows, concatenated
-        flat = np.array(list(chain.from_iterable(grams[i] for i in live)), dtype=np.int64)
+        flat = np.fromiter(chain.from_iterable(grams[i] for i in live), dtype=np.int64, count=int(sizes.sum()))
         shift = 32 - np.array([int(n).bit_length() for n in sizes.tolist()], dtype=np.int64)
         pointer = np.zeros(m, dtype=np.int64)  # next unread word of each text's generator
         spare: list = [None] * m  # Random.gauss_next
@@ -219,21 +219,22 @@ class BatchDetector:
             picks = np.zeros((len(active), k), dtype=np.int64)
             picks[rows, rank[rows, cols] - 1] = flat[offsets[active[rows]] + candidate[rows, cols]]
             pointer[active] += np.argmax(rank >= count[:, None], axis=1) + 1
-            factors = weight[active, None, None] + self.table[picks]
+            factors = self.table[picks]
+            factors += weight[active, None, None]  # (IEEE addition commutes: langdetect's weight + prob)
+            if k > 1 and first.any():  # texts at their first draw (i = 0) have no draws 2..5: x * 1.0 == x
+                factors[first, 1:] = 1.0
             p = prob[active]
             for s in range(k):  # sequential products, as langdetect multiplies draw by draw
-                f = factors[:, s]
-                if s:  # texts at their first draw (i = 0) have no draws 2..5
-                    f = np.where(first[:, None], 1.0, f)
-                p = p * f
-            p = p / _row_sums(p)[:, None]
+                p *= factors[:, s]
+            p /= _row_sums(p)[:, None]
             prob[active] = p
             done[active] += count
             finished = (p.max(axis=1) > Detector.CONV_THRESHOLD) | (done[active] - 1 >= Detector.ITERATION_LIMIT)
-            for j in active[finished].tolist():
-                langprob[j] += prob[j] / 7
-                trial[j] += 1
-                if trial[j] < 7:
+            ended = active[finished]  # texts at the end of a trial
+            if len(ended):
+                langprob[ended] += prob[ended] / 7
+                trial[ended] += 1
+                for j in ended[trial[ended] < 7].tolist():
                     start_trial(j)
             active = active[trial[active] < 7]
             if queued < m and len(active) < width:
