@@ -18,6 +18,7 @@ each word's n-grams cached (its n-gram buffer restarts at every space).
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import re
@@ -72,12 +73,19 @@ class BatchDetector:
     def __init__(self) -> None:
         if random.Random._randbelow is not random.Random._randbelow_with_getrandbits:
             raise RuntimeError("this Python's random.choice draws differently; use langdetect itself")
-        detector_factory.init_factory()
-        factory = detector_factory._factory
-        self.langlist: list[str] = list(factory.langlist)
-        words = factory.word_lang_prob_map
-        self.row = {w: i for i, w in enumerate(words)}
-        self.table = np.array(list(words.values()), dtype=np.float64)  # [n-grams, languages]
+        collecting = gc.isenabled()
+        gc.disable()  # ~90k profile entries are built: the collector would scan them again and again
+        try:
+            detector_factory.init_factory()
+            factory = detector_factory._factory
+            self.langlist: list[str] = list(factory.langlist)
+            words = factory.word_lang_prob_map
+            self.row = dict(zip(words, range(len(words))))
+            self.table = np.fromiter(chain.from_iterable(words.values()), dtype=np.float64,
+                                     count=len(words) * len(self.langlist)).reshape(len(words), len(self.langlist))
+        finally:
+            if collecting:
+                gc.enable()
         self.seed = DetectorFactory.seed  # langdetect reseeds every detection with it
         if self.seed is None:
             raise RuntimeError("langdetect is unseeded (DetectorFactory.seed is None): nothing to reproduce")
