@@ -30,13 +30,13 @@ import numpy as np
 from langdetect import DetectorFactory, detector_factory
 from langdetect.detector import Detector
 from langdetect.utils.ngram import NGram
-from langdetect.utils.unicode_block import unicode_block
 
 UNKNOWN = "unknown"
 _SPACES = re.compile(" +")
 _TWOPI = 2.0 * math.pi  # random.TWOPI
 SLOTS = 512  # texts in flight at once
 _DMARKS = frozenset(NGram.DMARK_CLASS)  # the combining marks NGram.normalize_vi acts on
+_NON_LATIN = re.compile("[^\x00-\u02ff\u1e00-\u1eff]")  # >= U+0300 and not Latin Extended Additional
 _LATIN = re.compile("[A-z]")  # langdetect's test is 'A' <= ch <= 'z' (so [\\]^_` count too)
 
 
@@ -94,7 +94,7 @@ class BatchDetector:
         self._mt.seed(self.seed)
         self._stream = np.zeros(0, dtype=np.int64)
         self._norm: dict[int, str] = {}  # ord(char) -> NGram.normalize(char), a str.translate table
-        self._non_latin: dict[str, bool] = {}
+        self._seen: set[str] = set()  # chars in _norm
         self._word_rows = _Computed(lambda word: self._word_ngram_rows(word, closed=True))
         self._end_rows = _Computed(self._end_grams)
 
@@ -109,11 +109,11 @@ class BatchDetector:
             text = NGram.normalize_vi(text)
         text = _SPACES.sub(" ", text[:10000])  # append(): a space after a space is dropped
         chars = set(text)
-        for ch in [ch for ch in chars if ch not in self._non_latin]:  # (not `chars - keys()`: that walks every known char)
-            self._non_latin[ch] = ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"
+        for ch in [ch for ch in chars if ch not in self._seen]:  # (not `chars - seen`: that walks every known char)
+            self._seen.add(ch)
             self._norm[ord(ch)] = NGram.normalize(ch)
-        flagged = [ch for ch in chars if self._non_latin[ch]]
-        if flagged and latin_count(text) * 2 < sum(map(text.count, flagged)):
+        non_latin = len(_NON_LATIN.findall(text))  # what cleaning_text weighs the Latin letters against
+        if non_latin and latin_count(text) * 2 < non_latin:
             text = _LATIN.sub("", text)  # cleaning_text(): mostly non-Latin text loses its Latin letters
         # NGram's buffer restarts at every space, so a text's n-grams are those of its words
         *words, last = text.translate(self._norm).split(" ")

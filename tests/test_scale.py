@@ -68,6 +68,17 @@ def test_batch_detector_is_bit_identical_to_langdetect():
     assert BatchDetector().detect(["", "Bonjour tout le monde, comment allez-vous ?"]) == ["unknown", "fr"]
 
 
+def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
+    from langdetect.utils.unicode_block import unicode_block
+
+    from autointerp.langdetect_batch import _NON_LATIN
+
+    # Detector.cleaning_text: a char counts when it is >= U+0300 and not in Latin Extended Additional
+    for cp in [*range(0x3000), *range(0x1d00, 0x2000), *range(0x3000, 0x10000, 7), 0x1f600, 0x20000, 0x10ffff]:
+        ch = chr(cp)
+        assert bool(_NON_LATIN.match(ch)) == (ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"), hex(cp)
+
+
 @needs_dev
 def test_cached_profiles_equal_uncached_langdetect(monkeypatch):
     records = dev_records(7)
