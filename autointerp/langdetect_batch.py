@@ -36,7 +36,9 @@ _SPACES = re.compile(" +")
 _TWOPI = 2.0 * math.pi  # random.TWOPI
 SLOTS = 512  # texts in flight at once
 _DMARKS = frozenset(NGram.DMARK_CLASS)  # the combining marks NGram.normalize_vi acts on
-_NON_LATIN = re.compile("[^\x00-\u02ff\u1e00-\u1eff]")  # >= U+0300 and not Latin Extended Additional
+# cleaning_text counts a char >= U+0300 "and unicode_block(ch) != 'Latin Extended Additional'",
+# but unicode_block returns a number, never that name: every char >= U+0300 counts
+_NON_LATIN = re.compile("[^\x00-\u02ff]")
 _LATIN = re.compile("[A-z]")  # langdetect's test is 'A' <= ch <= 'z' (so [\\]^_` count too)
 
 
