@@ -334,9 +334,17 @@ def _en_ja(a: str, b: str) -> tuple[str, str] | None:
     return (a, b) if sa == "en" else (b, a)  # (english, japanese)
 
 
-def _gloss_match(en: str, glosses: frozenset[str]) -> bool:
+@lru_cache(maxsize=65536)
+def _glosses_less_s(ja: str) -> frozenset[str]:
+    """english_glosses(ja) without a final s (dogs -> dog), for _gloss_match's lookups."""
+    return frozenset(w.rstrip("s") for w in english_glosses(ja))
+
+
+def _gloss_match(en: str, ja: str) -> bool:
+    """The English token is one of the Japanese token's gloss words, either with or without a final s."""
     en = lookup_form(en)
-    return en in glosses or any(en == w.rstrip("s") or en.rstrip("s") == w for w in glosses)
+    glosses = english_glosses(ja)
+    return en in glosses or en in _glosses_less_s(ja) or en.rstrip("s") in glosses
 
 
 _GLOSS_STOPWORDS = frozenset("the and for with from that this one something someone thing etc".split())
@@ -361,7 +369,7 @@ def linked(a: str, b: str, source: str) -> bool:
         return False
     en, ja = pair
     if source == "gloss_ja_en":
-        return _gloss_match(en, english_glosses(ja))
+        return _gloss_match(en, ja)
     if source == "gloss_en_ja":
         heads = japanese_headwords(en)
         return lookup_form(ja) in heads or japanese_lemma(ja) in heads
@@ -369,8 +377,13 @@ def linked(a: str, b: str, source: str) -> bool:
         spelled, word = source_spelling(ja), lookup_form(en)
         if not spelled or len(word) < 2:
             return False
-        return spelled == word or (len(word) >= 3 and word in spelled) or (len(spelled) >= 3 and spelled in word) \
-            or (min(len(word), len(spelled)) >= 4 and difflib.SequenceMatcher(None, word, spelled).ratio() >= 0.75)
+        if spelled == word or (len(word) >= 3 and word in spelled) or (len(spelled) >= 3 and spelled in word):
+            return True
+        shorter = min(len(word), len(spelled))  # the ratio is at most 2 * shorter / total length
+        if shorter < 4 or 8 * shorter < 3 * (len(word) + len(spelled)):
+            return False
+        matcher = difflib.SequenceMatcher(None, word, spelled)
+        return matcher.quick_ratio() >= 0.75 and matcher.ratio() >= 0.75  # quick_ratio bounds ratio from above
     raise ValueError(f"unknown link source {source!r}")
 
 
