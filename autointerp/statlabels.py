@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import queue
+import threading
 from contextlib import contextmanager
 from itertools import count, islice
 from pathlib import Path
@@ -71,22 +73,39 @@ def _few_collections():
         gc.unfreeze()
 
 
+AHEAD = 8  # chunks a worker may label before the parent takes them (it waits for the slowest)
+
+
+def _send_all(conn, outbox: queue.Queue) -> None:
+    for item in iter(outbox.get, _STOP):
+        try:
+            conn.send(item)
+        except Exception as exc:  # an exception that does not pickle
+            conn.send(RuntimeError(f"{type(item).__name__}: {item}") if isinstance(item, BaseException) else exc)
+
+
+_STOP = object()
+
+
 def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None:
     """A worker: label chunks worker, worker + workers, ... of the file and send each chunk's
-    label lines; then None (done), or the exception that stopped it."""
+    label lines; then None (done), or the exception that stopped it. A thread sends, so the
+    worker goes on labelling (up to AHEAD chunks) while the parent waits for another worker."""
+    outbox: queue.Queue = queue.Queue(maxsize=AHEAD)
+    sender = threading.Thread(target=_send_all, args=(conn, outbox), daemon=True)
+    sender.start()
     try:
         gc.freeze()  # the parent's objects: never scanned (nor their pages copied by the scan)
         gc.set_threshold(*GC_THRESHOLD)
         for i, lines in enumerate(_chunks(iter_lines(path, binary=True), chunk)):
             if i % workers == worker:
-                conn.send(label_lines(path, lines))
-        conn.send(None)
+                outbox.put(label_lines(path, lines))
+        outbox.put(None)
     except BaseException as exc:  # noqa: BLE001  the parent raises it
-        try:
-            conn.send(exc)
-        except Exception:
-            conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        outbox.put(exc)
     finally:
+        outbox.put(_STOP)
+        sender.join()
         conn.close()
 
 

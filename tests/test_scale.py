@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from autointerp import granularity, language, run as runlib
 from autointerp.cli import app
+from autointerp.errors import UserError
 from autointerp.langdetect_batch import BatchDetector
 from autointerp.schema import (FeatureRecord, iter_lines, read_records, stream_records, to_json_line, write_jsonl)
 from autointerp.statlabels import write_stat_labels
@@ -178,6 +179,17 @@ def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
     stream = granularity.iter_labels(source(), chunk=16)
     first = next(stream)
     assert first.key == records[0].key and len(pulled) == 16
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, workers):
+    path = tmp_path / "records.jsonl"
+    lines = [to_json_line(r) for r in synthetic(120)]
+    lines[70] = '{"feature": 70, "contexts": [ broken\n'  # in the third chunk of CHUNK = 32 lines
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(UserError, match=r"records.jsonl:71: malformed line"):
+        write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
+    assert not (tmp_path / "labels.jsonl").exists()
 
 
 def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
