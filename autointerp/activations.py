@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autointerp.corpus import Document, load_corpus
 from autointerp.errors import UserError
+from autointerp.options import renamed
 
 # Where common architectures keep their decoder blocks (attribute paths from the model root).
 _LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
@@ -224,23 +225,25 @@ def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
 
 # ---- CLI ---------------------------------------------------------------------------------
 
+@renamed({"--limit": "--docs", "--max-tokens": "--seq-len"})
 def cli(
     model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
     layer: int = typer.Option(..., "--layer", min=0, help="Decoder layer (0-based) whose output is read."),
     revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Use only the first N documents."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens read from the start of each document (BOS included)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
+    n_docs: int = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
+    seq_len: int = typer.Option(64, "--seq-len", min=1, help="Tokens read from the start of each document (BOS included)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents (sequences) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     out: Path = typer.Option(None, "--out", metavar="DIR", help="Write safetensors shards (acts, input_ids, mask, doc_ids) here."),
 ) -> None:
     """Extract one layer's residual stream over a corpus, streaming; print a summary (and write shards)."""
-    docs = load_corpus(corpus, limit=limit)
+    docs = load_corpus(corpus, limit=n_docs)
     lm, tokenizer = load_lm(model, revision=revision, device=device)
     check_layer(lm, layer)
-    settings = {"model": model, "revision": revision, "layer": layer, "corpus": corpus, "limit": limit,
-                "max_tokens": max_tokens, "batch_size": batch_size}
+    # the keys of shards written before the options were renamed (--limit, --max-tokens), so they resume
+    settings = {"model": model, "revision": revision, "layer": layer, "corpus": corpus, "limit": n_docs,
+                "max_tokens": seq_len, "batch_size": batch_size}
     done_shards: set[int] = set()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -263,7 +266,7 @@ def cli(
                 batch = load_shard(_shard_path(out, index))
             else:
                 chunk = docs[start:start + batch_size]
-                (batch,) = iter_activations(lm, tokenizer, chunk, layer, batch_size, max_tokens, device)
+                (batch,) = iter_activations(lm, tokenizer, chunk, layer, batch_size, seq_len, device)
                 computed_tokens += int(batch.mask.sum())
                 if out is not None:
                     save_shard(_shard_path(out, index), batch)

@@ -1,10 +1,10 @@
 """Label features by hand in the terminal, in the same format `autointerp compare` reads.
 
-    autointerp annotate RECORDS --out human.jsonl [--features N] [--annotator NAME]
+    autointerp annotate RECORDS --out human.jsonl [--features N] [--steps 10,600] [--annotator NAME]
 
-`--features N` asks about the same seeded sample of N live features per records file that
-`autointerp label --features N` labels (autointerp.sampling), so the two sets of labels meet in
-`compare`. Records files are scanned by key first and only the features shown are parsed, so
+`--features N` asks about the latents `autointerp label --features N` described with its LLM
+(marked `sampled` in the labels.jsonl beside the records; before any label run, a plain seeded
+sample of N live latents: autointerp.sampling), so the two sets of labels meet in `compare`. Records files are scanned by key first and only the features shown are parsed, so
 the first one shows in a fraction of a second even on a large file.
 
 One feature at a time: its top contexts with the activating tokens highlighted, and its
@@ -34,7 +34,8 @@ from autointerp import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.sampling import parse_count, sample_keys
+from autointerp.options import STEPS_HELP, parse_steps, renamed
+from autointerp.sampling import labelled_sample, parse_count, sample_keys
 from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, lean_record, scan_records
 
 Key = tuple[int | None, int]
@@ -119,8 +120,11 @@ class LazyRecords(Sequence):
 
 def select(files: list[Path], steps: Sequence[int] = (), features: int | None = None,
            seed: int = 0) -> LazyRecords:
-    """The records to ask about: per file all of them in file order, or the seeded sample of
-    `features` live ones (the sample `label --features N` draws); only `steps` when given."""
+    """The records to ask about: per file all of them in file order, or `features` live ones:
+    the latents `label` sampled for its LLM (marked `sampled` in the labels.jsonl beside the
+    records; a seeded subset of them when there are more than `features`), else, before any
+    `label` run, the plain seeded sample of live latents (label's sample is stratified by the
+    statistical class, which needs the labels); only `steps` when given."""
     items: list[tuple[Path, Key]] = []
     for path in files:
         keys, live = [], []
@@ -128,7 +132,14 @@ def select(files: list[Path], steps: Sequence[int] = (), features: int | None = 
             keys.append(key)
             if is_live:
                 live.append(key)
-        chosen = keys if features is None else sample_keys(live, features, seed)
+        live_keys = set(live)
+        labelled = [k for k in labelled_sample(path.parent / "labels.jsonl") if k in live_keys] if features else []
+        if features is None:
+            chosen = keys
+        elif labelled:
+            chosen = labelled if len(labelled) <= features else sample_keys(labelled, features, seed)
+        else:
+            chosen = sample_keys(live, features, seed)
         items += [(path, k) for k in chosen if not steps or k[0] in steps]
     return LazyRecords(items)
 
@@ -169,8 +180,8 @@ def render_feature(record: FeatureRecord, position: int, total: int, answer: dic
         (str(profile.get("trend", "?")), "bold"),
         "  " + "  ".join(f"{k} {v:.0%}" for k, v in shares.items() if isinstance(v, (int, float))),
     )
-    if profile.get("cross_lingual"):
-        header.append("  cross-lingual", style="cyan")
+    if profile.get("bilingual_firing"):
+        header.append("  fires in both scripts", style="cyan")
     if answer is not None:
         header.append(f"\nyour answer: {answer.get('granularity') or 'skipped'}", style="green")
     lines = [context_text(c, window) for c in record.contexts[:n_contexts]]
@@ -259,6 +270,7 @@ def _features_option(value: str) -> str:
     return value
 
 
+@renamed({"--step": "--steps"})
 def cli(
     records: Path = typer.Argument(..., metavar="RECORDS",
                                    help="Feature records: a records file (.jsonl, .jsonl.zst, .jsonl.gz) or a run folder."),
@@ -268,7 +280,8 @@ def cli(
     features: str = typer.Option("all", "--features", metavar="N|all", callback=_features_option,
                                  help="The seeded sample of N live features per records file that "
                                       "`autointerp label --features N` labels, or all features in file order."),
-    step: list[int] = typer.Option([], "--step", min=0, help="Only these checkpoint steps (repeatable)."),
+    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                                    help=f"Only these checkpoint steps, {STEPS_HELP}."),
     contexts: int = typer.Option(8, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),
 ) -> None:
@@ -276,8 +289,8 @@ def cli(
     expect(records, Kind.RECORDS, Kind.RUN)
     if out.exists() and out.stat().st_size:
         expect(out, Kind.HUMAN_LABELS, what="--out")
-    selected = select(records_files(records), step, parse_count(features))
+    selected = select(records_files(records), steps, parse_count(features))
     if not len(selected):
-        raise UserError(f"{records}: no feature records" + (f" at steps {step}" if step else "")
+        raise UserError(f"{records}: no feature records" + (f" at steps {', '.join(map(str, steps))}" if steps else "")
                         + ("" if features == "all" else " with contexts"))
     annotate(selected, out, annotator, key_reader(), n_contexts=contexts, window=window)

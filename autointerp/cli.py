@@ -29,6 +29,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from autointerp import __version__
 from autointerp.errors import UserError
+from autointerp.options import old_names, rewrite_args
 
 # (subcommand, module, summary for the command list): the order is the pipeline's.
 STAGES = [
@@ -40,8 +41,8 @@ STAGES = [
     ("records", "autointerp.records", "Inspect and import feature records."),
     ("lineage", "autointerp.lineage", "Match each checkpoint's latents to their parents at the previous checkpoint."),
     ("serve", "autointerp.serve", "Start an OpenAI-compatible LLM server: llama.cpp on CPU, vLLM on GPU."),
-    ("label", "autointerp.explain",
-     "Label features with an LLM (all, or a seeded sample with --features N): description, scores, granularity."),
+    ("label", "autointerp.label",
+     "Label every live latent (statistical) and an LLM-described, stratified sample: description, scores, control."),
     ("score", "autointerp.score", "Score descriptions with the simulator: writes step-N/scores.jsonl (and labels)."),
     ("compare", "autointerp.compare",
      "Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."),
@@ -77,12 +78,25 @@ def _option_metavar(param: Any) -> str:
     return _TYPE_NAMES.get(annotation, "VALUE")
 
 
+def _takes_value(command: Any) -> set[str]:
+    return {opt for p in command.params if p.param_type_name == "option"
+            and not getattr(p, "is_flag", False) and not getattr(p, "count", False) for opt in p.opts}
+
+
 def _with_usage(command: Any) -> None:
     """click's parser raises "Option '--x' requires an argument." without the command's context,
-    so it would print no usage line: attach the context it was parsing."""
+    so it would print no usage line: attach the context it was parsing. Old option names
+    (autointerp.options.renamed) are rewritten to the new ones first."""
     parse = command.make_context
+    aliases, refused = old_names(command)
 
     def make_context(info_name, args, parent=None, **extra):
+        if aliases or refused:
+            args, notes, refusal = rewrite_args(args, aliases, refused, _takes_value(command))
+            for note in notes:
+                print(note, file=sys.stderr)
+            if refusal:
+                raise _USAGE_ERROR(refusal, command.context_class(command, info_name=info_name, parent=parent))
         try:
             return parse(info_name, args, parent=parent, **extra)
         except _USAGE_ERROR as exc:

@@ -393,7 +393,7 @@ def write_result(result: ComparisonResult, prefix: str | Path) -> tuple[Path, Pa
 def cli(
     human: Path = typer.Argument(..., help="Reference labels: label/annotate JSONL, records JSONL with human "
                                           "fields (the dev file), a run dir, an llm-jp-sae docs/data dir, or a CSV."),
-    model: Path = typer.Argument(..., help="Labels to evaluate, in any of the same formats (e.g. runs/demo)."),
+    model: Path = typer.Argument(..., metavar="LABELS", help="Labels to evaluate, in any of the same formats (e.g. runs/demo)."),
     out: Path | None = typer.Option(None, "--out", help="Write PREFIX.json and PREFIX.md."),
     show: int = typer.Option(20, "--show", min=0, help="How many disagreeing features to print (all go to --out)."),
 ) -> None:

@@ -97,7 +97,7 @@ def _debian_reference_docs(lang: str) -> list[str]:
 
 
 def _interleave(en: list[str], ja: list[str]) -> Iterator[tuple[str, str]]:
-    """en, ja, en, ja, ...: exactly 50/50, so any prefix (a --limit) stays balanced."""
+    """en, ja, en, ja, ...: exactly 50/50, so any prefix (a --docs N) stays balanced."""
     for e, j in zip(en, ja):
         yield e, "en"
         yield j, "ja"

@@ -2,8 +2,10 @@
 
 A tiny bilingual Llama trained from scratch on the parallel English/Japanese Debian
 Reference, with checkpoints at log-spaced steps -> a TopK SAE per checkpoint -> feature
-records -> feature lineage between consecutive checkpoints -> labels from the embedded
-llama.cpp server (SmolLM2-135M-Instruct) with simulator scores -> HTML reports. Each stage
+records -> feature lineage between consecutive checkpoints -> labels: a statistical label for
+every live latent, and descriptions and scores from the embedded llama.cpp server
+(SmolLM2-135M-Instruct) for a small sample per checkpoint, stratified by the statistical class,
+with the shuffled-description control -> HTML reports. Each stage
 is the same CLI command a user would run, so a stopped demo resumes where it stopped when
 run again.
 """
@@ -31,12 +33,12 @@ def stages(run: Path, layer: int, features: int, threads: int | None) -> list[tu
         label += ["--threads", str(threads)]
     return [
         ("train LM checkpoints", ["lm", "train", "--out", str(run / "lm")]),
-        ("train SAE per checkpoint", ["sae", "train", "--run", str(run), "--layer", str(layer)]),
-        ("collect feature records", ["collect", "--run", str(run)]),
+        ("train SAE per checkpoint", ["sae", "train", str(run), "--layer", str(layer)]),
+        ("collect feature records", ["collect", str(run)]),
         # all documents, not only the held-out ones: the embedded corpus holds out 136 documents
         # (7.9k tokens), on which ~28% of step 100's live latents never fire
         ("trace feature lineage", ["lineage", str(run), "--sample", "all"]),
-        ("explain, score and label", label),
+        ("label every latent; describe and score a sample", label),
         ("render reports", ["report", str(run)]),
     ]
 
@@ -44,7 +46,9 @@ def stages(run: Path, layer: int, features: int, threads: int | None) -> list[tu
 def cli(
     run: Path = typer.Argument(Path("runs/demo"), metavar="RUN_DIR", help="Run folder (created; reused to resume)."),
     layer: int = typer.Option(2, min=0, help="Decoder layer whose residual stream the SAE reads."),
-    features: int = typer.Option(8, min=1, help="Features labelled per checkpoint (the LLM is the slow part on CPU)."),
+    features: int = typer.Option(4, min=1, help="Latents per checkpoint the LLM describes and scores (a stratified "
+                                                "sample; every live latent gets a statistical label). The LLM is "
+                                                "the slow part on CPU: 4 keeps the demo within ~20 minutes."),
     threads: int = typer.Option(0, min=0, help="llama.cpp threads (0: all cores)."),
 ) -> None:
     """Run the whole pipeline on the embedded default and print where the report is."""

@@ -775,12 +775,37 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
     return model.classes[best], float(proba[best]), evidence
 
 
+METHODS = ("simulation", "detection", "fuzzing")
+
+
+def label_scores(sc: Scores | None) -> dict[str, Any]:
+    """A Label's `scores`: each method's value, its bootstrap ci95 and AUC where computed, and n,
+    the examples it rests on (answered ones for detection/fuzzing, windows for simulation); {}
+    without scores."""
+    if sc is None:
+        return {}
+    out: dict[str, Any] = {m: getattr(sc, m) for m in METHODS}
+    out["ci95"] = dict(sc.ci95 or {})
+    out["auc"] = dict(sc.auc or {})
+    n = {}
+    for m in METHODS:
+        info = (sc.simulator or {}).get(m) or {}
+        count = info.get("answered", (info.get("n_activating") or 0) + (info.get("n_non_activating") or 0))
+        if getattr(sc, m) is not None and count:
+            n[m] = int(count)
+    out["n"] = n
+    return out
+
+
 def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
-                 models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None) -> Label:
-    """The Label of one latent: calibrated granularity, language trend + profile, scores, explainer.
-    `texts`: its language.context_texts, when the caller has them."""
+                 models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None, *,
+                 sampled: bool = False, scores_noise: bool = False) -> Label:
+    """The Label of one latent: calibrated granularity, language trend + profile, evidence summary,
+    scores, explainer. `texts`: its language.context_texts, when the caller has them.
+    `scores_noise`: the run's control found no signal, so the scores are kept on the label but do
+    not enter the decision. `sampled`: the latent is in the LLM sample."""
     try:
-        granularity, confidence, evidence = decide(record, expl, sc, models)
+        granularity, confidence, evidence = decide(record, expl, None if scores_noise else sc, models)
         error = evidence.get("reason")
     except Exception as exc:  # never lose a latent: label it and say why
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
@@ -788,19 +813,25 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
     try:
         profile = language.profile(record, texts=texts)
     except Exception as exc:
-        profile, error = {"trend": "mix", "cross_lingual": False}, error or f"language profile failed: {exc}"
+        profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
+    try:
+        summary = evidence_summary(record)
+    except Exception as exc:
+        summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})
-    cross = bool(profile.get("cross_lingual")) or (granularity == "concept-synonym" and (
+    # the paper's cross-lingual: a concept-synonym latent whose English and Japanese words are linked
+    cross = granularity == "concept-synonym" and (
         features.get("cross_script_variant_share", 0.0) > 0
-        or any(features.get(f"{s}_share", 0.0) > 0 for s in LINK_SOURCES)))
+        or any(features.get(f"{s}_share", 0.0) > 0 for s in LINK_SOURCES))
     return Label(
         checkpoint_step=record.checkpoint_step, feature=record.feature,
         description=expl.description if expl else "",
         granularity=granularity, cross_lingual=cross, language=profile.get("trend", "mix"),
-        language_profile=profile,
-        scores={k: getattr(sc, k) if sc else None for k in ("simulation", "detection", "fuzzing")},
+        language_profile=profile, scores=label_scores(sc),
         confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
-        error=error or (expl.error if expl else None), evidence=evidence)
+        error=error or (expl.error if expl else None), evidence=evidence,
+        evidence_summary=summary, bilingual_firing=bool(profile.get("bilingual_firing")), sampled=sampled,
+        scores_noise=bool(scores_noise and sc is not None))
 
 
 def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,

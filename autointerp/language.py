@@ -236,13 +236,15 @@ def trend(record: FeatureRecord) -> str:
     return trend_from_counts(Counter(paper_token_language(t) for t in tokens))
 
 
-def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1,
+def profile(record: FeatureRecord, bilingual_min_share: float = 0.1,
             texts: Sequence[str] | None = None) -> dict[str, Any]:
     """A JSON-able language profile of one latent.
 
     trend is the paper's rule (by `paper_token_language` on max tokens); trend_langdetect is the
-    same >90% rule over langdetect's context languages. cross_lingual: both English and Japanese
-    max tokens, each in at least `cross_lingual_min_share` of the activating contexts. `texts`:
+    same >90% rule over langdetect's context languages. bilingual_firing: both English and
+    Japanese max tokens, each in at least `bilingual_min_share` of the activating contexts (not
+    the paper's "cross-lingual", which Label.cross_lingual keeps: a concept joining words of the
+    same meaning across the languages). `texts`:
     context_texts(record), when the caller has them already.
     """
     tokens = [t for t in map(max_token, record.contexts) if t is not None]
@@ -262,5 +264,5 @@ def profile(record: FeatureRecord, cross_lingual_min_share: float = 0.1,
         "max_token_scripts": _shares(scripts),
         "context_entropy": round(entropy(context_langs), 4),
         "max_token_script_entropy": round(entropy(scripts), 4),
-        "cross_lingual": min(en_share, ja_share) >= cross_lingual_min_share and n > 0,
+        "bilingual_firing": min(en_share, ja_share) >= bilingual_min_share and n > 0,
     }

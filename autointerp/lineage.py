@@ -40,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
+from autointerp.options import renamed
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, LatentRow, iter_jsonl, write_jsonl
 
 console = Console(stderr=True)
@@ -364,7 +365,7 @@ def find_checkpoints(run: Path) -> list[Checkpoint]:
         if any(runlib.records_file(runlib.step_dir(run, s)).exists() for s in steps):
             raise UserError(f"{run}: lineage cannot run on feature records alone (imported records?): it runs the "
                             "same tokens through each checkpoint's LM and SAE, and this run has no step-N/sae")
-        raise UserError(f"{run}: no step-N/sae folders (train SAEs first: autointerp sae train --run {run})")
+        raise UserError(f"{run}: no step-N/sae folders (train SAEs first: autointerp sae train {run})")
     out = []
     for step in with_sae:
         sae_dir = runlib.step_dir(run, step) / "sae"
@@ -503,6 +504,7 @@ def _null_quantile(value: float) -> float:
     return value
 
 
+@renamed({"--max-docs": "--docs"})
 def cli(
     run: Path = typer.Argument(..., metavar="RUN_DIR",
                                help="Run folder with step-N/sae and LM checkpoints (RUN_DIR/lm/step-N or the SAE config's model)."),
@@ -510,14 +512,14 @@ def cli(
                                       help="Corpus of the shared tokens (default: the one the SAEs were trained on)."),
     sample: str = typer.Option("eval", "--sample", metavar="eval|all", callback=_eval_or_all,
                                help="Shared documents: eval (held out by `lm train`) or all."),
-    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="At most this many shared documents."),
+    max_docs: int | None = typer.Option(None, "--docs", min=1, help="Use only the first N shared documents."),
     seq_len: int = typer.Option(64, "--seq-len", min=1, help="First tokens of each document (as for the SAEs and records)."),
     quantile: float = typer.Option(0.99, "--quantile", callback=_null_quantile,
                                    help="A match counts when it beats this quantile of the shuffled-token null "
                                         "(per firing band); in [0.5, 1)."),
     bins: int = typer.Option(10, "--bins", min=1, help="Firing-frequency bands of the null threshold."),
     seed: int = typer.Option(0, "--seed", help="Seed of the token shuffle (the null)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents (sequences) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (for the LM and SAE; matching runs on CPU)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     memory_mb: int = typer.Option(16, "--block-mb", min=1, help="Size of one block of the correlation matrix (MB); the whole matrix is never held."),

@@ -70,6 +70,8 @@ class ChatResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop", or "length" when max_tokens cut the answer short
+    # vLLM's prompt_logprobs as sent: per prompt token None or {token id: {logprob, rank, decoded_token}}
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
     @property
     def truncated(self) -> bool:
@@ -245,21 +247,28 @@ class LLMClient:
 
     async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
                        temperature: float = 0.0, logprobs: int | None = None,
-                       stop: list[str] | None = None) -> ChatResult:
+                       stop: list[str] | None = None, extra_body: dict[str, Any] | None = None,
+                       cache: bool = True) -> ChatResult:
         """A plain text completion (the /completions endpoint: few-shot prompts, no chat
-        template); `logprobs` asks for that many alternatives per generated token."""
+        template); `logprobs` asks for that many alternatives per generated token; `extra_body`
+        carries server extensions, e.g. vLLM's {"prompt_logprobs": N}; cache=False for answers too
+        big to keep (prompt logprobs: N alternatives at every prompt token)."""
         request: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                                    "seed": self.seed}
         if logprobs is not None:
             request["logprobs"] = logprobs
         if stop:
             request["stop"] = stop
-        return await self._send("completions", request, template_sha)
+        if extra_body:
+            request["extra_body"] = extra_body
+        return await self._send("completions", request, template_sha, cache)
 
-    async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str) -> ChatResult:
+    async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str,
+                    use_cache: bool = True) -> ChatResult:
         """One request to /chat/completions or /completions: cache, bounded concurrency, retries."""
         key = cache_key(self.model, template_sha, request if endpoint == "chat" else {"completions": request})
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        cache = self.cache if use_cache else None
+        if cache is not None and (hit := cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return _result_from_dict(hit, cached=True)
 
@@ -282,8 +291,8 @@ class LLMClient:
                     self.stats.requests += 1
                     self.stats.prompt_tokens += result.prompt_tokens
                     self.stats.completion_tokens += result.completion_tokens
-                    if self.cache is not None:
-                        self.cache.put(key, _result_to_dict(result))
+                    if cache is not None:
+                        cache.put(key, _result_to_dict(result))
                     return result
                 finally:
                     self.stats.seconds += time.perf_counter() - started
@@ -442,7 +451,8 @@ def _result_from_response(response: Any) -> ChatResult:
     return ChatResult(text=text, logprobs=tokens, cached=False,
                       prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                       completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                      finish_reason=getattr(choice, "finish_reason", None))
+                      finish_reason=getattr(choice, "finish_reason", None),
+                      prompt_logprobs=getattr(choice, "prompt_logprobs", None))  # a vLLM extra field
 
 
 def _fake_response() -> httpx.Response:
@@ -458,7 +468,8 @@ def _result_to_dict(result: ChatResult) -> dict[str, Any]:
 def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
     tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
     return ChatResult(text=d["text"], logprobs=tokens, cached=cached, prompt_tokens=d.get("prompt_tokens", 0),
-                      completion_tokens=d.get("completion_tokens", 0), finish_reason=d.get("finish_reason"))
+                      completion_tokens=d.get("completion_tokens", 0), finish_reason=d.get("finish_reason"),
+                      prompt_logprobs=d.get("prompt_logprobs"))
 
 
 async def stream_results(coros: list[Coroutine[Any, Any, Any]], done: dict, out_path: str | Path | None = None,

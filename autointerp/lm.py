@@ -34,6 +34,7 @@ from rich.table import Table
 
 from autointerp.corpus import Document, load_corpus
 from autointerp.errors import UserError
+from autointerp.options import STEPS_HELP, parse_steps, renamed
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 STATE_FILE = "trainer_state.json"
@@ -227,7 +228,7 @@ def train(config: TrainConfig, out: str | Path, on_step: ProgressFn | None = Non
     out = Path(out)
     console = console or Console(stderr=True, quiet=True)
     if config.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {config.steps}")
+        raise UserError(f"--train-steps must be at least 1, got {config.steps}")
     docs = load_corpus(config.corpus, limit=config.corpus_limit)
     train_docs = [d for d in docs if not is_eval_doc(d, config.eval_every_doc)]
     held_out = [d for d in docs if is_eval_doc(d, config.eval_every_doc)] or docs[-2:]
@@ -326,22 +327,15 @@ def log_table(log: dict) -> Table:
 cli = typer.Typer(help="Train the tiny bilingual LM whose checkpoints the demo labels.", no_args_is_help=True)
 
 
-def _parse_steps(text: str | None) -> list[int]:
-    if not text:
-        return []
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--checkpoints must be comma-separated integers, got {text!r}") from None
-    if any(s < 1 for s in steps):
-        raise UserError(f"--checkpoints must be positive steps, got {text!r}")
-    return steps
-
-
 @cli.command("train")
+@renamed({"--corpus-limit": "--docs", "--checkpoints": "--steps"})
 def train_command(
     out: Path = typer.Option(Path("runs/demo/lm"), "--out", help="Folder for step-N/ checkpoints and train_log.json."),
-    steps: int = typer.Option(TrainConfig.steps, min=1, help="Optimizer steps in total."),
+    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                                    help=f"Checkpoint steps to save, {STEPS_HELP} (default: powers of 10 below "
+                                         "--train-steps); the final step is always saved."),
+    train_steps: int = typer.Option(None, "--train-steps", min=1,
+                                    help=f"Optimizer steps in total (default: the last of --steps, else {TrainConfig.steps})."),
     d_model: int = typer.Option(TrainConfig.d_model, min=1, help="Residual stream width."),
     layers: int = typer.Option(TrainConfig.layers, min=1, help="Decoder layers."),
     heads: int = typer.Option(TrainConfig.heads, min=1, help="Attention heads (must divide --d-model)."),
@@ -350,11 +344,9 @@ def train_command(
     lr: float = typer.Option(TrainConfig.lr, min=0.0, help="Peak AdamW learning rate (warm-up, then cosine to 10%)."),
     seed: int = typer.Option(TrainConfig.seed, help="Seed for the weights and the data order."),
     vocab_size: int = typer.Option(TrainConfig.vocab_size, min=1, help="Byte-level BPE vocabulary size."),
-    checkpoints: str = typer.Option("", metavar="STEPS", help="Comma-separated steps to save, e.g. 10,100,1000 "
-                                             "(default: powers of 10 below --steps); the final step is always saved."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    corpus_limit: int = typer.Option(None, min=1, help="Use only the first N documents."),
+    n_docs: int = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default, one per core). "
                                 "On a busy machine 1 can be faster."),
     tiny: bool = typer.Option(False, "--tiny", help="Test-sized model and run (seconds); other size flags are ignored."),
@@ -368,9 +360,10 @@ def train_command(
     if tiny:
         config = TrainConfig(**{**asdict(TINY), "seed": seed, "corpus": corpus})
     else:
-        config = TrainConfig(steps=steps, d_model=d_model, layers=layers, heads=heads, seq_len=seq_len,
+        total = train_steps or (max(steps) if steps else TrainConfig.steps)
+        config = TrainConfig(steps=total, d_model=d_model, layers=layers, heads=heads, seq_len=seq_len,
                              batch_size=batch_size, lr=lr, seed=seed, vocab_size=vocab_size,
-                             checkpoints=_parse_steps(checkpoints), corpus=corpus, corpus_limit=corpus_limit)
+                             checkpoints=list(steps), corpus=corpus, corpus_limit=n_docs)
     console = Console(stderr=True)
     console.print(f"training into {out}: checkpoints at {config.checkpoint_steps()}")
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),

@@ -39,8 +39,9 @@ from rich.text import Text
 from autointerp import run as runlib
 from autointerp import schema
 from autointerp.errors import UserError
-from autointerp.files import Kind, expect
+from autointerp.files import Kind, detect_kind, expect
 from autointerp.language import trend_from_counts
+from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
 LEVELS = 10  # levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
@@ -95,7 +96,7 @@ class TopContexts:
         self.device = torch.device(device)
         self.latents = torch.arange(n_latents) if latents is None else torch.as_tensor(sorted(set(latents)), dtype=torch.long)
         if len(self.latents) and (self.latents.min() < 0 or self.latents.max() >= n_latents):
-            raise UserError(f"--features asks for latents outside 0..{n_latents - 1}")
+            raise UserError(f"--latents asks for latents outside 0..{n_latents - 1}")
         n = len(self.latents)
         # latent id -> column in the buffers (-1: not tracked)
         self.column = torch.full((n_latents,), -1, dtype=torch.long, device=self.device)
@@ -262,7 +263,7 @@ def iter_records(tracker: TopContexts, decode: Callable[[list[int]], list[str]],
         ids_pad[r, :len(s.ids)] = s.ids
 
     # silent negatives come from the pool, in a seeded random order that hashes (seed, latent,
-    # context), so a latent's negatives do not depend on --features. "same-token": pool contexts
+    # context), so a latent's negatives do not depend on --latents. "same-token": pool contexts
     # that contain the latent's max token (from its top context) yet never fire it; "random":
     # any other silent pool contexts.
     pool = torch.tensor([q for q in tracker.pool], dtype=torch.long)
@@ -532,8 +533,8 @@ def find_records(path: str | Path, feature: int, step: int | None = None, on_err
 console = Console(stderr=True)
 
 
-def parse_features(spec: str | None) -> list[int] | None:
-    """--features: "N" (the first N latents), "A-B" (inclusive), or "a,b,c"; mixes allowed ("0-9,42")."""
+def parse_latents(spec: str | None) -> list[int] | None:
+    """--latents: "N" (the first N latents), "A-B" (inclusive), or "a,b,c"; mixes allowed ("0-9,42")."""
     if spec is None or spec.strip() in ("", "all"):
         return None
     spec = spec.strip()
@@ -548,7 +549,7 @@ def parse_features(spec: str | None) -> list[int] | None:
             elif part.strip():
                 out.append(int(part))
     except ValueError:
-        raise UserError(f"--features {spec!r}: expected N, A-B or a comma list of latent ids") from None
+        raise UserError(f"--latents {spec!r}: expected N, A-B or a comma list of latent ids") from None
     return sorted(set(out))
 
 
@@ -558,21 +559,12 @@ def _fail_or_skip(value: str) -> str:
     return value
 
 
-def _features_option(spec: str | None) -> str | None:
-    """--features N|A-B|a,b,c, checked when the command line is read."""
+def _latents_option(spec: str | None) -> str | None:
+    """--latents N|A-B|a,b,c, checked when the command line is read."""
     try:
-        parse_features(spec)
+        parse_latents(spec)
     except UserError as exc:
         raise typer.BadParameter(str(exc).split(": ", 1)[-1]) from None
-    return spec
-
-
-def _steps_option(spec: str | None) -> str | None:
-    """--steps: comma-separated checkpoint steps, checked when the command line is read."""
-    try:
-        _ = spec is None or {int(s) for s in spec.split(",") if s.strip()}
-    except ValueError:
-        raise typer.BadParameter(f"{spec!r}: expected comma-separated steps, e.g. 10,100") from None
     return spec
 
 
@@ -644,25 +636,29 @@ def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | 
             "seconds": round(seconds, 2)}
 
 
+@renamed({"--run": "TARGET", "--sae": "TARGET", "--max-tokens": "--seq-len", "--max-docs": "--docs"},
+         refused={"--window": "--context-len", "--features": "--latents"})
 def cli_collect(
-    run: Path | None = typer.Option(None, "--run", metavar="RUN_DIR",
-                                    help="Run folder: collect for every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst."),
-    sae: Path | None = typer.Option(None, "--sae", metavar="SAE_DIR", help="One SAE folder (instead of --run)."),
+    target: Path = typer.Argument(..., metavar="TARGET",
+                                  help="A run folder (every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst) "
+                                       "or one SAE folder (with --out)."),
     model: str | None = typer.Option(None, "--model", metavar="MODEL",
                                      help="LM (Hugging Face id or folder). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
     out: Path | None = typer.Option(None, "--out", metavar="RECORDS",
-                                    help="Output records file (with --sae): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
+                                    help="Output records file (for an SAE folder): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
     layer: int | None = typer.Option(None, "--layer", min=0, help="Layer (default: the SAE config's)."),
-    steps: str | None = typer.Option(None, "--steps", metavar="STEPS", callback=_steps_option, help="With --run: only these steps, comma-separated."),
+    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                                    help=f"For a run folder: only these checkpoint steps, {STEPS_HELP}."),
     top_k: int = typer.Option(50, "--top-k", min=1, help="Top contexts kept per latent (the true top-k by max activation)."),
-    window: int = typer.Option(64, "--window", min=1, help="Context window in tokens (centred on the max token when documents are longer)."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", min=1, help="Tokens read per document (default: --window)."),
-    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
-    features: str | None = typer.Option(None, "--features", metavar="FEATURES", callback=_features_option,
-                                        help="Latents to record: N (first N), A-B, or a,b,c. Default: all."),
+    context_len: int = typer.Option(64, "--context-len", min=1,
+                                    help="Tokens a stored context holds (centred on the max token when documents are longer)."),
+    seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Tokens read from the start of each document (default: --context-len)."),
+    n_docs: int | None = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
+    latents: str | None = typer.Option(None, "--latents", metavar="IDS", callback=_latents_option,
+                                       help="Latents to record: N (the first N), A-B, or a,b,c. Default: all."),
     n_similar: int = typer.Option(10, "--n-similar", min=0, help="'similar' negatives per latent (ranked just below the top-k)."),
     n_random: int = typer.Option(20, "--n-random", min=0, help="'random' negatives per latent (contexts where it is silent)."),
     n_same_token: int = typer.Option(5, "--n-same-token", min=0, help="'same-token' negatives per latent (silent contexts holding its max token)."),
@@ -683,26 +679,22 @@ def cli_collect(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if (run is None) == (sae is None):
-        raise UserError("give either --run RUN_DIR or --sae SAE_DIR (with --out RECORDS)")
-    if run is not None:
-        expect(run, Kind.RUN, what="--run")
-    if sae is not None:
-        expect(sae, Kind.SAE, what="--sae")
+    expect(target, Kind.RUN, Kind.SAE, what="TARGET")
+    run, sae = (None, target) if detect_kind(target) == Kind.SAE else (target, None)
     rank, world = init_from_env()
     if world > 1 and device and device.startswith("cuda"):
         device = f"cuda:{torch.cuda.current_device()}"
-    opts = dict(top_k=top_k, window=window, max_tokens=max_tokens, batch_size=batch_size, n_similar=n_similar,
-                n_random=n_random, n_same_token=n_same_token, features=parse_features(features), seed=seed,
+    opts = dict(top_k=top_k, window=context_len, max_tokens=seq_len, batch_size=batch_size, n_similar=n_similar,
+                n_random=n_random, n_same_token=n_same_token, features=parse_latents(latents), seed=seed,
                 device=device)
     jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
     if sae is not None:
         if out is None:
-            raise UserError("--sae needs --out RECORDS")
+            raise UserError(f"{sae} is an SAE folder: give --out RECORDS for its records file")
         jobs.append((sae, out, model, None))
     else:
         assert run is not None
-        wanted = None if steps is None else {int(s) for s in steps.split(",") if s.strip()}
+        wanted = set(steps) or None
         for step in runlib.checkpoint_steps(run):
             sae_dir = runlib.step_dir(run, step) / "sae"
             if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
@@ -717,7 +709,7 @@ def cli_collect(
             console.print(f"[dim]{j[1]} exists; skipped (--force to redo)[/]")
     if not todo:
         return
-    docs = load_corpus(corpus, limit=max_docs)
+    docs = load_corpus(corpus, limit=n_docs)
     if not docs:
         raise UserError(f"corpus {corpus!r} has no documents")
     done: dict[str, Any] = {}
@@ -733,10 +725,10 @@ def cli_collect(
                 failed.append(str(sae_dir))
                 console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
     if run is not None and rank == 0:
-        runlib.update_manifest(run, "collect", {"corpus": runlib.saved_path(corpus, run), "max_docs": max_docs,
+        runlib.update_manifest(run, "collect", {"corpus": runlib.saved_path(corpus, run), "max_docs": n_docs,
                                                  "checkpoints": done, "world_size": world,
                                                  "failed": [runlib.saved_path(f, run) for f in failed], **{k: v for k, v in opts.items() if k != "features"},
-                                                 "features": features})
+                                                 "features": latents})
     message = f"{len(failed)} checkpoint(s) failed: {', '.join(failed)}" if failed else ""
     if world > 1:
         if message and rank == 0:
@@ -790,11 +782,13 @@ def describe_record(record: FeatureRecord, n_contexts: int = 5, n_negatives: int
 
 
 @cli_records.command("show")
+@renamed({"--step": "--steps"})
 def show(
     file: Path = typer.Argument(..., metavar="RECORDS",
                                 help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
     feature: int = typer.Option(..., "--feature", "-f", min=0, help="Latent id."),
-    step: int | None = typer.Option(None, "--step", min=0, help="Checkpoint step (when the file holds several)."),
+    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                                    help=f"Only these checkpoint steps, {STEPS_HELP} (needed when the file holds several)."),
     contexts: int = typer.Option(5, "--contexts", min=0, help="How many top contexts to print."),
     negatives: int = typer.Option(0, "--negatives", min=0, help="How many negatives to print."),
     on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
@@ -803,15 +797,19 @@ def show(
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
     expect(file, Kind.RECORDS, Kind.LLMJP_DEMO)
     out = Console(highlight=False, soft_wrap=True)
-    matches = find_records(file, feature, step, on_error,
+    matches = find_records(file, feature, None, on_error,
                            warn=lambda m: console.print(Text(m, style="yellow"), soft_wrap=True))
+    if steps:
+        matches = [r for r in matches if r.checkpoint_step in steps]
     if not matches:
-        raise UserError(f"{file}: no feature {feature}" + ("" if step is None else f" at step {step}"))
-    if len(matches) > 1 and step is None:
-        steps = sorted({str(r.checkpoint_step) for r in matches})
-        raise UserError(f"{file}: feature {feature} is at steps {', '.join(steps)}; pick one with --step")
-    for item in describe_record(matches[0], contexts, negatives):
-        out.print(item)
+        raise UserError(f"{file}: no feature {feature}" + (f" at steps {', '.join(map(str, steps))}" if steps else ""))
+    if len(matches) > 1 and not steps:
+        found = sorted({str(r.checkpoint_step) for r in matches})
+        raise UserError(f"{file}: feature {feature} is at steps {', '.join(found)}; pick with --steps "
+                        f"(e.g. --steps {found[-1]} or --steps {','.join(found)})")
+    for record in matches:
+        for item in describe_record(record, contexts, negatives):
+            out.print(item)
 
 
 @cli_records.command("import")

@@ -2,12 +2,18 @@
 
     autointerp report RUN_DIR [--human FILE]
 
-The index plots how the features evolve over training (granularity shares, the paper's main
-figure; language trend; cross-lingual share; simulator scores; SAE metrics; model vs human
-labels and kappa). Each checkpoint page lists its features with their description, label,
-scores, language profile and top contexts shaded by activation, with class/language filters.
-Pages are self-contained (plots are embedded PNGs, CSS and JS inline) and every string from the
-data is HTML-escaped by jinja2's autoescape. A stage that has not run is named, not fatal.
+Every page opens with the run's shuffled-description control (manifest stages.label.control,
+else stages.score.control): per method the gap matched - shuffled with its 95% interval and a
+verdict in words; scores the control does not vouch for are greyed and labelled "noise". The
+index plots how the features evolve over training from ALL labelled latents of each checkpoint
+(granularity shares, the paper's main figure, with Wilson 95% intervals and the LLM-described
+sample beside them; language trend; bilingual firing vs cross-lingual; the sample's scores; SAE
+metrics; model vs human labels and kappa). Each checkpoint page shows its share table and lists
+its features (the LLM-described first) with the evidence summary, description, scores with their
+intervals, language profile and top contexts shaded by activation, with filters. Labels and
+records are streamed, so memory does not grow with the number of latents. Pages are
+self-contained (plots are embedded PNGs, CSS and JS inline) and every string from the data is
+HTML-escaped by jinja2's autoescape. A stage that has not run is named, not fatal.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ import typer
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
+from autointerp.options import renamed
 from autointerp.language import profile as language_profile
 from autointerp.language import trend as language_trend
+from autointerp.shares import ShareCounter, ShareTable, sample_agreement
 from autointerp.schema import (
     GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
 )
@@ -51,15 +59,59 @@ COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": 
 DEFAULT_MAX_FEATURES = 1000
 
 
+def described(label: Label) -> bool:
+    """In the LLM-described sample: `sampled`, or a description (files from before `sampled`
+    held labels for the LLM sample only)."""
+    return label.sampled or bool((label.description or "").strip())
+
+
+def _score_value(scores: dict[str, Any], name: str) -> float | None:
+    value = (scores or {}).get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class StepCounts:
+    """What a checkpoint's summary counts over every label line, streamed: only counts and the
+    LLM sample's score values are kept."""
+
+    def __init__(self):
+        self.granularity = ShareCounter("granularity")
+        self.granularity_sample = ShareCounter("granularity")
+        self.language = ShareCounter("language")
+        self.bilingual = ShareCounter("bilingual_firing")
+        self.cross = ShareCounter("cross_lingual")
+        self.scores: dict[str, list[float]] = {n: [] for n in SCORE_NAMES}
+        self.scores_noise = 0  # labels whose scores the run's control called noise
+
+    def add(self, label: Label) -> None:
+        language = {"language": label.language or label.language_profile.get("trend") or "unknown"}
+        self.granularity.add(label)
+        self.language.add(language)
+        self.bilingual.add(label)
+        self.cross.add(label)
+        if described(label):
+            self.granularity_sample.add(label)
+            for name in SCORE_NAMES:
+                value = _score_value(label.scores, name)
+                if value is not None:
+                    self.scores[name].append(value)
+            self.scores_noise += label.scores_noise
+
+
 @dataclass
 class StepData:
     step: int
     records: dict[Key, FeatureRecord] = field(default_factory=dict)  # those kept (see read_step)
     n_records: int = 0  # all records in the file, kept or not
+    n_live: int = 0  # records with contexts: the latents a label file should cover
     record_keys: set[Key] = field(default_factory=set)
     record_trends: Counter = field(default_factory=Counter)  # the paper's language trend of every record
     context_counts: dict[Key, int] = field(default_factory=dict)  # contexts of kept records before trimming
-    labels: dict[Key, Label] = field(default_factory=dict)
+    labels: dict[Key, Label] = field(default_factory=dict)  # the labels kept for the page, in its order (read_step)
+    n_labels: int = 0  # every line of labels.jsonl
+    label_keys: set[Key] = field(default_factory=set)
+    counts: StepCounts | None = None  # None: no labels.jsonl
+    model_granularity: dict[Key, str] = field(default_factory=dict)  # for the human comparison only
     explanations: dict[Key, Explanation] = field(default_factory=dict)
     scores: dict[Key, Scores] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -67,28 +119,37 @@ class StepData:
     warnings: list[str] = field(default_factory=list)
 
 
-def _read_keyed(path: Path, parse: Callable[[dict], Any], warnings: list[str]) -> dict[Key, Any]:
+def _read_keyed(path: Path, parse: Callable[[dict], Any], warnings: list[str],
+                keep: Callable[[Key], bool] = lambda key: True) -> dict[Key, Any]:
     # A torn last line (a crash mid-append) or a bad line is reported on the page, not fatal.
-    return {item.key: item for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append)}
+    return {item.key: item for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append)
+            if keep(item.key)}
 
 
-def read_step(run: Path, step: int, max_records: int | None = None, max_contexts: int | None = None) -> StepData:
-    """A checkpoint's stage outputs. Records are streamed: every one is counted and its language
-    trend tallied, but only `max_records` are kept (None: all): the labelled ones with the
-    lowest feature ids first, then unlabelled ones by feature id; kept records keep only their
-    first `max_contexts` contexts and no negatives (None: all). So memory does not grow with
-    the number of latents."""
+def read_step(run: Path, step: int, max_records: int | None = None, max_contexts: int | None = None,
+              human_keys: set[Key] | frozenset = frozenset()) -> StepData:
+    """A checkpoint's stage outputs, streamed so memory does not grow with the number of latents.
+
+    Every label line is counted (StepCounts: shares over all latents, the LLM sample's beside
+    them), but only `max_records` labels are kept for the page (None: all): the LLM-described
+    ones first, then by feature id. Every record is counted and its language trend tallied, but
+    only the kept labels' records are kept, then (room left) unlabelled ones by feature id; kept
+    records keep their first `max_contexts` contexts and no negatives (None: all). The model's
+    granularity is kept only for `human_keys` (the human comparison)."""
     folder = runlib.step_dir(run, step)
     data = StepData(step=step)
-    stages = [("labels.jsonl", "labels", Label.from_dict, "labels (autointerp label)"),
-              ("explanations.jsonl", "explanations", Explanation.from_dict, None),
-              ("scores.jsonl", "scores", Scores.from_dict, None)]
-    for filename, attr, parse, missing_name in stages:
+    labels_path = folder / "labels.jsonl"
+    if labels_path.exists():
+        _stream_labels(labels_path, data, max_records, human_keys)
+    else:
+        data.missing.append("labels (autointerp label)")
+    # explanations and scores: the kept labels' (files of the LLM sample; all when there are no labels)
+    keep = (lambda key: True) if data.counts is None else (lambda key: key in data.labels)
+    for filename, attr, parse in [("explanations.jsonl", "explanations", Explanation.from_dict),
+                                  ("scores.jsonl", "scores", Scores.from_dict)]:
         path = folder / filename
         if path.exists():
-            setattr(data, attr, _read_keyed(path, parse, data.warnings))
-        elif missing_name:
-            data.missing.append(missing_name)
+            setattr(data, attr, _read_keyed(path, parse, data.warnings, keep))
     records_path = runlib.records_file(folder)
     if records_path.exists():
         _stream_records(records_path, data, max_records, max_contexts)
@@ -105,20 +166,41 @@ def read_step(run: Path, step: int, max_records: int | None = None, max_contexts
     return data
 
 
+def _stream_labels(path: Path, data: StepData, max_records: int | None, human_keys) -> None:
+    counts = StepCounts()
+    kept: list[tuple[tuple[int, int], int, Label]] = []  # a max-heap on (not described, feature), negated
+    repeated = 0
+    for i, label in enumerate(iter_jsonl(path, Label.from_dict, on_error="skip", warn=data.warnings.append)):
+        if label.key in data.label_keys:  # counted and shown once: the first line
+            repeated += 1
+            continue
+        data.label_keys.add(label.key)
+        counts.add(label)
+        if label.key in human_keys and label.granularity:
+            data.model_granularity[label.key] = label.granularity
+        heapq.heappush(kept, ((-int(not described(label)), -label.feature), -i, label))
+        if max_records is not None and len(kept) > max_records:
+            heapq.heappop(kept)
+    if repeated:
+        data.warnings.append(f"{path}: {repeated} repeated lines for latents already read (the first line counts)")
+    data.n_labels, data.counts = len(data.label_keys), counts
+    data.labels = {label.key: label for _, _, label in sorted(kept, reverse=True)}
+
+
 def _stream_records(path: Path, data: StepData, max_records: int | None, max_contexts: int | None) -> None:
-    labelled = sorted(data.labels, key=lambda k: k[1])
-    wanted = set(labelled if max_records is None else labelled[:max_records])
+    wanted = set(data.labels)  # the labels kept for the page
     room = None if max_records is None else max_records - len(wanted)
     unlabelled: list[tuple[int, int, FeatureRecord]] = []  # a max-heap by feature id (negated), size <= room
     # a page shows contexts, density and max activation: the lean reader skips negatives and extras
     for i, record in enumerate(stream_lean_records(path, on_error="skip", warn=data.warnings.append)):
         data.n_records += 1
+        data.n_live += bool(record.contexts)
         data.record_keys.add(record.key)
         data.record_trends[language_trend(record)] += 1
         if max_contexts is not None:
             data.context_counts[record.key] = len(record.contexts)
             record.contexts, record.negatives = record.contexts[:max_contexts], []
-        if record.key in data.labels:
+        if record.key in data.label_keys:
             if record.key in wanted:
                 data.records[record.key] = record
         elif room is None:
@@ -157,28 +239,62 @@ def context_window(context, window: int) -> dict[str, Any]:
     return {"tokens": tokens, "cut_left": start > 0, "cut_right": end < len(context.tokens)}
 
 
-def feature_view(key: Key, data: StepData, human: dict[Key, str], n_contexts: int, window: int) -> dict[str, Any]:
+def _score_views(scores: dict[str, Any], fallback: Scores | None, grey: dict[str, str]) -> list[dict[str, Any]]:
+    """Each method's score with what it rests on: 95% interval, n examples, AUC. The label's
+    values first, then scores.jsonl's (`fallback`) for what the label lacks; `grey` maps the
+    methods the control did not vouch for to why ("noise", "no control")."""
+    scores = scores or {}
+    ci95, auc, n = dict(scores.get("ci95") or {}), dict(scores.get("auc") or {}), dict(scores.get("n") or {})
+    if fallback is not None:
+        ci95, auc = (fallback.ci95 or {}) | ci95, (fallback.auc or {}) | auc
+        examples = (fallback.simulator or {}).get("examples")
+        total = sum(v for v in examples.values() if isinstance(v, int)) if isinstance(examples, dict) else 0
+        n = ({m: total for m in SCORE_NAMES} if total else {}) | n
+    out = []
+    for name in SCORE_NAMES:
+        value = _score_value(scores, name)
+        if value is None and fallback is not None:
+            value = getattr(fallback, name)
+        if value is None:
+            continue
+        interval = ci95.get(name)
+        interval = list(interval) if isinstance(interval, (list, tuple)) and len(interval) == 2 else None
+        out.append({"name": name, "value": value, "ci95": interval, "n": n.get(name), "auc": auc.get(name),
+                    "grey": grey.get(name)})
+    return out
+
+
+def feature_view(key: Key, data: StepData, human: dict[Key, str], n_contexts: int, window: int,
+                 grey: dict[str, str] | None = None) -> dict[str, Any]:
+    grey = dict(grey or {})
     label, record = data.labels.get(key), data.records.get(key)
     explanation, scores = data.explanations.get(key), data.scores.get(key)
     if label is not None:
         profile = label.language_profile or (language_profile(record) if record else {})
         language = label.language or profile.get("trend")
-        score_values = dict(label.scores or {})
+        if label.scores_noise:
+            grey = {m: "noise" for m in SCORE_NAMES}
+        score_views = _score_views(label.scores, scores, grey)
         description, granularity = label.description, label.granularity
-        cross_lingual, confidence, error = label.cross_lingual, label.confidence, label.error
+        bilingual, cross_lingual = label.bilingual_firing, label.cross_lingual
+        confidence, error, sampled = label.confidence, label.error, described(label)
+        evidence_summary, explainer = label.evidence_summary, label.explainer or {}
     else:
         profile = language_profile(record) if record else {}
         language = profile.get("trend")
-        score_values = {n: getattr(scores, n) for n in SCORE_NAMES} if scores else {}
+        score_views = _score_views({}, scores, grey)
         description = explanation.description if explanation else ""
-        granularity = None
-        cross_lingual = bool(explanation.cross_lingual) if explanation else bool(profile.get("cross_lingual"))
+        granularity, evidence_summary = None, ""
+        bilingual, cross_lingual = bool(profile.get("cross_lingual")), False
         confidence, error = (explanation.confidence if explanation else None), None
+        sampled, explainer = bool(description), (explanation.explainer if explanation else {}) or {}
     return {
         "feature": key[1], "description": description or "", "granularity": granularity or "unlabelled",
-        "language": language or "unknown", "cross_lingual": cross_lingual, "confidence": confidence,
-        "error": error, "human": human.get(key),
-        "scores": {n: score_values.get(n) for n in SCORE_NAMES if score_values.get(n) is not None},
+        "language": language or "unknown", "bilingual_firing": bilingual, "cross_lingual": cross_lingual,
+        "sampled": sampled, "labelled": label is not None, "evidence_summary": evidence_summary,
+        "explainer_model": str(explainer.get("model") or "") if isinstance(explainer, dict) else "",
+        "confidence": confidence, "error": error, "human": human.get(key),
+        "scores": score_views,
         "profile": _profile_summary(profile),
         "density": record.density if record else None,
         "max_activation": record.max_activation if record else None,
@@ -191,6 +307,7 @@ def _profile_summary(profile: dict[str, Any]) -> list[tuple[str, str]]:
     """Flat (name, value) pairs of a language profile's scalar fields, for display."""
     out = []
     for name, value in profile.items():
+        name = "bilingual_firing" if name == "cross_lingual" else name  # the profile's flag is not the paper's sense
         if isinstance(value, dict):
             items = [(k, v) for k, v in value.items() if isinstance(v, (int, float, str))]
             text = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in items[:6])
@@ -207,32 +324,37 @@ def _profile_summary(profile: dict[str, Any]) -> list[tuple[str, str]]:
 # --- per-checkpoint summaries and plots ---------------------------------------------------------
 
 def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
-    labels = list(data.labels.values())
-    granularity = Counter(l.granularity or "unlabelled" for l in labels)
-    if labels:
-        language = Counter(l.language or (l.language_profile or {}).get("trend") or "unknown" for l in labels)
-        cross = sum(l.cross_lingual for l in labels) / len(labels)
-    elif data.n_records:
-        language = Counter(data.record_trends)
-        cross = None
+    """A checkpoint's shares over ALL its label lines (Wilson 95% intervals), the LLM-described
+    sample's beside them and how the two agree; without labels, the records' language trends."""
+    counts = data.counts
+    if counts is not None:
+        granularity, sample = counts.granularity.table(), counts.granularity_sample.table()
+        language = counts.language.table()
+        bilingual = counts.bilingual.table().get(True) if counts.bilingual.n else None
+        cross = counts.cross.table().get(True) if counts.cross.n else None
+        scores = {n: list(v) for n, v in counts.scores.items()}
+        agreement_sample = sample_agreement(granularity, sample, GRANULARITIES) if granularity.n else None
     else:
-        language, cross = Counter(), None
-    scores = {n: [v for v in ((l.scores or {}).get(n) for l in labels) if isinstance(v, (int, float))]
-              for n in SCORE_NAMES}
-    if not labels and data.scores:
-        scores = {n: [getattr(s, n) for s in data.scores.values() if getattr(s, n) is not None]
-                  for n in SCORE_NAMES}
+        granularity, sample = ShareTable("granularity"), ShareTable("granularity")
+        language = ShareTable("language", dict(data.record_trends), sum(data.record_trends.values()))
+        bilingual = cross = agreement_sample = None
+        scores = {n: [getattr(s, n) for s in data.scores.values() if getattr(s, n) is not None] for n in SCORE_NAMES}
     step_human = {k: v for k, v in human.items() if k[0] == data.step}
     agreement = None
-    model = {k: l.granularity for k, l in data.labels.items() if l.granularity}
+    model = data.model_granularity
     if step_human and model and set(step_human) & set(model):
         from autointerp.compare import compare_labels
 
         agreement = compare_labels(step_human, model).overall
     return {
-        "step": data.step, "n_records": data.n_records, "n_labels": len(labels),
-        "granularity": dict(granularity), "language": dict(language), "cross_lingual": cross,
-        "scores": scores, "metrics": {name: sae_metric(data.metrics, name) for name in SAE_METRICS},
+        "step": data.step, "n_records": data.n_records, "n_labels": data.n_labels, "n_sampled": sample.n,
+        # labels of only some latents (files from before every latent got a statistical label)
+        "partial": bool(data.n_labels and data.n_live > data.n_labels), "n_live": data.n_live,
+        "granularity": granularity, "granularity_sample": sample, "sample_agreement": agreement_sample,
+        "language": dict(language.counts), "language_table": language,
+        "bilingual_firing": bilingual, "cross_lingual": cross,
+        "scores": scores, "scores_noise_labels": counts.scores_noise if counts else 0,
+        "metrics": {name: sae_metric(data.metrics, name) for name in SAE_METRICS},
         "human_shares": _shares(Counter(step_human.values())), "agreement": agreement,
         "missing": data.missing, "warnings": data.warnings,
     }
@@ -269,46 +391,88 @@ def _stacked_bars(ax, steps: list[str], shares: list[dict[str, float]], classes:
     ax.set_xlabel("training step")
 
 
-def make_plots(summaries: list[dict[str, Any]], has_human: bool) -> list[dict[str, str]]:
-    """The index's figures as {"title", "png" (base64), "alt"}; a figure with no data is left out."""
+def _share_bars(ax, summaries: list[dict[str, Any]], tables: list[ShareTable], classes: list[str],
+                samples: list[ShareTable] | None = None) -> None:
+    """Grouped bars: each class's share per checkpoint with its Wilson 95% interval; the
+    LLM-described sample's share as a black diamond beside each bar, where there is one."""
+    import numpy as np
+
+    width = 0.8 / max(1, len(classes))
+    x = np.arange(len(summaries))
+    for j, c in enumerate(classes):
+        rows = [t.get(c) for t in tables]
+        pos = x - 0.4 + width * (j + 0.5)
+        shares = np.array([r.share for r in rows])
+        err = np.array([[r.share - r.lo for r in rows], [r.hi - r.share for r in rows]])
+        ax.bar(pos, shares, width * 0.92, color=COLORS.get(c, "#999"), label=c, yerr=err, capsize=2,
+               error_kw={"elinewidth": 0.8, "ecolor": "#333"})
+        if samples:
+            points = [(p, t.get(c).share) for p, t in zip(pos, samples) if t.n]
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker="D", s=14, color="black",
+                           zorder=3, label="LLM sample" if j == 0 else None)
+    ax.set_xticks(x, [f"{s['step']}\n(n={t.n})" for s, t in zip(summaries, tables)])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of latents")
+    ax.set_xlabel("training step")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+
+
+def make_plots(summaries: list[dict[str, Any]], has_human: bool,
+               grey: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The index's figures as {"title", "png" (base64), "alt"}; a figure with no data is left out.
+    Shares are over every labelled latent, with Wilson 95% intervals; `grey`: score methods the
+    control did not vouch for (drawn grey, titled with why)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    grey = grey or {}
     plots = []
     steps = [str(s["step"]) for s in summaries]
     labelled = [s for s in summaries if s["n_labels"]]
 
     if labelled:
-        fig, ax = plt.subplots(figsize=(7, 3.4))
-        classes = list(GRANULARITIES) + (["unlabelled"] if any("unlabelled" in s["granularity"] for s in labelled) else [])
-        _stacked_bars(ax, [str(s["step"]) for s in labelled], [_shares(Counter(s["granularity"])) for s in labelled], classes)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-        ax.set_title("Granularity of features per checkpoint")
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        classes = list(GRANULARITIES) + (["unlabelled"] if any(s["granularity"].counts.get("unlabelled")
+                                                                for s in labelled) else [])
+        _share_bars(ax, labelled, [s["granularity"] for s in labelled], classes,
+                    [s["granularity_sample"] for s in labelled])
+        ax.set_title("Granularity of all latents per checkpoint (95% Wilson intervals; ◆ LLM sample)")
         plots.append({"title": "Granularity shares per checkpoint", "png": _figure_png(fig),
-                      "alt": "stacked bars: granularity shares per checkpoint"})
+                      "alt": "bars with 95% intervals: granularity shares of all latents per checkpoint, "
+                             "diamonds for the LLM-described sample"})
 
-    with_language = [s for s in summaries if s["language"]]
+    with_language = [s for s in summaries if s["language_table"].n]
     if with_language:
-        fig, ax = plt.subplots(figsize=(7, 3.4))
-        _stacked_bars(ax, [str(s["step"]) for s in with_language],
-                      [_shares(Counter(s["language"])) for s in with_language], list(LANGUAGE_TRENDS) + ["unknown"])
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
-        ax.set_title("Language trend of features per checkpoint")
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        tables = [s["language_table"] for s in with_language]
+        _share_bars(ax, with_language, tables, list(LANGUAGE_TRENDS) + (
+            ["unknown"] if any(t.counts.get("unknown") for t in tables) else []))
+        ax.set_title("Language trend of latents per checkpoint (95% Wilson intervals)")
         plots.append({"title": "Language trend shares per checkpoint", "png": _figure_png(fig),
-                      "alt": "stacked bars: en/ja/mix shares per checkpoint"})
+                      "alt": "bars with 95% intervals: en/ja/mix shares per checkpoint"})
 
-    with_cross = [s for s in summaries if s["cross_lingual"] is not None]
-    if with_cross:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([str(s["step"]) for s in with_cross], [s["cross_lingual"] for s in with_cross], color="#76b7b2")
+    with_flags = [s for s in summaries if s["bilingual_firing"] is not None]
+    if with_flags:
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(7, 3))
+        x = np.arange(len(with_flags))
+        for offset, name, color, text in [(-0.2, "bilingual_firing", "#76b7b2", "bilingual firing (max tokens in both scripts ≥ 10%)"),
+                                          (0.2, "cross_lingual", "#59a14f", "cross-lingual (en–ja synonym feature)")]:
+            rows = [s[name] for s in with_flags]
+            ax.bar(x + offset, [r.share for r in rows], 0.38, color=color, label=text,
+                   yerr=[[r.share - r.lo for r in rows], [r.hi - r.share for r in rows]], capsize=2)
+        ax.set_xticks(x, [f"{s['step']}\n(n={s['n_labels']})" for s in with_flags])
         ax.set_ylim(0, 1)
-        ax.set_ylabel("share of features")
+        ax.set_ylabel("share of latents")
         ax.set_xlabel("training step")
-        ax.set_title("Cross-lingual features per checkpoint")
-        plots.append({"title": "Cross-lingual share", "png": _figure_png(fig),
-                      "alt": "bars: share of cross-lingual features per checkpoint"})
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+        ax.set_title("Bilingual firing vs cross-lingual latents (95% Wilson intervals)")
+        plots.append({"title": "Bilingual firing and cross-lingual shares", "png": _figure_png(fig),
+                      "alt": "bars with 95% intervals: shares of bilingual-firing and cross-lingual latents"})
 
     present = [n for n in SCORE_NAMES if any(s["scores"][n] for s in summaries)]
     if present:
@@ -316,13 +480,22 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool) -> list[dict[st
         for ax, name in zip(axes[0], present):
             data = [s["scores"][name] for s in summaries]
             positions = [i for i, d in enumerate(data) if d]
-            ax.boxplot([data[i] for i in positions], positions=positions, widths=0.6)
-            ax.set_xticks(range(len(steps)), steps, rotation=45)
-            ax.set_title(f"{name} score")
+            color = "#bbbbbb" if grey.get(name) else "#333333"
+            ax.boxplot([data[i] for i in positions], positions=positions, widths=0.6,
+                       boxprops={"color": color}, whiskerprops={"color": color}, capprops={"color": color},
+                       medianprops={"color": "#bbbbbb" if grey.get(name) else "#f28e2b"},
+                       flierprops={"markeredgecolor": color})
+            ax.set_xticks(range(len(steps)), [f"{st}\n(n={len(d)})" for st, d in zip(steps, data)], rotation=45)
+            ax.set_title(f"{name} score" + (f" — {grey[name].upper()}" if grey.get(name) else ""),
+                         color="#999999" if grey.get(name) else "black")
             ax.set_xlabel("training step")
         fig.tight_layout()
-        plots.append({"title": "Score distributions", "png": _figure_png(fig),
-                      "alt": "box plots: simulator scores per checkpoint"})
+        noisy = [n for n in present if grey.get(n)]
+        plots.append({"title": "Score distributions (LLM sample)" + (
+                          f": {', '.join(noisy)} greyed ({'; '.join(sorted(set(grey[n] for n in noisy)))})"
+                          if noisy else ""),
+                      "png": _figure_png(fig), "grey": bool(noisy),
+                      "alt": "box plots: simulator scores of the LLM-described sample per checkpoint"})
 
     metric_names = [m for m in SAE_METRICS if any(s["metrics"][m] is not None for s in summaries)]
     if metric_names:
@@ -386,6 +559,54 @@ def _manifest_rows(manifest: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's shuffled-description control (manifest stages.label.control, else
+    stages.score.control; ControlResult.to_dict()'s shape) for the banner on every page, with
+    `grey`: the score methods it does not vouch for and why. None when the run has none."""
+    stages = manifest.get("stages") or {}
+    for stage in ("label", "score"):
+        info = stages.get(stage)
+        control = info.get("control") if isinstance(info, dict) else None
+        if not isinstance(control, dict):
+            continue
+        methods = []
+        for name, m in (control.get("methods") or {}).items():
+            m = m if isinstance(m, dict) else {}
+            ci = m.get("ci95")
+            methods.append({"name": str(name), "metric": m.get("metric"), "n": m.get("n"),
+                            "matched": m.get("matched"), "shuffled": m.get("shuffled"), "gap": m.get("gap"),
+                            "ci95": list(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+                            "signal": bool(m.get("signal")), "verdict": str(m.get("verdict") or "")})
+        noise = bool(control["noise"]) if "noise" in control else not any(m["signal"] for m in methods)
+        signal = {m["name"]: m["signal"] for m in methods}
+        grey = {}
+        for n in SCORE_NAMES:
+            if noise or signal.get(n) is False:
+                grey[n] = "noise"
+            elif n not in signal:
+                grey[n] = "no control"
+        llm = info.get("llm") if isinstance(info.get("llm"), dict) else {}
+        return {"source": f"manifest.json stages.{stage}.control", "noise": noise, "methods": methods,
+                "verdict": str(control.get("verdict") or ""), "model": control.get("model") or llm.get("model") or "",
+                "n_latents": control.get("n_latents"), "grey": grey}
+    return None
+
+
+NO_CONTROL_GREY = {n: "no control" for n in SCORE_NAMES}
+
+
+def sample_note(manifest: dict[str, Any]) -> str | None:
+    """How the LLM sample was drawn (manifest stages.label.sample), in words: a stratified sample
+    gives every class at least one latent, so a rare class's share in it is high by design."""
+    info = ((manifest.get("stages") or {}).get("label") or {}).get("sample")
+    if not isinstance(info, dict) or not isinstance(info.get("strata"), dict):
+        return None
+    strata = ", ".join(f"{k} {v}" for k, v in info["strata"].items())
+    return (f"The LLM sample is drawn stratified by the statistical class (seed {info.get('seed', '?')}; {strata}): "
+            "every class present gets at least one latent, so a rare class's share in the sample lies above its "
+            "share over all latents by design.")
+
+
 def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: str | Path | None = None,
                  contexts_per_feature: int = 5, window: int = 12, max_features: int | None = None) -> Path:
     """Render RUN/report/index.html and one step-N.html per checkpoint; return the index path."""
@@ -404,30 +625,37 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     env = _environment()
     step_template = env.get_template("step.html")
+    manifest = runlib.read_manifest(run)
+    control = control_view(manifest)
+    grey = control["grey"] if control else NO_CONTROL_GREY
+    note = sample_note(manifest)
 
     summaries, all_model = [], {}
     lineage_view = _lineage_view(run, steps)
     for i, step in enumerate(steps):
-        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature)
+        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature,
+                         human_keys=frozenset(human_labels))
         summary = step_summary(data, human_labels)
         summaries.append(summary)
-        all_model.update({k: l.granularity for k, l in data.labels.items() if l.granularity})
-        # Labelled features first; unlabelled ones (records only) are shown by default only when
-        # a checkpoint has no labels yet (a run labels a sample of its latents, e.g. the demo's 8 of 2048).
-        labelled = sorted(data.labels, key=lambda k: k[1])
+        all_model.update(data.model_granularity)
+        # Labelled latents first (the LLM-described ones, then the rest by feature id: read_step's
+        # order); records without a label only when the checkpoint has no labels or room is left
+        # under an explicit --per-page.
+        labelled = list(data.labels)
         unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k[1])
         keys = labelled + unlabelled
         shown = keys[:max_features] if max_features else (labelled or unlabelled)[:DEFAULT_MAX_FEATURES]
-        features = [feature_view(k, data, human_labels, contexts_per_feature, window) for k in shown]
+        features = [feature_view(k, data, human_labels, contexts_per_feature, window, grey) for k in shown]
         for f in features:  # parent at the previous checkpoint and children at the next (autointerp lineage)
             f["lineage"] = lineage_view.card(step, f["feature"]) if lineage_view else None
-        n_features = len(set(data.labels) | data.record_keys)
+        n_features = len(data.label_keys | data.record_keys)
         html = step_template.render(
             run_name=run.resolve().name, step=step, summary=summary, features=features,
             n_hidden=n_features - len(shown), classes=list(GRANULARITIES) + ["unlabelled"],
             languages=sorted({f["language"] for f in features}),
             prev_step=steps[i - 1] if i > 0 else None, next_step=steps[i + 1] if i + 1 < len(steps) else None,
             metrics=data.metrics, sae_metric_names=list(SAE_METRICS), has_human=bool(human_labels),
+            control=control, has_scores=any(summary["scores"].values()), grey=grey, sample_note=note,
         )
         (out / f"step-{step}.html").write_text(html, encoding="utf-8")
 
@@ -435,17 +663,17 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         comparison = compare_labels(human_labels, all_model)
         comparison.human_source, comparison.model_source = str(human), str(run)
         (out / "compare.json").write_text(json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False))
-    manifest = runlib.read_manifest(run)
     run_missing = [] if steps else ["checkpoints: no step-N/ folders (run `autointerp sae` and `autointerp collect`)"]
     if not manifest:
         run_missing.append("manifest.json")
     index = env.get_template("index.html").render(
         run_name=run.resolve().name, run_path=str(run.resolve()), summaries=summaries,
-        plots=make_plots(summaries, bool(human_labels)), stages=_manifest_rows(manifest),
+        plots=make_plots(summaries, bool(human_labels), grey), stages=_manifest_rows(manifest),
         model=_manifest_model(manifest), run_missing=run_missing, comparison=comparison,
         classes=list(GRANULARITIES), languages=list(LANGUAGE_TRENDS), sae_metric_names=list(SAE_METRICS),
         has_human=bool(human_labels), human_source=str(human) if human else None,
-        lineage=lineage_view,
+        lineage=lineage_view, control=control, grey=grey, sample_note=note,
+        has_scores=any(any(s["scores"].values()) for s in summaries),
     )
     index_path = out / "index.html"
     index_path.write_text(index, encoding="utf-8")
@@ -466,6 +694,7 @@ def _manifest_model(manifest: dict[str, Any]) -> str | None:
     return manifest.get("model") if isinstance(manifest.get("model"), str) else None
 
 
+@renamed({"--max-features": "--per-page"})
 def cli(
     run_dir: Path = typer.Argument(..., help="Run directory (e.g. runs/demo)."),
     human: Path | None = typer.Option(None, "--human", help="Human labels to compare with (any format "
@@ -473,10 +702,11 @@ def cli(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default RUN_DIR/report)."),
     contexts: int = typer.Option(5, "--contexts", min=1, help="Top contexts shown per feature."),
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
-    max_features: int | None = typer.Option(None, "--max-features", min=1,
-                                            help="At most this many features per checkpoint page, labelled first "
-                                                 "(default: the labelled ones, or all when none is labelled, "
-                                                 f"up to {DEFAULT_MAX_FEATURES})."),
+    max_features: int | None = typer.Option(None, "--per-page", min=1,
+                                            help="At most this many feature cards per checkpoint page: the "
+                                                 "LLM-described latents first, then the others by feature id "
+                                                 f"(default {DEFAULT_MAX_FEATURES}; without labels, records). "
+                                                 "Shares always count every latent."),
 ) -> None:
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
     from autointerp.files import Kind, expect

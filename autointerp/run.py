@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,35 @@ def update_manifest(run: str | Path, stage: str, info: dict[str, Any]) -> None:
     tmp.replace(run / "manifest.json")
 
 
+@dataclass
+class Target:
+    """One checkpoint's records file and where its stage outputs go."""
+
+    records_path: Path
+    folder: Path  # explanations/scores/labels.jsonl go here: next to records.jsonl
+    run_dir: Path  # manifest.json and cache.sqlite live here
+
+
+def resolve_targets(target: Path) -> list[Target]:
+    """A records.jsonl file, a step-N folder, or a run directory (every step-N/records.jsonl)."""
+    from autointerp.errors import UserError
+
+    target = Path(target)
+    if target.is_file():
+        folder = target.parent
+        run_dir = folder.parent if _STEP_DIR.match(folder.name) else folder
+        return [Target(target, folder, run_dir)]
+    if target.is_dir():
+        if records_file(target).is_file():
+            return resolve_targets(records_file(target))
+        found = [records_file(step_dir(target, s)) for s in checkpoint_steps(target)]
+        found = [p for p in found if p.is_file()]
+        if found:
+            return [Target(p, p.parent, target) for p in found]
+        raise UserError(f"{target}: no step-N records file inside (run `autointerp collect` first)")
+    raise UserError(f"{target}: no such records file or run directory")
+
+
 # --------------------------------------------------------------------------- paths saved in run files
 # A run folder can be moved or opened from any working directory: a path that a run file stores
 # (the SAE config's model, the manifest's files and corpus) is relative to the folder of that file
@@ -122,7 +152,7 @@ def resolve_model(value: str | None, sae_dir: str | Path) -> str | None:
     """The language model an SAE config names (its `model`), as a path that exists or a Hugging
     Face id; a UserError naming the paths tried (and suggesting --model) when it is neither.
 
-    Tried in order: relative to the SAE folder (how `sae train --run` saves it), absolute or
+    Tried in order: relative to the SAE folder (how `sae train RUN_DIR` saves it), absolute or
     relative to the working directory (older runs), and for an SAE at RUN/step-N/sae whose saved
     path ends in lm/step-N, RUN/lm/step-N (an old run moved or opened from elsewhere)."""
     if not value:

@@ -1,4 +1,4 @@
-"""The data contract between stages: feature records and labels (see DESIGN.md).
+"""The data contract between stages: feature records and labels (docs/design.md).
 
 Every stage reads and writes these dataclasses through `iter_jsonl` / `write_jsonl`,
 so a file written by one stage is the input of the next.
@@ -152,16 +152,21 @@ class Explanation(LatentRow):
 
     checkpoint_step: int | None
     feature: int
-    description: str
-    granularity: str | None  # the LLM's vote; None when it failed to give a valid one
-    cross_lingual: bool
-    confidence: float
-    explainer: dict[str, Any]  # {"model", "prompt_sha256", "engine"}
+    description: str  # one line; "" when the explainer gave no valid answer (then `error` says why)
+    # An LLM vote on granularity and the cross-lingual flag, with its confidence: files written
+    # before the explainer stopped voting carry them; the explainer writes None now.
+    granularity: str | None = None
+    cross_lingual: bool | None = None
+    confidence: float | None = None
+    explainer: dict[str, Any] = field(default_factory=dict)  # {"model", "prompt_sha256", "engine", "form"}
     error: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
-        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+        out = {f.name: d.get(f.name) for f in fields(cls)}
+        out["explainer"] = out["explainer"] or {}
+        out["description"] = out["description"] or ""
+        return cls(**out)
 
 
 @dataclass
@@ -171,32 +176,48 @@ class Scores(LatentRow):
     checkpoint_step: int | None
     feature: int
     simulation: float | None = None
-    detection: float | None = None
-    fuzzing: float | None = None
-    simulator: dict[str, Any] = field(default_factory=dict)
+    detection: float | None = None  # balanced accuracy
+    fuzzing: float | None = None  # balanced accuracy
+    simulator: dict[str, Any] = field(default_factory=dict)  # model, examples shown, metric details
     error: str | None = None
+    ci95: dict[str, list[float]] = field(default_factory=dict)  # method -> [lo, hi], seeded bootstrap
+    auc: dict[str, float] = field(default_factory=dict)  # detection/fuzzing AUC where logprobs came back
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
-        return cls(**{f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")})
+        out = {f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")}
+        for name in ("simulator", "ci95", "auc"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return cls(**out)
 
 
 @dataclass
 class Label(LatentRow):
-    """The final label of one latent (DESIGN.md's label schema)."""
+    """The final label of one latent (the label schema of docs/design.md).
+
+    `label` writes one for every live latent: the statistical decision, language and evidence.
+    Latents in the LLM sample (`sampled`) also carry the explainer's `description` and the
+    scorers' `scores`; the others have "" and {}."""
 
     checkpoint_step: int | None
     feature: int
     description: str
     granularity: str | None
-    cross_lingual: bool
+    cross_lingual: bool  # the paper's meaning: a concept-synonym latent joining English and Japanese words
     language: str  # en | ja | mix (the paper's trend rule)
     language_profile: dict[str, Any]
-    scores: dict[str, float | None]
+    # {"simulation", "detection", "fuzzing": float | None, "ci95": {method: [lo, hi]},
+    #  "auc": {method: float}, "n": {method: int}}; {} for a latent outside the LLM sample
+    scores: dict[str, Any]
     confidence: float
     explainer: dict[str, Any]
     error: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)  # what the decision rested on
+    evidence_summary: str = ""  # granularity.evidence_summary: top max tokens, dictionary link, scripts
+    bilingual_firing: bool = False  # English and Japanese max tokens, each >= 10% of the activating contexts
+    sampled: bool = False  # in the LLM sample (explained and scored)
+    scores_noise: bool = False  # the run's control found no signal in the scores: they stay out of the decision
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Label":
@@ -205,8 +226,17 @@ class Label(LatentRow):
         out["scores"] = out["scores"] or {}
         out["language_profile"] = out["language_profile"] or {}
         out["explainer"] = out["explainer"] or {}
-        out["cross_lingual"] = bool(out["cross_lingual"])
         out["confidence"] = float(out["confidence"] or 0.0)
+        out["evidence_summary"] = out["evidence_summary"] or ""
+        out["description"] = out["description"] or ""
+        for name in ("sampled", "scores_noise"):
+            out[name] = bool(out[name])
+        profile = out["language_profile"]
+        if "bilingual_firing" not in d:  # a file written before the rename: its cross_lingual was this flag
+            out["bilingual_firing"] = bool(profile.get("bilingual_firing", profile.get("cross_lingual", False)))
+            out["cross_lingual"] = bool(d.get("cross_lingual")) and out["granularity"] == "concept-synonym"
+        out["bilingual_firing"] = bool(out["bilingual_firing"])
+        out["cross_lingual"] = bool(out["cross_lingual"])
         return cls(**out)
 
 

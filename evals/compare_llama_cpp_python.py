@@ -28,7 +28,7 @@ from pathlib import Path
 
 import openai
 
-from autointerp.explain import EXPLANATION_SCHEMA, ExplainSettings, fit_prompt
+from autointerp.explain import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, fit_prompt
 from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
 from autointerp.serve import (DEFAULT_MODEL_ALIAS, Server, default_threads, find_smollm2_gguf, flag_value,
                               free_port, start_server, wait_until_ready)
@@ -89,7 +89,7 @@ def main() -> None:
         sys.exit(f"dev data not found at {DEV}")
     threads = args.threads or default_threads()
     records = load(args.features)
-    settings = ExplainSettings(context_window=2048, engine="llama-cpp")
+    settings = ExplainSettings(context_window=2048, engine="llama-cpp", form="chat")
     schema_form = json_response_format(EXPLANATION_SCHEMA, "explanation")
     object_form = {"type": "json_object", "schema": EXPLANATION_SCHEMA}  # what llama-cpp-python takes
     with tempfile.TemporaryDirectory() as tmp, start_server("llama-cpp", n_threads=threads, n_ctx=2048) as new:
@@ -98,7 +98,7 @@ def main() -> None:
             prompter = LLMClient(new.base_url, new.model, cache_path=Path(tmp) / "p.sqlite")
 
             async def all_prompts() -> list[str]:
-                return [await fit_prompt(r, prompter, settings.prompt_budget, settings.max_contexts,
+                return [await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts,
                                          settings.window) for r in records]
 
             prompts = prompter.run(all_prompts())

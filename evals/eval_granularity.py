@@ -61,7 +61,7 @@ def load_explanations(records: list[FeatureRecord]) -> dict | None:
 
 
 def make_explanations(records: list[FeatureRecord], threads: int | None) -> None:
-    from autointerp.explain import explain_records
+    from autointerp.explain import ExplainSettings, explain_records
     from autointerp.llm import LLMClient
     from autointerp.serve import start_server
 
@@ -70,7 +70,7 @@ def make_explanations(records: list[FeatureRecord], threads: int | None) -> None
                            check_alive=server.check)
         for step in sorted({r.checkpoint_step for r in records}):
             recs = [r for r in records if r.checkpoint_step == step]
-            explain_records(recs, client, explanations_path(step), engine="llama-cpp")
+            explain_records(recs, client, explanations_path(step), ExplainSettings(engine="llama-cpp"))
         client.close()
 
 

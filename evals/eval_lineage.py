@@ -49,9 +49,11 @@ def train_seed_sae(run: Path, ckpt: lineage.Checkpoint, out: Path, seed: int) ->
         return
     settings = runlib.read_manifest(run).get("stages", {}).get("sae", {})
     args = ["sae", "train", "--model", ckpt.model, "--layer", str(ckpt.layer), "--out", str(out), "--seed", str(seed)]
+    # manifest keys -> `sae train` options (docs/cli.md)
+    options = {"batch_size": "--batch-tokens", "max_tokens": "--train-tokens"}
     for key in ("k", "expansion", "batch_size", "lr", "max_tokens", "seq_len", "auxk_alpha", "dead_tokens", "corpus"):
         if settings.get(key) is not None:
-            args += [f"--{key.replace('_', '-')}", str(settings[key])]
+            args += [options.get(key, f"--{key.replace('_', '-')}"), str(settings[key])]
     if ckpt.revision:
         args += ["--revision", ckpt.revision]
     print(f"(b) training the seed-{seed} SAE: autointerp {' '.join(args)}", flush=True)

@@ -80,7 +80,7 @@ fi
 LM=${1:-runs/demo/lm/step-600}
 if [ ! -f "$LM/config.json" ]; then
   say "no LM checkpoint at $LM: training the demo's model shape for 60 steps on the CPU"
-  timeout 300 "$PY" -m autointerp.cli lm train --out "$WORK/lm" --steps 60 --checkpoints 60 --corpus "$CORPUS" \
+  timeout 300 "$PY" -m autointerp.cli lm train --out "$WORK/lm" --train-steps 60 --steps 60 --corpus "$CORPUS" \
     >"$WORK/lm_train.log" 2>&1 || { say "lm train failed:"; tail -5 "$WORK/lm_train.log"; exit 4; }
   LM=$WORK/lm/step-60
 fi
@@ -107,7 +107,7 @@ def cli(args, limit):
 
 def sae_train(dev, tokens, limit):
     out = f"{work}/sae-{dev}"
-    seconds = cli(["sae", "train", "--model", lm, "--layer", "2", "--corpus", corpus, "--max-tokens", str(tokens),
+    seconds = cli(["sae", "train", "--model", lm, "--layer", "2", "--corpus", corpus, "--train-tokens", str(tokens),
                    "--device", dev, "--out", out, "--eval-docs", "50", "--force"], limit)
     if seconds is None:
         return None

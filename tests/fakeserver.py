@@ -12,7 +12,7 @@ Each chat request takes the next fault from `faults` (then "ok" for the rest):
   truncated    valid JSON, but finish_reason "length" (cut short by max_tokens)
   hang         no answer for `hang_seconds` (bounded), then a valid one
 `down_after=N` answers 500 to every chat request after the first N. /v1/completions answers
-" Paris." with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
+(after `delay` too) " Paris." with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
 /tokenize counts UTF-8 bytes / 4 as llama.cpp's {"tokens": [...]}. Run as a script
 (`python tests/fakeserver.py --port P`) it serves until killed.
 """
@@ -116,6 +116,8 @@ class FakeServer:
                 if self.path == "/v1/completions":
                     with server.lock:
                         server.bodies.append(body)
+                    if server.delay:
+                        time.sleep(server.delay)
                     self._json(200, text_completion(" Paris.", body))
                     return
                 if self.path != "/v1/chat/completions":

@@ -118,7 +118,7 @@ def test_cli_writes_shards_that_match_and_resumes(llama, tmp_path, monkeypatch, 
     corpus.write_text("\n".join('{"text": "%s"}' % d.text for d in DOCS))
     out = tmp_path / "acts"
     args = ["activations", "--model", str(path), "--layer", "1", "--corpus", str(corpus),
-            "--batch-size", "3", "--max-tokens", "16", "--out", str(out)]
+            "--batch-size", "3", "--seq-len", "16", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["autointerp", *args])
     cli.main()
     assert "docs=4" in capsys.readouterr().out

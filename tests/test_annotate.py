@@ -89,9 +89,9 @@ def test_annotate_rejects_empty_input(tmp_path):
     records_path = tmp_path / "records.jsonl"
     write_jsonl(records_path, _records(2))
     result = CliRunner().invoke(_app(), [str(records_path), "--out", str(tmp_path / "h.jsonl"),
-                                         "--step", "7"], input="")
+                                         "--steps", "7"], input="")
     assert result.exit_code != 0
-    assert "no feature records at steps [7]" in str(result.exception)
+    assert "no feature records at steps 7" in str(result.exception)
 
 
 def _mixed_records(steps=(10, 100), n: int = 40) -> list[FeatureRecord]:
@@ -102,10 +102,10 @@ def _mixed_records(steps=(10, 100), n: int = 40) -> list[FeatureRecord]:
 
 
 def test_features_n_is_the_sample_label_draws(tmp_path):
-    """annotate --features N asks about exactly the latents `label --features N` labels: the same
-    seeded sample of live latents per records file, drawn from a key scan, not from parsed records."""
+    """annotate --features N asks about the latents `label` described with its LLM (marked
+    `sampled` in labels.jsonl beside the records); before any label run, the plain seeded sample
+    of live latents per records file, drawn from a key scan, not from parsed records."""
     from autointerp.annotate import records_files, select
-    from autointerp.explain import sample_live as label_sample
     from autointerp.sampling import sample_live
 
     run = tmp_path / "run"
@@ -116,10 +116,16 @@ def test_features_n_is_the_sample_label_draws(tmp_path):
     for source in (run, mixed):
         for n in (1, 5, 12, 1000):
             picked = select(records_files(source), features=n)
-            per_file = [r.key for f in records_files(source) for r in label_sample(read_records(f), n)]
-            assert picked.keys == per_file == [r.key for f in records_files(source)
-                                               for r in sample_live(read_records(f), n)]
+            assert picked.keys == [r.key for f in records_files(source) for r in sample_live(read_records(f), n)]
             assert all(r.contexts for r in picked) and [r.key for r in picked] == picked.keys
+    # after `label`: its sampled latents, whatever the plain sample would have been
+    step10 = read_records(run / "step-10" / "records.jsonl.zst")
+    chosen = [r for r in step10 if r.contexts][-3:]
+    write_jsonl(run / "step-10" / "labels.jsonl", [
+        {"checkpoint_step": r.checkpoint_step, "feature": r.feature, "sampled": r in chosen} for r in step10])
+    picked = select([run / "step-10" / "records.jsonl.zst"], features=5)
+    assert picked.keys == [r.key for r in chosen]
+    assert len(select([run / "step-10" / "records.jsonl.zst"], features=2)) == 2  # a subset when N is smaller
     assert len(select([mixed], features=1000)) == 2 * 26  # every live latent, no dead one
     everything = select(records_files(run), features=None)
     assert everything.keys == [r.key for f in records_files(run) for r in read_records(f)]  # dead ones too

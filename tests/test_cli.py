@@ -55,12 +55,14 @@ def _usage_error(code: int, err: str, command: str) -> None:
     (["compare", "{records}", "{records}", "--show", "-1"], "compare", "Invalid value for '--show'"),
     (["annotate", "{records}", "--out", "h.jsonl", "--features", "-1"], "annotate", "Invalid value for '--features'"),
     (["annotate", "{records}", "--out", "h.jsonl", "--features", "some"], "annotate", "Invalid value for '--features'"),
-    (["collect", "--run", "{records}", "--top-k", "0"], "collect", "Invalid value for '--top-k'"),
-    (["collect", "--run", "{records}", "--steps", "10,x"], "collect", "Invalid value for '--steps'"),
+    (["collect", "{records}", "--top-k", "0"], "collect", "Invalid value for '--top-k'"),
+    (["collect", "{records}", "--steps", "10,x"], "collect", "Invalid value for '--steps'"),
     (["lineage", "{records}", "--quantile", "1.5"], "lineage", "Invalid value for '--quantile'"),
     (["sae", "train", "--k", "0"], "sae train", "Invalid value for '--k'"),
-    (["lm", "train", "--steps", "0"], "lm train", "Invalid value for '--steps'"),
-    (["report", "{records}", "--max-features", "0"], "report", "Invalid value for '--max-features'"),
+    (["lm", "train", "--train-steps", "0"], "lm train", "Invalid value for '--train-steps'"),
+    (["lm", "train", "--steps", "-5"], "lm train", "Invalid value for '--steps'"),
+    (["report", "{records}", "--per-page", "0"], "report", "Invalid value for '--per-page'"),
+    (["report", "{records}", "--max-features", "0"], "report", "Invalid value for '--per-page'"),  # old name
     (["demo", "--features", "0"], "demo", "Invalid value for '--features'"),
 ])
 def test_usage_mistakes_get_the_usage_line_and_exit_2(capsys, records, args, command, message):

@@ -18,5 +18,5 @@ def test_demo_stage_parses(name, args):
 
 
 def test_unknown_option_is_caught_by_this_check():
-    result = CliRunner().invoke(app, ["collect", "--run", "x", "--no-such-option", "--help"])
+    result = CliRunner().invoke(app, ["collect", "x", "--no-such-option", "--help"])
     assert result.exit_code != 0

@@ -113,8 +113,8 @@ def _main(capsys, *args: str) -> tuple[int, str]:
     (["report", "{run}", "--human", "{step}/records.jsonl.zst"], "holds feature records, not labels"),
     (["compare", "{step}/records.jsonl.zst", "{run}"], "holds feature records, not labels"),
     (["sae", "metrics", "{step}"], "is a checkpoint folder, not an SAE folder; its SAE is {step}/sae"),
-    (["collect", "--run", "{step}"], "is a checkpoint folder, not a run folder"),
-    (["collect", "--sae", "{step}/records.jsonl.zst", "--out", "x.jsonl"], "holds feature records, not an SAE folder"),
+    (["collect", "{step}"], "is a checkpoint folder, not a run folder or an SAE folder"),
+    (["collect", "{step}/records.jsonl.zst", "--out", "x.jsonl"], "holds feature records, not a run folder or an SAE folder"),
     (["lineage", "{run}/lm"], "is a folder of language-model checkpoints, not a run folder"),
 ])
 def test_commands_check_their_files_first(capsys, run, args, message):

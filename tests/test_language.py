@@ -30,9 +30,9 @@ def test_english_japanese_and_mixed_profiles():
     ja = language.profile(_record([_ctx(JA[i % 3] * 2, "犬") for i in range(10)]))
     mixed = language.profile(_record([_ctx(EN[i % 3] * 2, " dog") for i in range(5)]
                                      + [_ctx(JA[i % 3] * 2, "犬") for i in range(5)]))
-    assert (en["trend"], en["trend_langdetect"], en["cross_lingual"]) == ("en", "en", False)
-    assert (ja["trend"], ja["trend_langdetect"], ja["cross_lingual"]) == ("ja", "ja", False)
-    assert (mixed["trend"], mixed["trend_langdetect"], mixed["cross_lingual"]) == ("mix", "mix", True)
+    assert (en["trend"], en["trend_langdetect"], en["bilingual_firing"]) == ("en", "en", False)
+    assert (ja["trend"], ja["trend_langdetect"], ja["bilingual_firing"]) == ("ja", "ja", False)
+    assert (mixed["trend"], mixed["trend_langdetect"], mixed["bilingual_firing"]) == ("mix", "mix", True)
     assert mixed["max_token_scripts"] == {"en": 0.5, "ja": 0.5}
     assert abs(mixed["max_token_script_entropy"] - 1.0) < 1e-9 and en["max_token_script_entropy"] == 0.0
 
@@ -55,6 +55,6 @@ def test_paper_rule_and_trend_threshold():
 
 def test_empty_and_silent_records():
     p = language.profile(_record([]))
-    assert p["trend"] == "mix" and p["n_activating"] == 0 and not p["cross_lingual"]
+    assert p["trend"] == "mix" and p["n_activating"] == 0 and not p["bilingual_firing"]
     silent = language.profile(_record([Context(tokens=["a", "b"], levels=[0, 0])]))
     assert silent["n_activating"] == 0

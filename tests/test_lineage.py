@@ -174,7 +174,7 @@ def tiny_run(tmp_path_factory):
             getattr(moved, name).copy_(getattr(sae, name)[inverse])
         moved.b_dec.copy_(sae.b_dec)
     save_sae(moved, run / "step-20" / "sae")
-    collected = CliRunner().invoke(app, ["collect", "--run", str(run), "--corpus", str(corpus), "--top-k", "5"])
+    collected = CliRunner().invoke(app, ["collect", str(run), "--corpus", str(corpus), "--top-k", "5"])
     assert collected.exit_code == 0, collected.output  # records: the report's cards and classes
     return run, corpus, perm
 

@@ -141,8 +141,8 @@ def test_cli_trains_prints_the_table_and_refuses_bad_checkpoints(tmp_path, monke
     assert "eval loss" in table and "│   30 │" in table
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-10", "step-20", "step-30"]
 
-    monkeypatch.setattr(sys, "argv", ["autointerp", "lm", "train", "--checkpoints", "10,x", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["autointerp", "lm", "train", "--steps", "10,x", "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 1 and len(err.splitlines()) == 1 and "--checkpoints" in err
+    assert exit_info.value.code == 2 and "Invalid value for '--steps'" in err and "Traceback" not in err

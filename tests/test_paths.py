@@ -43,7 +43,7 @@ def test_saved_paths_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def moved(tmp_path_factory):
-    """A run made by `sae train --run run` from one folder, then moved elsewhere."""
+    """A run made by `sae train run` from one folder, then moved elsewhere."""
     root = tmp_path_factory.mktemp("paths")
     work = root / "work"
     work.mkdir()
@@ -51,8 +51,8 @@ def moved(tmp_path_factory):
     _tiny_llama(work / "run" / "lm" / "step-10", corpus)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        result = runner.invoke(app, ["sae", "train", "--run", "run", "--layer", "0", "--corpus", str(corpus),
-                                     "--k", "2", "--expansion", "2", "--batch-size", "128", "--max-tokens", "256",
+        result = runner.invoke(app, ["sae", "train", "run", "--layer", "0", "--corpus", str(corpus),
+                                     "--k", "2", "--expansion", "2", "--batch-tokens", "128", "--train-tokens", "256",
                                      "--eval-docs", "5", "--threads", "1"])
     assert result.exit_code == 0, (result.output, result.exception)
     (root / "elsewhere").mkdir()
@@ -73,11 +73,11 @@ def test_a_moved_run_opens_from_another_folder(moved, monkeypatch):
     shown = runner.invoke(app, ["sae", "metrics", "../elsewhere/moved/step-10/sae", "--corpus", str(corpus),
                                 "--eval-docs", "5", "--no-write"])
     assert shown.exit_code == 0, (shown.output, shown.exception)
-    collected = runner.invoke(app, ["collect", "--sae", "../elsewhere/moved/step-10/sae", "--out", "r.jsonl",
-                                    "--corpus", str(corpus), "--top-k", "2", "--max-docs", "20", "--threads", "1"])
+    collected = runner.invoke(app, ["collect", "../elsewhere/moved/step-10/sae", "--out", "r.jsonl",
+                                    "--corpus", str(corpus), "--top-k", "2", "--docs", "20", "--threads", "1"])
     assert collected.exit_code == 0, (collected.output, collected.exception)
-    collected = runner.invoke(app, ["collect", "--run", "../elsewhere/moved", "--corpus", str(corpus),
-                                    "--top-k", "2", "--max-docs", "20", "--threads", "1"])
+    collected = runner.invoke(app, ["collect", "../elsewhere/moved", "--corpus", str(corpus),
+                                    "--top-k", "2", "--docs", "20", "--threads", "1"])
     assert collected.exit_code == 0, (collected.output, collected.exception)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["collect"]["checkpoints"]["10"]["records"] == "step-10/records.jsonl.zst"

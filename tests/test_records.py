@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from autointerp.records import collect_from_batches, parse_features, quantise
+from autointerp.records import collect_from_batches, parse_latents, quantise
 from autointerp.sae.model import SAEConfig, TopKSAE
 
 
@@ -179,13 +179,13 @@ def test_empty_corpus_all_dead():
     assert len(records) == D_SAE and all(not r.contexts and r.density == 0.0 for r in records)
 
 
-def test_parse_features():
-    assert parse_features("3") == [0, 1, 2]
-    assert parse_features("2-4,9") == [2, 3, 4, 9]
-    assert parse_features(None) is None
+def test_parse_latents():
+    assert parse_latents("3") == [0, 1, 2]
+    assert parse_latents("2-4,9") == [2, 3, 4, 9]
+    assert parse_latents(None) is None
     from autointerp.errors import UserError
     with pytest.raises(UserError):
-        parse_features("a-b")
+        parse_latents("a-b")
 
 
 def test_pool_larger_than_corpus():

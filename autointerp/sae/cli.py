@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
+from autointerp.options import renamed
 from autointerp.sae.io import load_sae, save_sae
 from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
 from autointerp.sae.model import SAEConfig, TopKSAE
@@ -158,11 +159,13 @@ def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: in
 
 
 @cli.command()
+@renamed({"--run": "RUN_DIR"}, refused={"--max-tokens": "--train-tokens", "--batch-size": "--batch-tokens"})
 def train(
+    run: Path = typer.Argument(None, metavar="RUN_DIR",
+                               help="Run folder: train one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/ "
+                                    "(or --model for one SAE)."),
     model: str = typer.Option(None, metavar="MODEL", help="LM checkpoint folder or Hugging Face id (one SAE)."),
     revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
-    run: Path = typer.Option(None, metavar="RUN_DIR",
-                             help="Run folder: train one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/."),
     layer: int = typer.Option(None, min=0, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
@@ -171,12 +174,13 @@ def train(
     force: bool = typer.Option(False, "--force", help="Retrain SAEs that are already done."),
     k: int = typer.Option(32, min=1, help="Active latents per token (TopK)."),
     expansion: int = typer.Option(16, min=1, help="Latents = expansion x d_model."),
-    batch_size: int = typer.Option(4096, min=1, help="Tokens per optimizer step."),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", min=1, help="Tokens per optimizer step."),
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
     warmup: float = typer.Option(0.0, min=0.0, max=1.0, help="Linear LR warm-up over this fraction of the steps."),
     decay: float = typer.Option(0.0, min=0.0, max=1.0, help="Linear LR decay to 0 over this last fraction of the steps."),
-    max_tokens: int = typer.Option(1_000_000, min=0, help="Training tokens per SAE (the corpus is cycled); 0 = --epochs."),
-    epochs: int = typer.Option(1, min=1, help="Passes over the corpus when --max-tokens is 0."),
+    train_tokens: int = typer.Option(1_000_000, "--train-tokens", min=0,
+                                     help="Training tokens per SAE in all (the corpus is cycled); 0 = --epochs."),
+    epochs: int = typer.Option(1, min=1, help="Passes over the corpus when --train-tokens is 0."),
     seq_len: int = typer.Option(64, min=1, help="First tokens of each document (the paper: 64)."),
     auxk_alpha: float = typer.Option(1 / 32, min=0.0, help="Weight of the AuxK loss for dead latents (0 = off)."),
     dead_tokens: int = typer.Option(250_000, min=1, help="A latent is dead after this many tokens without firing."),
@@ -187,16 +191,16 @@ def train(
 ) -> None:
     """Train TopK SAE(s), write sae.safetensors + config.json + metrics.json, print the metrics table."""
     if (model is None) == (run is None):
-        raise UserError("give exactly one of --model (one SAE) or --run (one SAE per checkpoint)")
+        raise UserError("give exactly one of RUN_DIR (one SAE per checkpoint) or --model (one SAE)")
     if run is not None:
-        expect(run, Kind.RUN, what="--run")
+        expect(run, Kind.RUN, what="RUN_DIR")
     if threads:
         torch.set_num_threads(threads)
     rank, world = _init_distributed()
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    args = dict(k=k, expansion=expansion, batch_size=batch_size, lr=lr, warmup=warmup, decay=decay,
-                max_tokens=max_tokens or None, epochs=epochs, seq_len=seq_len, auxk_alpha=auxk_alpha,
+    args = dict(k=k, expansion=expansion, batch_size=batch_tokens, lr=lr, warmup=warmup, decay=decay,
+                max_tokens=train_tokens or None, epochs=epochs, seq_len=seq_len, auxk_alpha=auxk_alpha,
                 dead_tokens=dead_tokens, seed=seed, device=device)
     if run is not None:
         steps = rundir.lm_checkpoints(run)
