@@ -61,16 +61,15 @@ GC_THRESHOLD = (20_000, 50, 1000)  # labelling makes no reference cycles to spea
 def _few_collections():
     """Labelling allocates ~10^5 short-lived objects a latent beside large long-lived caches (the
     langdetect profiles, token and text caches): Python's default collector thresholds spend
-    ~25% of the time scanning them. What exists now is frozen (never scanned), and young
-    objects are collected 30x less often; the settings are restored afterwards."""
+    ~25% of the time scanning them. Young objects are collected 30x less often and the old
+    generation almost never; the caller's thresholds are restored afterwards. (The workers also
+    freeze what they inherit; here that would unfreeze the caller's own frozen objects after.)"""
     old = gc.get_threshold()
-    gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
     try:
         yield
     finally:
         gc.set_threshold(*old)
-        gc.unfreeze()
 
 
 AHEAD = 8  # chunks a worker may label before the parent takes them (it waits for the slowest)
