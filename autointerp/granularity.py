@@ -32,7 +32,7 @@ import threading
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import chain, islice
 from importlib import metadata
 from pathlib import Path
@@ -315,7 +315,10 @@ def string_related(a: str, b: str) -> bool:
             return True
         if len(a) >= 5 and len(b) >= 5 and _latin_stem(a) == _latin_stem(b):
             return True
-        return difflib.SequenceMatcher(None, a, b).ratio() >= 0.8 and min(len(a), len(b)) >= 4
+        if min(len(a), len(b)) < 4 or 5 * min(len(a), len(b)) < 2 * (len(a) + len(b)):
+            return False  # (the ratio is at most 2 * min length / total length)
+        matcher = difflib.SequenceMatcher(None, a, b)
+        return matcher.quick_ratio() >= 0.8 and matcher.ratio() >= 0.8  # quick_ratio bounds ratio from above
     if sa == sb == "ja":
         return bool(set(a) & set(b) - set("のにをはがとでもへや、。"))  # a shared content character
     if {sa, sb} == {"en", "other"}:  # '1' ~ 'one' style: digits and their English number words
@@ -331,9 +334,17 @@ def _en_ja(a: str, b: str) -> tuple[str, str] | None:
     return (a, b) if sa == "en" else (b, a)  # (english, japanese)
 
 
-def _gloss_match(en: str, glosses: frozenset[str]) -> bool:
+@lru_cache(maxsize=65536)
+def _glosses_less_s(ja: str) -> frozenset[str]:
+    """english_glosses(ja) without a final s (dogs -> dog), for _gloss_match's lookups."""
+    return frozenset(w.rstrip("s") for w in english_glosses(ja))
+
+
+def _gloss_match(en: str, ja: str) -> bool:
+    """The English token is one of the Japanese token's gloss words, either with or without a final s."""
     en = lookup_form(en)
-    return en in glosses or any(en == w.rstrip("s") or en.rstrip("s") == w for w in glosses)
+    glosses = english_glosses(ja)
+    return en in glosses or en in _glosses_less_s(ja) or en.rstrip("s") in glosses
 
 
 _GLOSS_STOPWORDS = frozenset("the and for with from that this one something someone thing etc".split())
@@ -358,7 +369,7 @@ def linked(a: str, b: str, source: str) -> bool:
         return False
     en, ja = pair
     if source == "gloss_ja_en":
-        return _gloss_match(en, english_glosses(ja))
+        return _gloss_match(en, ja)
     if source == "gloss_en_ja":
         heads = japanese_headwords(en)
         return lookup_form(ja) in heads or japanese_lemma(ja) in heads
@@ -366,8 +377,13 @@ def linked(a: str, b: str, source: str) -> bool:
         spelled, word = source_spelling(ja), lookup_form(en)
         if not spelled or len(word) < 2:
             return False
-        return spelled == word or (len(word) >= 3 and word in spelled) or (len(spelled) >= 3 and spelled in word) \
-            or (min(len(word), len(spelled)) >= 4 and difflib.SequenceMatcher(None, word, spelled).ratio() >= 0.75)
+        if spelled == word or (len(word) >= 3 and word in spelled) or (len(spelled) >= 3 and spelled in word):
+            return True
+        shorter = min(len(word), len(spelled))  # the ratio is at most 2 * shorter / total length
+        if shorter < 4 or 8 * shorter < 3 * (len(word) + len(spelled)):
+            return False
+        matcher = difflib.SequenceMatcher(None, word, spelled)
+        return matcher.quick_ratio() >= 0.75 and matcher.ratio() >= 0.75  # quick_ratio bounds ratio from above
     raise ValueError(f"unknown link source {source!r}")
 
 
@@ -394,8 +410,16 @@ class Evidence:
     problem: str | None  # why the record cannot be labelled (then: uninterpretable)
 
 
-def _max_index(values: list) -> int:
-    return values.index(max(values))  # the first maximum, as Context.max_index (C speed)
+def _level_counts(contexts: list) -> dict[int, int]:
+    """How many tokens of the contexts are at each level (0..10)."""
+    try:  # levels are 0..10: as bytes, eleven C-speed counts (a Counter costs ~50 ns a token)
+        data = b"".join(map(bytes, (c.levels for c in contexts)))
+        counts = {k: data.count(k) for k in range(11)}
+        if sum(counts.values()) == len(data):
+            return counts
+    except (ValueError, TypeError):  # a level outside 0..255
+        pass
+    return Counter(chain.from_iterable(c.levels for c in contexts))
 
 
 def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) -> Evidence:
@@ -409,11 +433,9 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         return Evidence({}, [], "no contexts")
     firing: list[tuple[int, Any]] = []  # (max index, context)
     for c in record.contexts:
-        values = c.activations if c.activations is not None else c.levels
-        if values:
-            i = _max_index(values)
-            if values[i] > 0:
-                firing.append((i, c))
+        i = c.max_index  # cached on the context: the language profile reads it too
+        if i >= 0 and (c.activations if c.activations is not None else c.levels)[i] > 0:
+            firing.append((i, c))
     n = len(firing)
     if n == 0:
         return Evidence({}, [], "no activating token in any context")
@@ -426,12 +448,20 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         return Evidence({}, top[:10], "max tokens are only whitespace or byte fragments")
     classes = Counter(t.cls for t in infos)
     scripts = Counter(t.script for t in infos)  # each context's max token
-    variants = [t for t in counts if t != top_token and string_related(top_token, t)]
+    # Only tokens of a script that can relate to the top one are looked at (string_related and
+    # linked are False for any other pair): a diffuse latent has ~50 distinct max tokens.
+    script_of = {t: language.token_script(t) for t in counts}
+    top_script = script_of[top_token]
+    same_script = [t for t in counts if script_of[t] == top_script and t != top_token] if top_script != "other" else []
+    other_script = {"en": "ja", "ja": "en"}.get(top_script)
+    cross_script = [t for t in counts if script_of[t] == other_script]  # en <-> ja
+    spelled = same_script + [t for t in counts if (script_of[t], top_script) in (("other", "en"), ("en", "other"))]
+    related = set(filter(partial(string_related, top_token), spelled))
+    variants = [t for t in counts if t in related]
     variant_count = sum(counts[t] for t in variants)
-    cross_variant = sum(counts[t] for t in variants
-                        if language.token_script(t) != language.token_script(top_token))
+    cross_variant = sum(counts[t] for t in variants if script_of[t] != top_script)
     second = top[1][0] if len(top) > 1 else ""
-    level_counts = Counter(chain.from_iterable(c.levels for c in record.contexts))  # levels 0..10
+    level_counts = _level_counts(record.contexts)
     n_levels = sum(level_counts.values())
     n_active = n_levels - level_counts.get(0, 0)
     sum_active = sum(level * k for level, k in level_counts.items() if level > 0)
@@ -474,7 +504,8 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
                *(("loanword",) if "loanword" in groups else ()),
                *(("gloss_same_script",) if "gloss_same_script" in groups else ())]
     for source in sources:
-        share = sum(counts[t] for t in counts if t != top_token and linked(top_token, t, source)) / n
+        share = sum(counts[t] for t in (same_script if source == "gloss_same_script" else cross_script)
+                    if linked(top_token, t, source)) / n
         f[f"{source}_share"] = share
         f[f"{source}_top2"] = float(bool(second) and linked(top_token, second, source))
         f[f"{source}_any"] = float(share > 0)  # a link at all (rare, so a share alone weighs little)

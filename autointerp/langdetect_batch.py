@@ -18,6 +18,7 @@ each word's n-grams cached (its n-gram buffer restarts at every space).
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import re
@@ -29,13 +30,15 @@ import numpy as np
 from langdetect import DetectorFactory, detector_factory
 from langdetect.detector import Detector
 from langdetect.utils.ngram import NGram
-from langdetect.utils.unicode_block import unicode_block
 
 UNKNOWN = "unknown"
 _SPACES = re.compile(" +")
 _TWOPI = 2.0 * math.pi  # random.TWOPI
 SLOTS = 512  # texts in flight at once
 _DMARKS = frozenset(NGram.DMARK_CLASS)  # the combining marks NGram.normalize_vi acts on
+# cleaning_text counts a char >= U+0300 "and unicode_block(ch) != 'Latin Extended Additional'",
+# but unicode_block returns a number, never that name: every char >= U+0300 counts
+_NON_LATIN = re.compile("[^\x00-\u02ff]")
 _LATIN = re.compile("[A-z]")  # langdetect's test is 'A' <= ch <= 'z' (so [\\]^_` count too)
 
 
@@ -51,16 +54,19 @@ def latin_count(text: str) -> int:
     return len(_LATIN.findall(text))
 
 
-class _WordRows(dict):
-    """word -> its n-gram rows (followed by a space), computed on first use."""
+class _Computed(dict):
+    """key -> compute(key), computed on first use."""
 
     def __init__(self, compute):
         super().__init__()
         self.compute = compute
 
-    def __missing__(self, word: str) -> list[int]:
-        rows = self[word] = self.compute(word)
-        return rows
+    def __missing__(self, key):
+        value = self[key] = self.compute(key)
+        return value
+
+
+LONG_WORD = 24  # longer words (a Japanese run between spaces) rarely repeat: not kept
 
 
 class BatchDetector:
@@ -69,12 +75,19 @@ class BatchDetector:
     def __init__(self) -> None:
         if random.Random._randbelow is not random.Random._randbelow_with_getrandbits:
             raise RuntimeError("this Python's random.choice draws differently; use langdetect itself")
-        detector_factory.init_factory()
-        factory = detector_factory._factory
-        self.langlist: list[str] = list(factory.langlist)
-        words = factory.word_lang_prob_map
-        self.row = {w: i for i, w in enumerate(words)}
-        self.table = np.array(list(words.values()), dtype=np.float64)  # [n-grams, languages]
+        collecting = gc.isenabled()
+        gc.disable()  # ~90k profile entries are built: the collector would scan them again and again
+        try:
+            detector_factory.init_factory()
+            factory = detector_factory._factory
+            self.langlist: list[str] = list(factory.langlist)
+            words = factory.word_lang_prob_map
+            self.row = dict(zip(words, range(len(words))))
+            self.table = np.fromiter(chain.from_iterable(words.values()), dtype=np.float64,
+                                     count=len(words) * len(self.langlist)).reshape(len(words), len(self.langlist))
+        finally:
+            if collecting:
+                gc.enable()
         self.seed = DetectorFactory.seed  # langdetect reseeds every detection with it
         if self.seed is None:
             raise RuntimeError("langdetect is unseeded (DetectorFactory.seed is None): nothing to reproduce")
@@ -83,8 +96,9 @@ class BatchDetector:
         self._mt.seed(self.seed)
         self._stream = np.zeros(0, dtype=np.int64)
         self._norm: dict[int, str] = {}  # ord(char) -> NGram.normalize(char), a str.translate table
-        self._non_latin: dict[str, bool] = {}
-        self._word_rows = _WordRows(lambda word: self._word_ngram_rows(word, closed=True))
+        self._seen: set[str] = set()  # chars in _norm
+        self._word_rows = _Computed(lambda word: self._word_ngram_rows(word, closed=True))
+        self._end_rows = _Computed(self._end_grams)
 
     # ---- text -> n-gram rows (Detector.append, cleaning_text, _extract_ngrams) -----------------
 
@@ -97,18 +111,21 @@ class BatchDetector:
             text = NGram.normalize_vi(text)
         text = _SPACES.sub(" ", text[:10000])  # append(): a space after a space is dropped
         chars = set(text)
-        for ch in chars - self._non_latin.keys():
-            self._non_latin[ch] = ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"
+        for ch in [ch for ch in chars if ch not in self._seen]:  # (not `chars - seen`: that walks every known char)
+            self._seen.add(ch)
             self._norm[ord(ch)] = NGram.normalize(ch)
-        flagged = [ch for ch in chars if self._non_latin[ch]]
-        if flagged and latin_count(text) * 2 < sum(map(text.count, flagged)):
+        non_latin = len(_NON_LATIN.findall(text))  # what cleaning_text weighs the Latin letters against
+        if non_latin and latin_count(text) * 2 < non_latin:
             text = _LATIN.sub("", text)  # cleaning_text(): mostly non-Latin text loses its Latin letters
         # NGram's buffer restarts at every space, so a text's n-grams are those of its words
         *words, last = text.translate(self._norm).split(" ")
         cache = self._word_rows
         if len(cache) > 1_000_000:
             cache.clear()
-        rows = list(chain.from_iterable(map(cache.__getitem__, filter(None, words))))
+        if len(self._end_rows) > 1_000_000:
+            self._end_rows.clear()
+        rows = list(chain.from_iterable(
+            cache[w] if len(w) <= LONG_WORD else self._word_ngram_rows(w, closed=True) for w in words if w))
         if last:  # the last word has no closing space
             rows.extend(self._word_ngram_rows(last, closed=False))
         return rows
@@ -116,17 +133,20 @@ class BatchDetector:
     def _word_ngram_rows(self, word: str, closed: bool) -> list[int]:
         """Detector._extract_ngrams over ' ' + word (+ ' '), for already normalised chars: after
         each char its 1-, 2- and 3-gram, except after an upper-case char that follows another
-        (NGram.capitalword) and the 1-gram ' '."""
+        (NGram.capitalword) and the 1-gram ' '. What comes after a char depends only on it and
+        the two before it, so the rows are looked up by those (at most) 3 chars."""
         p = " " + word + (" " if closed else "")
+        ends = self._end_rows
+        return list(chain(ends[p[:2]], chain.from_iterable(map(ends.__getitem__, [p[i:i + 3] for i in range(len(p) - 2)]))))
+
+    def _end_grams(self, end: str) -> tuple[int, ...]:
+        """The rows of the grams NGram yields after the last char of `end` (the 2 or 3 chars
+        ending there; 2 at the first char of a word, after its space)."""
+        if len(end) == 3 and end[2].isupper() and end[1].isupper():  # NGram.capitalword
+            return ()
+        grams = [end[-1:], end[-2:], end] if len(end) == 3 else [end[-1:], end]
         get = self.row.get
-        if any(c.isupper() for c in word):
-            upper = [c.isupper() for c in p]
-            grams = [p[max(e - n + 1, 0):e + 1] for e in range(1, len(p)) if not (upper[e] and upper[e - 1])
-                     for n in (1, 2, 3) if e - n + 1 >= 0]
-        else:
-            grams = [p[e - n + 1:e + 1] for e in range(1, len(p)) for n in (1, 2, 3) if e - n + 1 >= 0]
-        return [r for r in map(get, grams) if r is not None] if " " not in self.row else \
-            [r for w, r in zip(grams, map(get, grams)) if r is not None and w != " "]
+        return tuple(r for g in grams if g != " " and (r := get(g)) is not None)
 
     # ---- the seeded trials, all texts in lockstep --------------------------------------------
 
@@ -167,7 +187,7 @@ class BatchDetector:
         m = len(live)
         sizes = np.array([len(grams[i]) for i in live], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each text's n-gram rows, concatenated
-        flat = np.array(list(chain.from_iterable(grams[i] for i in live)), dtype=np.int64)
+        flat = np.fromiter(chain.from_iterable(grams[i] for i in live), dtype=np.int64, count=int(sizes.sum()))
         shift = 32 - np.array([int(n).bit_length() for n in sizes.tolist()], dtype=np.int64)
         pointer = np.zeros(m, dtype=np.int64)  # next unread word of each text's generator
         spare: list = [None] * m  # Random.gauss_next
@@ -209,21 +229,22 @@ class BatchDetector:
             picks = np.zeros((len(active), k), dtype=np.int64)
             picks[rows, rank[rows, cols] - 1] = flat[offsets[active[rows]] + candidate[rows, cols]]
             pointer[active] += np.argmax(rank >= count[:, None], axis=1) + 1
-            factors = weight[active, None, None] + self.table[picks]
+            factors = self.table[picks]
+            factors += weight[active, None, None]  # (IEEE addition commutes: langdetect's weight + prob)
+            if k > 1 and first.any():  # texts at their first draw (i = 0) have no draws 2..5: x * 1.0 == x
+                factors[first, 1:] = 1.0
             p = prob[active]
             for s in range(k):  # sequential products, as langdetect multiplies draw by draw
-                f = factors[:, s]
-                if s:  # texts at their first draw (i = 0) have no draws 2..5
-                    f = np.where(first[:, None], 1.0, f)
-                p = p * f
-            p = p / _row_sums(p)[:, None]
+                p *= factors[:, s]
+            p /= _row_sums(p)[:, None]
             prob[active] = p
             done[active] += count
             finished = (p.max(axis=1) > Detector.CONV_THRESHOLD) | (done[active] - 1 >= Detector.ITERATION_LIMIT)
-            for j in active[finished].tolist():
-                langprob[j] += prob[j] / 7
-                trial[j] += 1
-                if trial[j] < 7:
+            ended = active[finished]  # texts at the end of a trial
+            if len(ended):
+                langprob[ended] += prob[ended] / 7
+                trial[ended] += 1
+                for j in ended[trial[ended] < 7].tolist():
                     start_trial(j)
             active = active[trial[active] < 7]
             if queued < m and len(active) < width:

@@ -17,7 +17,6 @@ import io
 import json
 import re
 from dataclasses import dataclass, field, fields
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
@@ -40,6 +39,21 @@ def three_way(granularity: str | None) -> str | None:
     return "concept" if granularity.startswith("concept") else granularity
 
 
+class _cached:
+    """functools.cached_property without its lock (Python 3.11 takes a lock on every first access,
+    and a whole SAE's labels read the max position of millions of contexts once each)."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)  # later reads find the instance's own attribute
+        return value
+
+
 @dataclass
 class Context:
     """One context window: tokens as strings, levels 0..10 against the latent's max."""
@@ -48,7 +62,7 @@ class Context:
     levels: list[int]
     activations: list[float] | None = None
 
-    @cached_property  # contexts are not changed once built; stat features ask for it many times
+    @_cached  # contexts are not changed once built; stat features ask for it many times
     def max_index(self) -> int:
         """The first position of the largest activation (of the largest level without activations)."""
         values = self.activations if self.activations is not None else self.levels
@@ -325,7 +339,7 @@ def stream_records(path: str | Path, on_error: OnError = "fail", warn=None) -> I
 
 
 class _LeanContext(msgspec.Struct):
-    tokens: list[str]
+    tokens: msgspec.Raw  # decoded through _tokens(): a whole SAE's contexts repeat across latents
     levels: list[int]
     activations: list[float] | None = None
 
@@ -345,31 +359,47 @@ class _LeanRecord(msgspec.Struct, kw_only=True):
 
 
 _decode_lean = msgspec.json.Decoder(_LeanRecord).decode
+_decode_tokens = msgspec.json.Decoder(list[str]).decode
+_TOKENS: dict[bytes, list[str]] = {}  # a context's tokens as JSON -> the decoded list, shared by its latents
+_TOKENS_LIMIT = 1 << 14  # contexts (~5 KB each with their strings): ~80 MB at most per process
 
 
-def lean_record(line: str) -> FeatureRecord:
+def _tokens(raw: msgspec.Raw) -> list[str]:
+    """A context's tokens, decoded once per distinct context (the same list object is shared:
+    contexts are never changed once read)."""
+    key = bytes(raw)
+    tokens = _TOKENS.get(key)
+    if tokens is None:
+        tokens = _decode_tokens(key)
+        if len(_TOKENS) >= _TOKENS_LIMIT:
+            _TOKENS.clear()
+        _TOKENS[key] = tokens
+    return tokens
+
+
+def lean_record(line: str | bytes) -> FeatureRecord:
     """A record without negatives or extras, for what reads only the top contexts (statistical
     labels, the report). A line msgspec's strict types refuse
     (a null model, levels written as 3.0, a length mismatch, another schema version) goes the
     general way, which converts it, or raises the error every reader gives."""
     try:
         r = _decode_lean(line)
-    except msgspec.DecodeError:
+        contexts = [Context(_tokens(c.tokens), c.levels, c.activations) for c in r.contexts]
+    except msgspec.DecodeError:  # msgspec.ValidationError included
         r = None
     if r is None or r.schema_version != SCHEMA_VERSION or any(
             len(c.tokens) != len(c.levels) or (c.activations is not None and len(c.activations) != len(c.tokens))
-            for c in r.contexts):
+            for c in contexts):
         d = json.loads(line)
         d["negatives"] = []
         return FeatureRecord.from_dict(d)
-    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
-                         [Context(c.tokens, c.levels, c.activations) for c in r.contexts],
+    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature, contexts,
                          density=r.density, max_activation=r.max_activation)
 
 
 def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
     """stream_records without negatives or extras (lean_record), with the same error handling."""
-    for lineno, line in iter_lines(path):
+    for lineno, line in iter_lines(path, binary=True):
         try:
             yield lean_record(line)
         except UserError:

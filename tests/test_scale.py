@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from autointerp import granularity, language, run as runlib
 from autointerp.cli import app
+from autointerp.errors import UserError
 from autointerp.langdetect_batch import BatchDetector
 from autointerp.schema import (FeatureRecord, iter_lines, read_records, stream_records, to_json_line, write_jsonl)
 from autointerp.statlabels import write_stat_labels
@@ -68,6 +69,20 @@ def test_batch_detector_is_bit_identical_to_langdetect():
     assert BatchDetector().detect(["", "Bonjour tout le monde, comment allez-vous ?"]) == ["unknown", "fr"]
 
 
+def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
+    from langdetect.utils.unicode_block import unicode_block
+
+    from autointerp.langdetect_batch import _NON_LATIN
+
+    # Detector.cleaning_text's own test, as langdetect writes it
+    for cp in [*range(0x3000), *range(0x3000, 0x10000, 7), 0x1f600, 0x20000, 0x10ffff]:
+        ch = chr(cp)
+        assert bool(_NON_LATIN.match(ch)) == (ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"), hex(cp)
+    # a Vietnamese text (Latin Extended Additional) loses its ASCII letters as in langdetect
+    text = "ạầẩẫậắằẳẵặẹẻẽế ỉịọỏốồổỗộớờởỡợ ụủứừửữựỳỵỷỹ hello"
+    assert BatchDetector().probabilities([text])[0].tolist() == _reference_probabilities(text)
+
+
 @needs_dev
 def test_cached_profiles_equal_uncached_langdetect(monkeypatch):
     records = dev_records(7)
@@ -96,7 +111,9 @@ def test_each_distinct_text_is_detected_once(monkeypatch):
     for r in records:
         language.profile(r)
     texts = [t for r in records for t in language.context_texts(r)]
-    assert sorted(seen) == sorted(set(texts)) and len(texts) > len(set(texts))  # contexts repeat; one call each
+    asked = {t for t in texts if language.script_language(t) is None}  # the rest: settled by their script
+    assert sorted(seen) == sorted(asked) and len(texts) > len(set(texts))  # contexts repeat; one call each
+    assert 0 < len(asked) < len(set(texts))
     language._LANGUAGE_CACHE.clear()
 
 
@@ -162,6 +179,17 @@ def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
     stream = granularity.iter_labels(source(), chunk=16)
     first = next(stream)
     assert first.key == records[0].key and len(pulled) == 16
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, workers):
+    path = tmp_path / "records.jsonl"
+    lines = [to_json_line(r) for r in synthetic(120)]
+    lines[70] = '{"feature": 70, "contexts": [ broken\n'  # in the third chunk of CHUNK = 32 lines
+    path.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(UserError, match=r"records.jsonl:71: malformed line"):
+        write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
+    assert not (tmp_path / "labels.jsonl").exists()
 
 
 def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
