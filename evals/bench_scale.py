@@ -14,7 +14,7 @@ sampled for memory:
 and, in this process, a baseline of the pre-#14 path on the first --subset latents: the records
 read into a list, langdetect called on every context (no cache, no batching), one process. The
 same comparison runs on the shared dev file and, when present, on the demo's records
-(runs/demo or /work/demo-run step-600). Ratios are against the baseline measured in this run;
+(runs/demo/step-600 where present). Ratios are against the baseline measured in this run;
 the CPU is shared, so absolute numbers move with the load (the load average is printed).
 """
 
@@ -41,7 +41,7 @@ from autointerp.schema import iter_lines, stream_records, to_json_line, write_js
 from autointerp.statlabels import default_workers  # noqa: E402
 
 DEV = HERE.parents[1] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
-DEMO_RECORDS = [Path("runs/demo/step-600"), Path("/work/demo-run/step-600")]
+DEMO_RECORDS = [Path(__file__).resolve().parents[1] / "runs/demo/step-600"]
 AUTOINTERP = [sys.executable, "-m", "autointerp.cli"]
 
 

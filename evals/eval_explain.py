@@ -36,7 +36,7 @@ from autointerp.schema import Explanation, FeatureRecord, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
-DEMO = next((p for p in (REPO / "runs/demo", REPO.parent / "demo-run") if p.is_dir()), REPO / "runs/demo")  # make demo's
+DEMO = REPO / "runs/demo"  # make demo's
 COPY_WORDS = 6  # the issue: no description repeats 6 or more consecutive words of a template
 
 _WORD = re.compile(r"[\w']+", re.UNICODE)

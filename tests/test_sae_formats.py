@@ -1,7 +1,7 @@
 """Importing SAEs from SAELens, EleutherAI sparsify and llm-jp-sae gives the source's own encodings.
 
 SAELens and sparsify files are written by the real packages (sae-lens, eai-sparsify) in the
-separate bench venv (/work/main/.venv-bench, see docs/sae.md) when it exists; otherwise by
+separate bench venv (.venv-bench, see docs/sae.md) when it exists; otherwise by
 their documented layouts, with the reference encoding written out here. llm-jp-sae is not on
 PyPI, so its files always follow its documented layout (its model.py TopKSAE.save_pretrained).
 """
