@@ -37,6 +37,16 @@ from autointerp.schema import Explanation, FeatureRecord, read_records
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 DEMO = REPO / "runs/demo"  # make demo's
+
+
+def _shown(path: Path) -> str:
+    """A path as printed: relative to the working directory where it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 COPY_WORDS = 6  # the issue: no description repeats 6 or more consecutive words of a template
 
 _WORD = re.compile(r"[\w']+", re.UNICODE)
@@ -176,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = sampling.sample_live(dev, args.features, args.seed) if args.features else dev
         sets.append(("dev", dev, args.out))
     if args.demo and Path(args.demo).is_dir():
-        sets.append((f"demo ({args.demo})", demo_records(Path(args.demo), args.demo_features, args.seed), args.demo_out))
+        sets.append((f"demo ({_shown(args.demo)})", demo_records(Path(args.demo), args.demo_features, args.seed), args.demo_out))
     if not sets:
         print("no dev file and no demo run found", file=sys.stderr)
         return 1
