@@ -17,13 +17,15 @@ The granularity is not the explainer's: the calibrated decision (granularity.dec
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from autointerp import score
-from autointerp.language import clean_token
+from autointerp.language import clean_token, max_token
 from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, stream_results
 from autointerp.prompting import prompt_sha256, render
 from autointerp.schema import Context, Explanation, FeatureRecord, read_finished
@@ -94,7 +96,16 @@ def render_explain_prompt(record: FeatureRecord, n_contexts: int = 10, before: i
     token more often so, and with snippets that end at it (after=0), on the demo's token-level
     features (docs/label.md)."""
     chosen = spread(explainer_contexts(record), n_contexts)[::-1]
-    return render(TEMPLATE, snippets=[s for c in chosen if (s := snippet(c, before, after))])
+    return render(TEMPLATE, snippets=[s for c in chosen if (s := snippet(c, before, after))],
+                  top_tokens=top_highlighted(record))
+
+
+def top_highlighted(record: FeatureRecord, n: int = 3) -> str:
+    """`"dog", "dogs"`: the most common max tokens of the explainer's contexts, quoted. Given this
+    line, SmolLM2-135M named a token-level latent's top token in 24 of 30 demo latents, against 14
+    without it (docs/label.md)."""
+    counts = Counter(clean_token(t) for t in map(max_token, explainer_contexts(record)) if t)
+    return ", ".join(json.dumps(t.strip() or t, ensure_ascii=False) for t, _ in counts.most_common(n))
 
 
 def trim_steps(n_contexts: int, before: int) -> list[tuple[int, int]]:

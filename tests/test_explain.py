@@ -80,6 +80,16 @@ def test_prompt_marks_max_token_and_keeps_markers_ours():
     assert "a ›› b ‹‹ c" in last  # a token's own << >> cannot open or close a highlight
 
 
+def test_most_highlighted_line_counts_the_explainers_contexts_only():
+    # even ranks (the explainer's half) fire on " dog" 3 times and " cat" once; the held-out odd
+    # ranks all fire on " held": it must not show
+    tokens_by_rank = [" dog", " held", " dog", " held", " dog", " held", " cat", " held"]
+    contexts = [Context(tokens=["a", "b", t, "c"], levels=[0, 0, 10 - rank, 0]) for rank, t in enumerate(tokens_by_rank)]
+    record = FeatureRecord(model="toy", layer=0, checkpoint_step=1, feature=0, contexts=contexts)
+    line = render_explain_prompt(record).split("Feature 4")[1].split("Most highlighted:")[1].splitlines()[0]
+    assert line.strip() == '"dog", "cat"'
+
+
 def test_snippets_span_the_activation_range_strongest_last():
     words = [f"w{i}" for i in range(12)]
     contexts = []
@@ -88,7 +98,7 @@ def test_snippets_span_the_activation_range_strongest_last():
         levels[5] = max(1, 10 - rank // 4)
         contexts.append(Context(tokens=words[:5] + [f"rank{rank}"] + words[6:], levels=levels))
     record = FeatureRecord(model="toy", layer=0, checkpoint_step=1, feature=0, contexts=contexts)
-    last = render_explain_prompt(record, n_contexts=6).split("Feature 4")[1]
+    last = render_explain_prompt(record, n_contexts=6).split("Feature 4")[1].split("Most highlighted:")[0]
     shown = [int(x) for x in __import__("re").findall(r"rank(\d+)", last)]
     assert len(shown) == 6 and shown[-1] == 0  # the strongest is next to `Explanation:`
     assert max(shown) >= 30  # and lower quantiles are shown too, not only the top 6
