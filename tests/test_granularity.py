@@ -179,6 +179,16 @@ def test_out_of_range_evidence_does_not_extrapolate():
 
 # ---- nested cross-validation ---------------------------------------------------------------------
 
+def _poisoned(X, y, rows):
+    """X and y with every row outside `rows` poisoned: NaN evidence and the next class's label."""
+    outside = np.setdiff1d(np.arange(len(y)), rows)
+    Xp, yp = X.copy(), list(y)
+    Xp[outside] = np.nan
+    for i in outside:
+        yp[i] = GRANULARITIES[(GRANULARITIES.index(y[i]) + 1) % 4]
+    return Xp, yp
+
+
 def _synthetic(n_groups=24, per_group=5, seed=0):
     """Rows whose core evidence predicts the class, grouped like the dev file (features x steps)."""
     rng = np.random.default_rng(seed)
@@ -207,25 +217,17 @@ def test_nested_cv_selection_never_sees_the_outer_test_fold(small_grid):
     X, y, gid, names = _synthetic()
     seen = []
 
-    def poisoned(X, y, rows):
-        outside = np.setdiff1d(np.arange(len(y)), rows)
-        Xp, yp = X.copy(), list(y)
-        Xp[outside] = np.nan
-        for i in outside:
-            yp[i] = GRANULARITIES[(GRANULARITIES.index(y[i]) + 1) % 4]
-        return Xp, yp
-
     def select_spy(X, y, gid, idx, names, candidates, **kw):
         seen.append(("select", np.asarray(idx)))
         choice = F.select(X, y, gid, idx, names, candidates, **kw)
-        Xp, yp = poisoned(X, y, idx)
+        Xp, yp = _poisoned(X, y, idx)
         assert F.select(Xp, yp, gid, idx, names, candidates, **kw) == choice
         return choice
 
     def fit_spy(X, y, idx, names, choice):
         seen.append(("fit", np.asarray(idx)))
         model = F.fit_choice(X, y, idx, names, choice)
-        Xp, yp = poisoned(X, y, idx)
+        Xp, yp = _poisoned(X, y, idx)
         assert np.allclose(F.fit_choice(Xp, yp, idx, names, choice).coef, model.coef)
         return model
 
@@ -327,23 +329,15 @@ def test_variant_selections_never_see_the_outer_test_fold(small_grid, variant):
     X, y, gid, names = _synthetic(n_groups=16)
     test_rows = []
 
-    def poisoned(rows):
-        outside = np.setdiff1d(np.arange(len(y)), rows)
-        Xp, yp = X.copy(), list(y)
-        Xp[outside] = np.nan
-        for i in outside:
-            yp[i] = GRANULARITIES[(GRANULARITIES.index(y[i]) + 1) % 4]
-        return Xp, yp
-
     def select_spy(X_, y_, gid_, idx, names_, candidates, **kw):
         choice = select_fn(X_, y_, gid_, idx, names_, candidates, **kw)
-        Xp, yp = poisoned(idx)
+        Xp, yp = _poisoned(X, y, idx)
         assert select_fn(Xp, yp, gid_, idx, names_, candidates, **kw) == choice
         return choice
 
     def fit_spy(X_, y_, idx, names_, choice):
         model = fit_fn(X_, y_, idx, names_, choice)
-        Xp, yp = poisoned(idx)
+        Xp, yp = _poisoned(X, y, idx)
         test = np.setdiff1d(np.arange(len(y)), idx)
         test_rows.append(test)
         cols = F.columns(names_, choice.groups)
