@@ -9,6 +9,7 @@
 # it installs it offline from a wheel folder ($WHEELS, or pip's configured find-links) or says
 # which one is missing. LM_CHECKPOINT (default runs/demo/lm/step-600) is the embedded demo model;
 # without one a small model of the demo's shape is trained for 60 steps on the CPU first.
+# GPU_CHECK_CORPUS=FILE.jsonl[.gz] names the corpus (default: the demo's debian-reference where installed).
 # GPU_CHECK_ALLOW_CPU=1 runs every "cuda" step on the CPU instead (tests the plumbing only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +45,7 @@ say "python $PY; $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0) i
 
 # ---- the project's dependencies, offline -------------------------------------------------------
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-MODULES="transformers tokenizers safetensors numpy typer rich langdetect zstandard jinja2"
+MODULES="transformers tokenizers safetensors numpy typer rich langdetect zstandard msgspec jinja2"
 missing=$("$PY" - <<EOF
 import importlib.util
 print(" ".join(m for m in "$MODULES".split() if importlib.util.find_spec(m) is None))
@@ -52,18 +53,22 @@ EOF
 )
 if [ -n "$missing" ]; then
   say "missing modules: $missing; installing offline (no network)"
-  declare -A PKG=([langdetect]=langdetect [zstandard]=zstandard [typer]=typer [rich]=rich [jinja2]=jinja2
+  declare -A PKG=([langdetect]=langdetect [zstandard]=zstandard [msgspec]=msgspec [typer]=typer [rich]=rich [jinja2]=jinja2
                   [numpy]=numpy [safetensors]=safetensors [tokenizers]=tokenizers [transformers]=transformers)
   pkgs=$(for m in $missing; do echo -n "${PKG[$m]} "; done)
   "$PY" -m pip install -q --no-index ${WHEELS:+--find-links "$WHEELS"} $pkgs \
     || { say "could not install $pkgs offline (set WHEELS=folder of wheels); stopping"; exit 3; }
 fi
 "$PY" -c 'import autointerp.cli' || { say "autointerp does not import with $PY; stopping"; exit 3; }
+# typer < 0.12 silently drops Annotated options ("No such option: --model"): pyproject asks for >= 0.12
+say "versions: $("$PY" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("torch", "transformers", "typer", "click")))')"
 
 # ---- corpus and model -----------------------------------------------------------------------
 WORK=$OUTDIR/work
 mkdir -p "$WORK"
-if [ -f /usr/share/debian-reference/debian-reference.en.txt.gz ] && [ -f /usr/share/debian-reference/debian-reference.ja.txt.gz ]; then
+if [ -n "${GPU_CHECK_CORPUS:-}" ]; then  # e.g. the demo corpus exported to JSONL on a machine that has it
+  CORPUS=$GPU_CHECK_CORPUS
+elif [ -f /usr/share/debian-reference/debian-reference.en.txt.gz ] && [ -f /usr/share/debian-reference/debian-reference.ja.txt.gz ]; then
   CORPUS=debian-reference
 else  # the demo corpus is a Debian package; any text measures throughput
   CORPUS=$WORK/corpus.jsonl
@@ -143,6 +148,8 @@ def _collect(dev, sae_dir, max_docs, dtype):
     from autointerp.sae import load_sae
     from autointerp.schema import write_jsonl
     docs = load_corpus(corpus, limit=max_docs)
+    if max_docs is None and dev.startswith("cuda"):
+        docs = docs * 8  # the demo corpus is ~150k tokens: a GPU needs more to show its rate
     model, tokenizer = load_lm(lm, device=dev)
     model = model.to(dtype)
     sae = load_sae(sae_dir, device=dev)
@@ -162,14 +169,14 @@ def _collect(dev, sae_dir, max_docs, dtype):
 torch.set_num_threads(max(1, torch.get_num_threads()))
 print(f"CPU threads {torch.get_num_threads()}; device {device}"
       + (f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else ""), flush=True)
-cpu_sae = sae_train("cpu", 100_000, 240)
-gpu_sae = sae_train(device, 2_000_000 if device == "cuda" else 100_000, 240)
+cpu_sae = sae_train("cpu", 100_000, 90)
+gpu_sae = sae_train(device, 2_000_000 if device == "cuda" else 100_000, 120)
 sae_dir = gpu_sae or cpu_sae
 if sae_dir:
-    collect("cpu", sae_dir, 500, torch.float32, 240)
-    collect(device, sae_dir, None, torch.float32, 240)
+    collect("cpu", sae_dir, 500, torch.float32, 90)
+    collect(device, sae_dir, None, torch.float32, 80)
     if device == "cuda" and torch.cuda.is_bf16_supported():
-        collect(device, sae_dir, None, torch.bfloat16, 240)
+        collect(device, sae_dir, None, torch.bfloat16, 80)
 print("\n| step | tokens | seconds | tokens/s | notes |\n|---|---:|---:|---:|---|")
 for name, tokens, seconds, rate, note in rows:
     print(f"| {name} | {tokens:,} | {seconds:.1f} | {rate:,.0f} | {note} |")

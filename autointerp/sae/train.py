@@ -196,7 +196,7 @@ def train_sae(chunks: Iterable[Tensor], sae_cfg: SAEConfig, train_cfg: TrainConf
         per = math.ceil(n_global / world)
         local = x[rank * per:(rank + 1) * per]
         total_variance = (x - x.mean(0)).pow(2).sum()
-        dead_mask = since_fired >= cfg.dead_tokens
+        dead_mask = (since_fired >= cfg.dead_tokens).to(sae.device)  # the counts live on the CPU
         loss, logs = training_loss(sae, local, total_variance, dead_mask if dead_mask.any() else None,
                                    cfg.auxk_alpha)
         opt.zero_grad(set_to_none=False)
