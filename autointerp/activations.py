@@ -115,8 +115,12 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     prefixes (not single tokens) also keeps SentencePiece's leading spaces right.
     """
     ids = [int(i) for i in ids]
-    prefixes = tokenizer.batch_decode([ids[:n] for n in range(1, len(ids) + 1)],
-                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    prefix_ids = [ids[:n] for n in range(1, len(ids) + 1)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust decoder
+    if backend is not None:  # transformers' decode walks every id of every prefix in Python first:
+        prefixes = backend.decode_batch(prefix_ids, skip_special_tokens=False)  # 2/3 of a GPU collect
+    else:
+        prefixes = tokenizer.batch_decode(prefix_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     out, done = [], ""
     for n, text in enumerate(prefixes):
         stable = text if n == len(ids) - 1 else text.rstrip("\ufffd")  # drop a half-decoded character

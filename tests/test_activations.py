@@ -105,6 +105,18 @@ def test_token_strings_are_readable_and_join_to_the_text(tokenizer):
     assert any(len(s) >= 2 for s in A.token_strings(tokenizer, ids))  # learned multi-character tokens
 
 
+def test_token_strings_fast_path_equals_transformers_decode(tokenizer):
+    """The Rust decoder path gives each token the same string as transformers' own decode."""
+    class SlowTokenizer:  # the same tokenizer seen through transformers' decode only
+        batch_decode = staticmethod(tokenizer.batch_decode)
+        decode = staticmethod(tokenizer.decode)
+
+    assert tokenizer.backend_tokenizer is not None
+    for text in [DOCS[0].text, DOCS[1].text, "日本語 and English 混在 ダーク", "  spaces\n\nand 改行。"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert A.token_strings(tokenizer, ids) == A.token_strings(SlowTokenizer(), ids)
+
+
 def _run_cli(args, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["autointerp", *args])
     with pytest.raises(SystemExit) as exit_info:
