@@ -672,7 +672,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     if not manifest:
         run_missing.append("manifest.json")
     index = env.get_template("index.html").render(
-        run_name=run.resolve().name, run_path=str(run.resolve()), summaries=summaries,
+        run_name=run.resolve().name, run_path=str(run_dir), summaries=summaries,  # the path as given: no machine path
         plots=make_plots(summaries, bool(human_labels), grey), stages=_manifest_rows(manifest),
         model=_manifest_model(manifest), run_missing=run_missing, comparison=comparison,
         classes=list(GRANULARITIES), languages=list(LANGUAGE_TRENDS), sae_metric_names=list(SAE_METRICS),
