@@ -400,7 +400,9 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
         rate = cp.n_records / max(cp.stat_seconds, 1e-9)
         console.print(f"{cp.name}: {len(cp.classes)} live latents of {cp.n_records} labelled statistically "
                       f"({rate:,.0f} features/s); LLM sample {len(cp.sample)} "
-                      f"({', '.join(f'{c} {n}' for c, n in cp.strata.items())})")
+                      f"({', '.join(f'{c} {n}' for c, n in cp.strata.items())})"
+                      + (f"; --features {count} is fewer than the {len(cp.strata)} classes present: one of each"
+                         if count is not None and count < len(cp.strata) else ""))
         load_sample(cp)
     explain_settings = ExplainSettings(n_contexts=contexts, window=window, context_window=n_ctx, engine=engine)
     if dry_run:

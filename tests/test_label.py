@@ -194,6 +194,26 @@ def test_label_resumes_sending_only_what_is_missing(tmp_path):
     assert "no server needed" in again.output
 
 
+def test_a_sample_smaller_than_the_classes_takes_one_of_each_and_says_so(tmp_path):
+    run, _ = write_run(tmp_path)
+    with FakeServer() as server:
+        result = CliRunner().invoke(app, ["label", str(run), "--features", "1", "--no-score",
+                                          "--server", server.base_url])
+    assert result.exit_code == 0, result.output
+    for step_labels in _labels_by_step(run).values():
+        classes = {l.granularity for l in step_labels}
+        assert len(classes) > 1  # else the case is not exercised
+        assert sorted(l.granularity for l in step_labels if l.sampled) == sorted(classes)
+    assert "is fewer than the" in result.output and "one of each" in result.output
+
+
+def _labels_by_step(run):
+    by_step = {}
+    for label in labels_of(run):
+        by_step.setdefault(label.checkpoint_step, []).append(label)
+    return by_step
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
