@@ -472,25 +472,41 @@ def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
                       prompt_logprobs=d.get("prompt_logprobs"))
 
 
+class ResultSink:
+    """Where per-latent results go as each finishes: kept in `done` (by .key), appended to
+    out_path, passed to on_done; so a crash loses only the latents in flight."""
+
+    def __init__(self, done: dict, out_path: str | Path | None = None,
+                 on_done: Callable[[Any], None] | None = None) -> None:
+        from autointerp.schema import JsonlAppender
+
+        self.done, self.on_done = done, on_done
+        self.appender = JsonlAppender(out_path) if out_path else None
+
+    def add(self, result: Any) -> None:
+        self.done[result.key] = result
+        if self.appender:
+            self.appender.write(result)
+        if self.on_done:
+            self.on_done(result)
+
+    def __enter__(self) -> "ResultSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.appender:
+            self.appender.close()
+
+
 async def stream_results(coros: list[Coroutine[Any, Any, Any]], done: dict, out_path: str | Path | None = None,
                          on_done: Callable[[Any], None] | None = None) -> None:
-    """Run per-latent coroutines concurrently; as each finishes, keep it in `done` (by .key),
-    append it to out_path and call on_done, so a crash loses only the latents in flight."""
-    from autointerp.schema import JsonlAppender
-
-    appender = JsonlAppender(out_path) if out_path else None
+    """Run per-latent coroutines concurrently, each result into a ResultSink as it finishes."""
     tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            result = await next_done
-            done[result.key] = result
-            if appender:
-                appender.write(result)
-            if on_done:
-                on_done(result)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if appender:
-            appender.close()
+    with ResultSink(done, out_path, on_done) as sink:
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                sink.add(await next_done)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -56,9 +56,9 @@ from autointerp import sampling
 from autointerp.errors import UserError
 from autointerp.language import clean_token
 from autointerp.options import renamed
-from autointerp.llm import LLMAnswerError, RequestRejected, json_response_format, parse_json_answer
+from autointerp.llm import LLMAnswerError, RequestRejected, ResultSink, json_response_format, parse_json_answer
 from autointerp.prompting import prompt_sha256, render
-from autointerp.schema import Context, FeatureRecord, JsonlAppender, Scores, read_finished
+from autointerp.schema import Context, FeatureRecord, Scores, read_finished
 
 Key = tuple[int | None, int]
 
@@ -806,29 +806,17 @@ def score_records(records: Sequence[FeatureRecord], descriptions: dict[Key, str]
 
 
 async def _score_pending(pending, descriptions, client, settings, pool, origin, done, out_path, on_done) -> None:
-    appender = JsonlAppender(out_path) if out_path else None
-
-    def finish(s: Scores) -> None:
-        done[s.key] = s
-        if appender:
-            appender.write(s)
-        if on_done:
-            on_done(s)
-
-    try:
+    with ResultSink(done, out_path, on_done) as sink:
         described = []
         for r in pending:
             if (descriptions.get(r.key) or "").strip():
                 described.append(r)
             else:
-                finish(Scores(r.checkpoint_step, r.feature, error=NO_DESCRIPTION))
+                sink.add(Scores(r.checkpoint_step, r.feature, error=NO_DESCRIPTION))
         for i in range(0, len(described), settings.chunk):
             chunk = described[i:i + settings.chunk]
             for s in await score_latent_methods(client, chunk, descriptions, settings, pool, origin):
-                finish(s)
-    finally:
-        if appender:
-            appender.close()
+                sink.add(s)
 
 
 # ---- the control ---------------------------------------------------------------------------------
