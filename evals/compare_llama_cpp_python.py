@@ -7,8 +7,10 @@ C++ server via xllamacpp), on the same explain prompts, alternating so both see 
 
 llama-cpp-python is not a dependency any more (it compiles for minutes); this script is how the
 README's "before" number was measured. Each round sends the label stage's explain requests for
---features features to each server with --concurrency in flight, as `label` does: the old server
-in the only JSON form it takes (json_object + schema), the new one in OpenAI's json_schema form;
+--features features to each server with --concurrency in flight, as `label` does, in --form:
+"completion" (label's default: the few-shot prompt as a plain completion, one line, the same
+request to both servers) or "chat" (a JSON answer: the old server in the only JSON form it takes,
+json_object + schema, the new one in OpenAI's json_schema form); max_tokens as explain sends them;
 each started as `label` starts (started) it: the old one as autointerp ran it (n_threads and
 n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), the new one with today's defaults
 (autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY; n_ctx 2048). Prints
@@ -30,7 +32,8 @@ from pathlib import Path
 
 import openai
 
-from autointerp.explain import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, fit_prompt
+from autointerp.explain import (ANSWER_SCHEMA as EXPLANATION_SCHEMA, FORMS, ExplainSettings, answer_problem,
+                                clean_answer, fit_prompt)
 from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
 from autointerp.serve import (DEFAULT_MODEL_ALIAS, Server, available_cores, find_smollm2_gguf, flag_value,
                               free_port, start_server, threads_summary, wait_until_ready)
@@ -62,19 +65,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_pass(base_url: str, prompts: list[str], response_format: dict, concurrency: int,
+def one_pass(base_url: str, prompts: list[str], response_format: dict | None, concurrency: int,
              max_tokens: int) -> tuple[float, int, int, int]:
     """(wall seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
-    `concurrency` in flight."""
+    `concurrency` in flight: chat requests answered in response_format, or (None) the explainer's
+    plain completions, one line each, valid as explain judges them."""
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=900, max_retries=0)
 
     def ask(prompt: str) -> tuple[int, int, bool]:
-        response = client.chat.completions.create(
-            model=DEFAULT_MODEL_ALIAS, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0.0, seed=0, response_format=response_format)
-        choice = response.choices[0]
-        answer = ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason)
-        valid = check_answer(answer, EXPLANATION_SCHEMA)[1] is None
+        if response_format is None:  # what `label` sends by default (ExplainSettings.form "completion")
+            response = client.completions.create(model=DEFAULT_MODEL_ALIAS, prompt=prompt, max_tokens=max_tokens,
+                                                 temperature=0.0, seed=0, stop=["\n"])
+            text, finish = response.choices[0].text or "", response.choices[0].finish_reason
+            valid = answer_problem(clean_answer(text), finish == "length" and "\n" not in text) is None
+        else:
+            response = client.chat.completions.create(
+                model=DEFAULT_MODEL_ALIAS, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                temperature=0.0, seed=0, response_format=response_format)
+            choice = response.choices[0]
+            answer = ChatResult(text=choice.message.content or "", finish_reason=choice.finish_reason)
+            valid = check_answer(answer, EXPLANATION_SCHEMA)[1] is None
         return response.usage.prompt_tokens, response.usage.completion_tokens, valid
 
     started = time.perf_counter()
@@ -89,6 +99,8 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (label's default)")
+    parser.add_argument("--form", choices=FORMS, default=ExplainSettings().form,
+                        help="the explain request: completion (label's default) or chat (JSON answer)")
     parser.add_argument("--old-threads", type=int, default=None,
                         help="the old server's threads (default: as autointerp started it, cores - 1, at least 1)")
     args = parser.parse_args()
@@ -96,9 +108,14 @@ def main() -> None:
         sys.exit(f"dev data not found at {DEV}")
     threads = args.old_threads or max(1, available_cores() - 1)
     records = load(args.features)
-    settings = ExplainSettings(context_window=2048, engine="llama-cpp", form="chat")
-    schema_form = json_response_format(EXPLANATION_SCHEMA, "explanation")
-    object_form = {"type": "json_object", "schema": EXPLANATION_SCHEMA}  # what llama-cpp-python takes
+    settings = ExplainSettings(context_window=2048, engine="llama-cpp", form=args.form)
+    if args.form == "chat":  # max_tokens as explain sends them in each form
+        schema_form: dict | None = json_response_format(EXPLANATION_SCHEMA, "explanation")
+        object_form: dict | None = {"type": "json_object", "schema": EXPLANATION_SCHEMA}  # llama-cpp-python's form
+        max_tokens = settings.max_tokens + 16
+    else:
+        schema_form = object_form = None
+        max_tokens = settings.max_tokens
     with tempfile.TemporaryDirectory() as tmp, start_server("llama-cpp", n_ctx=2048) as new:
         old = start_old(args.old_python, threads, 2048, Path(tmp) / "old.log")
         try:
@@ -109,7 +126,8 @@ def main() -> None:
                                          settings.window) for r in records]
 
             prompts = prompter.run(all_prompts())
-            print(f"{len(prompts)} features, concurrency {args.concurrency}, max_tokens {settings.max_tokens}; "
+            print(f"{len(prompts)} features, {args.form} requests, concurrency {args.concurrency}, "
+                  f"max_tokens {max_tokens}; "
                   f"llama-cpp-python {threads} thread(s); xllamacpp {threads_summary(new.command)}, "
                   f"{flag_value(new.command, '--parallel')} slot(s); load average {load_average()}", flush=True)
             for url, form in ((old.base_url, object_form), (new.base_url, schema_form)):  # warm both up
@@ -126,7 +144,7 @@ def main() -> None:
                     pid = (old if name == "llama-cpp-python" else new).process.pid
                     cpu_before = cpu_seconds(pid)
                     seconds, prompt_tokens, tokens, valid = one_pass(url, prompts, form, args.concurrency,
-                                                                     settings.max_tokens)
+                                                                     max_tokens)
                     cpu = cpu_seconds(pid) - cpu_before
                     rates[name], cpu_rates[name] = len(prompts) / seconds, len(prompts) / cpu
                     print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{prompt_tokens / seconds:>13.1f}"

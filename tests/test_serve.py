@@ -244,6 +244,15 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
 
 @pytest.mark.slow
 @needs_llama
+def test_real_server_reads_prompts_on_every_core_with_threads_asleep(llama_server):
+    environ = Path(f"/proc/{llama_server.process.pid}/environ").read_bytes().split(b"\0")
+    assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}".encode() in environ
+    cores, generating = serve.available_cores(), serve.default_threads()
+    assert f"{generating} thread(s) generating, {cores} reading prompts" in llama_server.log_path.read_text()
+
+
+@pytest.mark.slow
+@needs_llama
 def test_real_server_json_answer_cut_short_is_not_taken(llama_server):
     client = LLMClient(llama_server.base_url, llama_server.model, timeout=300)
     result = client.run(client.chat([{"role": "user", "content": "Describe a feature that fires on ' the'."}],
