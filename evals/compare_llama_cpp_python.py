@@ -8,9 +8,10 @@ C++ server via xllamacpp), on the same explain prompts, alternating so both see 
 llama-cpp-python is not a dependency any more (it compiles for minutes); this script is how the
 README's "before" number was measured. Each round sends the label stage's explain requests for
 --features features to each server with --concurrency in flight, as `label` does, in --form:
-"completion" (label's default: the few-shot prompt as a plain completion, one line, the same
-request to both servers) or "chat" (a JSON answer: the old server in the only JSON form it takes,
-json_object + schema, the new one in OpenAI's json_schema form); max_tokens as explain sends them;
+"chat" (a JSON answer: the old server in the only JSON form it takes, json_object + schema, the
+new one in OpenAI's json_schema form) or "completion" (label's default request today: the
+few-shot prompt as a plain completion, one line, the same request to both servers); max_tokens
+as explain sends them;
 each started as `label` starts (started) it: the old one as autointerp ran it (n_threads and
 n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), the new one with today's defaults
 (autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY; n_ctx 2048). Prints
@@ -99,8 +100,9 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (label's default)")
-    parser.add_argument("--form", choices=FORMS, default=ExplainSettings().form,
-                        help="the explain request: completion (label's default) or chat (JSON answer)")
+    parser.add_argument("--form", choices=FORMS, default="chat",
+                        help="the explain request: chat (a JSON answer; the form the issue's target was first "
+                             "measured in) or completion (what label sends by default today)")
     parser.add_argument("--old-threads", type=int, default=None,
                         help="the old server's threads (default: as autointerp started it, cores - 1, at least 1)")
     args = parser.parse_args()
