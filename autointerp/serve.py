@@ -60,16 +60,17 @@ def available_cores() -> int:
 
 def default_threads() -> int:
     """Threads that generate (one token at a time: small steps, a barrier per op): one core fewer
-    than available, at least 1. On 2 cores a second generating thread gained ~15% when the machine
-    was quiet, lost more when it was busy, and changed greedy answers (docs/label.md)."""
+    than available, at least 1. On 2 cores a second generating thread gained ~15% with a core
+    free, was 1.5x slower with both cores busy, and changed greedy answers (docs/label.md)."""
     return max(1, available_cores() - 1)
 
 
 def default_batch_threads() -> int:
-    """Threads that read the prompt (~90% of an explain request's work: big matrix products that
-    split evenly): every core. With waiting threads asleep (OMP_WAIT_POLICY=PASSIVE, set for the
-    server) 2 threads read a prompt 1.9x as fast as 1 on a quiet 2-core machine and about as fast
-    as 1 on a busy one; with spinning waits they were 2-5x slower there (docs/label.md)."""
+    """Threads that read the prompt (most of an explain request's work: big matrix products that
+    split evenly; they leave the answers as they are): every core. With waiting threads asleep
+    (OMP_WAIT_POLICY=PASSIVE, set for the server) 2 threads read a prompt 1.9x as fast as 1 with a
+    core free and about as fast as 1 with both cores busy; spinning instead, they were 1.3x slower
+    than 1 there (docs/label.md)."""
     return available_cores()
 
 
