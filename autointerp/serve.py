@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import httpx
 import typer
@@ -59,9 +59,28 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """One core fewer than available (at least 1). llama.cpp's threads spin-wait: on a busy 2-core
-    machine 2 threads were ~5-20x slower than 1 (measured, docs/label.md)."""
+    """Threads that generate (one token at a time: small steps, a barrier per op): one core fewer
+    than available, at least 1. On 2 cores a second generating thread gained ~15% with a core
+    free, was 1.5x slower with both cores busy, and changed greedy answers (docs/label.md)."""
     return max(1, available_cores() - 1)
+
+
+def default_batch_threads() -> int:
+    """Threads that read the prompt (most of an explain request's work: big matrix products that
+    split evenly; they leave the answers as they are): every core. With waiting threads asleep
+    (OMP_WAIT_POLICY=PASSIVE, set for the server) 2 threads read a prompt 1.9x as fast as 1 with a
+    core free and about as fast as 1 with both cores busy; spinning instead, they were 1.3x slower
+    than 1 there (docs/label.md)."""
+    return available_cores()
+
+
+def server_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The llama.cpp server's environment: its threads wait asleep between ops
+    (OMP_WAIT_POLICY=PASSIVE; xllamacpp's llama.cpp runs its threads with OpenMP, where
+    llama.cpp's own --poll does not apply) unless the caller chose a policy."""
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
 
 
 def default_parallel() -> int:
@@ -89,11 +108,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def build_command(engine: str, model: str | None, host: str, port: int, n_threads: int | None = None,
-                  n_ctx: int = 2048, extra_args: Sequence[str] = (), parallel: int | None = None
-                  ) -> tuple[list[str], str]:
+                  n_ctx: int = 2048, extra_args: Sequence[str] = (), parallel: int | None = None,
+                  n_threads_batch: int | None = None) -> tuple[list[str], str]:
     """The server's command line and the model name clients must send. n_ctx is per request
     (llama-cpp: per slot; vllm: --max-model-len); extra_args go to the server as is
-    (llama-cpp: NAME=VALUE fields of xllamacpp's CommonParams, e.g. n_batch=256)."""
+    (llama-cpp: NAME=VALUE fields of xllamacpp's CommonParams, e.g. n_batch=256). llama-cpp
+    threads: n_threads generate, n_threads_batch read prompts; unset, the defaults above, and a
+    given n_threads alone caps both (the CPU budget the caller asked for)."""
     if engine == "llama-cpp":
         gguf = Path(model) if model else find_smollm2_gguf()
         if not gguf.is_file():
@@ -103,11 +124,16 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
             raise UserError(f"--server-arg for llama-cpp takes NAME=VALUE (a field of xllamacpp's CommonParams, "
                             f"e.g. n_batch=256), got {' '.join(bad)}")
         alias = DEFAULT_MODEL_ALIAS if model is None else gguf.stem
+        threads = n_threads or default_threads()
+        threads_batch = n_threads_batch or n_threads or default_batch_threads()
         cmd = [sys.executable, "-m", "autointerp.serve_llamacpp", "--model", str(gguf), "--alias", alias,
-               "--host", host, "--port", str(port), "--threads", str(n_threads or default_threads()),
-               "--parallel", str(parallel or default_parallel()), "--n-ctx", str(n_ctx), *extra_args]
+               "--host", host, "--port", str(port), "--threads", str(threads), "--threads-batch",
+               str(threads_batch), "--parallel", str(parallel or default_parallel()), "--n-ctx", str(n_ctx),
+               *extra_args]
         return cmd, alias
     if engine == "vllm":
+        if n_threads_batch:
+            raise UserError("--threads-batch applies to --engine llama-cpp")
         if parallel:
             raise UserError("--parallel applies to --engine llama-cpp (vLLM schedules its own batches)")
         if not model:
@@ -134,6 +160,12 @@ def flag_value(cmd: Sequence[str], name: str) -> str | None:
     """The value after `name` in a command line (None when absent)."""
     args = list(cmd)
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def threads_summary(cmd: Sequence[str]) -> str:
+    """How a llama-cpp command line uses threads, as logs and benchmarks print it."""
+    return (f"{flag_value(cmd, '--threads')} thread(s) generating, {flag_value(cmd, '--threads-batch')} "
+            f"reading prompts")
 
 
 def _served_name(model: str, extra_args: Sequence[str]) -> str:
@@ -227,7 +259,8 @@ def _sigterm_as_exit() -> Iterator[None]:
 def start_server(engine: str = "llama-cpp", model: str | None = None, host: str = "127.0.0.1",
                  port: int | None = None, n_threads: int | None = None, n_ctx: int = 2048,
                  extra_args: Sequence[str] = (), startup_timeout: float | None = None,
-                 log_path: str | Path | None = None, parallel: int | None = None) -> Iterator[Server]:
+                 log_path: str | Path | None = None, parallel: int | None = None,
+                 n_threads_batch: int | None = None) -> Iterator[Server]:
     """Spawn the server, wait until /v1/models answers, yield it, stop it on exit."""
     if port is None:
         port = free_port(host)
@@ -237,7 +270,7 @@ def start_server(engine: str = "llama-cpp", model: str | None = None, host: str 
     if engine == "llama-cpp" and importlib.util.find_spec("xllamacpp") is None:
         raise UserError("xllamacpp is not installed (llama.cpp's server, a prebuilt wheel): "
                         "pip install xllamacpp, or pip install 'autointerp[cpu]'")
-    cmd, served = build_command(engine, model, host, port, n_threads, n_ctx, extra_args, parallel)
+    cmd, served = build_command(engine, model, host, port, n_threads, n_ctx, extra_args, parallel, n_threads_batch)
     if log_path is None:
         fd, name = tempfile.mkstemp(prefix=f"autointerp-{engine}-", suffix=".log")
         os.close(fd)
@@ -246,7 +279,7 @@ def start_server(engine: str = "llama-cpp", model: str | None = None, host: str 
     with open(log_path, "ab") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True,  # Ctrl-C reaches us only; we stop it cleanly
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=_die_with_parent, env=server_env())
     server = Server(base_url=f"http://{host}:{port}/v1", model=served, engine=engine, process=process,
                     log_path=log_path, command=cmd)
     try:
@@ -270,7 +303,7 @@ def served_model(base_url: str, timeout: float = 10.0) -> str:
 
 @contextlib.contextmanager
 def endpoint(base_url: str | None, model: str | None, engine: str | None, threads: int | None,
-             n_ctx: int, needed: bool = True, parallel: int | None = None
+             n_ctx: int, needed: bool = True, parallel: int | None = None, threads_batch: int | None = None
              ) -> Iterator[tuple[str, str, str, Callable[[], None] | None]]:
     """(base URL, model, engine, liveness check) of the server to use: the one at base_url, else
     an embedded one started here. Both engines take OpenAI's response_format json_schema."""
@@ -281,7 +314,8 @@ def endpoint(base_url: str | None, model: str | None, engine: str | None, thread
         yield base_url, model or served_model(base_url), engine or "openai-compatible", None
         return
     engine = engine or "llama-cpp"
-    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx, parallel=parallel) as server:
+    with start_server(engine, model, n_threads=threads, n_ctx=n_ctx, parallel=parallel,
+                      n_threads_batch=threads_batch) as server:
         yield server.base_url, server.model, engine, server.check
 
 
@@ -294,7 +328,11 @@ def cli(
                                  "package's); a Hugging Face model id or path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
-    threads: int = typer.Option(None, help="CPU threads for llama-cpp (default: the cores available minus one)."),
+    threads: int = typer.Option(None, help="llama-cpp: CPU threads that generate (default: the cores available "
+                                           "minus one, at least 1); alone it also caps --threads-batch."),
+    threads_batch: int = typer.Option(None, "--threads-batch",
+                                      help="llama-cpp: CPU threads that read prompts, most of the work (default: "
+                                           "--threads if given, else every core available)."),
     parallel: int = typer.Option(None, help="llama-cpp: slots, requests decoded together (default: 1 on <= 4 "
                                             "cores, else cores/4, at most 8)."),
     n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window per request in tokens (llama-cpp: per slot; "
@@ -312,15 +350,16 @@ def cli(
         extra = vllm_parallel_args(tensor_parallel_size, data_parallel_size) + extra
     elif tensor_parallel_size or data_parallel_size:
         raise UserError("--tensor-parallel-size / --data-parallel-size apply to --engine vllm only")
-    for name, value in (("--threads", threads), ("--parallel", parallel), ("--n-ctx", n_ctx)):
+    for name, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--parallel", parallel),
+                        ("--n-ctx", n_ctx)):
         if value is not None and value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
     print(f"starting {engine} server on {host}:{port} ...", flush=True)
-    with start_server(engine, llm, host, port, threads, n_ctx, extra, parallel=parallel) as server:
+    with start_server(engine, llm, host, port, threads, n_ctx, extra, parallel=parallel,
+                      n_threads_batch=threads_batch) as server:
         if engine == "llama-cpp":
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
-                  f"{flag_value(server.command, '--n-ctx')} tokens, {flag_value(server.command, '--threads')} "
-                  f"thread(s)", flush=True)
+                  f"{flag_value(server.command, '--n-ctx')} tokens, {threads_summary(server.command)}", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
         print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model}", flush=True)
         try:

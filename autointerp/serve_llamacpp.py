@@ -3,7 +3,7 @@ SIGTERM or Ctrl-C. `autointerp serve` starts it as a supervised subprocess, so a
 native server shows as an exit code and a log tail instead of a dead thread:
 
     python -m autointerp.serve_llamacpp --model M.gguf --alias smollm2 --port 8080 \
-        --threads 1 --parallel 2 --n-ctx 2048 [NAME=VALUE ...]
+        --threads 1 --threads-batch 2 --parallel 2 --n-ctx 2048 [NAME=VALUE ...]
 
 NAME=VALUE sets any other field of xllamacpp's CommonParams (e.g. n_batch=256,
 cpuparams.poll=0, cache_prompt=false); the server's own log goes to stderr.
@@ -60,7 +60,7 @@ def build_params(args: argparse.Namespace) -> Any:
     params.hostnames = [args.host]
     params.port = args.port
     params.cpuparams.n_threads = args.threads
-    params.cpuparams_batch.n_threads = args.threads
+    params.cpuparams_batch.n_threads = args.threads_batch or args.threads
     params.n_parallel = args.parallel
     params.n_ctx = args.n_ctx * args.parallel  # llama.cpp's n_ctx is the total over all slots
     params.ui = False  # no web UI assets in the wheel; an API server only
@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alias", required=True, help="model name clients send and /v1/models lists")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True, help="threads that generate")
+    parser.add_argument("--threads-batch", type=int, default=None, help="threads that read prompts (default: --threads)")
     parser.add_argument("--parallel", type=int, default=1, help="slots: requests decoded together")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context tokens per slot")
     parser.add_argument("set", nargs="*", metavar="NAME=VALUE", help="other CommonParams fields")
@@ -101,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc} (model {args.model})", file=sys.stderr, flush=True)
         return 1
     print(f"autointerp: llama.cpp server (xllamacpp {xllamacpp.__version__}) at {server.listening_address}, "
-          f"{args.parallel} slot(s) x {args.n_ctx} tokens, {args.threads} thread(s)", file=sys.stderr, flush=True)
+          f"{args.parallel} slot(s) x {args.n_ctx} tokens, {args.threads} thread(s) generating, "
+          f"{params.cpuparams_batch.n_threads} reading prompts; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}",
+          file=sys.stderr, flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     sys.stderr.flush()
     os._exit(0)  # skip the native server's teardown: the process is going away anyway

@@ -24,7 +24,7 @@ import openai
 from autointerp.explain import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
 from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
 from autointerp.schema import FeatureRecord, iter_jsonl
-from autointerp.serve import default_parallel, default_threads, flag_value, start_server
+from autointerp.serve import default_parallel, flag_value, start_server, threads_summary
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 
@@ -61,7 +61,7 @@ def main() -> None:
     with start_server("llama-cpp", n_threads=args.threads, n_ctx=args.n_ctx, parallel=args.parallel) as server, \
             tempfile.TemporaryDirectory() as tmp:
         slots = int(flag_value(server.command, "--parallel") or 1)
-        print(f"{len(records)} features; llama.cpp (xllamacpp) threads {args.threads or default_threads()}, "
+        print(f"{len(records)} features; llama.cpp (xllamacpp) {threads_summary(server.command)}, "
               f"{slots} slot(s) (default here {default_parallel()}), n_ctx {args.n_ctx} per slot, "
               f"label concurrency {args.concurrency}", flush=True)
 

@@ -78,6 +78,26 @@ def test_default_parallel_is_one_slot_on_small_machines(monkeypatch):
         assert serve.default_parallel() == slots
         gguf_cmd = serve.build_command("llama-cpp", __file__, "h", 1)[0]  # any existing file passes the check
         assert flag(gguf_cmd, "--parallel") == str(slots) and flag(gguf_cmd, "--threads") == str(max(1, cores - 1))
+        assert flag(gguf_cmd, "--threads-batch") == str(cores)  # prompt reading: every core
+
+
+def test_threads_generate_and_read_prompts_apart(monkeypatch):
+    monkeypatch.setattr(serve, "available_cores", lambda: 2)
+    def threads(**kwargs):
+        cmd = serve.build_command("llama-cpp", __file__, "h", 1, **kwargs)[0]
+        return int(flag(cmd, "--threads")), int(flag(cmd, "--threads-batch"))
+    assert threads() == (1, 2)  # 2 cores: one generates, both read the prompt
+    assert threads(n_threads=1) == (1, 1)  # a given --threads alone is the whole CPU budget
+    assert threads(n_threads=1, n_threads_batch=2) == (1, 2) and threads(n_threads_batch=1) == (1, 1)
+    assert "1 thread(s) generating, 2 reading prompts" in serve.threads_summary(
+        serve.build_command("llama-cpp", __file__, "h", 1)[0])
+    with pytest.raises(UserError, match="--threads-batch applies to --engine llama-cpp"):
+        serve.build_command("vllm", "m", "127.0.0.1", 1, n_threads_batch=2)
+
+
+def test_server_threads_wait_asleep_unless_told_otherwise():
+    assert serve.server_env({"PATH": "/bin"}) == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert serve.server_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"  # the caller's choice
 
 
 @needs_xllamacpp
@@ -104,12 +124,13 @@ def test_server_params_are_set_by_name():
         set_param(params, "n_batch")
     with pytest.raises(ValueError):
         set_param(params, "n_batch=many")
-    args = type("Args", (), dict(model="m.gguf", alias="smol", host="127.0.0.1", port=9, threads=1, parallel=3,
+    args = type("Args", (), dict(model="m.gguf", alias="smol", host="127.0.0.1", port=9, threads=1, threads_batch=2,
+                                 parallel=3,
                                  n_ctx=1024, set=["n_batch=128"]))()
     built = build_params(args)
     assert built.model_alias == {"smol"} and built.n_parallel == 3 and built.n_batch == 128
     assert built.n_ctx == 3 * 1024  # llama.cpp's n_ctx is the total over the slots
-    assert built.cpuparams.n_threads == 1 and built.cpuparams_batch.n_threads == 1
+    assert built.cpuparams.n_threads == 1 and built.cpuparams_batch.n_threads == 2
 
 
 @needs_xllamacpp
@@ -219,6 +240,15 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
                                           EXPLANATION_SCHEMA, max_tokens=160))
     assert answer["granularity"] in GRANULARITIES and isinstance(answer["cross_lingual"], bool)
     assert client.stats.errors == 0  # OpenAI's json_schema form taken as is, no fallback
+
+
+@pytest.mark.slow
+@needs_llama
+def test_real_server_reads_prompts_on_every_core_with_threads_asleep(llama_server):
+    environ = Path(f"/proc/{llama_server.process.pid}/environ").read_bytes().split(b"\0")
+    assert f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')}".encode() in environ
+    cores, generating = serve.available_cores(), serve.default_threads()
+    assert f"{generating} thread(s) generating, {cores} reading prompts" in llama_server.log_path.read_text()
 
 
 @pytest.mark.slow
