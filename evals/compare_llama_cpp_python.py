@@ -76,7 +76,8 @@ def one_pass(base_url: str, prompts: list[str], response_format: dict | None, co
     def ask(prompt: str) -> tuple[int, int, bool]:
         if response_format is None:  # what `label` sends by default (ExplainSettings.form "completion")
             response = client.completions.create(model=DEFAULT_MODEL_ALIAS, prompt=prompt, max_tokens=max_tokens,
-                                                 temperature=0.0, seed=0, stop=["\n"])
+                                                 temperature=0.0, seed=0, stop=["\n"],
+                                                 frequency_penalty=ExplainSettings.frequency_penalty)
             text, finish = response.choices[0].text or "", response.choices[0].finish_reason
             valid = answer_problem(clean_answer(text), finish == "length" and "\n" not in text) is None
         else:

@@ -153,6 +153,7 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
         assert e.explainer == {"model": "fake-model", "prompt_sha256": prompt_sha256("explain"), "engine": "fake",
                                "form": "completion"}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
+    assert all(b["frequency_penalty"] == ExplainSettings().frequency_penalty > 0 for b in server.bodies)
 
 
 def test_chat_form_bad_answer_is_reasked_then_failed_and_batch_goes_on(tmp_path):
