@@ -604,23 +604,28 @@ def _link_text(en: str, ja: str) -> str | None:
     return None
 
 
-def evidence_summary(record: FeatureRecord, top_n: int = 3) -> str:
+def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | None = None) -> str:
     """A deterministic line from the decision's own evidence: the top max tokens with counts,
     the dictionary link between an English and a Japanese max token where there is one, and the
-    max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`."""
+    max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`.
+    `tokens`: language.max_tokens(record), when the caller has them."""
     n_ctx = len(record.contexts)
-    raws = [t for t in (language.max_token(c) for c in record.contexts) if t is not None]
+    raws = language.max_tokens(record) if tokens is None else tokens
     if not raws:
         return f"no activating token in {n_ctx} contexts"
-    counts = Counter(token_key(t) for t in raws)
-    spelling: dict[str, str] = {}  # key -> its most common raw spelling
-    for t, _ in Counter(raws).most_common():
-        spelling.setdefault(token_key(t), t)
-    top = [k for k, _ in counts.most_common(top_n)]
-    parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
+    raw_counts = Counter(raws)  # each distinct raw token is looked at once below
+    key_of = {t: token_key(t) for t in raw_counts}
+    counts = Counter(map(key_of.__getitem__, raws))
+    common = [k for k, _ in counts.most_common(max(top_n, 8))]
+    top = common[:top_n]
+
+    def spelling(key: str) -> str:  # its most common raw spelling (the first seen among equals)
+        return max((t for t in raw_counts if key_of[t] == key), key=raw_counts.__getitem__)
+
+    parts = {k: f"{_show(spelling(k))} {counts[k]}/{n_ctx}" for k in top}
     extra = []
     for a in top:  # the first English-Japanese pair among the top tokens (and the next few) that links
-        pair = next(((p, b) for b, _ in counts.most_common(8) if (p := _en_ja(a, b)) and _link_text(*p)), None)
+        pair = next(((p, b) for b in common[:8] if (p := _en_ja(a, b)) and _link_text(*p)), None)
         if pair:
             (en, ja), b = pair
             note = f"({_link_text(en, ja)})"
@@ -628,9 +633,11 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3) -> str:
                 later = max(top.index(a), top.index(b))
                 parts[top[later]] += f" {note}"
             else:
-                extra.append(f"{_show(spelling[b])} {counts[b]}/{n_ctx} {note}")
+                extra.append(f"{_show(spelling(b))} {counts[b]}/{n_ctx} {note}")
             break
-    scripts = Counter(token_info(t).script for t in raws)
+    scripts = Counter()
+    for t, k in raw_counts.items():
+        scripts[token_info(t).script] += k
     langs = "+".join(s for s in ("en", "ja") if scripts.get(s, 0) / len(raws) >= 0.1) or "other"
     return " · ".join([*(parts[k] for k in top), *extra, langs])
 
@@ -762,12 +769,13 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
     if ev.problem is not None:
         return "uninterpretable", 1.0, {"reason": ev.problem, "top_tokens": ev.top_tokens}
     x = model.vector(ev.features)[None, :]
+    used = set(model.feature_names)
     proba = model.predict_proba(x)[0]
     best = int(np.argmax(proba))
     evidence = {"model": name, "model_version": (model.info or {}).get("version"),
                 "evidence_groups": model.groups,
                 "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, proba)},
-                "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in model.feature_names},
+                "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in used},
                 "top_tokens": ev.top_tokens, "lexicon": lexicon_available()}
     if explanation is not None:
         evidence["explainer_vote"] = explanation.granularity
@@ -811,11 +819,13 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
         error = f"granularity decision failed: {type(exc).__name__}: {exc}"
     try:
-        profile = language.profile(record, texts=texts)
+        tokens = language.max_tokens(record)  # read by both below
+        profile = language.profile(record, texts=texts, tokens=tokens)
     except Exception as exc:
+        tokens = None
         profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
     try:
-        summary = evidence_summary(record)
+        summary = evidence_summary(record, tokens=tokens)
     except Exception as exc:
         summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})
