@@ -102,8 +102,13 @@ def context_text(context: Context) -> str:
     if hit is not None and hit[0] is tokens:
         return hit[1]
     text = "".join(tokens)
-    if "\u2581" in text or "<0x" in text or "\ufffd" in text:  # else clean_token changes no token
+    if "<0x" in text:  # a byte token, maybe: token by token
         text = "".join(map(clean_token, tokens))
+    else:  # clean_token only replaces chars (the same in the joined text)
+        if "\u2581" in text:
+            text = text.replace("\u2581", " ")
+        if "\ufffd" in text:
+            text = text.replace("\ufffd", "")
     if len(_TEXT_BY_TOKENS) >= _TEXT_LIMIT:
         _TEXT_BY_TOKENS.clear()
     _TEXT_BY_TOKENS[id(tokens)] = (tokens, text)
