@@ -187,7 +187,7 @@ class BatchDetector:
         grams = ~((space & space_before) | (upper & np.concatenate([[False], upper[:-1]])))
         grams[starts] = False  # the initial space is no char read
         two = before << 21 | cp
-        three = np.concatenate([[32, 32], cp[:-2]]) << 42 | two
+        three = np.concatenate([[32, 32], cp])[:len(cp)] << 42 | two
         rows = np.stack([np.where(grams & ~space, self._unigrams[cp], -1),
                          np.where(grams, self._bigrams.get(two), -1),
                          np.where(grams & ~space_before, self._trigrams.get(three), -1)], axis=1)

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -60,13 +61,42 @@ def test_batch_detector_is_bit_identical_to_langdetect():
                      for r in synthetic(40) for c in r.contexts[:3]]
     if DEV.exists():  # every 12th distinct context of the dev file (en, ja, mixed, code)
         texts += list(dict.fromkeys(t for r in dev_records() for t in language.context_texts(r)))[::12]
-    got = BatchDetector().probabilities(texts)
-    for text, probs in zip(texts, got):
+    detector = BatchDetector()
+    got = detector.probabilities(texts)
+    answers = detector.detect(texts)  # (trials stop once the answer is settled)
+    for text, probs, answer in zip(texts, got, answers):
         want = _reference_probabilities(text)
         assert (probs is None) == (want is None), text
         if want is not None:
             assert list(probs) == want, text  # exact floats, not approximately
+        best = max(range(len(want)), key=want.__getitem__) if want and max(want) > 0.1 else None
+        assert answer == ("unknown" if best is None else detector.langlist[best]), text
     assert BatchDetector().detect(["", "Bonjour tout le monde, comment allez-vous ?"]) == ["unknown", "fr"]
+
+
+def test_batch_ngrams_are_langdetects_own():
+    from langdetect import detector_factory
+
+    texts = TEXTS + ["ABC def GHi jKL", "A", "AB", "Ab", "aB c", "I  AM  HERE", "x\ud800y", "日本語 テキスト ABCD",
+                     "𝔘𝔫𝔦 émoji 😀 ok", "Ｆｕｌｌ ｗｉｄｔｈ", "a,b;c. d", " lead and trail ", "\u3000全角 スペース",
+                     "ạầẩẫậắ hello", "1 2 3 44 555", "x" * 10_050 + " y"]
+    texts += [language.context_text(c) for r in synthetic(20) for c in r.contexts[:5]]
+    if DEV.exists():
+        texts += list(dict.fromkeys(t for r in dev_records(5) for t in language.context_texts(r)))
+    detector_factory.init_factory()
+    factory = detector_factory._factory
+    row = {w: i for i, w in enumerate(factory.word_lang_prob_map)}
+    detector = BatchDetector()
+    for size in (1, 7, len(texts)):  # batches of any size give each text its own rows
+        rows = []
+        for i in range(0, len(texts), size):
+            flat, sizes = detector.ngram_rows(texts[i:i + size])
+            rows += np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+        for text, got in zip(texts, rows):
+            reference = factory.create()
+            reference.append(text)
+            reference.cleaning_text()
+            assert got.tolist() == [row[g] for g in reference._extract_ngrams()], text[:80]
 
 
 def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
