@@ -413,11 +413,11 @@ class Evidence:
 
 def _level_counts(contexts: list) -> dict[int, int]:
     """How many tokens of the contexts are at each level (0..10)."""
-    try:  # levels are 0..10: as bytes, counted at C speed (a Counter costs ~50 ns a token)
-        counts = np.bincount(np.frombuffer(b"".join(map(bytes, (c.levels for c in contexts))), dtype=np.uint8),
-                             minlength=11).tolist()
-        if len(counts) == 11:
-            return dict(enumerate(counts))
+    try:  # levels are 0..10: as bytes, eleven C-speed counts (a Counter costs ~50 ns a token)
+        data = b"".join(map(bytes, (c.levels for c in contexts)))
+        counts = {k: data.count(k) for k in range(11)}
+        if sum(counts.values()) == len(data):
+            return counts
     except (ValueError, TypeError):  # a level outside 0..255
         pass
     return Counter(chain.from_iterable(c.levels for c in contexts))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from autointerp import granularity, language, run as runlib
+from autointerp import granularity, language, run as runlib, statlabels
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.langdetect_batch import BatchDetector
@@ -188,11 +188,12 @@ def test_run_directory_finds_compact_or_plain_records(tmp_path):
 
 # ---- streamed statistical labels ----------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
+@pytest.mark.parametrize("workers,head", [(1, 0), (2, 0), (2, 1), (2, statlabels.HEAD)])
+def test_streamed_labels_equal_in_memory_labels(tmp_path, monkeypatch, workers, head):
     records = synthetic(150) + (dev_records(6) if DEV.exists() else [])
     path = tmp_path / "records.jsonl.zst"
     write_jsonl(path, records)
+    monkeypatch.setattr(statlabels, "HEAD", head)  # chunks labelled before the workers start
     n = write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
     language._LANGUAGE_CACHE.clear()
     in_memory = [to_json_line(label) for label in granularity.build_labels(read_records(path))]
@@ -211,12 +212,13 @@ def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
     assert first.key == records[0].key and len(pulled) == 16
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, workers):
+@pytest.mark.parametrize("workers,head", [(1, 0), (2, 1), (2, statlabels.HEAD)])
+def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, monkeypatch, workers, head):
     path = tmp_path / "records.jsonl"
     lines = [to_json_line(r) for r in synthetic(120)]
     lines[70] = '{"feature": 70, "contexts": [ broken\n'  # in the third chunk of CHUNK = 32 lines
     path.write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setattr(statlabels, "HEAD", head)  # head 1: a worker meets it
     with pytest.raises(UserError, match=r"records.jsonl:71: malformed line"):
         write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
     assert not (tmp_path / "labels.jsonl").exists()
