@@ -614,19 +614,20 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | 
     raws = language.max_tokens(record) if tokens is None else tokens
     if not raws:
         return f"no activating token in {n_ctx} contexts"
-    raw_counts = Counter(raws)  # each distinct raw token is looked at once below
-    key_of = {t: token_key(t) for t in raw_counts}
+    raw_counts = Counter(raws)
+    key_of = {t: token_info(t).key for t in raw_counts}  # each distinct raw token's key, once
     counts = Counter(map(key_of.__getitem__, raws))
-    common = [k for k, _ in counts.most_common(max(top_n, 8))]
+    common = [k for k, _ in counts.most_common()[:max(top_n, 8)]]
     top = common[:top_n]
-
-    def spelling(key: str) -> str:  # its most common raw spelling (the first seen among equals)
-        return max((t for t in raw_counts if key_of[t] == key), key=raw_counts.__getitem__)
-
-    parts = {k: f"{_show(spelling(k))} {counts[k]}/{n_ctx}" for k in top}
+    spelling: dict[str, str] = {}  # key -> its most common raw spelling
+    for t, _ in raw_counts.most_common():
+        spelling.setdefault(key_of[t], t)
+    parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
     extra = []
+    script = {k: language.token_script(k) for k in common[:8]}
     for a in top:  # the first English-Japanese pair among the top tokens (and the next few) that links
-        pair = next(((p, b) for b in common[:8] if (p := _en_ja(a, b)) and _link_text(*p)), None)
+        pair = next(((p, b) for b in common[:8] if script[a] != script[b] and (p := _en_ja(a, b)) and _link_text(*p)),
+                    None)
         if pair:
             (en, ja), b = pair
             note = f"({_link_text(en, ja)})"
@@ -634,11 +635,9 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | 
                 later = max(top.index(a), top.index(b))
                 parts[top[later]] += f" {note}"
             else:
-                extra.append(f"{_show(spelling(b))} {counts[b]}/{n_ctx} {note}")
+                extra.append(f"{_show(spelling[b])} {counts[b]}/{n_ctx} {note}")
             break
-    scripts = Counter()
-    for t, k in raw_counts.items():
-        scripts[token_info(t).script] += k
+    scripts = Counter(token_info(t).script for t in raws)
     langs = "+".join(s for s in ("en", "ja") if scripts.get(s, 0) / len(raws) >= 0.1) or "other"
     return " · ".join([*(parts[k] for k in top), *extra, langs])
 
