@@ -4,7 +4,8 @@ Two detectors, because they see different things:
 - langdetect over each context's text (seeded: langdetect is random unless DetectorFactory.seed
   is set). Knows ~55 languages; too noisy on one token. It runs once per distinct text (a cache:
   a whole SAE's contexts repeat across latents), over many texts at once through
-  langdetect_batch (the same answers, bit for bit, ~4x faster than one call a text).
+  langdetect_batch (the same answers, bit for bit: on the dev file's texts ~0.15 ms a text
+  against ~2 ms for one langdetect call a text).
 - a script detector for the max-activating token: kana/kanji -> "ja", Latin letters -> "en",
   anything else (digits, punctuation, whitespace, byte fragments) -> "other".
 The paper's own rule (llm-jp-sae) is coarser: a max token is "en" when it is ASCII, else "ja",
