@@ -328,10 +328,11 @@ def string_related(a: str, b: str) -> bool:
 
 
 def _en_ja(a: str, b: str) -> tuple[str, str] | None:
+    """(english, japanese) when one of the two tokens is English and the other Japanese."""
     sa, sb = language.token_script(a), language.token_script(b)
-    if {sa, sb} != {"en", "ja"}:
-        return None
-    return (a, b) if sa == "en" else (b, a)  # (english, japanese)
+    if sa == "en":
+        return (a, b) if sb == "ja" else None
+    return (b, a) if sa == "ja" and sb == "en" else None
 
 
 @lru_cache(maxsize=65536)
@@ -439,15 +440,15 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
     n = len(firing)
     if n == 0:
         return Evidence({}, [], "no activating token in any context")
-    infos = [token_info(c.tokens[i]) for i, c in firing]
-    counts = Counter(t.key for t in infos)
+    keys, norms, token_scripts, token_classes, _ = zip(*map(token_info, [c.tokens[i] for i, c in firing]))
+    counts = Counter(keys)
     top = counts.most_common()
     top_token, top_count = top[0]
-    junk = sum(not t.norm for t in infos)
+    junk = norms.count("")
     if junk == n and top_count / n < 0.8:
         return Evidence({}, top[:10], "max tokens are only whitespace or byte fragments")
-    classes = Counter(t.cls for t in infos)
-    scripts = Counter(t.script for t in infos)  # each context's max token
+    classes = Counter(token_classes)
+    scripts = Counter(token_scripts)  # each context's max token
     # Only tokens of a script that can relate to the top one are looked at (string_related and
     # linked are False for any other pair): a diffuse latent has ~50 distinct max tokens.
     script_of = {t: language.token_script(t) for t in counts}
@@ -495,8 +496,8 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         "top2_related": float(bool(second) and second in variants),
         "variant_types_ratio": len(variants) / len(counts),
         # context, not token: fires after one token (e.g. after "(") / at one place in the text
-        "prev_top_share": Counter(token_info(c.tokens[i - 1]).key if i > 0 else "<start>"
-                                  for i, c in firing).most_common(1)[0][1] / n,
+        "prev_top_share": max(Counter(token_info(c.tokens[i - 1]).key if i > 0 else "<start>"
+                                      for i, c in firing).values()) / n,
         "max_position_mean": sum(i / max(len(c.tokens) - 1, 1) for i, c in firing) / n,
     }
     # Cross-script links to the top token, one pair of features per dictionary source.
@@ -604,23 +605,29 @@ def _link_text(en: str, ja: str) -> str | None:
     return None
 
 
-def evidence_summary(record: FeatureRecord, top_n: int = 3) -> str:
+def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | None = None) -> str:
     """A deterministic line from the decision's own evidence: the top max tokens with counts,
     the dictionary link between an English and a Japanese max token where there is one, and the
-    max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`."""
+    max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`.
+    `tokens`: language.max_tokens(record), when the caller has them."""
     n_ctx = len(record.contexts)
-    raws = [t for t in (language.max_token(c) for c in record.contexts) if t is not None]
+    raws = language.max_tokens(record) if tokens is None else tokens
     if not raws:
         return f"no activating token in {n_ctx} contexts"
-    counts = Counter(token_key(t) for t in raws)
+    raw_counts = Counter(raws)
+    key_of = {t: token_info(t).key for t in raw_counts}  # each distinct raw token's key, once
+    counts = Counter(map(key_of.__getitem__, raws))
+    common = [k for k, _ in counts.most_common()[:max(top_n, 8)]]
+    top = common[:top_n]
     spelling: dict[str, str] = {}  # key -> its most common raw spelling
-    for t, _ in Counter(raws).most_common():
-        spelling.setdefault(token_key(t), t)
-    top = [k for k, _ in counts.most_common(top_n)]
+    for t, _ in raw_counts.most_common():
+        spelling.setdefault(key_of[t], t)
     parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
     extra = []
+    script = {k: language.token_script(k) for k in common[:8]}
     for a in top:  # the first English-Japanese pair among the top tokens (and the next few) that links
-        pair = next(((p, b) for b, _ in counts.most_common(8) if (p := _en_ja(a, b)) and _link_text(*p)), None)
+        pair = next(((p, b) for b in common[:8] if script[a] != script[b] and (p := _en_ja(a, b)) and _link_text(*p)),
+                    None)
         if pair:
             (en, ja), b = pair
             note = f"({_link_text(en, ja)})"
@@ -762,12 +769,13 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
     if ev.problem is not None:
         return "uninterpretable", 1.0, {"reason": ev.problem, "top_tokens": ev.top_tokens}
     x = model.vector(ev.features)[None, :]
+    used = set(model.feature_names)
     proba = model.predict_proba(x)[0]
     best = int(np.argmax(proba))
     evidence = {"model": name, "model_version": (model.info or {}).get("version"),
                 "evidence_groups": model.groups,
                 "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, proba)},
-                "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in model.feature_names},
+                "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in used},
                 "top_tokens": ev.top_tokens, "lexicon": lexicon_available()}
     if explanation is not None:
         evidence["explainer_vote"] = explanation.granularity
@@ -811,11 +819,13 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
         error = f"granularity decision failed: {type(exc).__name__}: {exc}"
     try:
-        profile = language.profile(record, texts=texts)
+        tokens = language.max_tokens(record)  # read by both below
+        profile = language.profile(record, texts=texts, tokens=tokens)
     except Exception as exc:
+        tokens = None
         profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
     try:
-        summary = evidence_summary(record)
+        summary = evidence_summary(record, tokens=tokens)
     except Exception as exc:
         summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})

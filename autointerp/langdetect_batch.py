@@ -12,8 +12,9 @@ products and normalisations run as numpy operations over 512 texts in flight (el
 arithmetic in langdetect's order; the normalising sum is summed as Python's `sum` does), so the
 result is bit-identical: tests/test_scale.py checks it against langdetect's own probabilities on
 the dev file's contexts. The text preparation (URL/mail removal, Vietnamese normalisation, Latin
-cleaning, n-gram extraction) follows langdetect's code, with its per-character normalisation and
-each word's n-grams cached (its n-gram buffer restarts at every space).
+cleaning, per-character normalisation, n-gram extraction) follows langdetect's code, computed on
+the code points of a whole batch at once (ngram_rows). detect() stops a text's trials once its
+answer can no longer change (usually after 4 of the 7).
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from __future__ import annotations
 import gc
 import math
 import random
-import re
 import sys
-from itertools import chain
+from itertools import chain, compress
 from typing import Sequence
 
 import numpy as np
@@ -32,14 +32,13 @@ from langdetect.detector import Detector
 from langdetect.utils.ngram import NGram
 
 UNKNOWN = "unknown"
-_SPACES = re.compile(" +")
 _TWOPI = 2.0 * math.pi  # random.TWOPI
 SLOTS = 512  # texts in flight at once
 _DMARKS = frozenset(NGram.DMARK_CLASS)  # the combining marks NGram.normalize_vi acts on
-# cleaning_text counts a char >= U+0300 "and unicode_block(ch) != 'Latin Extended Additional'",
-# but unicode_block returns a number, never that name: every char >= U+0300 counts
-_NON_LATIN = re.compile("[^\x00-\u02ff]")
-_LATIN = re.compile("[A-z]")  # langdetect's test is 'A' <= ch <= 'z' (so [\\]^_` count too)
+# cleaning_text weighs the Latin letters ('A' <= ch <= 'z') against the chars >= U+0300 "and
+# unicode_block(ch) != 'Latin Extended Additional'", but unicode_block returns a number, never
+# that name: every char from U+0300 on counts
+NON_LATIN_FROM = 0x300
 
 
 def _row_sums(p: np.ndarray) -> np.ndarray:
@@ -50,23 +49,44 @@ def _row_sums(p: np.ndarray) -> np.ndarray:
     return np.array([sum(row) for row in p.tolist()])
 
 
-def latin_count(text: str) -> int:
-    return len(_LATIN.findall(text))
+def _slots(keys: np.ndarray, bits: int) -> np.ndarray:
+    """Fibonacci hashing: each key's home slot in a table of 2**bits."""
+    return ((keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits)).astype(np.int64)
 
 
-class _Computed(dict):
-    """key -> compute(key), computed on first use."""
+class _IntTable:
+    """A hash table from non-negative int64 keys to int64 values (open addressing, linear
+    probing, at most 1/4 full), looked up for a whole array of keys at once."""
 
-    def __init__(self, compute):
-        super().__init__()
-        self.compute = compute
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        self.bits = max(4, (4 * len(keys)).bit_length())
+        self.mask = (1 << self.bits) - 1
+        self.keys = np.full(1 << self.bits, -1, dtype=np.int64)
+        self.values = np.zeros(1 << self.bits, dtype=np.int64)
+        slot, todo = _slots(keys, self.bits), np.arange(len(keys))
+        while len(todo):  # each round: the first key that wants each free slot takes it; the rest probe on
+            want = todo[self.keys[slot[todo]] == -1]
+            _, first = np.unique(slot[want], return_index=True)
+            won = want[first]
+            self.keys[slot[won]], self.values[slot[won]] = keys[won], values[won]
+            todo = np.setdiff1d(todo, won, assume_unique=True)
+            slot[todo] = (slot[todo] + 1) & self.mask
 
-    def __missing__(self, key):
-        value = self[key] = self.compute(key)
-        return value
-
-
-LONG_WORD = 24  # longer words (a Japanese run between spaces) rarely repeat: not kept
+    def get(self, query: np.ndarray) -> np.ndarray:
+        """The value of each key of `query`, -1 where it is not in the table."""
+        slot = _slots(query, self.bits)
+        found = self.keys[slot]
+        out = np.where(found == query, self.values[slot], -1)
+        todo = np.flatnonzero((found != query) & (found != -1))  # a slot held by another key: look on
+        at = slot[todo]
+        while len(todo):
+            at = (at + 1) & self.mask
+            found = self.keys[at]
+            hit = found == query[todo]
+            out[todo[hit]] = self.values[at[hit]]
+            going = ~hit & (found != -1)
+            todo, at = todo[going], at[going]
+        return out
 
 
 class BatchDetector:
@@ -82,9 +102,20 @@ class BatchDetector:
             factory = detector_factory._factory
             self.langlist: list[str] = list(factory.langlist)
             words = factory.word_lang_prob_map
-            self.row = dict(zip(words, range(len(words))))
             self.table = np.fromiter(chain.from_iterable(words.values()), dtype=np.float64,
                                      count=len(words) * len(self.langlist)).reshape(len(words), len(self.langlist))
+            # the profile's n-grams (1 to 3 chars) as integers: their code points, 21 bits each
+            lengths = np.array(list(map(len, words)))
+            keys, rows = {}, {}
+            for n in (1, 2, 3):
+                rows[n] = np.flatnonzero(lengths == n)
+                points = np.frombuffer("".join(compress(words, lengths == n)).encode("utf-32-le"), dtype="<u4")
+                keys[n] = np.zeros(len(rows[n]), dtype=np.int64)
+                for column in points.reshape(len(rows[n]), n).astype(np.int64).T:
+                    keys[n] = keys[n] << 21 | column
+            self._unigrams = np.full(0x110000, -1, dtype=np.int64)  # code point -> its row
+            self._unigrams[keys[1]] = rows[1]
+            self._bigrams, self._trigrams = _IntTable(keys[2], rows[2]), _IntTable(keys[3], rows[3])
         finally:
             if collecting:
                 gc.enable()
@@ -95,58 +126,74 @@ class BatchDetector:
         self._mt = random.Random()
         self._mt.seed(self.seed)
         self._stream = np.zeros(0, dtype=np.int64)
-        self._norm: dict[int, str] = {}  # ord(char) -> NGram.normalize(char), a str.translate table
-        self._seen: set[str] = set()  # chars in _norm
-        self._word_rows = _Computed(lambda word: self._word_ngram_rows(word, closed=True))
-        self._end_rows = _Computed(self._end_grams)
+        # per code point, filled in for the chars in _seen: NGram.normalize (always one char) and
+        # str.isupper() of what it gives
+        self._norm = np.arange(0x110000, dtype=np.int32)
+        self._upper = np.zeros(0x110000, dtype=bool)
+        self._seen: set[str] = set()
 
     # ---- text -> n-gram rows (Detector.append, cleaning_text, _extract_ngrams) -----------------
 
-    def ngram_rows(self, text: str) -> list[int]:
+    def _read(self, text: str) -> str:
+        """What Detector.append keeps of a text, but for its runs of spaces (NGram reads a space
+        after a space as nothing, so they change no n-gram): URLs and mail addresses out,
+        Vietnamese normalised, the first 10,000 chars."""
         if "://" in text:  # the patterns cannot match otherwise
             text = Detector.URL_RE.sub(" ", text)
         if "@" in text:
             text = Detector.MAIL_RE.sub(" ", text)
         if not _DMARKS.isdisjoint(text):
             text = NGram.normalize_vi(text)
-        text = _SPACES.sub(" ", text[:10000])  # append(): a space after a space is dropped
-        chars = set(text)
-        for ch in [ch for ch in chars if ch not in self._seen]:  # (not `chars - seen`: that walks every known char)
+        return text[:10000]
+
+    def ngram_rows(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, sizes): the profile rows of every text's n-grams, in the order langdetect's
+        _extract_ngrams lists them, all texts' concatenated, and how many each text has.
+
+        Computed for all the texts at once, on their code points, each after a space (NGram's
+        initial state): cleaning_text drops the Latin letters of a text with more than twice as
+        many chars at or above U+0300; NGram.normalize maps each char to one char; NGram keeps
+        the last 3 chars read and starts again after a space, so the grams after a char depend
+        on it and the two before: its 1-gram (not a space), its 2-gram, its 3-gram when the char
+        before is no space; none after a space that follows a space, nor after an upper-case
+        char that follows another (NGram.capitalword)."""
+        if not texts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        joined = "".join(texts)
+        if "://" in joined or "@" in joined or not _DMARKS.isdisjoint(joined):
+            read = [self._read(t) for t in texts]
+        else:  # (the usual case)
+            read = [t[:10000] for t in texts]
+        stream = "".join(" " + t for t in read)
+        for ch in [ch for ch in set(stream) if ch not in self._seen]:
             self._seen.add(ch)
-            self._norm[ord(ch)] = NGram.normalize(ch)
-        non_latin = len(_NON_LATIN.findall(text))  # what cleaning_text weighs the Latin letters against
-        if non_latin and latin_count(text) * 2 < non_latin:
-            text = _LATIN.sub("", text)  # cleaning_text(): mostly non-Latin text loses its Latin letters
-        # NGram's buffer restarts at every space, so a text's n-grams are those of its words
-        *words, last = text.translate(self._norm).split(" ")
-        cache = self._word_rows
-        if len(cache) > 1_000_000:
-            cache.clear()
-        if len(self._end_rows) > 1_000_000:
-            self._end_rows.clear()
-        rows = list(chain.from_iterable(
-            cache[w] if len(w) <= LONG_WORD else self._word_ngram_rows(w, closed=True) for w in words if w))
-        if last:  # the last word has no closing space
-            rows.extend(self._word_ngram_rows(last, closed=False))
-        return rows
-
-    def _word_ngram_rows(self, word: str, closed: bool) -> list[int]:
-        """Detector._extract_ngrams over ' ' + word (+ ' '), for already normalised chars: after
-        each char its 1-, 2- and 3-gram, except after an upper-case char that follows another
-        (NGram.capitalword) and the 1-gram ' '. What comes after a char depends only on it and
-        the two before it, so the rows are looked up by those (at most) 3 chars."""
-        p = " " + word + (" " if closed else "")
-        ends = self._end_rows
-        return list(chain(ends[p[:2]], chain.from_iterable(map(ends.__getitem__, [p[i:i + 3] for i in range(len(p) - 2)]))))
-
-    def _end_grams(self, end: str) -> tuple[int, ...]:
-        """The rows of the grams NGram yields after the last char of `end` (the 2 or 3 chars
-        ending there; 2 at the first char of a word, after its space)."""
-        if len(end) == 3 and end[2].isupper() and end[1].isupper():  # NGram.capitalword
-            return ()
-        grams = [end[-1:], end[-2:], end] if len(end) == 3 else [end[-1:], end]
-        get = self.row.get
-        return tuple(r for g in grams if g != " " and (r := get(g)) is not None)
+            norm = NGram.normalize(ch)
+            self._norm[ord(ch)], self._upper[ord(norm)] = ord(norm), norm.isupper()
+        cp = np.frombuffer(stream.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+        lengths = np.array([len(t) + 1 for t in read], dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        latin = (cp >= 65) & (cp <= 122)  # cleaning_text: 'A' <= ch <= 'z'
+        non_latin = np.add.reduceat(cp >= NON_LATIN_FROM, starts)
+        cleaned = (non_latin > 0) & (np.add.reduceat(latin, starts) * 2 < non_latin)
+        if cleaned.any():
+            keep = ~(latin & np.repeat(cleaned, lengths))
+            cp = cp[keep]
+            lengths = np.add.reduceat(keep, starts)
+            starts = np.cumsum(lengths) - lengths
+        cp = self._norm[cp].astype(np.int64)
+        space, upper = cp == 32, self._upper[cp]
+        before = np.concatenate([[32], cp[:-1]])  # the char before (a space before the first)
+        space_before = np.concatenate([[True], space[:-1]])
+        grams = ~((space & space_before) | (upper & np.concatenate([[False], upper[:-1]])))
+        grams[starts] = False  # the initial space is no char read
+        two = before << 21 | cp
+        three = np.concatenate([[32, 32], cp])[:len(cp)] << 42 | two
+        rows = np.stack([np.where(grams & ~space, self._unigrams[cp], -1),
+                         np.where(grams, self._bigrams.get(two), -1),
+                         np.where(grams & ~space_before, self._trigrams.get(three), -1)], axis=1)
+        found = rows >= 0
+        per_char = found[:, 0].astype(np.int64) + found[:, 1] + found[:, 2]
+        return rows[found], np.add.reduceat(per_char, starts)
 
     # ---- the seeded trials, all texts in lockstep --------------------------------------------
 
@@ -175,19 +222,19 @@ class BatchDetector:
             pointer[j] += 4
         return 0.0 + z * 1.0
 
-    def probabilities(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+    def probabilities(self, texts: Sequence[str], settled_early: bool = False) -> list[np.ndarray | None]:
         """langdetect's averaged language probabilities per text (None: no n-gram, langdetect's
-        'No features in text' error)."""
+        'No features in text' error). settled_early: a text stops once its best language can no
+        longer change (see detect); its probabilities are then those of the trials run so far."""
         n_lang = len(self.langlist)
-        grams = [self.ngram_rows(t) for t in texts]
-        live = [i for i, g in enumerate(grams) if g]
+        flat, sizes = self.ngram_rows(texts)  # (texts without n-grams add none to flat)
+        live = np.flatnonzero(sizes).tolist()
         out: list[np.ndarray | None] = [None] * len(texts)
         if not live:
             return out
         m = len(live)
-        sizes = np.array([len(grams[i]) for i in live], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each text's n-gram rows, concatenated
-        flat = np.fromiter(chain.from_iterable(grams[i] for i in live), dtype=np.int64, count=int(sizes.sum()))
+        sizes = sizes[live]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # each text's n-gram rows in flat
         shift = 32 - np.array([int(n).bit_length() for n in sizes.tolist()], dtype=np.int64)
         pointer = np.zeros(m, dtype=np.int64)  # next unread word of each text's generator
         spare: list = [None] * m  # Random.gauss_next
@@ -244,6 +291,9 @@ class BatchDetector:
             if len(ended):
                 langprob[ended] += prob[ended] / 7
                 trial[ended] += 1
+                if settled_early:
+                    going = ended[trial[ended] < 7]
+                    trial[going[self._settled(langprob[going], trial[going])]] = 7
                 for j in ended[trial[ended] < 7].tolist():
                     start_trial(j)
             active = active[trial[active] < 7]
@@ -256,10 +306,22 @@ class BatchDetector:
             out[i] = langprob[j]
         return out
 
+    @staticmethod
+    def _settled(langprob: np.ndarray, trials: np.ndarray) -> np.ndarray:
+        """Which texts' best language is decided after `trials` of the 7: each trial left adds at
+        most 1/7 to a language (its probabilities sum to 1) and never takes any away, so a leader
+        ahead of every other language by more than that (and already above PROB_THRESHOLD) stays
+        langdetect's answer. (1e-9 covers the rounding of the additions left, ~1e-16 each.)"""
+        if langprob.shape[1] < 2 or not len(langprob):
+            return np.zeros(len(langprob), dtype=bool)
+        top2 = np.partition(langprob, -2, axis=1)[:, -2:]
+        return (top2[:, 1] - top2[:, 0] > (7 - trials) / 7 + 1e-9) & (top2[:, 1] > Detector.PROB_THRESHOLD)
+
     def detect(self, texts: Sequence[str]) -> list[str]:
-        """langdetect's best language per text (detect_langs(text)[0].lang), 'unknown' where it has none."""
+        """langdetect's best language per text (detect_langs(text)[0].lang), 'unknown' where it has
+        none. Usually decided after 4 of langdetect's 7 trials: the rest are not run (_settled)."""
         out = []
-        for p in self.probabilities(texts):
+        for p in self.probabilities(texts, settled_early=True):
             if p is None or not (p > Detector.PROB_THRESHOLD).any():
                 out.append(UNKNOWN)
             else:

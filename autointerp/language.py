@@ -4,7 +4,8 @@ Two detectors, because they see different things:
 - langdetect over each context's text (seeded: langdetect is random unless DetectorFactory.seed
   is set). Knows ~55 languages; too noisy on one token. It runs once per distinct text (a cache:
   a whole SAE's contexts repeat across latents), over many texts at once through
-  langdetect_batch (the same answers, bit for bit, ~4x faster than one call a text).
+  langdetect_batch (the same answers, bit for bit: on the dev file's texts ~0.15 ms a text
+  against ~2 ms for one langdetect call a text).
 - a script detector for the max-activating token: kana/kanji -> "ja", Latin letters -> "en",
   anything else (digits, punctuation, whitespace, byte fragments) -> "other".
 The paper's own rule (llm-jp-sae) is coarser: a max token is "en" when it is ASCII, else "ja",
@@ -102,8 +103,13 @@ def context_text(context: Context) -> str:
     if hit is not None and hit[0] is tokens:
         return hit[1]
     text = "".join(tokens)
-    if "\u2581" in text or "<0x" in text or "\ufffd" in text:  # else clean_token changes no token
+    if "<0x" in text:  # a byte token, maybe: token by token
         text = "".join(map(clean_token, tokens))
+    else:  # clean_token only replaces chars (the same in the joined text)
+        if "\u2581" in text:
+            text = text.replace("\u2581", " ")
+        if "\ufffd" in text:
+            text = text.replace("\ufffd", "")
     if len(_TEXT_BY_TOKENS) >= _TEXT_LIMIT:
         _TEXT_BY_TOKENS.clear()
     _TEXT_BY_TOKENS[id(tokens)] = (tokens, text)
@@ -219,6 +225,11 @@ def max_token(context: Context) -> str | None:
     return context.tokens[i]
 
 
+def max_tokens(record: FeatureRecord) -> list[str]:
+    """The max-activating token of each context that activates, in context order."""
+    return [t for t in map(max_token, record.contexts) if t is not None]
+
+
 def _shares(counter: Counter) -> dict[str, float]:
     total = sum(counter.values())
     return {k: round(v / total, 4) for k, v in counter.most_common()} if total else {}
@@ -232,22 +243,22 @@ def entropy(counter: Counter) -> float:
 
 def trend(record: FeatureRecord) -> str:
     """The paper's language trend of a latent alone (profile()["trend"], without langdetect)."""
-    tokens = [t for t in (max_token(c) for c in record.contexts) if t is not None]
+    tokens = max_tokens(record)
     return trend_from_counts(Counter(paper_token_language(t) for t in tokens))
 
 
 def profile(record: FeatureRecord, bilingual_min_share: float = 0.1,
-            texts: Sequence[str] | None = None) -> dict[str, Any]:
+            texts: Sequence[str] | None = None, tokens: list[str] | None = None) -> dict[str, Any]:
     """A JSON-able language profile of one latent.
 
     trend is the paper's rule (by `paper_token_language` on max tokens); trend_langdetect is the
     same >90% rule over langdetect's context languages. bilingual_firing: both English and
     Japanese max tokens, each in at least `bilingual_min_share` of the activating contexts (not
     the paper's "cross-lingual", which Label.cross_lingual keeps: a concept joining words of the
-    same meaning across the languages). `texts`:
-    context_texts(record), when the caller has them already.
+    same meaning across the languages). `texts`, `tokens`: context_texts(record) and
+    max_tokens(record), when the caller has them already.
     """
-    tokens = [t for t in map(max_token, record.contexts) if t is not None]
+    tokens = max_tokens(record) if tokens is None else tokens
     context_langs = Counter(detect_languages(context_texts(record) if texts is None else texts))
     scripts = Counter(map(token_script, tokens))
     paper_counts = Counter(map(paper_token_language, tokens))

@@ -384,17 +384,28 @@ def lean_record(line: str | bytes) -> FeatureRecord:
     general way, which converts it, or raises the error every reader gives."""
     try:
         r = _decode_lean(line)
-        contexts = [Context(_tokens(c.tokens), c.levels, c.activations) for c in r.contexts]
+        tokens = [_tokens(c.tokens) for c in r.contexts]
     except msgspec.DecodeError:  # msgspec.ValidationError included
         r = None
-    if r is None or r.schema_version != SCHEMA_VERSION or any(
-            len(c.tokens) != len(c.levels) or (c.activations is not None and len(c.activations) != len(c.tokens))
-            for c in contexts):
-        d = json.loads(line)
-        d["negatives"] = []
-        return FeatureRecord.from_dict(d)
-    return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature, contexts,
-                         density=r.density, max_activation=r.max_activation)
+    if r is not None and r.schema_version == SCHEMA_VERSION:
+        levels, activations = [c.levels for c in r.contexts], [c.activations for c in r.contexts]
+        if _lengths_agree(tokens, levels, activations):
+            return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
+                                 list(map(Context, tokens, levels, activations)),
+                                 density=r.density, max_activation=r.max_activation)
+    d = json.loads(line)
+    d["negatives"] = []
+    return FeatureRecord.from_dict(d)
+
+
+def _lengths_agree(tokens: list[list], levels: list[list], activations: list[list | None]) -> bool:
+    """Each context has as many levels (and activations, where it has them) as tokens."""
+    lengths = list(map(len, tokens))
+    if lengths != list(map(len, levels)):
+        return False
+    if None in activations:  # (contexts written without activations)
+        return all(a is None or len(a) == n for a, n in zip(activations, lengths))
+    return list(map(len, activations)) == lengths
 
 
 def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:

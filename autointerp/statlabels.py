@@ -1,11 +1,15 @@
 """Statistical labels for every latent of a records file: streamed, on worker processes.
 
 No LLM: the granularity comes from the statistical model and the language from the profile
-(granularity.iter_labels). Each worker reads the file itself, line by line, and labels every
-W-th chunk of lines (sending a whole SAE's records through pipes cost the parent and the workers
-~10% of the work); the labels come back as JSON lines through one pipe per worker and the parent
-writes them in file order. A worker blocks while its pipe is full, so memory stays bounded
-whatever the number of latents (a 32,768-latent checkpoint included).
+(granularity.iter_labels). The first HEAD chunks of lines are labelled in this process, which
+fills the caches (context languages, token facts, dictionary look-ups) that the workers inherit
+when forked. Each worker then reads the file itself, line by line, and labels every W-th chunk
+of lines after those (sending a whole SAE's records through pipes cost the parent and the
+workers ~10% of the work), GROUP of its chunks at a time (their new context texts in one
+langdetect batch: the batch detector's cost is mostly per call). The labels come back as JSON
+lines through one pipe per worker and the parent writes them in file order. A worker blocks
+while its pipe is full, so memory stays bounded whatever the number of latents (a
+32,768-latent checkpoint included).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from autointerp import granularity, language
 from autointerp.errors import UserError
 from autointerp.schema import iter_lines, lean_record, to_json_line, write_jsonl
 
-CHUNK = 32  # latents per task: enough to batch langdetect, few enough to share a small file between workers
+CHUNK = 32  # latents per task: few enough to share a small file between workers
+GROUP = 8  # a worker's chunks labelled at once, in one langdetect batch (most of its cost is per call)
 
 
 def label_lines(path: str, lines: list[tuple[int, bytes]]) -> list[str]:
@@ -54,7 +59,13 @@ def _warm() -> None:
     language.detect_languages(["warm up"])
 
 
-GC_THRESHOLD = (20_000, 50, 1000)  # labelling makes no reference cycles to speak of
+# Chunks labelled here before the workers start (a file of no more than that is labelled without
+# them): the context texts and tokens that recur across a SAE's latents are then detected and
+# looked up once, here, and the forked workers inherit the caches, instead of each filling its own
+# (on the synthetic 32,768-latent checkpoint ~1,000 latents show nearly every distinct context).
+HEAD = 32
+GC_THRESHOLD = (200_000, 50, 1000)  # labelling makes no reference cycles to speak of; a group of
+# 256 records in hand is ~60k containers, below the first threshold, so they are not scanned
 
 
 @contextmanager
@@ -72,7 +83,7 @@ def _few_collections():
         gc.set_threshold(*old)
 
 
-AHEAD = 8  # chunks a worker may label before the parent takes them (it waits for the slowest)
+AHEAD = GROUP  # chunks a worker may label before the parent takes them (it waits for the slowest)
 
 
 def _send_all(conn, outbox: queue.Queue) -> None:
@@ -86,9 +97,10 @@ def _send_all(conn, outbox: queue.Queue) -> None:
 _STOP = object()
 
 
-def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None:
-    """A worker: label chunks worker, worker + workers, ... of the file and send each chunk's
-    label lines; then None (done), or the exception that stopped it. A thread sends, so the
+def _label_share(path: str, worker: int, workers: int, chunk: int, skip: int, conn) -> None:
+    """A worker: label chunks skip + worker, skip + worker + workers, ... of the file (GROUP of
+    them at a time) and send each chunk's label lines; then None (done), or the exception that
+    stopped it. A thread sends, so the
     worker goes on labelling (up to AHEAD chunks) while the parent waits for another worker."""
     outbox: queue.Queue = queue.Queue(maxsize=AHEAD)
     sender = threading.Thread(target=_send_all, args=(conn, outbox), daemon=True)
@@ -96,9 +108,12 @@ def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None
     try:
         gc.freeze()  # the parent's objects: never scanned (nor their pages copied by the scan)
         gc.set_threshold(*GC_THRESHOLD)
-        for i, lines in enumerate(_chunks(iter_lines(path, binary=True), chunk)):
-            if i % workers == worker:
-                outbox.put(label_lines(path, lines))
+        own = (lines for i, lines in enumerate(_chunks(iter_lines(path, binary=True), chunk))
+               if i >= skip and (i - skip) % workers == worker)
+        for group in _chunks(own, GROUP):
+            labels = iter(label_lines(path, [line for lines in group for line in lines]))
+            for lines in group:
+                outbox.put(list(islice(labels, len(lines))))
         outbox.put(None)
     except BaseException as exc:  # noqa: BLE001  the parent raises it
         outbox.put(exc)
@@ -110,15 +125,19 @@ def _label_share(path: str, worker: int, workers: int, chunk: int, conn) -> None
 
 def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
                           chunk: int = CHUNK) -> Iterator[str]:
-    """The statistical label (a JSON line) of every record in the file, in file order."""
+    """The statistical label (a JSON line) of every record in the file, in file order: the first
+    HEAD chunks here, the rest (if any) on `workers` worker processes."""
     path = str(records_path)
     workers = default_workers() if workers is None else workers
     _warm()
-    if workers <= 1:
-        for lines in _chunks(iter_lines(path, binary=True), chunk):
-            with _few_collections():
-                labels = label_lines(path, lines)
-            yield from labels
+    chunks = _chunks(iter_lines(path, binary=True), chunk)
+    for group in _chunks(chunks if workers <= 1 else islice(chunks, HEAD), GROUP):
+        with _few_collections():
+            labels = label_lines(path, [line for lines in group for line in lines])
+        yield from labels
+    more = workers > 1 and next(chunks, None) is not None
+    chunks.close()
+    if not more:
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -126,7 +145,7 @@ def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
     try:
         for w in range(workers):
             receive, send = context.Pipe(duplex=False)
-            proc = context.Process(target=_label_share, args=(path, w, workers, chunk, send), daemon=True)
+            proc = context.Process(target=_label_share, args=(path, w, workers, chunk, HEAD, send), daemon=True)
             proc.start()
             send.close()  # the worker holds the sending end: recv() sees EOF if it dies
             conns.append(receive)

@@ -168,8 +168,10 @@ def breakdown(path: Path, n: int) -> str:
     for label in labels:
         to_json_line(label)
     t6 = clock()
+    models = granularity.load_models()
+    groups = models[granularity.choose_model(models)].groups  # the evidence the labels' model reads
     for r in records:  # again, alone (its caches, e.g. JMdict glosses, are warm now)
-        granularity.stat_features(r)
+        granularity.stat_features(r, groups)
     t7 = clock()
     parts = [("decompress", t1 - t0), ("lean_record (msgspec)", t3 - t1),
              ("langdetect (distinct texts)", t4 - t3), ("label_record", t5 - t4),

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeserver import FakeServer  # noqa: E402
 
-from autointerp import granularity, sampling  # noqa: E402
+from autointerp import granularity, sampling, statlabels  # noqa: E402
 from autointerp.cli import app  # noqa: E402
 from autointerp.schema import Context, FeatureRecord, Label, iter_jsonl, to_json_line, write_jsonl  # noqa: E402
 from autointerp.statlabels import iter_stat_label_lines  # noqa: E402
@@ -88,10 +88,11 @@ def test_stratified_sample_is_seeded_and_covers_every_class():
 
 # ---- statistical labels --------------------------------------------------------------------------
 
-def test_streamed_labels_equal_in_memory_ones_with_evidence_summary(tmp_path):
+def test_streamed_labels_equal_in_memory_ones_with_evidence_summary(tmp_path, monkeypatch):
     records = dev_records(40)
     path = tmp_path / "records.jsonl"
     write_jsonl(path, records)
+    monkeypatch.setattr(statlabels, "HEAD", 1)  # the workers label all but the first chunk
     streamed = list(iter_stat_label_lines(path, workers=2, chunk=7))
     in_memory = [to_json_line(l) for l in granularity.iter_labels(records)]
     assert streamed == in_memory

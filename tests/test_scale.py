@@ -8,10 +8,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from autointerp import granularity, language, run as runlib
+from autointerp import granularity, language, run as runlib, statlabels
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.langdetect_batch import BatchDetector
@@ -60,24 +61,53 @@ def test_batch_detector_is_bit_identical_to_langdetect():
                      for r in synthetic(40) for c in r.contexts[:3]]
     if DEV.exists():  # every 12th distinct context of the dev file (en, ja, mixed, code)
         texts += list(dict.fromkeys(t for r in dev_records() for t in language.context_texts(r)))[::12]
-    got = BatchDetector().probabilities(texts)
-    for text, probs in zip(texts, got):
+    detector = BatchDetector()
+    got = detector.probabilities(texts)
+    answers = detector.detect(texts)  # (trials stop once the answer is settled)
+    for text, probs, answer in zip(texts, got, answers):
         want = _reference_probabilities(text)
         assert (probs is None) == (want is None), text
         if want is not None:
             assert list(probs) == want, text  # exact floats, not approximately
+        best = max(range(len(want)), key=want.__getitem__) if want and max(want) > 0.1 else None
+        assert answer == ("unknown" if best is None else detector.langlist[best]), text
     assert BatchDetector().detect(["", "Bonjour tout le monde, comment allez-vous ?"]) == ["unknown", "fr"]
+
+
+def test_batch_ngrams_are_langdetects_own():
+    from langdetect import detector_factory
+
+    texts = TEXTS + ["ABC def GHi jKL", "A", "AB", "Ab", "aB c", "I  AM  HERE", "x\ud800y", "日本語 テキスト ABCD",
+                     "𝔘𝔫𝔦 émoji 😀 ok", "Ｆｕｌｌ ｗｉｄｔｈ", "a,b;c. d", " lead and trail ", "\u3000全角 スペース",
+                     "ạầẩẫậắ hello", "1 2 3 44 555", "x" * 10_050 + " y"]
+    texts += [language.context_text(c) for r in synthetic(20) for c in r.contexts[:5]]
+    if DEV.exists():
+        texts += list(dict.fromkeys(t for r in dev_records(5) for t in language.context_texts(r)))
+    detector_factory.init_factory()
+    factory = detector_factory._factory
+    row = {w: i for i, w in enumerate(factory.word_lang_prob_map)}
+    detector = BatchDetector()
+    for size in (1, 7, len(texts)):  # batches of any size give each text its own rows
+        rows = []
+        for i in range(0, len(texts), size):
+            flat, sizes = detector.ngram_rows(texts[i:i + size])
+            rows += np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+        for text, got in zip(texts, rows):
+            reference = factory.create()
+            reference.append(text)
+            reference.cleaning_text()
+            assert got.tolist() == [row[g] for g in reference._extract_ngrams()], text[:80]
 
 
 def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
     from langdetect.utils.unicode_block import unicode_block
 
-    from autointerp.langdetect_batch import _NON_LATIN
+    from autointerp.langdetect_batch import NON_LATIN_FROM
 
     # Detector.cleaning_text's own test, as langdetect writes it
     for cp in [*range(0x3000), *range(0x3000, 0x10000, 7), 0x1f600, 0x20000, 0x10ffff]:
         ch = chr(cp)
-        assert bool(_NON_LATIN.match(ch)) == (ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"), hex(cp)
+        assert (cp >= NON_LATIN_FROM) == (ch >= "\u0300" and unicode_block(ch) != "Latin Extended Additional"), hex(cp)
     # a Vietnamese text (Latin Extended Additional) loses its ASCII letters as in langdetect
     text = "ạầẩẫậắằẳẵặẹẻẽế ỉịọỏốồổỗộớờởỡợ ụủứừửữựỳỵỷỹ hello"
     assert BatchDetector().probabilities([text])[0].tolist() == _reference_probabilities(text)
@@ -158,11 +188,12 @@ def test_run_directory_finds_compact_or_plain_records(tmp_path):
 
 # ---- streamed statistical labels ----------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
+@pytest.mark.parametrize("workers,head", [(1, 0), (2, 0), (2, 1), (2, statlabels.HEAD)])
+def test_streamed_labels_equal_in_memory_labels(tmp_path, monkeypatch, workers, head):
     records = synthetic(150) + (dev_records(6) if DEV.exists() else [])
     path = tmp_path / "records.jsonl.zst"
     write_jsonl(path, records)
+    monkeypatch.setattr(statlabels, "HEAD", head)  # chunks labelled before the workers start
     n = write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
     language._LANGUAGE_CACHE.clear()
     in_memory = [to_json_line(label) for label in granularity.build_labels(read_records(path))]
@@ -181,12 +212,13 @@ def test_streamed_labels_equal_in_memory_labels(tmp_path, workers):
     assert first.key == records[0].key and len(pulled) == 16
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, workers):
+@pytest.mark.parametrize("workers,head", [(1, 0), (2, 1), (2, statlabels.HEAD)])
+def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp_path, monkeypatch, workers, head):
     path = tmp_path / "records.jsonl"
     lines = [to_json_line(r) for r in synthetic(120)]
     lines[70] = '{"feature": 70, "contexts": [ broken\n'  # in the third chunk of CHUNK = 32 lines
     path.write_text("".join(lines), encoding="utf-8")
+    monkeypatch.setattr(statlabels, "HEAD", head)  # head 1: a worker meets it
     with pytest.raises(UserError, match=r"records.jsonl:71: malformed line"):
         write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
     assert not (tmp_path / "labels.jsonl").exists()
