@@ -195,9 +195,15 @@ async def _ask(client: LLMClient, prompt: str, sha: str, settings: ExplainSettin
     return clean_answer(result.text), result.truncated and "\n" not in result.text
 
 
+def explainer_identity(client: LLMClient, settings: ExplainSettings) -> dict[str, Any]:
+    """What made a description (kept with it)."""
+    return {"model": client.model, "prompt_sha256": prompt_sha256(TEMPLATE), "engine": settings.engine,
+            "form": settings.form, "frequency_penalty": settings.frequency_penalty}
+
+
 async def explain_feature(record: FeatureRecord, client: LLMClient, settings: ExplainSettings) -> Explanation:
-    sha = prompt_sha256(TEMPLATE)
-    explainer = {"model": client.model, "prompt_sha256": sha, "engine": settings.engine, "form": settings.form}
+    explainer = explainer_identity(client, settings)
+    sha = explainer["prompt_sha256"]
     if not explainer_contexts(record):
         return _failed(record, explainer, "no active contexts (dead latent)")
     prompt = await fit_prompt(record, client, settings.prompt_budget, settings.n_contexts, settings.window,

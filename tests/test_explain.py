@@ -151,7 +151,7 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
     for e in load_finished(out).values():
         assert e.description == "Paris." and e.error is None and e.granularity is None
         assert e.explainer == {"model": "fake-model", "prompt_sha256": prompt_sha256("explain"), "engine": "fake",
-                               "form": "completion"}
+                               "form": "completion", "frequency_penalty": ExplainSettings().frequency_penalty}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
     assert all(b["frequency_penalty"] == ExplainSettings().frequency_penalty > 0 for b in server.bodies)
 
