@@ -66,6 +66,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+LABEL_REQUEST = ExplainSettings(engine="llama-cpp", form="completion")  # label's sampling settings
+
+
 def one_pass(base_url: str, prompts: list[str], response_format: dict | None, concurrency: int,
              max_tokens: int) -> tuple[float, int, int, int]:
     """(wall seconds, prompt tokens, generated tokens, valid complete answers) for all prompts,
@@ -77,7 +80,8 @@ def one_pass(base_url: str, prompts: list[str], response_format: dict | None, co
         if response_format is None:  # what `label` sends by default (ExplainSettings.form "completion")
             response = client.completions.create(model=DEFAULT_MODEL_ALIAS, prompt=prompt, max_tokens=max_tokens,
                                                  temperature=0.0, seed=0, stop=["\n"],
-                                                 frequency_penalty=ExplainSettings.frequency_penalty)
+                                                 frequency_penalty=LABEL_REQUEST.frequency_penalty,
+                                                 extra_body=LABEL_REQUEST.penalty_extra())
             text, finish = response.choices[0].text or "", response.choices[0].finish_reason
             valid = answer_problem(clean_answer(text), finish == "length" and "\n" not in text) is None
         else:

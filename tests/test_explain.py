@@ -154,6 +154,7 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
                                "form": "completion", "frequency_penalty": ExplainSettings().frequency_penalty}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
     assert all(b["frequency_penalty"] == ExplainSettings().frequency_penalty > 0 for b in server.bodies)
+    assert all("repeat_last_n" not in b for b in server.bodies)  # llama.cpp's own field: its engine only
 
 
 def test_chat_form_bad_answer_is_reasked_then_failed_and_batch_goes_on(tmp_path):
@@ -212,3 +213,18 @@ def test_old_explanation_lines_still_read():
            "confidence": 0.7, "explainer": {"model": "m"}, "error": None}
     e = Explanation.from_dict(old)
     assert (e.granularity, e.cross_lingual, e.confidence, e.explainer) == ("token", True, 0.7, {"model": "m"})
+
+
+def test_the_repeat_window_goes_to_llama_cpp_only(tmp_path):
+    """llama.cpp counts the prompt's last tokens in its penalties: its window is sent (8 tokens),
+    another engine gets OpenAI's frequency_penalty alone (it counts the answer only)."""
+    records = dev_records(2)
+    bodies = {}
+    for engine in ("llama-cpp", "vllm"):
+        with FakeServer() as server:
+            explain_records(records, client_for(server, tmp_path / engine), tmp_path / f"{engine}.jsonl",
+                            ExplainSettings(engine=engine))
+            bodies[engine] = server.bodies
+    assert all(b["repeat_last_n"] == 8 and b["frequency_penalty"] == 0.5 for b in bodies["llama-cpp"])
+    assert all("repeat_last_n" not in b and b["frequency_penalty"] == 0.5 for b in bodies["vllm"])
+    assert ExplainSettings(engine="llama-cpp", frequency_penalty=0.0).penalty_extra() is None
