@@ -153,7 +153,7 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
         assert e.explainer == {"model": "fake-model", "prompt_sha256": prompt_sha256("explain"), "engine": "fake",
                                "form": "completion", "frequency_penalty": ExplainSettings().frequency_penalty}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
-    assert all(b["frequency_penalty"] == ExplainSettings().frequency_penalty > 0 for b in server.bodies)
+    assert all("frequency_penalty" not in b for b in server.bodies)  # off by default
     assert all("repeat_last_n" not in b for b in server.bodies)  # llama.cpp's own field: its engine only
 
 
@@ -216,14 +216,14 @@ def test_old_explanation_lines_still_read():
 
 
 def test_the_repeat_window_goes_to_llama_cpp_only(tmp_path):
-    """llama.cpp counts the prompt's last tokens in its penalties: its window is sent (8 tokens),
-    another engine gets OpenAI's frequency_penalty alone (it counts the answer only)."""
+    """With a penalty: llama.cpp counts the prompt's last tokens in its penalties, so its window is
+    sent (8 tokens); another engine gets OpenAI's frequency_penalty alone (it counts the answer only)."""
     records = dev_records(2)
     bodies = {}
     for engine in ("llama-cpp", "vllm"):
         with FakeServer() as server:
             explain_records(records, client_for(server, tmp_path / engine), tmp_path / f"{engine}.jsonl",
-                            ExplainSettings(engine=engine))
+                            ExplainSettings(engine=engine, frequency_penalty=0.5))
             bodies[engine] = server.bodies
     assert all(b["repeat_last_n"] == 8 and b["frequency_penalty"] == 0.5 for b in bodies["llama-cpp"])
     assert all("repeat_last_n" not in b and b["frequency_penalty"] == 0.5 for b in bodies["vllm"])
