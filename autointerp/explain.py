@@ -174,7 +174,15 @@ class ExplainSettings:
     penalty_last_n: int = 8  # llama.cpp's repeat_last_n; OpenAI's and vLLM's count the answer only
 
     def penalty_extra(self) -> dict[str, Any] | None:
-        return {"repeat_last_n": self.penalty_last_n} if self.engine == "llama-cpp" and self.frequency_penalty else None
+        """llama.cpp's penalty window, sent with a penalty to that engine only."""
+        if self.engine == "llama-cpp" and self.frequency_penalty:
+            return {"repeat_last_n": self.penalty_last_n}
+        return None
+
+    @property
+    def request_max_tokens(self) -> int:
+        """max_tokens sent: the answer's budget, plus the JSON wrapper's tokens in the chat form."""
+        return self.max_tokens + 16 if self.form == "chat" else self.max_tokens
 
     @property
     def prompt_budget(self) -> int:
@@ -192,12 +200,12 @@ async def _ask(client: LLMClient, prompt: str, sha: str, settings: ExplainSettin
     if settings.form == "chat":
         try:
             answer = await client.chat_json([{"role": "user", "content": prompt}], ANSWER_SCHEMA, template_sha=sha,
-                                            max_tokens=settings.max_tokens + 16, temperature=temperature,
+                                            max_tokens=settings.request_max_tokens, temperature=temperature,
                                             name="explanation")
         except LLMAnswerError as exc:
             return "", "cut short" in str(exc)
         return clean_answer(str(answer.get("explanation", ""))), False
-    result = await client.complete(prompt, template_sha=sha, max_tokens=settings.max_tokens,
+    result = await client.complete(prompt, template_sha=sha, max_tokens=settings.request_max_tokens,
                                    temperature=temperature, stop=["\n"], frequency_penalty=settings.frequency_penalty,
                                    extra_body=settings.penalty_extra())
     # stopped at the end of the line: complete; cut by max_tokens with a full line of text: cut short

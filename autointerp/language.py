@@ -106,10 +106,7 @@ def context_text(context: Context) -> str:
     if "<0x" in text:  # a byte token, maybe: token by token
         text = "".join(map(clean_token, tokens))
     else:  # clean_token only replaces chars (the same in the joined text)
-        if "\u2581" in text:
-            text = text.replace("\u2581", " ")
-        if "\ufffd" in text:
-            text = text.replace("\ufffd", "")
+        text = text.replace("\u2581", " ").replace("\ufffd", "")
     if len(_TEXT_BY_TOKENS) >= _TEXT_LIMIT:
         _TEXT_BY_TOKENS.clear()
     _TEXT_BY_TOKENS[id(tokens)] = (tokens, text)

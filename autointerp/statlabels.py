@@ -100,8 +100,8 @@ _STOP = object()
 def _label_share(path: str, worker: int, workers: int, chunk: int, skip: int, conn) -> None:
     """A worker: label chunks skip + worker, skip + worker + workers, ... of the file (GROUP of
     them at a time) and send each chunk's label lines; then None (done), or the exception that
-    stopped it. A thread sends, so the
-    worker goes on labelling (up to AHEAD chunks) while the parent waits for another worker."""
+    stopped it. A thread sends, so the worker goes on labelling (up to AHEAD chunks) while the
+    parent waits for another worker."""
     outbox: queue.Queue = queue.Queue(maxsize=AHEAD)
     sender = threading.Thread(target=_send_all, args=(conn, outbox), daemon=True)
     sender.start()

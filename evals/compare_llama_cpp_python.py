@@ -11,12 +11,12 @@ README's "before" number was measured. Each round sends the label stage's explai
 "chat" (a JSON answer: the old server in the only JSON form it takes, json_object + schema, the
 new one in OpenAI's json_schema form) or "completion" (label's default request today: the
 few-shot prompt as a plain completion, one line, the same request to both servers); max_tokens
-as explain sends them;
-each started as `label` starts (started) it: the old one as autointerp ran it (n_threads and
-n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), the new one with today's defaults
-(autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY; n_ctx 2048). Prints
-explained features/s, generated tokens/s, valid complete answers and the server's CPU seconds
-per round, the new/old ratio of each round, and the load average before and after.
+as explain sends them. Each server is started as `label` started it: the old one as autointerp
+ran it (n_threads and n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), the new one with
+today's defaults (autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY;
+n_ctx 2048). Prints explained features/s, generated tokens/s, valid complete answers and the
+server's CPU seconds per round, the new/old ratio of each round, and the load average before
+and after.
 """
 
 from __future__ import annotations
@@ -116,13 +116,12 @@ def main() -> None:
     threads = args.old_threads or max(1, available_cores() - 1)
     records = load(args.features)
     settings = ExplainSettings(context_window=2048, engine="llama-cpp", form=args.form)
-    if args.form == "chat":  # max_tokens as explain sends them in each form
+    max_tokens = settings.request_max_tokens  # as explain sends them in this form
+    if args.form == "chat":
         schema_form: dict | None = json_response_format(EXPLANATION_SCHEMA, "explanation")
         object_form: dict | None = {"type": "json_object", "schema": EXPLANATION_SCHEMA}  # llama-cpp-python's form
-        max_tokens = settings.max_tokens + 16
     else:
         schema_form = object_form = None
-        max_tokens = settings.max_tokens
     with tempfile.TemporaryDirectory() as tmp, start_server("llama-cpp", n_ctx=2048) as new:
         old = start_old(args.old_python, threads, 2048, Path(tmp) / "old.log")
         try:
