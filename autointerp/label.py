@@ -314,7 +314,8 @@ def cli(
                                help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; without it the "
                                     "embedded llama.cpp server is started and stopped."),
     engine: str = typer.Option(None, help="Embedded server engine (llama-cpp or vllm), or what the server at "
-                                          "--server is (it picks the scorers' example counts)."),
+                                          "--server is (it picks the scorers' example counts, and llama.cpp's repetition "
+                                          "controls for the explainer)."),
     features: str = typer.Option(DEFAULT_FEATURES, "--features", metavar="N|all", callback=_features_option,
                                  help="Latents per checkpoint the LLM describes and scores: a seeded sample "
                                       "stratified by the statistical class (every class present gets one), or all. "

@@ -247,7 +247,7 @@ class LLMClient:
 
     async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
                        temperature: float = 0.0, logprobs: int | None = None,
-                       stop: list[str] | None = None, frequency_penalty: float | None = None,
+                       stop: list[str] | None = None,
                        extra_body: dict[str, Any] | None = None, cache: bool = True) -> ChatResult:
         """A plain text completion (the /completions endpoint: few-shot prompts, no chat
         template); `logprobs` asks for that many alternatives per generated token; `extra_body`
@@ -259,8 +259,6 @@ class LLMClient:
             request["logprobs"] = logprobs
         if stop:
             request["stop"] = stop
-        if frequency_penalty:
-            request["frequency_penalty"] = frequency_penalty
         if extra_body:
             request["extra_body"] = extra_body
         return await self._send("completions", request, template_sha, cache)

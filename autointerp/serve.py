@@ -361,7 +361,8 @@ def cli(
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
                   f"{flag_value(server.command, '--n-ctx')} tokens, {threads_summary(server.command)}", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
-        print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model}", flush=True)
+        print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model} --engine {server.engine}",
+              flush=True)
         try:
             while True:
                 server.check()

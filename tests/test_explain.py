@@ -151,10 +151,10 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
     for e in load_finished(out).values():
         assert e.description == "Paris." and e.error is None and e.granularity is None
         assert e.explainer == {"model": "fake-model", "prompt_sha256": prompt_sha256("explain"), "engine": "fake",
-                               "form": "completion", "frequency_penalty": ExplainSettings().frequency_penalty}
+                               "form": "completion"}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
-    assert all("frequency_penalty" not in b for b in server.bodies)  # off by default
-    assert all("repeat_last_n" not in b for b in server.bodies)  # llama.cpp's own field: its engine only
+    assert all(not set(b) & {"dry_multiplier", "repeat_penalty", "repeat_last_n"}  # llama.cpp's own fields
+               for b in server.bodies)
 
 
 def test_chat_form_bad_answer_is_reasked_then_failed_and_batch_goes_on(tmp_path):
@@ -215,16 +215,24 @@ def test_old_explanation_lines_still_read():
     assert (e.granularity, e.cross_lingual, e.confidence, e.explainer) == ("token", True, 0.7, {"model": "m"})
 
 
-def test_the_repeat_window_goes_to_llama_cpp_only(tmp_path):
-    """With a penalty: llama.cpp counts the prompt's last tokens in its penalties, so its window is
-    sent (8 tokens); another engine gets OpenAI's frequency_penalty alone (it counts the answer only)."""
+def test_repetition_controls_go_to_llama_cpp_completions_only(tmp_path):
+    """llama.cpp counts the prompt in its penalties: its repeat window is the last 4 tokens and DRY
+    breaks sequences at line ends only; the record names them. Another engine, or the chat form,
+    gets none of llama.cpp's fields."""
     records = dev_records(2)
-    bodies = {}
-    for engine in ("llama-cpp", "vllm"):
+    bodies, records_out = {}, {}
+    for engine, form in (("llama-cpp", "completion"), ("vllm", "completion"), ("llama-cpp", "chat")):
         with FakeServer() as server:
-            explain_records(records, client_for(server, tmp_path / engine), tmp_path / f"{engine}.jsonl",
-                            ExplainSettings(engine=engine, frequency_penalty=0.5))
-            bodies[engine] = server.bodies
-    assert all(b["repeat_last_n"] == 8 and b["frequency_penalty"] == 0.5 for b in bodies["llama-cpp"])
-    assert all("repeat_last_n" not in b and b["frequency_penalty"] == 0.5 for b in bodies["vllm"])
-    assert ExplainSettings(engine="llama-cpp", frequency_penalty=0.0).penalty_extra() is None
+            out = tmp_path / f"{engine}-{form}.jsonl"
+            explain_records(records, client_for(server, tmp_path / f"{engine}-{form}"), out,
+                            ExplainSettings(engine=engine, form=form))
+            bodies[engine, form], records_out[engine, form] = server.bodies, list(load_finished(out).values())
+    sent = bodies["llama-cpp", "completion"]
+    assert sent and all(b["repeat_last_n"] == 4 and b["repeat_penalty"] == 1.1 and b["dry_multiplier"] == 0.8
+                        and b["dry_sequence_breakers"] == ["\n"] and b["dry_penalty_last_n"] == 2048 for b in sent)
+    assert all(e.explainer["sampling"]["dry_allowed_length"] == 4 for e in records_out["llama-cpp", "completion"])
+    for key in (("vllm", "completion"), ("llama-cpp", "chat")):
+        assert bodies[key] and all(not set(b) & {"dry_multiplier", "repeat_penalty", "repeat_last_n"}
+                                   for b in bodies[key])
+        assert all("sampling" not in e.explainer for e in records_out[key])
+    assert ExplainSettings(engine="llama-cpp", dry_multiplier=0, repeat_penalty=1.0).sampling_extra() is None

@@ -349,10 +349,11 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
         assert label.sampled and label.evidence_summary  # 2 latents < --features 100: all in the LLM sample
     stage = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]
     assert stage["llm_stats"]["requests"] >= 2
-    # rerun from scratch (explanations deleted): every answer comes from the cache
+    # rerun from scratch (explanations deleted) on another llama.cpp server, named as one (the
+    # same requests, llama.cpp's repetition controls included): every answer comes from the cache
     (path.parent / "explanations.jsonl").unlink()
     again = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--base-url",
-                                     llama_server.base_url])
+                                     llama_server.base_url, "--engine", "llama-cpp"])
     assert again.exit_code == 0, again.output
     stats = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]["llm_stats"]
     assert stats["requests"] == 0 and stats["cache_hits"] >= 2
