@@ -16,8 +16,8 @@ ran it (n_threads and n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), th
 today's defaults (autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY;
 n_ctx 2048). An invalid answer is re-asked once, sampled, as explain does. Prints explained
 features/s (features with a valid answer in the end, per second), generated tokens/s, valid
-complete answers (first, and in the end) and the server's CPU seconds per round, the new/old ratio of each round, and the load average before
-and after.
+complete answers (first, and in the end) and the server's CPU seconds per round, the new/old
+ratio of each round, and the load average before and after.
 """
 
 from __future__ import annotations
