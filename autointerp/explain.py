@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from autointerp import score
 from autointerp.language import clean_token, max_token
@@ -249,6 +249,17 @@ async def explain_feature(record: FeatureRecord, client: LLMClient, settings: Ex
 
 def load_finished(path: Path) -> dict[tuple[int | None, int], Explanation]:
     return read_finished(path, Explanation.from_dict)
+
+
+# what a description depends on besides the model (the model's name is not known before a server is)
+SETUP_FIELDS = ("prompt_sha256", "form", "sampling")
+
+
+def other_setup(finished: Iterable[Explanation], client: LLMClient, settings: ExplainSettings) -> int:
+    """How many finished descriptions another prompt, request form or sampling wrote (a resumed
+    run keeps them; the caller says so)."""
+    now = explainer_identity(client, settings)
+    return sum(any(e.explainer.get(f) != now.get(f) for f in SETUP_FIELDS) for e in finished)
 
 
 async def explain_records_async(records: list[FeatureRecord], client: LLMClient, out_path: Path | None = None,

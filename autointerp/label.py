@@ -182,15 +182,20 @@ def _progress(console: Console) -> Progress:
                     TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), console=console)
 
 
-def explain_sample(cp: Checkpoint, client, settings, console: Console) -> dict:
-    from autointerp.explain import explain_records, load_finished
+def explain_sample(cp: Checkpoint, client, settings, console: Console, sending: bool = True) -> dict:
+    from autointerp.explain import explain_records, load_finished, other_setup
 
     out = cp.target.folder / "explanations.jsonl"
     keys = {r.key for r in cp.records}
+    written = load_finished(out)
+    kept = other_setup((e for k, e in written.items() if k in keys), client, settings) if sending else 0
+    if kept:
+        console.print(f"[yellow]{cp.name}: {kept} description(s) kept from an earlier run with another prompt, "
+                      f"request form or sampling; delete {out} to write them again[/]")
     start, finished = time.perf_counter(), [0]
     with _progress(console) as progress:
         task = progress.add_task(f"explain {cp.name}", total=len(cp.records), rates="",
-                                 completed=len(load_finished(out).keys() & keys))
+                                 completed=len(written.keys() & keys))
 
         def on_done(_) -> None:
             finished[0] += 1
@@ -422,7 +427,7 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
     control = None
     try:
         for cp in cps:
-            explanations |= explain_sample(cp, client, explain_settings, console)
+            explanations |= explain_sample(cp, client, explain_settings, console, sending=needed)
             if not no_score:
                 descriptions = {k: explanations[k].description for k in (r.key for r in cp.records)}
                 scores |= score_sample(cp, descriptions, client, score_settings, console)

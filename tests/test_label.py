@@ -188,11 +188,34 @@ def test_label_resumes_sending_only_what_is_missing(tmp_path):
         result = CliRunner().invoke(app, [*args, "--server", server.base_url])
         assert result.exit_code == 0, result.output
         assert len(server.bodies) == first - 2  # only the latents without an explanation
+    assert "kept from an earlier run" not in result.output  # the same prompt and sampling
     assert {l.key: l.to_dict() for l in labels_of(run)} == before
     # everything done: no server needed at all (a closed port would fail)
     again = CliRunner().invoke(app, [*args, "--server", "http://127.0.0.1:9/v1"])
     assert again.exit_code == 0, again.output
     assert "no server needed" in again.output
+
+
+def test_resume_says_how_many_descriptions_another_setup_wrote(tmp_path):
+    """A resumed run keeps finished descriptions; those an earlier prompt or sampling wrote are
+    counted and named, and the rebuild without a server stays quiet about them."""
+    run, _ = write_run(tmp_path)
+    args = ["label", str(run), "--features", "6", "--no-score"]
+    with FakeServer() as server:
+        assert CliRunner().invoke(app, [*args, "--server", server.base_url]).exit_code == 0
+    expl = next(run.glob("step-*/explanations.jsonl"))
+    rows = [json.loads(line) for line in expl.read_text().splitlines()]
+    for row in rows[:2]:
+        row["explainer"]["prompt_sha256"] = "an earlier prompt"
+    expl.write_text("".join(json.dumps(row) + "\n" for row in rows[:-1]))  # and one latent still to do
+    (run / "cache.sqlite").unlink()
+    with FakeServer() as server:
+        result = CliRunner().invoke(app, [*args, "--server", server.base_url])
+        assert result.exit_code == 0, result.output
+        assert len(server.bodies) >= 1
+    assert "2 description(s) kept from an earlier run" in " ".join(result.output.split())
+    again = CliRunner().invoke(app, [*args, "--server", "http://127.0.0.1:9/v1"])
+    assert "no server needed" in again.output and "kept from an earlier run" not in again.output
 
 
 def test_a_sample_smaller_than_the_classes_takes_one_of_each_and_says_so(tmp_path):
