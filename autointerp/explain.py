@@ -226,8 +226,9 @@ async def _ask(client: LLMClient, prompt: str, sha: str, settings: ExplainSettin
 
 def explainer_identity(client: LLMClient, settings: ExplainSettings) -> dict[str, Any]:
     """What made a description (kept with it)."""
+    sampling = settings.sampling_extra()
     return {"model": client.model, "prompt_sha256": prompt_sha256(TEMPLATE), "engine": settings.engine,
-            "form": settings.form, **({"sampling": settings.sampling_extra()} if settings.sampling_extra() else {})}
+            "form": settings.form, **({"sampling": sampling} if sampling else {})}
 
 
 async def explain_feature(record: FeatureRecord, client: LLMClient, settings: ExplainSettings) -> Explanation:

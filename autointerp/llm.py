@@ -247,8 +247,8 @@ class LLMClient:
 
     async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
                        temperature: float = 0.0, logprobs: int | None = None,
-                       stop: list[str] | None = None,
-                       extra_body: dict[str, Any] | None = None, cache: bool = True) -> ChatResult:
+                       stop: list[str] | None = None, extra_body: dict[str, Any] | None = None,
+                       cache: bool = True) -> ChatResult:
         """A plain text completion (the /completions endpoint: few-shot prompts, no chat
         template); `logprobs` asks for that many alternatives per generated token; `extra_body`
         carries server extensions, e.g. vLLM's {"prompt_logprobs": N}; cache=False for answers too

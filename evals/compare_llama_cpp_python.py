@@ -67,22 +67,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-LABEL_REQUEST = ExplainSettings(engine="llama-cpp", form="completion")  # label's sampling settings
-
-
 def one_pass(base_url: str, prompts: list[str], response_format: dict | None, concurrency: int,
-             max_tokens: int) -> tuple[float, int, int, int, int]:
+             max_tokens: int, sampling: dict | None = None) -> tuple[float, int, int, int, int]:
     """(wall seconds, prompt tokens, generated tokens, valid complete first answers, features with a
     valid answer in the end) for all prompts, `concurrency` in flight, as explain asks: greedy, and
     an invalid answer re-asked once, sampled. Requests are chat answered in response_format, or
-    (None) the explainer's plain completions, one line each, valid as explain judges them."""
+    (None) the explainer's plain completions, one line each, valid as explain judges them, with
+    `sampling` (ExplainSettings.sampling_extra) as extra fields."""
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=900, max_retries=0)
 
     def ask(prompt: str, temperature: float) -> tuple[int, int, bool]:
         if response_format is None:  # what `label` sends by default (ExplainSettings.form "completion")
             response = client.completions.create(model=DEFAULT_MODEL_ALIAS, prompt=prompt, max_tokens=max_tokens,
                                                  temperature=temperature, seed=0, stop=["\n"],
-                                                 extra_body=LABEL_REQUEST.sampling_extra())
+                                                 extra_body=sampling)
             text, finish = response.choices[0].text or "", response.choices[0].finish_reason
             valid = answer_problem(clean_answer(text), finish == "length" and "\n" not in text) is None
         else:
@@ -157,8 +155,8 @@ def main() -> None:
                 for name, url, form in order:
                     pid = (old if name == "llama-cpp-python" else new).process.pid
                     cpu_before = cpu_seconds(pid)
-                    seconds, prompt_tokens, tokens, first_valid, valid = one_pass(url, prompts, form,
-                                                                                  args.concurrency, max_tokens)
+                    seconds, prompt_tokens, tokens, first_valid, valid = one_pass(
+                        url, prompts, form, args.concurrency, max_tokens, settings.sampling_extra())
                     cpu = cpu_seconds(pid) - cpu_before
                     rates[name], cpu_rates[name] = valid / seconds, valid / cpu
                     print(f"{r + 1:<6}{name:<20}{seconds:>8.1f}{rates[name]:>11.3f}{prompt_tokens / seconds:>13.1f}"

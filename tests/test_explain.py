@@ -37,6 +37,9 @@ def toy_records(n: int = 5) -> list[FeatureRecord]:
     return [make_record(f, words[:10] + [f"feat{f}"] + words[11:], 10) for f in range(n)]  # distinct prompts
 
 
+LLAMA_CPP_FIELDS = {"dry_multiplier", "repeat_penalty", "repeat_last_n"}  # llama.cpp's own request fields
+
+
 def dev_records(n: int) -> list[FeatureRecord]:
     if not DEV.exists():
         pytest.skip(f"human-labelled dev data not found at {DEV}")
@@ -153,8 +156,7 @@ def test_explanations_written_and_rerun_is_request_free(tmp_path):
         assert e.explainer == {"model": "fake-model", "prompt_sha256": prompt_sha256("explain"), "engine": "fake",
                                "form": "completion"}
     assert all(b["stop"] == ["\n"] and b["prompt"].rstrip().endswith("Explanation:") for b in server.bodies)
-    assert all(not set(b) & {"dry_multiplier", "repeat_penalty", "repeat_last_n"}  # llama.cpp's own fields
-               for b in server.bodies)
+    assert all(not set(b) & LLAMA_CPP_FIELDS for b in server.bodies)
 
 
 def test_chat_form_bad_answer_is_reasked_then_failed_and_batch_goes_on(tmp_path):
@@ -232,7 +234,6 @@ def test_repetition_controls_go_to_llama_cpp_completions_only(tmp_path):
                         and b["dry_sequence_breakers"] == ["\n"] and b["dry_penalty_last_n"] == 2048 for b in sent)
     assert all(e.explainer["sampling"]["dry_allowed_length"] == 4 for e in records_out["llama-cpp", "completion"])
     for key in (("vllm", "completion"), ("llama-cpp", "chat")):
-        assert bodies[key] and all(not set(b) & {"dry_multiplier", "repeat_penalty", "repeat_last_n"}
-                                   for b in bodies[key])
+        assert bodies[key] and all(not set(b) & LLAMA_CPP_FIELDS for b in bodies[key])
         assert all("sampling" not in e.explainer for e in records_out[key])
     assert ExplainSettings(engine="llama-cpp", dry_multiplier=0, repeat_penalty=1.0).sampling_extra() is None
