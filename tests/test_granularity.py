@@ -348,3 +348,27 @@ def test_variant_selections_never_see_the_outer_test_fold(small_grid, variant):
     result = F.nested_cv(X, y, gid, names, ["context"], seeds=[0], folds=3, select_fn=select_spy, fit_fn=fit_spy)
     assert [set(t) for t in test_rows] == [set(test) for _, test in result.folds[0]]
     assert F.summarise(result, y, [1] * len(y))["kappa4"][0] > 0.6  # a learnable problem is learnt
+
+
+def test_prior_em_recovers_a_batch_class_mix_from_posteriors_alone():
+    """evals/granularity_variants.py's prior-em: posteriors from a model fitted to an even mix
+    are adjusted to a batch whose classes are 80/20; EM finds the mix from the posteriors alone
+    and the adjusted posteriors call more of the common class correctly."""
+    V = _load_variants()
+    rng = np.random.default_rng(0)
+    truth = rng.random(4000) < 0.2  # class 1 is 20% of this batch
+    x = rng.normal(np.where(truth, 1.0, -1.0), 1.5)
+    # Exact posteriors under an even training mix: p(1 | x) = sigmoid(2x / 1.5^2)
+    p1 = 1 / (1 + np.exp(-2 * x / 1.5 ** 2))
+    p = np.stack([1 - p1, p1, np.zeros_like(p1), np.zeros_like(p1)], axis=1) + 1e-12
+    p /= p.sum(axis=1, keepdims=True)
+    train_prior = np.tile([0.5, 0.5, 1e-12, 1e-12], (len(p), 1))
+    q = V.em_priors(p, train_prior)
+    assert abs(q[:, 1].mean() - 0.2) < 0.03
+    assert np.mean(q.argmax(1) == truth) > np.mean(p.argmax(1) == truth) + 0.03
+    # A batch already at the training mix stays (almost) where it was.
+    even = rng.random(4000) < 0.5
+    x = rng.normal(np.where(even, 1.0, -1.0), 1.5)
+    p1 = 1 / (1 + np.exp(-2 * x / 1.5 ** 2))
+    p = np.stack([1 - p1, p1, np.full_like(p1, 1e-12), np.full_like(p1, 1e-12)], axis=1)
+    assert np.abs(V.em_priors(p, train_prior) - p).max() < 0.1
