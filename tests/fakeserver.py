@@ -12,7 +12,7 @@ Each chat request takes the next fault from `faults` (then "ok" for the rest):
   truncated    valid JSON, but finish_reason "length" (cut short by max_tokens)
   hang         no answer for `hang_seconds` (bounded), then a valid one
 `down_after=N` answers 500 to every chat request after the first N. /v1/completions answers
-(after `delay` too) " Paris." with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
+(after `delay` too) `completion_text(request)` (default " Paris.") with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
 /tokenize counts UTF-8 bytes / 4 as llama.cpp's {"tokens": [...]}. Run as a script
 (`python tests/fakeserver.py --port P`) it serves until killed.
 """
@@ -58,8 +58,9 @@ def text_completion(text: str, request: dict[str, Any]) -> dict[str, Any]:
 class FakeServer:
     def __init__(self, faults: list[str] | None = None, answer: Callable[[dict], str] | None = None,
                  delay: float = 0.0, hang_seconds: float = 3.0, down_after: int | None = None, port: int = 0,
-                 tokenize: bool = True):
+                 tokenize: bool = True, completion_text: Callable[[dict], str] | None = None):
         self.faults = deque(faults or [])
+        self.completion_text = completion_text or (lambda request: " Paris.")
         self.answer = answer or (lambda request: json.dumps(GOOD_ANSWER))
         self.delay, self.hang_seconds, self.down_after = delay, min(hang_seconds, 30.0), down_after
         self.tokenize = tokenize
@@ -118,7 +119,7 @@ class FakeServer:
                         server.bodies.append(body)
                     if server.delay:
                         time.sleep(server.delay)
-                    self._json(200, text_completion(" Paris.", body))
+                    self._json(200, text_completion(server.completion_text(body), body))
                     return
                 if self.path != "/v1/chat/completions":
                     self._json(404, {"error": "not found"})

@@ -154,6 +154,27 @@ def test_label_writes_one_line_per_live_latent_sampled_only_on_the_sample(tmp_pa
     assert "95% CI" in result.output and "LLM-described" in result.output
 
 
+def test_label_counts_a_latent_left_without_a_description_as_not_described(tmp_path):
+    """An answer that stays invalid after the re-ask leaves an empty description with `error`;
+    the summary line does not count that latent as LLM-described and says so."""
+    run, _ = write_run(tmp_path)
+    first: list[str] = []
+
+    def empty_for_the_first_prompt(request: dict) -> str:  # its ask and its re-ask
+        first[:] = first or [request["prompt"]]
+        return "" if request["prompt"] == first[0] else " Paris."
+
+    with FakeServer(completion_text=empty_for_the_first_prompt) as server:
+        result = CliRunner().invoke(app, ["label", str(run), "--server", server.base_url, "--features", "5",
+                                          "--no-score"])
+        assert result.exit_code == 0, result.output
+    sampled = [l for l in labels_of(run) if l.sampled]
+    failed = [l for l in sampled if not l.description]
+    assert len(failed) == 1 and failed[0].error
+    assert f"{len(sampled) - 1} LLM-described; 1 sampled latent(s) left without a description" in " ".join(
+        result.output.split())
+
+
 def test_label_scores_the_sample_and_runs_the_control(tmp_path):
     run, records = write_run(tmp_path, n=30)
     with FakeServer(answer=scorer_answer) as server:
