@@ -273,7 +273,7 @@ def print_shares(cps: list[Checkpoint], console: Console) -> list[dict]:
         all_table, sample_table = whole.table(), part.table()
         agreement = sample_agreement(all_table, sample_table, GRANULARITIES)
         table = Table(title=f"{cp.name}: granularity of {all_table.n} live latents (statistical) and of the "
-                            f"{sample_table.n} LLM-described", title_justify="left")
+                            f"{sample_table.n} sampled for the LLM", title_justify="left")
         for column in ("class", "all latents", "95% CI", "sample", "95% CI"):
             table.add_column(column, justify="left" if column == "class" else "right")
         for row in agreement.classes:
