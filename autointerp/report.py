@@ -82,6 +82,7 @@ class StepCounts:
         self.cross = ShareCounter("cross_lingual")
         self.scores: dict[str, list[float]] = {n: [] for n in SCORE_NAMES}
         self.scores_noise = 0  # labels whose scores the run's control called noise
+        self.undescribed = 0  # sampled latents the LLM left without a description (the label's error says why)
 
     def add(self, label: Label) -> None:
         language = {"language": label.language or label.language_profile.get("trend") or "unknown"}
@@ -96,6 +97,7 @@ class StepCounts:
                 if value is not None:
                     self.scores[name].append(value)
             self.scores_noise += label.scores_noise
+            self.undescribed += not (label.description or "").strip()
 
 
 @dataclass
@@ -354,6 +356,7 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
         "language": dict(language.counts), "language_table": language,
         "bilingual_firing": bilingual, "cross_lingual": cross,
         "scores": scores, "scores_noise_labels": counts.scores_noise if counts else 0,
+        "n_undescribed": counts.undescribed if counts else 0,
         "metrics": {name: sae_metric(data.metrics, name) for name in SAE_METRICS},
         "human_shares": _shares(Counter(step_human.values())), "agreement": agreement,
         "missing": data.missing, "warnings": data.warnings,

@@ -206,3 +206,17 @@ def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
     page = (run / "report" / f"step-{step}.html").read_text()
     shown = re.findall(r"<h3>#(\d+) ", page)
     assert len(shown) == 5 and [int(f) for f in shown[:3]] == sorted(labelled)
+
+
+@needs_dev
+def test_step_page_does_not_count_a_latent_left_without_a_description_as_described(tmp_path):
+    from autointerp.schema import iter_jsonl
+
+    run = make_run(tmp_path, per_step=6, steps_with_labels={10})
+    path = run / "step-10" / "labels.jsonl"
+    labels = list(iter_jsonl(path, Label.from_dict))
+    labels[1].sampled, labels[1].description, labels[1].error = True, "", "description cut short by max_tokens"
+    write_jsonl(path, labels)
+    build_report(run)
+    text = " ".join(re.sub(r"<[^>]+>", " ", (run / "report" / "step-10.html").read_text()).split())
+    assert "6 labels (5 described by the LLM, 1 more sampled but left without a description)" in text
