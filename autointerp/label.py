@@ -443,10 +443,10 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
                       "decision and the labels say so (scores_noise)[/]")
     for cp in cps:
         final_labels(cp, explanations, scores, noise)
-        failed = [r.key for r in cp.records if not (r.key in explanations and explanations[r.key].description)]
-        console.print(f"{cp.labels_path}: {len(cp.classes)} labels, {len(cp.records) - len(failed)} LLM-described"
-                      + (f"; {len(failed)} sampled latent(s) left without a description (the label's `error` "
-                         "says why)" if failed else ""))
+        undescribed = sum(not (r.key in explanations and explanations[r.key].description) for r in cp.records)
+        console.print(f"{cp.labels_path}: {len(cp.classes)} labels, {len(cp.records) - undescribed} LLM-described"
+                      + (f"; {undescribed} sampled latent(s) left without a description (the label's `error` "
+                         "says why)" if undescribed else ""))
     shares = print_shares(cps, console)
     from autointerp.prompting import prompt_sha256
 
