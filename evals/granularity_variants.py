@@ -200,7 +200,7 @@ def minilm_features(records: list[FeatureRecord]) -> dict[str, list[float]] | No
         return "; ".join(w for w in [G.source_spelling(t), *(jm.glosses(form)[:2] if jm and form else [])] if w) or form
 
     def text(tokens: list[str]) -> str:
-        return "".join(tokens).replace("<0x0A>", " ")
+        return "".join(map(language.clean_token, tokens))
 
     tops, windows = [], []
     for r in records:
