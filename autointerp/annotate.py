@@ -36,9 +36,8 @@ from autointerp.errors import UserError
 from autointerp.files import Kind, expect
 from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.sampling import labelled_sample, parse_count, sample_keys
-from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, lean_record, scan_records
+from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, Key, lean_record, row_key, scan_records
 
-Key = tuple[int | None, int]
 CLASS_KEYS = {"t": "token", "s": "concept-synonym", "m": "concept-semantic", "u": "uninterpretable"}
 SKIP, BACK, QUIT, HELP = "n", "b", "q", "?"
 HELP_TEXT = ("[bold]t[/] token  [bold]s[/] concept-synonym  [bold]m[/] concept-semantic  "
@@ -54,7 +53,7 @@ def load_answers(path: Path) -> dict[Key, dict[str, Any]]:
         for line in fh:
             try:
                 row = json.loads(line)
-                answers[(row.get("checkpoint_step"), int(row["feature"]))] = row
+                answers[row_key(row)] = row
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 continue  # an interrupted write: that feature is simply asked again
     return answers
@@ -70,10 +69,10 @@ def _end_with_newline(path: Path) -> None:
 
 
 def records_files(source: Path) -> list[Path]:
-    """A records file itself, or every RUN/step-N records file of a run folder."""
+    """A records file itself, or every site's records file of a run folder (RUN/step-N, RUN/layer-L)."""
     if not source.is_dir():
         return [source]
-    files = [runlib.records_file(runlib.step_dir(source, s)) for s in runlib.checkpoint_steps(source)]
+    files = [runlib.records_file(runlib.site_dir(source, s)) for s in runlib.sites(source)]
     files = [f for f in files if f.exists()]
     if not files:
         raise UserError(f"{source}: no step-N/records.jsonl.zst in this folder (run `autointerp collect`)")
@@ -115,7 +114,7 @@ class LazyRecords(Sequence):
             for found, _, line in self._streams[path]:
                 if found == key:
                     return lean_record(line.decode("utf-8"))
-        raise UserError(f"{path}: feature {key[1]} (step {key[0]}) is no longer in the file")
+        raise UserError(f"{path}: feature {key.feature} (step {key.checkpoint_step}) is no longer in the file")
 
 
 def select(files: list[Path], steps: Sequence[int] = (), features: int | None = None,
@@ -140,7 +139,7 @@ def select(files: list[Path], steps: Sequence[int] = (), features: int | None = 
             chosen = labelled if len(labelled) <= features else sample_keys(labelled, features, seed)
         else:
             chosen = sample_keys(live, features, seed)
-        items += [(path, k) for k in chosen if not steps or k[0] in steps]
+        items += [(path, k) for k in chosen if not steps or k.checkpoint_step in steps]
     return LazyRecords(items)
 
 
@@ -170,12 +169,17 @@ def context_text(context, window: int) -> Text:
     return text
 
 
+def _site_title(record: FeatureRecord) -> str:
+    """The checkpoint a latent is at, or its layer in a run of one model's layers."""
+    return f"step {record.checkpoint_step}" if record.checkpoint_step is not None else f"layer {record.layer}"
+
+
 def render_feature(record: FeatureRecord, position: int, total: int, answer: dict | None,
                    n_contexts: int, window: int) -> Panel:
     profile = language.profile(record)
     shares = profile["max_token_scripts"]
     header = Text.assemble(
-        (f"step {record.checkpoint_step} · feature {record.feature}", "bold"),
+        (f"{_site_title(record)} · feature {record.feature}", "bold"),
         f"   ({position + 1}/{total})   language: ",
         (str(profile.get("trend", "?")), "bold"),
         "  " + "  ".join(f"{k} {v:.0%}" for k, v in shares.items() if isinstance(v, (int, float))),
@@ -248,7 +252,7 @@ def annotate(records: Sequence[FeatureRecord], out: Path, annotator: str, read_k
             if action == BACK:
                 position = max(0, position - 1)
                 continue
-            row = {"checkpoint_step": record.checkpoint_step, "feature": record.feature,
+            row = {"checkpoint_step": record.checkpoint_step, "layer": record.key.layer, "feature": record.feature,
                    "granularity": None if action == SKIP else action, "annotator": annotator,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             appender.write(row)  # flushed now: a crash loses nothing answered

@@ -26,9 +26,8 @@ import typer
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect, llmjp_data_dir
-from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, iter_jsonl, three_way
+from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, Key, iter_jsonl, row_key, three_way
 
-Key = tuple[int | None, int]
 # What compare reads on either side (the explainer's votes too); feature records need human fields.
 LABEL_KINDS = (Kind.LABELS, Kind.HUMAN_LABELS, Kind.HUMAN_RECORDS, Kind.EXPLANATIONS, Kind.RUN, Kind.LLMJP_DEMO)
 THREE_WAY = ("token", "concept", "uninterpretable")
@@ -64,15 +63,16 @@ def normalize_granularity(value: Any) -> str | None:
 
 @dataclass
 class LabelSet:
-    """Granularity labels keyed by (checkpoint_step, feature), with descriptions where known."""
+    """Granularity labels keyed by latent (Key), with descriptions where known."""
 
     source: str
     labels: dict[Key, str] = field(default_factory=dict)
     descriptions: dict[Key, str] = field(default_factory=dict)
     unlabelled: int = 0  # entries without a granularity (skipped, failed): not compared
 
-    def add(self, step: Any, feature: Any, granularity: Any, description: Any = None) -> None:
-        key = (None if step in (None, "") else int(step), int(feature))
+    def add(self, step: Any, feature: Any, granularity: Any, description: Any = None, layer: Any = None) -> None:
+        key = Key(None if step in (None, "") else int(step), None if layer in (None, "") or int(layer) < 0 else int(layer),
+                  int(feature))
         name = normalize_granularity(granularity)
         if name is None:
             self.unlabelled += 1
@@ -90,7 +90,7 @@ def _load_jsonl(path: Path, out: LabelSet) -> None:
             granularity = row.get("human_granularity", row.get("human_granularity_code"))
         else:
             granularity = row.get("granularity")
-        out.add(row.get("checkpoint_step"), row["feature"], granularity, row.get("description"))
+        out.add(row.get("checkpoint_step"), row["feature"], granularity, row.get("description"), row.get("layer"))
 
     for _ in iter_jsonl(path, add, fail_hint=""):  # a bad line: UserError naming file:line
         pass
@@ -107,7 +107,7 @@ def _load_csv(path: Path, out: LabelSet) -> None:
         for i, row in enumerate(reader, 2):
             try:
                 out.add(row[step_col], row[columns["feature"]], row[columns["granularity"]],
-                        row.get(columns.get("description", ""), None))
+                        row.get(columns.get("description", ""), None), row.get(columns.get("layer", ""), None))
             except ValueError as exc:
                 raise UserError(f"{path}:{i}: {exc}") from None
 
@@ -116,7 +116,7 @@ def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
     from autointerp.records import import_llmjp_demo  # lazily: records imports torch
 
     for record in import_llmjp_demo(data_dir):
-        out.add(record.checkpoint_step, record.feature, record.extra.get("human_granularity"))
+        out.add(record.checkpoint_step, record.feature, record.extra.get("human_granularity"), layer=record.layer)
 
 
 def load_labels(source: str | Path) -> LabelSet:
@@ -127,14 +127,15 @@ def load_labels(source: str | Path) -> LabelSet:
                                             "a run folder or llm-jp-sae demo data)")
     out = LabelSet(source=str(source))
     if path.is_dir():
-        label_files = sorted(path.glob("step-*/labels.jsonl"))
+        label_files = [runlib.site_dir(path, site) / "labels.jsonl" for site in runlib.sites(path)]
+        label_files = [f for f in label_files if f.is_file()]
         if label_files:
             for file in label_files:
                 _load_jsonl(file, out)
         elif (data_dir := llmjp_data_dir(path)) is not None:
             _load_llmjp_demo(data_dir, out)
         else:
-            raise UserError(f"{path}: neither a run directory with step-N/labels.jsonl "
+            raise UserError(f"{path}: neither a run directory with step-N/labels.jsonl (or layer-L/) "
                             "nor an llm-jp-sae demo directory (docs/data/STEP/N.json)")
     elif path.suffix.lower() == ".csv":
         _load_csv(path, out)
@@ -226,15 +227,15 @@ class ComparisonResult:
 def compare_labels(human: dict[Key, str], model: dict[Key, str],
                    descriptions: dict[Key, str] | None = None) -> ComparisonResult:
     """Compare two label dicts on the features they share, overall and per checkpoint."""
-    common = sorted(set(human) & set(model), key=lambda k: (-1 if k[0] is None else k[0], k[1]))
+    common = sorted(set(human) & set(model), key=Key.sort_key)
     descriptions = descriptions or {}
-    steps = sorted({k[0] for k in common}, key=lambda s: -1 if s is None else s)
+    steps = sorted({k.checkpoint_step for k in common}, key=lambda s: -1 if s is None else s)
     per_checkpoint = {}
     for step in steps:
-        keys = [k for k in common if k[0] == step]
+        keys = [k for k in common if k.checkpoint_step == step]
         per_checkpoint[step] = agreement([human[k] for k in keys], [model[k] for k in keys])
     disagreements = [
-        {"checkpoint_step": k[0], "feature": k[1], "human": human[k], "model": model[k],
+        {"checkpoint_step": k.checkpoint_step, "feature": k.feature, "human": human[k], "model": model[k],
          "description": descriptions.get(k, "")}
         for k in common if human[k] != model[k]
     ]
@@ -245,8 +246,25 @@ def compare_labels(human: dict[Key, str], model: dict[Key, str],
     )
 
 
+def align_layers(a: LabelSet, b: LabelSet) -> None:
+    """Labels that name no layer (a CSV, an older file) join the other side's latents at the same
+    step and feature, where that side has one layer per step."""
+    for bare, full in ((a, b), (b, a)):
+        if bare.labels and all(k.layer is None for k in bare.labels) and any(k.layer is not None for k in full.labels):
+            layers = {(k.checkpoint_step, k.feature): k.layer for k in full.labels}
+            if len({(k.checkpoint_step, k.layer) for k in full.labels}) > len({k.checkpoint_step for k in full.labels}):
+                raise UserError(f"{bare.source} names no layer, but {full.source} has several layers at one step: "
+                                "add a layer column (or field) to the labels")
+            for table in (bare.labels, bare.descriptions):
+                for k in list(table):
+                    layer = layers.get((k.checkpoint_step, k.feature))
+                    if layer is not None:
+                        table[Key(k.checkpoint_step, layer, k.feature)] = table.pop(k)
+
+
 def compare_files(human: str | Path, model: str | Path) -> ComparisonResult:
     h, m = load_labels(human), load_labels(model)
+    align_layers(h, m)
     result = compare_labels(h.labels, m.labels, {**h.descriptions, **m.descriptions})
     result.human_source, result.model_source = h.source, m.source
     if result.n_common == 0:
@@ -274,15 +292,15 @@ def no_overlap_message(human: dict[Key, str], model: dict[Key, str], human_sourc
     and the `annotate --features N` that gives the model's seeded sample."""
     def by_step(labels: dict[Key, str]) -> dict[int | None, list[int]]:
         out: dict[int | None, list[int]] = {}
-        for step, feature in labels:
-            out.setdefault(step, []).append(feature)
+        for key in labels:
+            out.setdefault(key.checkpoint_step, []).append(key.feature)
         return out
 
     def steps_text(steps) -> str:
         return ", ".join(str(s) for s in sorted(steps, key=lambda s: -1 if s is None else s))
 
     hs, ms = by_step(human), by_step(model)
-    head = f"no (checkpoint_step, feature) in common between {human_source} and {model_source}"
+    head = f"no (checkpoint_step, layer, feature) in common between {human_source} and {model_source}"
     shared = sorted(set(hs) & set(ms), key=lambda s: -1 if s is None else s)
     if not shared:
         return (f"{head}: the human labels are at step(s) {steps_text(hs)}, the model labels at step(s) "

@@ -28,7 +28,7 @@ from autointerp import score
 from autointerp.language import clean_token, max_token
 from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, stream_results
 from autointerp.prompting import prompt_sha256, render
-from autointerp.schema import Context, Explanation, FeatureRecord, read_finished
+from autointerp.schema import Context, Explanation, FeatureRecord, Key, read_finished
 
 TEMPLATE = "explain"
 FORMS = ("completion", "chat")
@@ -204,7 +204,7 @@ class ExplainSettings:
 
 def _failed(record: FeatureRecord, explainer: dict[str, Any], error: str) -> Explanation:
     return Explanation(checkpoint_step=record.checkpoint_step, feature=record.feature, description="",
-                       explainer=explainer, error=error)
+                       explainer=explainer, error=error, layer=record.key.layer)
 
 
 async def _ask(client: LLMClient, prompt: str, sha: str, settings: ExplainSettings,
@@ -245,10 +245,10 @@ async def explain_feature(record: FeatureRecord, client: LLMClient, settings: Ex
         if (second := answer_problem(description, truncated)) is not None:
             return _failed(record, explainer, f"{second} (re-asked once; first: {problem})")
     return Explanation(checkpoint_step=record.checkpoint_step, feature=record.feature, description=description,
-                       explainer=explainer)
+                       explainer=explainer, layer=record.key.layer)
 
 
-def load_finished(path: Path) -> dict[tuple[int | None, int], Explanation]:
+def load_finished(path: Path) -> dict[Key, Explanation]:
     return read_finished(path, Explanation.from_dict)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 from autointerp import run as runlib
 from autointerp.errors import UserError
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
@@ -108,13 +106,17 @@ def llmjp_data_dir(path: Path) -> Path | None:
 
 
 def _step_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)),
-                  key=lambda p: int(p.name.split("-")[1]))
+    """The step-N folders in a folder (LM checkpoints of `lm train`)."""
+    return [runlib.site_dir(folder, s) for s in runlib.sites(folder) if s.layer is None]
+
+
+def _site_dirs(folder: Path) -> list[Path]:
+    return [runlib.site_dir(folder, s) for s in runlib.sites(folder)]
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    """A run's step-N folder: it holds a stage's output (records, labels, an SAE, ...)."""
-    return bool(_STEP_DIR.match(folder.name)) and (
+    """A run's site folder (step-N, layer-L): it holds a stage's output (records, labels, an SAE, ...)."""
+    return runlib.Site.parse(folder.name) is not None and (
         any((folder / n).is_file() for n in runlib.RECORDS_FILES)
         or any((folder / n).exists() for n in ("sae", "labels.jsonl", "explanations.jsonl", "scores.jsonl")))
 
@@ -124,7 +126,7 @@ def _is_run(folder: Path) -> bool:
         return True
     if (folder / "lm").is_dir() and any(_is_lm(p) for p in _step_dirs(folder / "lm")):
         return True
-    return any(_is_checkpoint(p) for p in _step_dirs(folder))
+    return any(_is_checkpoint(p) for p in _site_dirs(folder))
 
 
 def _folder_kind(folder: Path) -> tuple[Kind, str]:
@@ -231,7 +233,7 @@ def _pointer(path: Path, found: Kind, wanted: tuple[Kind, ...]) -> str:
             if checkpoint is not None and runlib.records_file(checkpoint).exists():
                 return f"records are in {runlib.records_file(checkpoint)}"
             if run is not None:
-                files = [runlib.records_file(d) for d in _step_dirs(run) if runlib.records_file(d).exists()]
+                files = [runlib.records_file(d) for d in _site_dirs(run) if runlib.records_file(d).exists()]
                 if files:
                     return f"records are in {_listed(files)}"
         elif kind == Kind.LABELS:  # labels.jsonl holds model labels
@@ -243,7 +245,7 @@ def _pointer(path: Path, found: Kind, wanted: tuple[Kind, ...]) -> str:
             if found == Kind.LM and run is not None and sae_format(run / folder.name / "sae"):
                 return f"the SAE of this checkpoint is {run / folder.name / 'sae'}"
             if run is not None:
-                saes = [d / "sae" for d in _step_dirs(run) if sae_format(d / "sae")]
+                saes = [d / "sae" for d in _site_dirs(run) if sae_format(d / "sae")]
                 if saes:
                     return f"SAEs are in {_listed(saes)}"
         elif kind == Kind.RUN and run is not None and run != path:

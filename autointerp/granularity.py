@@ -841,7 +841,7 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
         error=error or (expl.error if expl else None), evidence=evidence,
         evidence_summary=summary, bilingual_firing=bool(profile.get("bilingual_firing")), sampled=sampled,
-        scores_noise=bool(scores_noise and sc is not None))
+        scores_noise=bool(scores_noise and sc is not None), layer=record.key.layer)
 
 
 def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,

@@ -40,9 +40,8 @@ from autointerp import sampling
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.options import renamed
-from autointerp.schema import GRANULARITIES, iter_lines, write_jsonl
+from autointerp.schema import GRANULARITIES, Key, iter_lines, row_key, write_jsonl
 
-Key = tuple[int | None, int]
 PROBE_TIMEOUT = 3.0  # seconds for a server's /models to answer before the run is refused
 DEFAULT_FEATURES = "100"  # the paper's people labelled 100 features per checkpoint
 
@@ -87,11 +86,11 @@ class Checkpoint:
 
 
 def sae_run_folder(sae_dir: Path, out: Path | None) -> tuple[Path, Path]:
-    """(run folder, records file) for labelling an SAE folder: its run's step-N records when the
-    SAE sits in a run (RUN/step-N/sae), else --out or SAE_DIR-labels/ next to it."""
+    """(run folder, records file) for labelling an SAE folder: its run's site records when the
+    SAE sits in a run (RUN/step-N/sae, RUN/layer-L/sae), else --out or SAE_DIR-labels/ next to it."""
     sae_dir = sae_dir.resolve()
     step = sae_dir.parent
-    if out is None and sae_dir.name == "sae" and run_lib._STEP_DIR.match(step.name):
+    if out is None and sae_dir.name == "sae" and run_lib.Site.parse(step.name):
         return step.parent, run_lib.records_file(step)
     folder = out if out is not None else sae_dir.parent / f"{sae_dir.name}-labels"
     return folder, run_lib.records_file(folder)
@@ -130,7 +129,7 @@ def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = Tr
             d = json.loads(line)
             if not (d.get("language_profile") or {}).get("n_contexts"):
                 continue  # a dead latent (no contexts): no label
-            cp.classes[(d.get("checkpoint_step"), int(d["feature"]))] = d.get("granularity") or "uninterpretable"
+            cp.classes[row_key(d)] = d.get("granularity") or "uninterpretable"
             yield line
 
     if write:
@@ -247,7 +246,7 @@ def final_labels(cp: Checkpoint, explanations: dict, scores: dict, noise: bool) 
     def lines() -> Iterator[str]:
         for _, line in iter_lines(cp.labels_path):
             d = json.loads(line)
-            key = (d.get("checkpoint_step"), int(d["feature"]))
+            key = row_key(d)
             record = by_key.get(key)
             if record is None:
                 yield line

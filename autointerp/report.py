@@ -36,10 +36,10 @@ from autointerp.language import profile as language_profile
 from autointerp.language import trend as language_trend
 from autointerp.shares import ShareCounter, ShareTable, sample_agreement
 from autointerp.schema import (
+    Key,
     GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
 )
 
-Key = tuple[int | None, int]
 SCORE_NAMES = ("simulation", "detection", "fuzzing")
 # SAE metrics plotted on the index, with the metrics.json key spellings we accept.
 SAE_METRICS = {
@@ -291,7 +291,7 @@ def feature_view(key: Key, data: StepData, human: dict[Key, str], n_contexts: in
         confidence, error = (explanation.confidence if explanation else None), None
         sampled, explainer = bool(description), (explanation.explainer if explanation else {}) or {}
     return {
-        "feature": key[1], "description": description or "", "granularity": granularity or "unlabelled",
+        "feature": key.feature, "description": description or "", "granularity": granularity or "unlabelled",
         "language": language or "unknown", "bilingual_firing": bilingual, "cross_lingual": cross_lingual,
         "sampled": sampled, "labelled": label is not None, "evidence_summary": evidence_summary,
         "explainer_model": str(explainer.get("model") or "") if isinstance(explainer, dict) else "",
@@ -650,7 +650,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
         # order); records without a label only when the checkpoint has no labels or room is left
         # under an explicit --per-page.
         labelled = list(data.labels)
-        unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k[1])
+        unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k.feature)
         keys = labelled + unlabelled
         shown = keys[:max_features] if max_features else (labelled or unlabelled)[:DEFAULT_MAX_FEATURES]
         features = [feature_view(k, data, human_labels, contexts_per_feature, window, grey) for k in shown]

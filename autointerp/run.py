@@ -3,14 +3,18 @@
     RUN/
       manifest.json              what was run, with which versions, seeds and prompt hashes
       lm/step-{N}/               Hugging Face checkpoints (model + tokenizer), N = training step
-      step-{N}/sae/              sae.safetensors + config.json (+ metrics.json)
-      step-{N}/records.jsonl.zst feature records (top contexts, negatives, density); zstd-compressed
+      SITE/sae/                  sae.safetensors + config.json (+ metrics.json)
+      SITE/records.jsonl.zst     feature records (top contexts, negatives, density); zstd-compressed
                                  JSONL (a plain records.jsonl is read as well)
-      step-{N}/explanations.jsonl
-      step-{N}/scores.jsonl
-      step-{N}/labels.jsonl
-      report/index.html, report/step-{N}.html
+      SITE/lineage.jsonl         each latent's parent at the previous site
+      SITE/explanations.jsonl
+      SITE/scores.jsonl
+      SITE/labels.jsonl
+      report/index.html, report/SITE.html
       cache.sqlite               LLM response cache
+
+SITE is where an SAE reads the model: step-{N} (a training checkpoint), layer-{L} (a layer of
+one model) or step-{N}-layer-{L}.
 """
 
 from __future__ import annotations
@@ -27,11 +31,72 @@ from typing import Any
 from autointerp import __version__
 from autointerp.errors import UserError
 
+_SITE_DIR = re.compile(r"^(?:step-(?P<step>\d+)(?:-|$))?(?:layer-(?P<layer>\d+))?$")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where one SAE reads a language model: a training checkpoint, a layer, or both. A run folder
+    holds one subfolder per site: step-N (checkpoints of one layer), layer-L (layers of one
+    model), step-N-layer-L (both)."""
+
+    step: int | None = None
+    layer: int | None = None
+
+    @property
+    def name(self) -> str:
+        parts = ([f"step-{self.step}"] if self.step is not None else []) + \
+                ([f"layer-{self.layer}"] if self.layer is not None else [])
+        return "-".join(parts)
+
+    @property
+    def title(self) -> str:
+        """How a page or a table names it: "step 600", "layer 6", "step 600, layer 6"."""
+        return self.name.replace("-", " ").replace(" layer", ", layer")
+
+    def sort_key(self) -> tuple[int, int]:
+        return (-1 if self.step is None else self.step, -1 if self.layer is None else self.layer)
+
+    @classmethod
+    def parse(cls, name: str) -> "Site | None":
+        m = _SITE_DIR.match(name)
+        if not m or name.endswith("-") or not (m["step"] or m["layer"]):
+            return None
+        return cls(None if m["step"] is None else int(m["step"]), None if m["layer"] is None else int(m["layer"]))
+
+
+def site_dir(run: str | Path, site: Site) -> Path:
+    return Path(run) / site.name
+
+
 def step_dir(run: str | Path, step: int) -> Path:
-    return Path(run) / f"step-{step}"
+    return site_dir(run, Site(step=step))
+
+
+def sites(run: str | Path) -> list[Site]:
+    """The sites with a stage folder in the run (step-N/, layer-L/, step-N-layer-L/), in order:
+    by step, then by layer."""
+    folder = Path(run)
+    if not folder.is_dir():
+        return []
+    found = (Site.parse(p.name) for p in folder.iterdir() if p.is_dir())
+    return sorted((s for s in found if s is not None), key=Site.sort_key)
+
+
+def lineage_pairs(found: list[Site]) -> list[tuple[Site, Site]]:
+    """Consecutive sites that lineage matches: each checkpoint against the previous one at the
+    same layer, and, in a run of one checkpoint (or none), each layer against the previous one."""
+    by_layer: dict[int | None, list[Site]] = {}
+    for site in found:
+        by_layer.setdefault(site.layer, []).append(site)
+    pairs = [(a, b) for group in by_layer.values() for a, b in zip(group, group[1:]) if a.step != b.step]
+    if not pairs:
+        by_step: dict[int | None, list[Site]] = {}
+        for site in found:
+            by_step.setdefault(site.step, []).append(site)
+        pairs = [(a, b) for group in by_step.values() for a, b in zip(group, group[1:])]
+    return sorted(pairs, key=lambda p: p[1].sort_key())
 
 
 RECORDS_FILE = "records.jsonl.zst"  # what collect writes
@@ -39,7 +104,7 @@ RECORDS_FILES = (RECORDS_FILE, "records.jsonl", "records.jsonl.gz")  # what ever
 
 
 def records_file(folder: str | Path) -> Path:
-    """A checkpoint folder's records file: the first of RECORDS_FILES that exists, else where
+    """A site folder's records file: the first of RECORDS_FILES that exists, else where
     collect writes it."""
     folder = Path(folder)
     return next((folder / n for n in RECORDS_FILES if (folder / n).is_file()), folder / RECORDS_FILE)
@@ -49,20 +114,17 @@ def lm_checkpoint_dir(run: str | Path, step: int) -> Path:
     return Path(run) / "lm" / f"step-{step}"
 
 
-def _steps_in(folder: Path) -> list[int]:
+def lm_checkpoints(run: str | Path) -> list[int]:
+    """Training steps with a saved LM checkpoint, ascending."""
+    folder = Path(run) / "lm"
     if not folder.is_dir():
         return []
     return sorted(int(m.group(1)) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
 
 
-def lm_checkpoints(run: str | Path) -> list[int]:
-    """Training steps with a saved LM checkpoint, ascending."""
-    return _steps_in(Path(run) / "lm")
-
-
 def checkpoint_steps(run: str | Path) -> list[int]:
     """Steps with a per-checkpoint stage folder (step-N/), ascending."""
-    return _steps_in(Path(run))
+    return [s.step for s in sites(run) if s.step is not None and s.layer is None]
 
 
 def read_manifest(run: str | Path) -> dict[str, Any]:
@@ -95,22 +157,20 @@ class Target:
 
 
 def resolve_targets(target: Path) -> list[Target]:
-    """A records.jsonl file, a step-N folder, or a run directory (every step-N/records.jsonl)."""
-    from autointerp.errors import UserError
-
+    """A records.jsonl file, a site folder (step-N, layer-L), or a run directory (every site's records)."""
     target = Path(target)
     if target.is_file():
         folder = target.parent
-        run_dir = folder.parent if _STEP_DIR.match(folder.name) else folder
+        run_dir = folder.parent if Site.parse(folder.name) else folder
         return [Target(target, folder, run_dir)]
     if target.is_dir():
         if records_file(target).is_file():
             return resolve_targets(records_file(target))
-        found = [records_file(step_dir(target, s)) for s in checkpoint_steps(target)]
+        found = [records_file(site_dir(target, s)) for s in sites(target)]
         found = [p for p in found if p.is_file()]
         if found:
             return [Target(p, p.parent, target) for p in found]
-        raise UserError(f"{target}: no step-N records file inside (run `autointerp collect` first)")
+        raise UserError(f"{target}: no step-N (or layer-L) records file inside (run `autointerp collect` first)")
     raise UserError(f"{target}: no such records file or run directory")
 
 

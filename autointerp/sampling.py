@@ -20,15 +20,14 @@ from __future__ import annotations
 import random
 from typing import Sequence, TypeVar
 
-from autointerp.schema import FeatureRecord
+from autointerp.schema import FeatureRecord, Key, row_key
 
-Key = tuple[int | None, int]  # (checkpoint_step, feature)
 T = TypeVar("T")
 
 
 def sample_keys(live: Sequence[Key], n: int, seed: int = 0) -> list[Key]:
     """n of the live keys, seeded, in feature order."""
-    return _sample(list(live), n, seed, lambda k: k[1])
+    return _sample(list(live), n, seed, lambda k: k.feature)
 
 
 def sample_live(records: Sequence[FeatureRecord], n: int, seed: int = 0) -> list[FeatureRecord]:
@@ -77,13 +76,13 @@ def sample_stratified(classes: dict[Key, str], n: int | None, seed: int = 0) -> 
     for key, cls in classes.items():
         by_class.setdefault(cls, []).append(key)
     if n is None:
-        return sorted(classes, key=lambda k: (k[0] or 0, k[1])), {c: len(v) for c, v in sorted(by_class.items())}
+        return sorted(classes, key=Key.sort_key), {c: len(v) for c, v in sorted(by_class.items())}
     take = allocate({c: len(v) for c, v in by_class.items()}, n)
     chosen: list[Key] = []
     for cls in sorted(take):
-        keys = sorted(by_class[cls], key=lambda k: (k[0] or 0, k[1]))
+        keys = sorted(by_class[cls], key=Key.sort_key)
         chosen += random.Random(f"{seed}:{cls}").sample(keys, take[cls])
-    return sorted(chosen, key=lambda k: (k[0] or 0, k[1])), dict(sorted(take.items()))
+    return sorted(chosen, key=Key.sort_key), dict(sorted(take.items()))
 
 
 def labelled_sample(labels_path) -> list[Key]:
@@ -105,7 +104,7 @@ def labelled_sample(labels_path) -> list[Key]:
             except ValueError:
                 continue
             if d.get("sampled"):
-                keys.append((d.get("checkpoint_step"), int(d["feature"])))
+                keys.append(row_key(d))
     return keys
 
 

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -30,6 +30,29 @@ LANGUAGE_TRENDS = ("en", "ja", "mix")
 # llm-jp-sae's demo data codes its human labels 1-4 (its docs/main.js).
 LLMJP_GRANULARITY_CODES = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
 Granularity = Literal["token", "concept-synonym", "concept-semantic", "uninterpretable"]
+
+
+class Key(NamedTuple):
+    """Which latent a line is about: the SAE's site (training checkpoint and layer) and the
+    latent's index. Every stage joins its rows to the records on it."""
+
+    checkpoint_step: int | None
+    layer: int | None
+    feature: int
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.checkpoint_step or 0, self.layer if self.layer is not None else -1, self.feature)
+
+
+def _layer(value: Any) -> int | None:
+    """A layer as stored: records write -1 where it is not known."""
+    return None if value is None or int(value) < 0 else int(value)
+
+
+def row_key(d: dict[str, Any]) -> Key:
+    """The Key of a parsed JSONL line of any stage."""
+    step = d.get("checkpoint_step")
+    return Key(None if step is None else int(step), _layer(d.get("layer")), int(d["feature"]))
 
 
 def three_way(granularity: str | None) -> str | None:
@@ -102,8 +125,8 @@ class FeatureRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def key(self) -> tuple[int | None, int]:
-        return (self.checkpoint_step, self.feature)
+    def key(self) -> Key:
+        return Key(self.checkpoint_step, _layer(self.layer), self.feature)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -132,14 +155,15 @@ class FeatureRecord:
 
 
 class LatentRow:
-    """One latent's line in a stage's JSONL output, joined across stages on (checkpoint_step, feature)."""
+    """One latent's line in a stage's JSONL output, joined across stages on its Key."""
 
     checkpoint_step: int | None
     feature: int
+    layer: int | None
 
     @property
-    def key(self) -> tuple[int | None, int]:
-        return (self.checkpoint_step, self.feature)
+    def key(self) -> Key:
+        return Key(self.checkpoint_step, self.layer, self.feature)
 
     def to_dict(self) -> dict[str, Any]:
         # shallow (asdict deep-copies every nested dict: a third of writing a whole SAE's labels)
@@ -160,11 +184,13 @@ class Explanation(LatentRow):
     confidence: float | None = None
     explainer: dict[str, Any] = field(default_factory=dict)  # {"model", "prompt_sha256", "engine", "form"}
     error: str | None = None
+    layer: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
         out = {f.name: d.get(f.name) for f in fields(cls)}
         out["explainer"] = out["explainer"] or {}
+        out["layer"] = _layer(out["layer"])
         out["description"] = out["description"] or ""
         return cls(**out)
 
@@ -182,10 +208,12 @@ class Scores(LatentRow):
     error: str | None = None
     ci95: dict[str, list[float]] = field(default_factory=dict)  # method -> [lo, hi], seeded bootstrap
     auc: dict[str, float] = field(default_factory=dict)  # detection/fuzzing AUC where logprobs came back
+    layer: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
         out = {f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")}
+        out["layer"] = _layer(out.get("layer"))
         for name in ("simulator", "ci95", "auc"):
             if out.get(name) is None:
                 out.pop(name, None)
@@ -218,6 +246,7 @@ class Label(LatentRow):
     bilingual_firing: bool = False  # English and Japanese max tokens, each >= 10% of the activating contexts
     sampled: bool = False  # in the LLM sample (explained and scored)
     scores_noise: bool = False  # the run's control found no signal in the scores: they stay out of the decision
+    layer: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Label":
@@ -226,6 +255,7 @@ class Label(LatentRow):
         out["scores"] = out["scores"] or {}
         out["language_profile"] = out["language_profile"] or {}
         out["explainer"] = out["explainer"] or {}
+        out["layer"] = _layer(out["layer"])
         out["confidence"] = float(out["confidence"] or 0.0)
         out["evidence_summary"] = out["evidence_summary"] or ""
         out["description"] = out["description"] or ""
@@ -424,6 +454,7 @@ def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None)
 
 
 class _RecordKey(msgspec.Struct, kw_only=True):
+    layer: int | None = None
     checkpoint_step: int | None = None
     feature: int
     contexts: msgspec.Raw = msgspec.Raw()  # skipped unparsed: only whether it is empty matters
@@ -432,23 +463,26 @@ class _RecordKey(msgspec.Struct, kw_only=True):
 _decode_key = msgspec.json.Decoder(_RecordKey).decode
 # The fields as this project writes them, near the start of a line (before the contexts); a line
 # written otherwise (another key order) is decoded whole.
-_KEY_FIELD = re.compile(rb'(?<!\\)"(checkpoint_step|feature|contexts)"\s*:\s*(null|-?\d+|\[\s*\]?)')
+_KEY_FIELD = re.compile(rb'(?<!\\)"(layer|checkpoint_step|feature|contexts)"\s*:\s*(null|-?\d+|\[\s*\]?)')
 
 
-def record_key(line: bytes | str) -> tuple[tuple[int | None, int], bool]:
-    """((checkpoint_step, feature), live) of one records line, live = it has contexts; reads
-    only the line's first bytes when it starts as written here."""
+def record_key(line: bytes | str) -> tuple[Key, bool]:
+    """(Key, live) of one records line, live = it has contexts; reads only the line's first
+    bytes when it starts as written here."""
     raw = line.encode() if isinstance(line, str) else line
     found = {m.group(1): m.group(2) for m in _KEY_FIELD.finditer(raw, 0, 1024)}
-    if len(found) == 3 and found[b"feature"] not in (b"null",) and not found[b"feature"].startswith(b"["):
-        step = found[b"checkpoint_step"]
-        return ((None if step == b"null" else int(step)), int(found[b"feature"])), found[b"contexts"].rstrip() == b"["
+    if len(found) == 4 and found[b"feature"] not in (b"null",) and not found[b"feature"].startswith(b"[") \
+            and not found[b"layer"].startswith(b"["):
+        step, layer = found[b"checkpoint_step"], found[b"layer"]
+        key = Key(None if step == b"null" else int(step), None if layer == b"null" else _layer(int(layer)),
+                  int(found[b"feature"]))
+        return key, found[b"contexts"].rstrip() == b"["
     key = _decode_key(raw)
-    return (key.checkpoint_step, key.feature), bytes(key.contexts).strip() not in (b"", b"null", b"[]")
+    return Key(key.checkpoint_step, _layer(key.layer), key.feature), bytes(key.contexts).strip() not in (b"", b"null", b"[]")
 
 
-def scan_records(path: str | Path) -> Iterator[tuple[tuple[int | None, int], bool, bytes]]:
-    """((checkpoint_step, feature), live, line) of every line of a records file, decoding only
+def scan_records(path: str | Path) -> Iterator[tuple[Key, bool, bytes]]:
+    """(Key, live, line) of every line of a records file, decoding only
     the key: a 150 MB file in well under a second, so a command can pick latents (a sample, a
     resume point) before it parses the few it shows (lean_record(line))."""
     for lineno, line in iter_lines(path, binary=True):

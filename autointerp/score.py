@@ -58,9 +58,8 @@ from autointerp.language import clean_token
 from autointerp.options import renamed
 from autointerp.llm import LLMAnswerError, RequestRejected, ResultSink, json_response_format, parse_json_answer
 from autointerp.prompting import prompt_sha256, render
-from autointerp.schema import Context, FeatureRecord, Scores, read_finished
+from autointerp.schema import Context, FeatureRecord, Key, Scores, read_finished, row_key
 
-Key = tuple[int | None, int]
 
 METHODS = ("simulation", "detection", "fuzzing")
 PHASES = ("detection", "fuzzing", "simulation")  # request order: one template at a time
@@ -765,7 +764,7 @@ async def score_latent_methods(client, records: Sequence[FeatureRecord], descrip
                                      "examples": plans[r.key].counts(), "settings": settings.to_dict()}
         if origin and r.key in origin:
             simulator["description_from"] = list(origin[r.key])
-        out = Scores(checkpoint_step=r.checkpoint_step, feature=r.feature, simulator=simulator)
+        out = Scores(checkpoint_step=r.checkpoint_step, feature=r.feature, simulator=simulator, layer=r.key.layer)
         errors = []
         for method, result in results[r.key].items():
             setattr(out, method, None if result.value is None else round(result.value, 4))
@@ -812,7 +811,7 @@ async def _score_pending(pending, descriptions, client, settings, pool, origin, 
             if (descriptions.get(r.key) or "").strip():
                 described.append(r)
             else:
-                sink.add(Scores(r.checkpoint_step, r.feature, error=NO_DESCRIPTION))
+                sink.add(Scores(r.checkpoint_step, r.feature, error=NO_DESCRIPTION, layer=r.key.layer))
         for i in range(0, len(described), settings.chunk):
             chunk = described[i:i + settings.chunk]
             for s in await score_latent_methods(client, chunk, descriptions, settings, pool, origin):
@@ -988,14 +987,14 @@ def print_control(control: ControlResult, console: Console) -> None:
 # ---- the `score` command -------------------------------------------------------------------------
 
 def read_descriptions(path: Path) -> dict[Key, str]:
-    """(checkpoint_step, feature) -> description from an explanations.jsonl (one object a line)."""
+    """Key -> description from an explanations.jsonl (one object a line)."""
     out: dict[Key, str] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         try:
             d = json.loads(line)
-            out[(d.get("checkpoint_step"), int(d["feature"]))] = d.get("description") or ""
+            out[row_key(d)] = d.get("description") or ""
         except (ValueError, KeyError, TypeError):
             continue  # a line cut off by a crash of the explainer: that latent has no description
     return out

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from autointerp.annotate import annotate, cli, context_text, load_answers
 from autointerp.compare import load_labels
-from autointerp.schema import Context, FeatureRecord, read_records, write_jsonl
+from autointerp.schema import Context, FeatureRecord, Key, read_records, write_jsonl
 
 
 def _records(n: int = 5) -> list[FeatureRecord]:
@@ -41,7 +41,7 @@ def test_annotate_saves_each_answer_and_resumes(tmp_path):
                                                                   (1, "concept-synonym")]
     assert all(l["annotator"] == "ann" and l["checkpoint_step"] == 100 and l["time"] for l in lines)
     assert {k: v["granularity"] for k, v in load_answers(out).items()} == {
-        (100, 0): "uninterpretable", (100, 1): "concept-synonym"}
+        Key(100, 0, 0): "uninterpretable", Key(100, 0, 1): "concept-synonym"}
 
     # resume: starts at feature 2; a bad key is explained and asked again; n skips; EOF stops
     second = runner.invoke(_app(), [str(records_path), "--out", str(out)], input="m\nx\nn\nconcept-semantic\n")
@@ -49,14 +49,14 @@ def test_annotate_saves_each_answer_and_resumes(tmp_path):
     assert "unknown key 'x'" in second.output
     assert "step 100 · feature 2" in second.output and "step 100 · feature 0" not in second.output
     answers = load_answers(out)
-    assert answers[(100, 2)]["granularity"] == "concept-semantic"
-    assert answers[(100, 3)]["granularity"] is None  # skipped
-    assert answers[(100, 4)]["granularity"] == "concept-semantic"
+    assert answers[Key(100, 0, 2)]["granularity"] == "concept-semantic"
+    assert answers[Key(100, 0, 3)]["granularity"] is None  # skipped
+    assert answers[Key(100, 0, 4)]["granularity"] == "concept-semantic"
 
     # compare reads the file: the skipped feature is not a label; the corrected one keeps its last answer
     labels = load_labels(out)
-    assert labels.labels == {(100, 0): "uninterpretable", (100, 1): "concept-synonym",
-                             (100, 2): "concept-semantic", (100, 4): "concept-semantic"}
+    assert labels.labels == {Key(100, 0, 0): "uninterpretable", Key(100, 0, 1): "concept-synonym",
+                             Key(100, 0, 2): "concept-semantic", Key(100, 0, 4): "concept-semantic"}
     assert labels.unlabelled == 1
 
     third = runner.invoke(_app(), [str(records_path), "--out", str(out)], input="")
@@ -66,14 +66,14 @@ def test_annotate_saves_each_answer_and_resumes(tmp_path):
 
 def test_torn_last_line_is_asked_again(tmp_path):
     out = tmp_path / "human.jsonl"
-    out.write_text('{"checkpoint_step": 100, "feature": 0, "granularity": "token"}\n'
-                   '{"checkpoint_step": 100, "feature": 1, "granul')
+    out.write_text('{"checkpoint_step": 100, "layer": 0, "feature": 0, "granularity": "token"}\n'
+                   '{"checkpoint_step": 100, "layer": 0, "feature": 1, "granul')
     keys = iter(["u", "q"])
     console = Console(file=io.StringIO(), width=120)
     done = annotate(_records(3), out, "ann", lambda: next(keys), console=console)
     assert done == {"labelled": 1, "skipped": 0, "remaining": 1}
     assert "feature 1" in console.file.getvalue()
-    assert load_answers(out)[(100, 1)]["granularity"] == "uninterpretable"
+    assert load_answers(out)[Key(100, 0, 1)]["granularity"] == "uninterpretable"
 
 
 def test_context_text_highlights_max_and_keeps_markup_and_control_chars_inert():
@@ -122,7 +122,7 @@ def test_features_n_is_the_sample_label_draws(tmp_path):
     step10 = read_records(run / "step-10" / "records.jsonl.zst")
     chosen = [r for r in step10 if r.contexts][-3:]
     write_jsonl(run / "step-10" / "labels.jsonl", [
-        {"checkpoint_step": r.checkpoint_step, "feature": r.feature, "sampled": r in chosen} for r in step10])
+        {"checkpoint_step": r.checkpoint_step, "layer": r.layer, "feature": r.feature, "sampled": r in chosen} for r in step10])
     picked = select([run / "step-10" / "records.jsonl.zst"], features=5)
     assert picked.keys == [r.key for r in chosen]
     assert len(select([run / "step-10" / "records.jsonl.zst"], features=2)) == 2  # a subset when N is smaller
@@ -156,4 +156,4 @@ def test_cli_features_sample_and_resume(tmp_path):
     assert f"step 100 · feature {sample[0]}   (1/4)" in first.output
     second = CliRunner().invoke(_app(), [str(records_path), "--out", str(out), "--features", "4"], input="u\nq\n")
     assert f"feature {sample[1]}   (2/4)" in second.output
-    assert [k[1] for k in load_answers(out)] == sample[:2]
+    assert [k.feature for k in load_answers(out)] == sample[:2]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from autointerp.compare import cli, compare_files, compare_labels, load_labels
 from autointerp.errors import UserError
-from autointerp.schema import GRANULARITIES, Label, read_records, write_jsonl
+from autointerp.schema import GRANULARITIES, Key, Label, read_records, write_jsonl
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 LLMJP_SAMPLE = Path(__file__).resolve().parent / "data" / "llmjp_demo"
@@ -23,8 +23,12 @@ needs_dev = pytest.mark.skipif(not DEV.exists(), reason=f"shared dev file absent
 T, S, M, U = GRANULARITIES
 
 
+def K(step, feature):
+    return Key(step, None, feature)
+
+
 def _keyed(labels: list[str], step: int = 1) -> dict:
-    return {(step, i): g for i, g in enumerate(labels)}
+    return {K(step, i): g for i, g in enumerate(labels)}
 
 
 def test_kappa_by_hand():
@@ -58,9 +62,9 @@ def test_kappa_matches_scikit_learn_on_a_known_table():
 
 
 def test_mismatched_features_are_counted_and_compared_on_the_intersection():
-    human = {(10, 0): T, (10, 1): U, (10, 2): S, (100, 0): T, (1000, 3): U}
-    model = {(10, 0): T, (10, 1): T, (100, 0): M, (100, 5): U, (100, 6): U, (1000, 3): U}
-    result = compare_labels(human, model, descriptions={(10, 1): "the word 'the'"})
+    human = {K(10, 0): T, K(10, 1): U, K(10, 2): S, K(100, 0): T, K(1000, 3): U}
+    model = {K(10, 0): T, K(10, 1): T, K(100, 0): M, K(100, 5): U, K(100, 6): U, K(1000, 3): U}
+    result = compare_labels(human, model, descriptions={K(10, 1): "the word 'the'"})
     assert (result.n_common, result.only_human, result.only_model) == (4, 1, 2)
     assert list(result.per_checkpoint) == [10, 100, 1000]
     assert result.per_checkpoint[10].n == 2 and result.per_checkpoint[100].n == 1
@@ -84,19 +88,19 @@ def test_every_input_format_reads_the_same_labels(tmp_path):
         write_jsonl(run / f"step-{step}" / "labels.jsonl", [
             Label(checkpoint_step=step, feature=r.feature, description=f"d{r.feature}",
                   granularity=truth[r.key], cross_lingual=False, language="mix", language_profile={},
-                  scores={}, confidence=1.0, explainer={})
+                  scores={}, confidence=1.0, explainer={}, layer=r.layer)
             for r in records if r.checkpoint_step == step])
     from_run = load_labels(run)
-    assert from_run.labels == truth and from_run.descriptions[(10, 2)] == "d2"
-    assert load_labels(run / "step-100" / "labels.jsonl").labels == {k: v for k, v in truth.items() if k[0] == 100}
+    assert from_run.labels == truth and from_run.descriptions[Key(10, 12, 2)] == "d2"
+    assert load_labels(run / "step-100" / "labels.jsonl").labels == {k: v for k, v in truth.items() if k.checkpoint_step == 100}
     # 4. CSV with names, codes and the paper's wording
     code = {U: 1, M: 2, S: 3, T: 4}
     csv_path = tmp_path / "labels.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["feature", "checkpoint", "granularity"])
+        writer.writerow(["feature", "checkpoint", "layer", "granularity"])
         for i, (key, g) in enumerate(sorted(truth.items())):
-            writer.writerow([key[1], key[0], [g, code[g], g.upper()][i % 3]])
+            writer.writerow([key.feature, key.checkpoint_step, key.layer, [g, code[g], g.upper()][i % 3]])
     assert load_labels(csv_path).labels == truth
     # 5. the llm-jp-sae demo directory (docs/data/{step}/{i}.json with granularity codes)
     demo = tmp_path / "llm-jp-sae" / "docs" / "data"
@@ -113,7 +117,7 @@ def test_every_input_format_reads_the_same_labels(tmp_path):
 @pytest.mark.skipif(not LLMJP_SAMPLE.is_dir(), reason="tests/data/llmjp_demo sample absent")
 def test_llmjp_sample_codes():
     labels = load_labels(LLMJP_SAMPLE).labels
-    for (step, feature), g in labels.items():
+    for (step, _layer, feature), g in labels.items():
         data = json.loads((LLMJP_SAMPLE / str(step) / f"{feature}.json").read_text())
         assert g == {1: U, 2: M, 3: S, 4: T}[data["granularity"]]
 
@@ -157,7 +161,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"checkpoint_step": 1, "feature": 1, "granularity": "token"}\n')
     b.write_text('{"checkpoint_step": 2, "feature": 1, "granularity": "token"}\n')
-    with pytest.raises(UserError, match="no \\(checkpoint_step, feature\\) in common"):
+    with pytest.raises(UserError, match="no \\(checkpoint_step, layer, feature\\) in common"):
         compare_files(a, b)
     with pytest.raises(UserError, match="is a folder holding a.jsonl, b.jsonl, .* not labels"):
         load_labels(tmp_path)
@@ -166,8 +170,8 @@ def test_bad_inputs_are_user_errors(tmp_path):
 def test_printed_descriptions_are_not_rich_markup(capsys):
     from autointerp.compare import print_result
 
-    result = compare_labels({(1, 0): T, (1, 1): U}, {(1, 0): U, (1, 1): U},
-                            descriptions={(1, 0): "[red]x[/red]"})
+    result = compare_labels({K(1, 0): T, K(1, 1): U}, {K(1, 0): U, K(1, 1): U},
+                            descriptions={K(1, 0): "[red]x[/red]"})
     print_result(result)
     assert "[red]x[/red]" in capsys.readouterr().out
 

@@ -43,7 +43,7 @@ def test_reads_shared_dev_file_with_extras(tmp_path):
 
 def test_imports_llmjp_demo_layout():
     records = import_llmjp_demo(SAMPLE)
-    assert [r.key for r in records] == [(10, 0), (10, 2), (988240, 0), (988240, 98)]
+    assert [(r.checkpoint_step, r.feature) for r in records] == [(10, 0), (10, 2), (988240, 0), (988240, 98)]
     raw = json.loads((SAMPLE / "988240/98.json").read_text())
     r = records[3]
     assert r.extra["human_granularity"] == LLMJP_GRANULARITY[raw["granularity"]]
@@ -51,8 +51,8 @@ def test_imports_llmjp_demo_layout():
     assert [c.tokens for c in r.contexts] == [[t for t, _ in s] for s in raw["token_act"]]
     assert [c.levels for c in r.contexts] == [[a for _, a in s] for s in raw["token_act"]]
     # one step folder or one file work too
-    assert [x.key for x in import_llmjp_demo(SAMPLE / "10")] == [(10, 0), (10, 2)]
-    assert import_llmjp_demo(SAMPLE / "10/2.json")[0].key == (10, 2)
+    assert [x.key for x in import_llmjp_demo(SAMPLE / "10")] == [(10, 12, 0), (10, 12, 2)]
+    assert import_llmjp_demo(SAMPLE / "10/2.json")[0].key == (10, 12, 2)
 
 
 @needs_dev
