@@ -20,9 +20,9 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import typer
@@ -41,11 +41,12 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.safetensors.index.json", "
 
 @dataclass
 class ActivationBatch:
-    acts: torch.Tensor        # [B, T, d] float32, on CPU
+    acts: torch.Tensor        # [B, T, d] float32, on CPU: the (first) layer asked for
     input_ids: torch.Tensor   # [B, T] long; right-padded
     mask: torch.Tensor        # [B, T] bool: True at real text tokens (not padding, not BOS/special)
     doc_ids: list[int]
     start: int = 0            # position of the batch's first document in the stream
+    by_layer: dict[int, torch.Tensor] = field(default_factory=dict)  # every layer asked for -> [B, T, d]
 
 
 # ---- model loading and introspection -----------------------------------------------------
@@ -143,27 +144,37 @@ def _doc_text_and_id(doc: Document | str, index: int) -> tuple[str, int]:
     return (doc.text, doc.doc_id) if isinstance(doc, Document) else (str(doc), index)
 
 
-def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int, batch_size: int = 32,
+def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int | Sequence[int], batch_size: int = 32,
                      max_tokens: int = 64, device: str | torch.device | None = None,
                      shard: tuple[int, int] | None = None) -> Iterator[ActivationBatch]:
-    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document.
+    """Layer `layer`'s output for the first `max_tokens` tokens (BOS included) of each document;
+    with several layers, all of them from one forward pass (batch.by_layer), stopped after the
+    highest.
 
     shard=(rank, world): only the batches b with b % world == rank run (the model sees ~1/world
     of the tokens; see autointerp.distributed)."""
-    layers = decoder_layers(model)
-    check_layer(model, layer)
+    wanted = sorted({layer} if isinstance(layer, int) else set(layer))
+    if not wanted:
+        raise UserError("no layer asked for")
+    blocks = decoder_layers(model)
+    for one in wanted:
+        check_layer(model, one)
     if batch_size < 1 or max_tokens < 1:
         raise UserError(f"batch size and max tokens must be positive (got {batch_size}, {max_tokens})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    captured: list[torch.Tensor] = []
+    captured: dict[int, torch.Tensor] = {}
 
-    def hook(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-        raise _StopForward
+    def hook_for(index: int):
+        def hook(_module, _inputs, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+            if index == wanted[-1]:
+                raise _StopForward
+        return hook
 
-    handle = layers[layer].register_forward_hook(hook)
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in wanted]
+    first = wanted[0] if isinstance(layer, int) else (list(layer)[0])
     try:
         stream = iter(enumerate(docs))
         for index in itertools.count():
@@ -186,13 +197,15 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
                     model(input_ids=input_ids.to(device), attention_mask=attention.to(device), use_cache=False)
                 except _StopForward:
                     pass
-            if not captured:
-                raise RuntimeError(f"the hook on layer {layer} did not run")
-            acts = captured[0].float().cpu()
+            if len(captured) != len(wanted):
+                raise RuntimeError(f"the hooks on layers {wanted} did not all run")
+            by_layer = {i: captured[i].float().cpu() for i in wanted}
             mask = attention & ~torch.isin(input_ids, special)
-            yield ActivationBatch(acts=acts, input_ids=input_ids, mask=mask, doc_ids=list(doc_ids), start=chunk[0][0])
+            yield ActivationBatch(acts=by_layer[first], input_ids=input_ids, mask=mask, doc_ids=list(doc_ids),
+                                  start=chunk[0][0], by_layer=by_layer)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 # ---- shards on disk ----------------------------------------------------------------------

@@ -130,3 +130,39 @@ def test_splice_hook_replaces_the_layer_output(setup):
     result = delta_ce(model, Identity(), 0, batch)
     assert result["delta_ce"] == pytest.approx(0.0, abs=1e-6) and result["ce_zero"] != result["ce_clean"]
     assert result["ce_loss_recovered"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # ~20 s: two SAEs of one model, one pass of it
+def test_layers_of_one_model_train_from_one_pass_into_layer_sites(setup, tmp_path, monkeypatch):
+    """`sae train RUN --model M --layers 0,1` writes RUN/layer-0/sae and RUN/layer-1/sae; the two
+    SAEs read the activations of one pass of the LM and equal SAEs trained one layer at a time."""
+    from typer.testing import CliRunner
+
+    from autointerp import activations
+    from autointerp.sae.cli import cli as sae_cli
+
+    root, corpus, run = setup
+    model = str(run / "lm" / "step-10")
+    passes = []
+    real = activations.iter_activations
+
+    def counted(*args, **kwargs):
+        passes.append(args[3] if len(args) > 3 else kwargs.get("layer"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "iter_activations", counted)
+    both = tmp_path / "both"
+    result = CliRunner().invoke(sae_cli, ["train", str(both), "--model", model, "--layers", "0,1",
+                                          "--corpus", str(corpus), *TRAIN_ARGS])
+    assert result.exit_code == 0, result.output
+    training_passes = [p for p in passes if not isinstance(p, int)]
+    assert training_passes == [[0, 1]], passes  # one pass for both layers (metrics read held-out docs apart)
+    for layer in (0, 1):
+        sae = load_sae(both / f"layer-{layer}" / "sae")
+        assert (sae.cfg.layer, sae.cfg.checkpoint_step) == (layer, None)
+    one = tmp_path / "one"
+    result = CliRunner().invoke(sae_cli, ["train", str(one), "--model", model, "--layers", "1",
+                                          "--corpus", str(corpus), *TRAIN_ARGS])
+    assert result.exit_code == 0, result.output
+    a, b = load_sae(both / "layer-1" / "sae"), load_sae(one / "layer-1" / "sae")
+    assert torch.equal(a.W_enc, b.W_enc)  # the same stream of activations, the same SAE

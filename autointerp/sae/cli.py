@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.options import renamed
+from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.sae.io import load_sae, save_sae
 from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
 from autointerp.sae.model import SAEConfig, TopKSAE
@@ -69,6 +69,32 @@ def _activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs:
             yield acts
 
 
+def _layer_activations(model, tokenizer, docs, layers: list[int], seq_len: int,
+                       cache_bytes: int) -> dict[int, list[torch.Tensor]] | None:
+    """Every layer's masked token activations from one pass of the LM over `docs`, held in
+    memory; None when they would pass `cache_bytes` (the caller then runs a pass per layer)."""
+    from autointerp.activations import d_model, iter_activations
+
+    tokens = sum(min(len(ids), seq_len) for ids in tokenizer([d.text for d in docs], truncation=True,
+                                                             max_length=seq_len)["input_ids"])
+    if tokens * d_model(model) * 4 * len(layers) > cache_bytes:
+        return None
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    with Progress(TextColumn("[bold]activations of layers " + ", ".join(map(str, layers))), BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(docs))
+        for batch in iter_activations(model, tokenizer, docs, layers, batch_size=32, max_tokens=seq_len):
+            for layer in layers:
+                out[layer].append(batch.by_layer[layer][batch.mask])
+            progress.advance(task, len(batch.doc_ids))
+    return out
+
+
+def _replayed(chunks: list[torch.Tensor], epochs: int) -> Iterator[torch.Tensor]:
+    for _ in range(epochs):
+        yield from chunks
+
+
 def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 16):
     """(input_ids, attention_mask) over the first `seq_len` tokens of each document, right-padded."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -102,48 +128,60 @@ def _init_distributed() -> tuple[int, int]:
     return init_from_env()
 
 
-def _train_one(model_path: str, revision: str | None, layer: int | None, step: int | None, out: Path,
-               train_docs, eval_docs, args: dict, progress: Progress | None, rank: int,
-               saved_model: str | None = None) -> dict:
+def _train_one(model_path: str, revision: str | None, layers: list[int | None], step: int | None,
+               outs: list[Path], train_docs, eval_docs, args: dict, progress: Progress | None, rank: int,
+               saved_model: str | None = None) -> list[dict]:
+    """Train one SAE per layer of one LM (checkpoint), each into its folder; several layers
+    share one pass of the LM over the corpus when their activations fit in memory."""
     from autointerp.activations import check_layer, d_model, load_lm, num_layers
 
     model, tokenizer = load_lm(model_path, revision=revision, device=args["device"])
-    layer = num_layers(model) // 2 if layer is None else layer
-    check_layer(model, layer)
+    layers = [num_layers(model) // 2 if layer is None else layer for layer in layers]
+    for layer in layers:
+        check_layer(model, layer)
     d = d_model(model)
-    # saved_model: how config.json names the model (relative to the SAE folder inside a run)
-    sae_cfg = SAEConfig(d_model=d, d_sae=d * args["expansion"], k=args["k"], model=saved_model or model_path,
-                        revision=revision, layer=layer, checkpoint_step=step)
     budget = args["max_tokens"]
     epochs = args["epochs"] if budget is None else 10_000  # with a token budget: cycle until it is spent
-    train_cfg = TrainConfig(batch_size=args["batch_size"], lr=args["lr"], warmup_frac=args["warmup"],
-                            decay_frac=args["decay"], max_tokens=budget, auxk_alpha=args["auxk_alpha"],
-                            dead_tokens=args["dead_tokens"], seed=args["seed"], device=args["device"])
-    task = progress.add_task(f"SAE {out}", total=budget) if progress else None
+    _, world = _init_distributed()
+    cached = _layer_activations(model, tokenizer, train_docs, layers, args["seq_len"], args["cache_bytes"]) \
+        if len(layers) > 1 and world == 1 else None
+    results = []
+    for layer, out in zip(layers, outs):
+        # saved_model: how config.json names the model (relative to the SAE folder inside a run)
+        sae_cfg = SAEConfig(d_model=d, d_sae=d * args["expansion"], k=args["k"], model=saved_model or model_path,
+                            revision=revision, layer=layer, checkpoint_step=step)
+        train_cfg = TrainConfig(batch_size=args["batch_size"], lr=args["lr"], warmup_frac=args["warmup"],
+                                decay_frac=args["decay"], max_tokens=budget, auxk_alpha=args["auxk_alpha"],
+                                dead_tokens=args["dead_tokens"], seed=args["seed"], device=args["device"])
+        name = out.parent.name if out.name == "sae" else str(out)
+        task = progress.add_task(f"SAE {name}", total=budget) if progress else None
 
-    def on_step(_step: int, tokens: int, logs: dict) -> None:
+        def on_step(_step: int, tokens: int, logs: dict, task=task, name=name) -> None:
+            if progress is not None:
+                progress.update(task, completed=tokens,
+                                description=f"SAE {name} fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
+
+        chunks = _replayed(cached.pop(layer), epochs) if cached else \
+            _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs, shard=True)
+        try:
+            sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
+        finally:
+            chunks.close()  # a budget can end mid-pass: this removes the extractor's layer hook now
         if progress is not None:
-            progress.update(task, completed=tokens, description=f"SAE {out.parent.name if step is not None else out} "
-                                                                   f"fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
-
-    chunks = _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs, shard=True)
-    try:
-        sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
-    finally:
-        chunks.close()  # a budget can end mid-pass: this removes the extractor's layer hook now
-    if progress is not None:
-        progress.update(task, total=result.tokens, completed=result.tokens)
-    if rank != 0:
-        return {}
-    metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
-    metrics.update({"train_tokens": result.tokens, "train_steps": result.steps,
-                    "train_seconds": round(result.seconds, 2),
-                    "train_tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
-                    "train_dead_fraction": result.dead_fraction, "layer": layer, "checkpoint_step": step,
-                    "train_config": train_cfg.__dict__, "history": result.history})
-    save_sae(sae, out)
-    write_metrics(out, metrics)  # written last: its presence marks the checkpoint done
-    return metrics
+            progress.update(task, total=result.tokens, completed=result.tokens)
+        if rank != 0:
+            results.append({})
+            continue
+        metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
+        metrics.update({"train_tokens": result.tokens, "train_steps": result.steps,
+                        "train_seconds": round(result.seconds, 2),
+                        "train_tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
+                        "train_dead_fraction": result.dead_fraction, "layer": layer, "checkpoint_step": step,
+                        "train_config": train_cfg.__dict__, "history": result.history})
+        save_sae(sae, out)
+        write_metrics(out, metrics)  # written last: its presence marks the SAE done
+        results.append(metrics)
+    return results
 
 
 def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: int) -> None:
@@ -162,11 +200,16 @@ def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: in
 @renamed({"--run": "RUN_DIR"}, refused={"--max-tokens": "--train-tokens", "--batch-size": "--batch-tokens"})
 def train(
     run: Path = typer.Argument(None, metavar="RUN_DIR",
-                               help="Run folder: train one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/ "
-                                    "(or --model for one SAE)."),
-    model: str = typer.Option(None, metavar="MODEL", help="LM checkpoint folder or Hugging Face id (one SAE)."),
+                               help="Run folder: one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/; with "
+                                    "--model, one per layer of that model into RUN_DIR/layer-L/sae/."),
+    model: str = typer.Option(None, metavar="MODEL",
+                              help="LM: a checkpoint folder, a Hugging Face id, a .gguf file or a short name "
+                                   "(gemma-3-270m, smollm2-135m). Without RUN_DIR: one SAE into --out."),
     revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
     layer: int = typer.Option(None, min=0, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
+    layers: list[str] = typer.Option([], "--layers", metavar="LAYERS", callback=parse_steps,
+                                     help=f"Several layers, {STEPS_HELP.replace('10,100,600', '3,9,15')}: an SAE "
+                                          "each, from one pass of the LM (site folders layer-L, or step-N-layer-L)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
     docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
@@ -188,12 +231,19 @@ def train(
     seed: int = typer.Option(0, help="Seed of the SAE's init and the shuffle."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: torch's choice)."),
+    cache_gb: float = typer.Option(6.0, "--cache-gb", min=0.0,
+                                   help="Memory for the activations several layers share (beyond it: a pass per layer)."),
 ) -> None:
     """Train TopK SAE(s), write sae.safetensors + config.json + metrics.json, print the metrics table."""
-    if (model is None) == (run is None):
-        raise UserError("give exactly one of RUN_DIR (one SAE per checkpoint) or --model (one SAE)")
-    if run is not None:
+    if model is None and run is None:
+        raise UserError("give RUN_DIR (one SAE per checkpoint, or per layer with --model) or --model (one SAE)")
+    if layer is not None and layers:
+        raise UserError("give --layer or --layers, not both")
+    wanted: list[int | None] = list(layers) or [layer]
+    if run is not None and model is None:
         expect(run, Kind.RUN, what="RUN_DIR")
+    if run is None and len(wanted) > 1:
+        raise UserError("several --layers need RUN_DIR: each SAE goes to RUN_DIR/layer-L/sae")
     if threads:
         torch.set_num_threads(threads)
     rank, world = _init_distributed()
@@ -201,36 +251,54 @@ def train(
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     args = dict(k=k, expansion=expansion, batch_size=batch_tokens, lr=lr, warmup=warmup, decay=decay,
                 max_tokens=train_tokens or None, epochs=epochs, seq_len=seq_len, auxk_alpha=auxk_alpha,
-                dead_tokens=dead_tokens, seed=seed, device=device)
-    if run is not None:
+                dead_tokens=dead_tokens, seed=seed, device=device, cache_bytes=int(cache_gb * 2**30))
+    # jobs: (LM, revision, step, [(layer, SAE folder, row title)]); the layers of one job share the LM
+    jobs: list[tuple[str, str | None, int | None, list[tuple[int | None, Path, str]]]] = []
+    if run is not None and model is None:
         steps = rundir.lm_checkpoints(run)
         if not steps:
             raise UserError(f"{run}: no LM checkpoints in {run}/lm/step-N (run `autointerp lm train` first)")
-        jobs = [(str(rundir.lm_checkpoint_dir(run, s)), None, s, rundir.step_dir(run, s) / "sae") for s in steps]
+        for s in steps:
+            sites = [rundir.Site(s, one if len(wanted) > 1 else None) for one in wanted]
+            jobs.append((str(rundir.lm_checkpoint_dir(run, s)), None, s,
+                         [(one, rundir.site_dir(run, site) / "sae", site.title) for one, site in zip(wanted, sites)]))
+    elif run is not None:
+        if wanted == [None]:
+            from autointerp.activations import load_lm, num_layers
+
+            wanted = [num_layers(load_lm(model, revision=revision)[0]) // 2]
+        jobs.append((model, revision, None, [(one, rundir.site_dir(run, rundir.Site(layer=one)) / "sae", f"layer {one}")
+                                             for one in wanted]))
     else:
-        jobs = [(model, revision, None, out or Path("sae"))]
+        jobs.append((model, revision, None, [(layer, out or Path("sae"), str(out or Path("sae")))]))
     # config.json names the model relative to the SAE folder inside a run (the run can move),
     # else by its absolute path or hub id
-    saved = {sae_dir: rundir.saved_path(model_path, sae_dir, root=run) for model_path, _, _, sae_dir in jobs}
     train_docs, held = _split_docs(corpus, docs, eval_docs)
 
     rows = []
     started = time.time()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=rank != 0) as progress:
-        for model_path, rev, step, sae_dir in jobs:
-            label = f"step {step}" if step is not None else str(sae_dir)
-            if not force and (sae_dir / "metrics.json").exists() and (sae_dir / "sae.safetensors").exists():
-                _check_same_settings(sae_dir, layer, k, expansion)
-                rows.append((label + " (done)", json.loads((sae_dir / "metrics.json").read_text())))
+        for model_path, rev, step, saes in jobs:
+            todo = []
+            for one, sae_dir, title in saes:
+                if not force and (sae_dir / "metrics.json").exists() and (sae_dir / "sae.safetensors").exists():
+                    _check_same_settings(sae_dir, one, k, expansion)
+                    rows.append((title + " (done)", json.loads((sae_dir / "metrics.json").read_text())))
+                else:
+                    todo.append((one, sae_dir, title))
+            if not todo:
                 continue
-            metrics = _train_one(model_path, rev, layer, step, sae_dir, train_docs, held, args,
-                                 progress if rank == 0 else None, rank, saved_model=saved[sae_dir])
-            rows.append((label, metrics))
+            saved = rundir.saved_path(model_path, todo[0][1], root=run)
+            results = _train_one(model_path, rev, [one for one, _, _ in todo], step, [d for _, d, _ in todo],
+                                 train_docs, held, args, progress if rank == 0 else None, rank, saved_model=saved)
+            rows += [(title, metrics) for (_, _, title), metrics in zip(todo, results)]
     if rank == 0:
         console.print(metrics_table(rows, title="SAE metrics (held-out documents)"))
         if run is not None:
-            rundir.update_manifest(run, "sae", {**args, "layer": layer, "corpus": rundir.saved_path(corpus, run),
+            rundir.update_manifest(run, "sae", {**{k: v for k, v in args.items() if k != "cache_bytes"},
+                                                "layer": layer, "layers": layers, "model": model and rundir.saved_path(model, run),
+                                                "corpus": rundir.saved_path(corpus, run),
                                                 "docs": docs,
                                                 "world_size": world, "seconds": round(time.time() - started, 1)})
     if dist.is_initialized():
