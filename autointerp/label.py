@@ -100,7 +100,7 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
                     console: Console) -> None:
     """Collect the SAE's feature records (records.py's collect, defaults as `autointerp collect`)."""
     from autointerp.corpus import load_corpus
-    from autointerp.records import _collect_one, _progress
+    from autointerp.records import collect_records, progress_bar
 
     console.print(f"collecting the records of {sae_dir} over corpus {corpus!r} into {records_path}")
     docs = load_corpus(corpus)
@@ -108,9 +108,9 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
         raise UserError(f"corpus {corpus!r} has no documents")
     opts = dict(top_k=50, window=64, max_tokens=None, batch_size=32, n_similar=10, n_random=20, n_same_token=5,
                 features=None, seed=0, device=None)
-    with _progress() as progress:
-        _collect_one(sae_dir, records_path, model, revision, docs, layer=None, step=None, opts=opts,
-                     progress=progress)
+    with progress_bar() as progress:
+        collect_records([(sae_dir, records_path)], model, revision, docs, layer=None, step=None, opts=opts,
+                        progress=progress)
 
 
 def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = True) -> None:

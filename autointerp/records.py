@@ -352,13 +352,20 @@ def _gc_paused(records: Iterator[FeatureRecord]) -> Iterator[FeatureRecord]:
 
 
 def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]], *,
-                        n_docs: int, layer: int, model: str = "", checkpoint_step: int | None = None,
-                        top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
-                        n_same_token: int = 5, random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
-                        on_batch: Callable[[int, int], None] | None = None) -> Iterator[FeatureRecord]:
+                        n_docs: int, layer: int, **options: Any) -> Iterator[FeatureRecord]:
     """The top-k pass over ActivationBatch-like objects (acts [B,T,d], input_ids, mask, doc_ids),
     run now; returns an iterator that builds the records latent by latent (so a writer holds
-    only a chunk of them in memory).
+    only a chunk of them in memory). The options are stream_sites'."""
+    return stream_sites(batches, {layer: sae}, decode, n_docs=n_docs, **options)[layer]
+
+
+def stream_sites(batches: Iterable[Any], saes: dict[int, Any], decode: Callable[[list[int]], list[str]], *,
+                 n_docs: int, model: str = "", checkpoint_step: int | None = None,
+                 top_k: int = 50, window: int = 64, n_similar: int = 10, n_random: int = 20,
+                 n_same_token: int = 5, random_pool: int = 256, features: Sequence[int] | None = None, seed: int = 0,
+                 on_batch: Callable[[int, int], None] | None = None) -> dict[int, Iterator[FeatureRecord]]:
+    """stream_from_batches for the SAEs of several layers (layer -> SAE) over one pass: each
+    batch holds every layer's activations (batch.by_layer; batch.acts for a single layer).
 
     `n_docs` (an upper bound on the number of contexts) sizes the random-negative pool;
     `on_batch(n_contexts, n_tokens)` is called after each batch (progress).
@@ -368,33 +375,42 @@ def stream_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randperm(max(n_docs, 0), generator=gen)[:random_pool].tolist() if n_random + n_same_token > 0 else []
     # the top-k buffers live where the SAE does (activations arrive on the CPU)
-    device = next((p.device for p in sae.parameters()), torch.device("cpu")) if hasattr(sae, "parameters") else torch.device("cpu")
-    tracker: TopContexts | None = None
+    devices = {layer: next((p.device for p in sae.parameters()), torch.device("cpu"))
+               if hasattr(sae, "parameters") else torch.device("cpu") for layer, sae in saes.items()}
+    trackers: dict[int, TopContexts] = {}
     from autointerp.distributed import rank_world
 
     distributed = rank_world()[1] > 1  # each rank has its share of the batches (iter_activations' shard)
     with torch.inference_mode():
         for batch in batches:
-            acts, mask = batch.acts.to(device), batch.mask.to(device)
-            if tracker is None:
-                tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, device)
-            # positions count text tokens only (a context holds input_ids[mask], e.g. without BOS)
-            token_row = mask.nonzero(as_tuple=True)[0]
-            token_pos = (mask.cumsum(1) - 1)[mask]
-            x = acts[mask].float()
-            values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
-            tracker.add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids),
-                        base=batch.start if distributed else None)
+            for layer, sae in saes.items():
+                device = devices[layer]
+                acts = (batch.by_layer.get(layer, batch.acts) if getattr(batch, "by_layer", None) else batch.acts)
+                acts, mask = acts.to(device), batch.mask.to(device)
+                if layer not in trackers:
+                    trackers[layer] = TopContexts(_num_latents(sae), top_k + n_similar, features, pool, device)
+                # positions count text tokens only (a context holds input_ids[mask], e.g. without BOS)
+                token_row = mask.nonzero(as_tuple=True)[0]
+                token_pos = (mask.cumsum(1) - 1)[mask]
+                x = acts[mask].float()
+                values, indices = sae.encode(x) if len(x) else (x.new_zeros(0, 1), x.new_zeros(0, 1, dtype=torch.long))
+                trackers[layer].add(values, indices, token_row, token_pos, batch.input_ids, mask, list(batch.doc_ids),
+                                    base=batch.start if distributed else None)
             if on_batch:
-                on_batch(len(batch.doc_ids), int(mask.sum()))
-    if tracker is None:  # an empty corpus (or no batch left for this rank): every latent is dead
-        tracker = TopContexts(_num_latents(sae), top_k + n_similar, features, pool if distributed else (), device)
-    tracker.prune()
-    if distributed and not tracker.merge_ranks():
-        return iter(())  # rank 0 writes the records
-    return _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random,
-                                   n_same_token=n_same_token, seed=seed,
-                                   model=model, layer=layer, checkpoint_step=checkpoint_step))
+                on_batch(len(batch.doc_ids), int(batch.mask.sum()))
+    out = {}
+    for layer, sae in saes.items():
+        # an empty corpus (or no batch left for this rank): every latent is dead
+        tracker = trackers.get(layer) or TopContexts(_num_latents(sae), top_k + n_similar, features,
+                                                     pool if distributed else (), devices[layer])
+        tracker.prune()
+        if distributed and not tracker.merge_ranks():
+            out[layer] = iter(())  # rank 0 writes the records
+            continue
+        out[layer] = _gc_paused(iter_records(tracker, decode, top_k=top_k, window=window, n_random=n_random,
+                                             n_same_token=n_same_token, seed=seed, model=model, layer=layer,
+                                             checkpoint_step=checkpoint_step))
+    return out
 
 
 def collect_from_batches(batches: Iterable[Any], sae, decode: Callable[[list[int]], list[str]],
@@ -568,7 +584,7 @@ def _latents_option(spec: str | None) -> str | None:
     return spec
 
 
-def _progress(disable: bool = False) -> Progress:
+def progress_bar(disable: bool = False) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=disable)
@@ -587,63 +603,84 @@ def _sae_provenance(sae) -> dict[str, Any]:
     return {k: getattr(cfg, k, None) for k in ("model", "revision", "layer", "checkpoint_step")}
 
 
-def _collect_one(sae_dir: Path, out: Path, lm_path: str | None, revision: str | None, docs, *, layer: int | None,
-                 step: int | None, opts: dict[str, Any], progress: Progress, run: Path | None = None) -> dict[str, Any]:
-    from autointerp.activations import load_lm
+def collect_records(saes: list[tuple[Path, Path]], lm_path: str | None, revision: str | None, docs, *,
+                    layer: int | None, step: int | None, opts: dict[str, Any], progress: Progress,
+                    run: Path | None = None) -> list[dict[str, Any]]:
+    """Collect the records of SAEs that read one LM (at their layers: one pass of the LM for all
+    of them) into their files: [(SAE folder, records file)]. Returns what each wrote."""
+    from autointerp.activations import iter_activations, load_lm, token_strings
+    from autointerp.distributed import rank_world
     from autointerp.sae import load_sae
 
-    sae = load_sae(sae_dir, device=opts["device"] or "cpu")
-    prov = _sae_provenance(sae)
-    folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
-    model_id = lm_path or runlib.resolve_model(prov["model"], folder)
-    if not model_id:
-        raise UserError(f"{sae_dir}: the SAE config names no model; pass --model")
-    layer = layer if layer is not None else prov["layer"]
-    if layer is None:
-        raise UserError(f"{sae_dir}: the SAE config names no layer; pass --layer")
-    step = step if step is not None else prov["checkpoint_step"]
-    model, tokenizer = load_lm(str(model_id), revision=revision if revision is not None else prov["revision"],
+    loaded, layers, model_id, provenance = [], [], None, None
+    for sae_dir, _ in saes:
+        sae = load_sae(sae_dir, device=opts["device"] or "cpu")
+        prov = _sae_provenance(sae)
+        folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+        model_id = model_id or lm_path or runlib.resolve_model(prov["model"], folder)
+        if not model_id:
+            raise UserError(f"{sae_dir}: the SAE config names no model; pass --model")
+        one = layer if layer is not None and len(saes) == 1 else prov["layer"]
+        if one is None:
+            raise UserError(f"{sae_dir}: the SAE config names no layer; pass --layer")
+        if int(one) in layers:
+            raise UserError(f"{sae_dir}: two SAEs of one collect read layer {one}; collect them apart")
+        loaded.append(sae)
+        layers.append(int(one))
+        provenance = provenance or prov
+    step = step if step is not None else provenance["checkpoint_step"]
+    model, tokenizer = load_lm(str(model_id), revision=revision if revision is not None else provenance["revision"],
                                device=opts["device"] or "cpu")
-    task = progress.add_task(f"step {step}" if step is not None else "collect", total=len(docs), tps="-")
+    title = f"step {step}" if step is not None else "collect"
+    task = progress.add_task(title + (f" (layers {', '.join(map(str, layers))})" if len(layers) > 1 else ""),
+                             total=len(docs), tps="-")
     started, seen = time.perf_counter(), [0]
 
     def on_batch(n_ctx: int, n_tok: int) -> None:
         seen[0] += n_tok
         progress.update(task, advance=n_ctx, tps=f"{seen[0] / max(time.perf_counter() - started, 1e-9):,.0f}")
 
-    records = iter_collect(model, tokenizer, sae, docs, int(layer), top_k=opts["top_k"], window=opts["window"],
-                      max_tokens=opts["max_tokens"], batch_size=opts["batch_size"], n_similar=opts["n_similar"],
-                      n_random=opts["n_random"], n_same_token=opts["n_same_token"], features=opts["features"], seed=opts["seed"],
-                      device=opts["device"], model_name=_model_name(str(model_id), run), checkpoint_step=step,
-                      on_batch=on_batch)
-    counts = {"latents": 0, "dead": 0}
-
-    def counted(records: Iterable[FeatureRecord]) -> Iterator[FeatureRecord]:
-        for r in records:
-            counts["latents"] += 1
-            counts["dead"] += not r.contexts
-            yield r
-
-    from autointerp.distributed import rank_world
-
-    if rank_world()[0] != 0:  # under torchrun rank 0 holds the merged records and writes them
-        return {}
-    write_jsonl(out, counted(records))  # streamed: one chunk of latents in memory at a time
+    rank, world = rank_world()
+    batches = iter_activations(model, tokenizer, docs, layers, batch_size=opts["batch_size"],
+                               max_tokens=opts["max_tokens"] or opts["window"], device=opts["device"],
+                               shard=(rank, world) if world > 1 else None)
+    streams = stream_sites(batches, dict(zip(layers, loaded)), lambda ids: token_strings(tokenizer, ids),
+                           n_docs=len(docs), model=_model_name(str(model_id), run), checkpoint_step=step,
+                           top_k=opts["top_k"], window=opts["window"], n_similar=opts["n_similar"],
+                           n_random=opts["n_random"], n_same_token=opts["n_same_token"], features=opts["features"],
+                           seed=opts["seed"], on_batch=on_batch)
+    if rank != 0:  # under torchrun rank 0 holds the merged records and writes them
+        return [{} for _ in saes]
     seconds = time.perf_counter() - started
-    console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in {seconds:.1f} s"
-                  + (f" (this rank's share of the tokens; {rank_world()[1]} ranks)" if rank_world()[1] > 1 else ""))
-    return {"records": runlib.saved_path(out, run) if run is not None else str(out), **counts, "tokens": seen[0],
-            "seconds": round(seconds, 2)}
+    written = []
+    for (_, out), one in zip(saes, layers):
+        counts = {"latents": 0, "dead": 0}
+
+        def counted(records: Iterable[FeatureRecord], counts=counts) -> Iterator[FeatureRecord]:
+            for r in records:
+                counts["latents"] += 1
+                counts["dead"] += not r.contexts
+                yield r
+
+        write_jsonl(out, counted(streams[one]))  # streamed: one chunk of latents in memory at a time
+        console.print(f"{out}: {counts['latents']} latents ({counts['dead']} dead), {seen[0]:,} tokens in "
+                      f"{seconds:.1f} s" + (f" (one pass for layers {', '.join(map(str, layers))})" if len(layers) > 1 else "")
+                      + (f" (this rank's share of the tokens; {world} ranks)" if world > 1 else ""))
+        written.append({"records": runlib.saved_path(out, run) if run is not None else str(out), **counts,
+                        "tokens": seen[0], "seconds": round(seconds, 2)})
+    return written
 
 
 @renamed({"--run": "TARGET", "--sae": "TARGET", "--max-tokens": "--seq-len", "--max-docs": "--docs"},
          refused={"--window": "--context-len", "--features": "--latents"})
 def cli_collect(
     target: Path = typer.Argument(..., metavar="TARGET",
-                                  help="A run folder (every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst) "
+                                  help="A run folder (every RUN_DIR/SITE/sae into RUN_DIR/SITE/records.jsonl.zst; "
+                                       "SITE is step-N or layer-L) "
                                        "or one SAE folder (with --out)."),
     model: str | None = typer.Option(None, "--model", metavar="MODEL",
-                                     help="LM (Hugging Face id or folder). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
+                                     help="LM (folder, Hugging Face id, .gguf file or short name). Default: "
+                                          "RUN_DIR/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
@@ -687,22 +724,24 @@ def cli_collect(
     opts = dict(top_k=top_k, window=context_len, max_tokens=seq_len, batch_size=batch_size, n_similar=n_similar,
                 n_random=n_random, n_same_token=n_same_token, features=parse_latents(latents), seed=seed,
                 device=device)
-    jobs: list[tuple[Path, Path, str | None, int | None]] = []  # (sae dir, out, lm, step)
+    jobs: list[tuple[Path, Path, str | None, int | None, str]] = []  # (sae dir, out, lm, step, site)
     if sae is not None:
         if out is None:
             raise UserError(f"{sae} is an SAE folder: give --out RECORDS for its records file")
-        jobs.append((sae, out, model, None))
+        jobs.append((sae, out, model, None, str(sae)))
     else:
         assert run is not None
         wanted = set(steps) or None
-        for step in runlib.checkpoint_steps(run):
-            sae_dir = runlib.step_dir(run, step) / "sae"
-            if not sae_dir.is_dir() or (wanted is not None and step not in wanted):
+        for site in runlib.sites(run):
+            folder = runlib.site_dir(run, site)
+            if not (folder / "sae").is_dir() or (wanted is not None and site.step not in wanted):
                 continue
-            lm_dir = runlib.lm_checkpoint_dir(run, step)
-            jobs.append((sae_dir, runlib.records_file(runlib.step_dir(run, step)), model or (str(lm_dir) if lm_dir.is_dir() else None), step))
+            lm_dir = runlib.lm_checkpoint_dir(run, site.step) if site.step is not None else None
+            lm = model or (str(lm_dir) if lm_dir is not None and lm_dir.is_dir() else None)
+            jobs.append((folder / "sae", runlib.records_file(folder), lm, site.step, site.name))
         if not jobs:
-            raise UserError(f"{run}: no step-N/sae folders to collect from (train SAEs first: autointerp sae train)")
+            raise UserError(f"{run}: no step-N/sae (or layer-L/sae) folders to collect from "
+                            "(train SAEs first: autointerp sae train)")
     todo = [j for j in jobs if force or not j[1].exists()]
     for j in jobs:
         if j not in todo and rank == 0:
@@ -712,18 +751,24 @@ def cli_collect(
     docs = load_corpus(corpus, limit=n_docs)
     if not docs:
         raise UserError(f"corpus {corpus!r} has no documents")
+    # the sites of one LM checkpoint (its layers) share one pass of it
+    groups: dict[tuple[str | None, int | None], list] = {}
+    for job in todo:
+        groups.setdefault((job[2], job[3]), []).append(job)
     done: dict[str, Any] = {}
     failed: list[str] = []
-    with _progress(disable=rank != 0) as progress:
-        for sae_dir, out_path, lm, step in todo:
+    with progress_bar(disable=rank != 0) as progress:
+        for (lm, step), group in groups.items():
             try:
-                done[str(step)] = _collect_one(sae_dir, out_path, lm, revision, docs, layer=layer, step=step,
-                                               opts=opts, progress=progress, run=run)
+                results = collect_records([(j[0], j[1]) for j in group], lm, revision, docs, layer=layer, step=step,
+                                          opts=opts, progress=progress, run=run)
+                done.update({j[4]: r for j, r in zip(group, results)})
             except (UserError, OSError, ValueError, RuntimeError) as exc:
+                names = ", ".join(str(j[0]) for j in group)
                 if on_error == "fail":
-                    raise UserError(f"{sae_dir}: {exc}") from None
-                failed.append(str(sae_dir))
-                console.print(f"[red]{sae_dir}: {exc}[/] (skipped)")
+                    raise UserError(f"{names}: {exc}") from None
+                failed += [str(j[0]) for j in group]
+                console.print(f"[red]{names}: {exc}[/] (skipped)")
     if run is not None and rank == 0:
         runlib.update_manifest(run, "collect", {"corpus": runlib.saved_path(corpus, run), "max_docs": n_docs,
                                                  "checkpoints": done, "world_size": world,

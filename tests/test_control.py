@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from autointerp import score
-from autointerp.schema import Scores, iter_jsonl
+from autointerp.schema import Key, Scores, iter_jsonl
 
 from test_score import ScriptedClient, _record
 
@@ -44,8 +44,8 @@ def test_control_sample_fraction_minimum_and_all_if_fewer():
     assert len(score.control_sample(records, descriptions, scored, 0.1, 10, 0)) == 10
     assert len(score.control_sample(records[:7], descriptions, scored, 0.2, 10, 0)) == 7
     # only latents with a description and a matched score
-    descriptions[(5, 0)] = ""
-    sample = score.control_sample(records[:7], descriptions, scored - {(5, 1)}, 0.2, 10, 0)
+    descriptions[Key(5, 0, 0)] = ""
+    sample = score.control_sample(records[:7], descriptions, scored - {Key(5, 0, 1)}, 0.2, 10, 0)
     assert {r.feature for r in sample} == {2, 3, 4, 5, 6}
     a = score.control_sample(records, descriptions, scored, 0.2, 10, 1)
     assert a == score.control_sample(records, descriptions, scored, 0.2, 10, 1)
@@ -125,13 +125,13 @@ def test_compare_control_hand_computed():
                                   ["detection"], "m", 0)["detection"]
     assert small["ci95"][0] > 0 and not small["signal"] and "too few for a verdict" in small["verdict"]
     # too few latents
-    few = score.compare_control({(5, 0): s(0, 1.0)}, {(5, 0): s(0, 0.5)}, ["detection"], "m", 0)["detection"]
+    few = score.compare_control({Key(5, 0, 0): s(0, 1.0)}, {Key(5, 0, 0): s(0, 0.5)}, ["detection"], "m", 0)["detection"]
     assert few["gap"] is None and not few["signal"] and "too few" in few["verdict"]
 
 
 def test_control_needs_two_latents(tmp_path):
     records, descriptions = _world(1)
-    control = score.run_control(records, descriptions, [Scores(5, 0, detection=1.0)], ScriptedClient(),
+    control = score.run_control(records, descriptions, [Scores(5, 0, detection=1.0, layer=0)], ScriptedClient(),
                                 tmp_path / "c.jsonl", score.ScoreSettings())
     assert control.noise and control.n_latents == 1 and not (tmp_path / "c.jsonl").exists()
     assert "too few" in control.methods["detection"]["verdict"]

@@ -206,7 +206,7 @@ def test_partial_last_line_is_dropped_on_resume(tmp_path):
     good = Explanation(100, 0, "d")
     out.write_text(json.dumps(good.to_dict()) + "\n" + '{"checkpoint_step": 100, "feat')
     done = load_finished(out)
-    assert list(done) == [(100, 0)]
+    assert list(done) == [(100, None, 0)]
     assert out.read_text().endswith("\n") and len(out.read_text().splitlines()) == 1
 
 

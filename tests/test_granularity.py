@@ -116,7 +116,7 @@ def test_bad_input_is_labelled_not_crashing(contexts, reason):
 
 def test_explanation_switches_to_llm_model_when_shipped():
     record = _record([" dog"] * 30)
-    expl = Explanation(1, 0, "the word dog", "token", False, 0.9, {"model": "m"})
+    expl = Explanation(1, 0, "the word dog", "token", False, 0.9, {"model": "m"}, layer=0)
     [label] = G.build_labels([record], [expl])
     assert label.description == "the word dog" and label.explainer == {"model": "m"}
     expected = "both" if "both" in G.load_models() else G.choose_model(G.load_models())

@@ -19,7 +19,7 @@ from fakeserver import FakeServer  # noqa: E402
 
 from autointerp import granularity, sampling, statlabels  # noqa: E402
 from autointerp.cli import app  # noqa: E402
-from autointerp.schema import Context, FeatureRecord, Label, iter_jsonl, to_json_line, write_jsonl  # noqa: E402
+from autointerp.schema import Context, FeatureRecord, Key, Label, row_key, iter_jsonl, to_json_line, write_jsonl  # noqa: E402
 from autointerp.statlabels import iter_stat_label_lines  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -70,9 +70,9 @@ def scorer_answer(request: dict) -> str:
 # ---- the sample ----------------------------------------------------------------------------------
 
 def test_stratified_sample_is_seeded_and_covers_every_class():
-    classes = {(1, i): "uninterpretable" for i in range(500)}
-    classes |= {(1, 500 + i): "token" for i in range(60)}
-    classes[(1, 900)] = "concept-synonym"  # one rare latent
+    classes = {Key(1, 0, i): "uninterpretable" for i in range(500)}
+    classes |= {Key(1, 0, 500 + i): "token" for i in range(60)}
+    classes[Key(1, 0, 900)] = "concept-synonym"  # one rare latent
     a, strata = sampling.sample_stratified(classes, 10, seed=3)
     assert a == sampling.sample_stratified(classes, 10, seed=3)[0]  # seeded
     assert a != sampling.sample_stratified(classes, 10, seed=4)[0]
@@ -139,7 +139,7 @@ def test_label_writes_one_line_per_live_latent_sampled_only_on_the_sample(tmp_pa
     stat_classes = {}
     for line in iter_stat_label_lines(next(run.glob("step-*/records.jsonl")), workers=1):
         d = json.loads(line)
-        stat_classes[(d["checkpoint_step"], d["feature"])] = d["granularity"]
+        stat_classes[row_key(d)] = d["granularity"]
     assert {stat_classes[l.key] for l in sampled} == {stat_classes[r.key] for r in live}  # every class present
     for label in labels:
         assert label.evidence_summary
@@ -363,7 +363,7 @@ def test_label_killed_midway_resumes_with_each_latent_once(tmp_path):
     labels = labels_of(run)
     sampled = [l.key for l in labels if l.sampled]
     assert 3 <= written < len(sampled)
-    explained = [(d["checkpoint_step"], d["feature"]) for d in map(json.loads, out.read_text().splitlines())]
+    explained = [row_key(d) for d in map(json.loads, out.read_text().splitlines())]
     assert sorted(explained) == sorted(sampled)  # each exactly once
     assert len(server.bodies) - before <= len(sampled) - written + 1  # at most the one in flight again
     assert len(labels) == len([r for r in records if r.contexts])

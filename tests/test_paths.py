@@ -80,7 +80,7 @@ def test_a_moved_run_opens_from_another_folder(moved, monkeypatch):
                                     "--top-k", "2", "--docs", "20", "--threads", "1"])
     assert collected.exit_code == 0, (collected.output, collected.exception)
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["stages"]["collect"]["checkpoints"]["10"]["records"] == "step-10/records.jsonl.zst"
+    assert manifest["stages"]["collect"]["checkpoints"]["step-10"]["records"] == "step-10/records.jsonl.zst"
     assert read_records(runlib.records_file(run / "step-10"))[0].model == "lm/step-10"
 
 

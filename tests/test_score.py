@@ -9,7 +9,7 @@ import pytest
 
 from autointerp import score
 from autointerp.llm import ChatResult, TokenLogprob
-from autointerp.schema import Context, FeatureRecord, Scores, iter_jsonl
+from autointerp.schema import Context, FeatureRecord, Key, Scores, iter_jsonl
 
 
 # ---- metrics on small hand-computed cases -----------------------------------------------------------
@@ -285,7 +285,7 @@ class ScriptedClient:
 
 def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     records = [_record(0, same_token=False), _record(1, token=" cat")]
-    descriptions = {(5, 0): "the word dog", (5, 1): ""}
+    descriptions = {Key(5, 0, 0): "the word dog", Key(5, 0, 1): ""}
     client = ScriptedClient()
     out = tmp_path / "scores.jsonl"
     scores = score.score_records(records, descriptions, client, out, score.ScoreSettings(bootstrap=200))
@@ -309,7 +309,7 @@ def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     again = score.score_records(records, descriptions, client, out, score.ScoreSettings(bootstrap=200))
     assert len(client.requests) == n and [s.to_dict() for s in again] == [s.to_dict() for s in scores]
     # a new description is scored again (the line is stale)
-    score.score_records(records, {(5, 0): "the word cat", (5, 1): ""}, client, out,
+    score.score_records(records, {Key(5, 0, 0): "the word cat", Key(5, 0, 1): ""}, client, out,
                         score.ScoreSettings(bootstrap=200))
     assert len(client.requests) == n + 4 + 4 + n_tokens
     constant = score.score_records(records[:1], descriptions, ScriptedClient(constant=True), None,
@@ -455,7 +455,7 @@ def test_simulation_over_vllm_prompt_logprobs_end_to_end(tmp_path):
         client = LLMClient(server.base_url, "m", cache_path=tmp_path / "cache.sqlite")
         settings = score.ScoreSettings.for_engine("vllm", methods=("simulation",), n_activating=10,
                                                   n_non_activating=10, bootstrap=100)
-        [s] = score.score_records([_record(0)], {(5, 0): "the word dog"}, client, settings=settings)
+        [s] = score.score_records([_record(0)], {Key(5, 0, 0): "the word dog"}, client, settings=settings)
         client.close()
     finally:
         server.close()
