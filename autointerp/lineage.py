@@ -1,19 +1,21 @@
-"""Feature lineage across checkpoints: which latent at a later step continues one at an earlier step.
+"""Feature lineage across checkpoints, or across layers: which latent at a later step (a later
+layer) continues one at an earlier step (layer).
 
     autointerp lineage RUN [--sample eval|all] [--quantile 0.99]
 
-SAE latents of two checkpoints live in different residual bases, so their decoder directions
-cannot be compared; where they fire can. For each pair of consecutive checkpoints A -> B, a
-shared token sample (default: the documents `lm train` holds out) runs through both
-checkpoints' LM + SAE, and every latent of B that fires on the sample is matched to the latent
+SAE latents of two checkpoints (or two layers) live in different residual bases, so their decoder
+directions cannot be compared; where they fire can. For each pair of consecutive sites A -> B
+(checkpoints of one layer, or the layers of one model: run.lineage_pairs), a shared token sample
+(default: the documents `lm train` holds out) runs through both sites' LM + SAE (the layers of one
+model from one forward pass), and every latent of B that fires on the sample is matched to the latent
 of A whose activations correlate best with its own over those tokens (Pearson, zeros
 included). A match is a continuation only when the correlation beats a null threshold: the
 same matching against B's tokens shuffled, taken per band of firing frequency (rare latents
 reach high correlations by chance). Output per pair:
 
-    RUN/step-{B}/lineage.jsonl       one line per latent of B that fires on the sample
-                                     (feature, parent_step, parent_feature, correlation, margin, new, ...)
-    RUN/step-{B}/lineage.meta.json   sample size, null thresholds, settings (written last: "done")
+    RUN/B/lineage.jsonl       one line per latent of B that fires on the sample (feature,
+                              parent_step, parent_layer, parent_feature, correlation, margin, new, ...)
+    RUN/B/lineage.meta.json   sample size, null thresholds, settings (written last: "done")
 
 Memory: TopK codes are sparse (k of n latents per token), so the cross-products
 sum_t a_i(t) b_j(t) are accumulated from the codes (Gustavson's row-by-row sparse product),
@@ -270,6 +272,8 @@ class LineageRow(LatentRow):
     second_feature: int | None
     threshold: float              # the null threshold this latent was held to
     fired: int                    # tokens of the shared sample where it is > 0
+    layer: int | None = None
+    parent_layer: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LineageRow":
@@ -277,10 +281,12 @@ class LineageRow(LatentRow):
                    parent_step=d.get("parent_step"), parent_feature=d.get("parent_feature"),
                    correlation=float(d["correlation"]), margin=d.get("margin"), new=bool(d["new"]),
                    candidate_feature=d.get("candidate_feature"), second_feature=d.get("second_feature"),
-                   threshold=float(d.get("threshold", math.nan)), fired=int(d.get("fired", 0)))
+                   threshold=float(d.get("threshold", math.nan)), fired=int(d.get("fired", 0)),
+                   layer=d.get("layer"), parent_layer=d.get("parent_layer"))
 
 
-def decide(m: Match, thresholds: torch.Tensor, step_a: int | None, step_b: int | None) -> list[LineageRow]:
+def decide(m: Match, thresholds: torch.Tensor, step_a: int | None, step_b: int | None,
+           layer_a: int | None = None, layer_b: int | None = None) -> list[LineageRow]:
     """One row per live latent of B: its parent (the best candidate) unless it fails its threshold."""
     rows = []
     for j in m.moments_b.live.nonzero().squeeze(1).tolist():
@@ -296,7 +302,7 @@ def decide(m: Match, thresholds: torch.Tensor, step_a: int | None, step_b: int |
             margin=round(corr - corr2, 4) if has_parent and math.isfinite(corr2) else None,
             new=is_new, candidate_feature=best if has_parent else None,
             second_feature=second if second >= 0 else None, threshold=round(thr, 4),
-            fired=int(m.moments_b.fired[j])))
+            fired=int(m.moments_b.fired[j]), layer=layer_b, parent_layer=layer_a))
     return rows
 
 
@@ -308,7 +314,8 @@ class PairResult:
 
 def lineage_pair(a: Codes, b: Codes, step_a: int | None, step_b: int | None, quantile: float = 0.99,
                  bins: int = 10, seed: int = 0, group_bytes: int = 16 << 20,
-                 on_group: Callable[[int, int], None] | None = None) -> PairResult:
+                 on_group: Callable[[int, int], None] | None = None,
+                 layer_a: int | None = None, layer_b: int | None = None) -> PairResult:
     """Match B to A, match B to A over shuffled tokens (the null), and decide every live latent of B."""
     ma, mb, sorted_a = moments(a), moments(b), _by_latent(a)
     started = time.perf_counter()
@@ -318,10 +325,11 @@ def lineage_pair(a: Codes, b: Codes, step_a: int | None, step_b: int | None, qua
     null = match(a, b, b_order=shuffle, group_bytes=group_bytes, on_group=on_group, a_moments=ma,
                  b_moments=mb, a_sorted=sorted_a)
     thresholds, bands = null_thresholds(null.best_corr, mb.fired, mb.live, quantile, bins)
-    rows = decide(real, thresholds, step_a, step_b)
+    rows = decide(real, thresholds, step_a, step_b, layer_a, layer_b)
     live_null = null.best_corr[mb.live]
     meta = {
-        "parent_step": step_a, "checkpoint_step": step_b, "tokens": a.n_tokens,
+        "parent_step": step_a, "checkpoint_step": step_b, "parent_layer": layer_a, "layer": layer_b,
+        "tokens": a.n_tokens,
         "latents_a": a.n_latents, "latents_b": b.n_latents,
         "live_a": int(ma.live.sum()), "live_b": int(mb.live.sum()),
         "new": sum(r.new for r in rows), "continued": sum(not r.new for r in rows),
@@ -341,46 +349,51 @@ def _quantiles(x: torch.Tensor) -> dict[str, float]:
     return {"p10": round(qs[0], 4), "median": round(qs[1], 4), "p90": round(qs[2], 4), "p99": round(qs[3], 4)}
 
 
-# --------------------------------------------------------------------------- running checkpoints
+# --------------------------------------------------------------------------- running sites
 
 @dataclass
-class Checkpoint:
-    """What lineage needs of one step: its SAE and the LM it reads."""
+class SiteSAE:
+    """What lineage needs of one site: its SAE and the LM it reads."""
 
-    step: int
+    site: runlib.Site
     sae_dir: Path
     model: str
     revision: str | None
     layer: int
 
+    @property
+    def step(self) -> int | None:
+        return self.site.step
 
-def find_checkpoints(run: Path) -> list[Checkpoint]:
-    """Steps with an SAE and a reachable LM (RUN/lm/step-N, else the model in the SAE's config,
+
+def find_sites(run: Path) -> list[SiteSAE]:
+    """Sites with an SAE and a reachable LM (RUN/lm/step-N, else the model in the SAE's config,
     as `collect` does); a one-line UserError when lineage cannot run on this run."""
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
-    steps = runlib.checkpoint_steps(run)
-    with_sae = [s for s in steps if (runlib.step_dir(run, s) / "sae").is_dir()]
+    found = runlib.sites(run)
+    with_sae = [s for s in found if (runlib.site_dir(run, s) / "sae").is_dir()]
     if not with_sae:
-        if any(runlib.records_file(runlib.step_dir(run, s)).exists() for s in steps):
+        if any(runlib.records_file(runlib.site_dir(run, s)).exists() for s in found):
             raise UserError(f"{run}: lineage cannot run on feature records alone (imported records?): it runs the "
-                            "same tokens through each checkpoint's LM and SAE, and this run has no step-N/sae")
-        raise UserError(f"{run}: no step-N/sae folders (train SAEs first: autointerp sae train {run})")
+                            "same tokens through each site's LM and SAE, and this run has no step-N/sae or layer-L/sae")
+        raise UserError(f"{run}: no step-N/sae or layer-L/sae folders (train SAEs first: autointerp sae train {run})")
     out = []
-    for step in with_sae:
-        sae_dir = runlib.step_dir(run, step) / "sae"
+    for site in with_sae:
+        sae_dir = runlib.site_dir(run, site) / "sae"
         cfg_path = sae_dir / "config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        lm_dir = runlib.lm_checkpoint_dir(run, step)
-        model = str(lm_dir) if lm_dir.is_dir() else runlib.resolve_model(cfg.get("model"), sae_dir)
+        lm_dir = runlib.lm_checkpoint_dir(run, site.step) if site.step is not None else None
+        own_lm = lm_dir is not None and lm_dir.is_dir()
+        model = str(lm_dir) if own_lm else runlib.resolve_model(cfg.get("model"), sae_dir)
         if not model:
-            raise UserError(f"{sae_dir}: no LM for step {step} (no {lm_dir} and the SAE config names no model), "
+            raise UserError(f"{sae_dir}: no LM for {site.title} (no RUN/lm/step-N and the SAE config names no model), "
                             "so lineage cannot run its tokens through it")
         if cfg.get("layer") is None:
             raise UserError(f"{sae_dir}: the SAE config names no layer")
-        out.append(Checkpoint(step, sae_dir, model, None if lm_dir.is_dir() else cfg.get("revision"), int(cfg["layer"])))
+        out.append(SiteSAE(site, sae_dir, model, None if own_lm else cfg.get("revision"), int(cfg["layer"])))
     if len(out) < 2:
-        raise UserError(f"{run}: lineage needs at least two checkpoints with an SAE (found {len(out)})")
+        raise UserError(f"{run}: lineage needs at least two checkpoints or layers with an SAE (found {len(out)})")
     return out
 
 
@@ -400,26 +413,41 @@ def shared_documents(corpus: str, sample: str, max_docs: int | None):
 
 
 @torch.inference_mode()
-def encode_checkpoint(ckpt: Checkpoint, docs, seq_len: int, batch_size: int, device: str,
-                      progress: Progress | None = None) -> tuple[Codes, torch.Tensor]:
-    """(codes, token ids) of the shared documents' first `seq_len` tokens through the step's LM + SAE."""
+def encode_sites(sites: Sequence[SiteSAE], docs, seq_len: int, batch_size: int, device: str,
+                 progress: Progress | None = None) -> tuple[dict[runlib.Site, Codes], torch.Tensor]:
+    """({site: codes}, token ids) of the shared documents' first `seq_len` tokens through the
+    sites' LM + SAEs: sites that read one LM (its layers) share one forward pass."""
     from autointerp.activations import iter_activations, load_lm
     from autointerp.sae import load_sae
 
-    sae = load_sae(ckpt.sae_dir, device=device)
-    model, tokenizer = load_lm(ckpt.model, revision=ckpt.revision, device=device)
-    task = progress.add_task(f"encode step {ckpt.step}", total=len(docs)) if progress else None
-    values, indices, tokens = [], [], []
-    for batch in iter_activations(model, tokenizer, docs, ckpt.layer, batch_size=batch_size, max_tokens=seq_len,
+    if len({(s.model, s.revision) for s in sites}) != 1 or len({s.layer for s in sites}) != len(sites):
+        raise ValueError("encode_sites takes the SAEs of one LM at distinct layers")
+    saes = {s.layer: load_sae(s.sae_dir, device=device) for s in sites}
+    model, tokenizer = load_lm(sites[0].model, revision=sites[0].revision, device=device)
+    title = ", ".join(s.site.title for s in sites)
+    task = progress.add_task(f"encode {title}", total=len(docs)) if progress else None
+    values: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    indices: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    tokens = []
+    for batch in iter_activations(model, tokenizer, docs, list(saes), batch_size=batch_size, max_tokens=seq_len,
                                   device=device):
-        v, i = sae.encode(batch.acts[batch.mask].to(device))
-        values.append(v.float().cpu())
-        indices.append(i.to(torch.int32).cpu())
+        for layer, sae in saes.items():
+            v, i = sae.encode(batch.by_layer[layer][batch.mask].to(device))
+            values[layer].append(v.float().cpu())
+            indices[layer].append(i.to(torch.int32).cpu())
         tokens.append(batch.input_ids[batch.mask])
         if progress is not None:
             progress.update(task, advance=len(batch.doc_ids))
-    codes = Codes(torch.cat(values), torch.cat(indices), int(sae.cfg.d_sae))
+    codes = {s.site: Codes(torch.cat(values[s.layer]), torch.cat(indices[s.layer]), int(saes[s.layer].cfg.d_sae))
+             for s in sites}
     return codes, torch.cat(tokens)
+
+
+def encode_checkpoint(ckpt: SiteSAE, docs, seq_len: int, batch_size: int, device: str,
+                      progress: Progress | None = None) -> tuple[Codes, torch.Tensor]:
+    """(codes, token ids) of one site (encode_sites for one)."""
+    codes, tokens = encode_sites([ckpt], docs, seq_len, batch_size, device, progress)
+    return codes[ckpt.site], tokens
 
 
 def _settings(corpus: str, sample: str, max_docs: int | None, seq_len: int, quantile: float, bins: int,
@@ -431,58 +459,77 @@ def _settings(corpus: str, sample: str, max_docs: int | None, seq_len: int, quan
 def run_lineage(run: Path, corpus: str | None = None, sample: str = "eval", max_docs: int | None = None,
                 seq_len: int = 64, quantile: float = 0.99, bins: int = 10, seed: int = 0, batch_size: int = 32,
                 device: str = "cpu", force: bool = False, group_bytes: int = 16 << 20) -> list[dict[str, Any]]:
-    """Write step-N/lineage.jsonl + lineage.meta.json for every consecutive pair; return the metas."""
-    checkpoints = find_checkpoints(run)
+    """Write SITE/lineage.jsonl + lineage.meta.json for every consecutive pair of sites; return the metas."""
+    found = {s.site: s for s in find_sites(run)}
     corpus = corpus or runlib.load_saved((runlib.read_manifest(run).get("stages", {}).get("sae", {}) or {}).get("corpus"),
                                          run) or "debian-reference"
     settings = _settings(corpus, sample, max_docs, seq_len, quantile, bins, seed)
-    pairs = list(zip(checkpoints, checkpoints[1:]))
+    pairs = [(found[a], found[b]) for a, b in runlib.lineage_pairs(list(found))]
     todo = []
     for a, b in pairs:
-        meta_path = runlib.step_dir(run, b.step) / META_FILE
-        done = meta_path.exists() and (runlib.step_dir(run, b.step) / ROWS_FILE).exists()
+        folder = runlib.site_dir(run, b.site)
+        meta_path = folder / META_FILE
+        done = meta_path.exists() and (folder / ROWS_FILE).exists()
         if done and not force and json.loads(meta_path.read_text()).get("settings") == settings:
-            console.print(f"[dim]step {a.step} -> {b.step}: done ({meta_path}); --force to redo[/]")
+            console.print(f"[dim]{a.site.title} -> {b.site.title}: done ({meta_path}); --force to redo[/]")
             continue
         todo.append((a, b))
     if not todo:
-        return [json.loads((runlib.step_dir(run, b.step) / META_FILE).read_text()) for _, b in pairs]
+        return [json.loads((runlib.site_dir(run, b.site) / META_FILE).read_text()) for _, b in pairs]
     docs = shared_documents(corpus, sample, max_docs)
-    cache: dict[int, tuple[Codes, torch.Tensor]] = {}
+    cache: dict[runlib.Site, tuple[Codes, torch.Tensor]] = {}
     metas = []
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for a, b in todo:
-            for ckpt in (a, b):
-                if ckpt.step not in cache:
-                    cache[ckpt.step] = encode_checkpoint(ckpt, docs, seq_len, batch_size, device, progress)
-            (codes_a, tok_a), (codes_b, tok_b) = cache[a.step], cache[b.step]
+            for one in (a, b):
+                if one.site not in cache:
+                    # every site still to match that reads the same LM comes from this one pass
+                    group = [s for s in found.values() if (s.model, s.revision) == (one.model, one.revision)
+                             and s.site not in cache and any(s in pair for pair in todo)]
+                    codes, tokens = encode_sites(group, docs, seq_len, batch_size, device, progress)
+                    cache.update({site: (c, tokens) for site, c in codes.items()})
+            (codes_a, tok_a), (codes_b, tok_b) = cache[a.site], cache[b.site]
             if not torch.equal(tok_a, tok_b):
-                raise UserError(f"steps {a.step} and {b.step} tokenize the shared documents differently; lineage "
-                                "compares activations token by token, so both need the same tokenizer")
-            task = progress.add_task(f"match {a.step} -> {b.step} (+ null)", total=None)
+                raise UserError(f"{a.site.title} and {b.site.title} tokenize the shared documents differently; "
+                                "lineage compares activations token by token, so both need the same tokenizer")
+            task = progress.add_task(f"match {a.site.title} -> {b.site.title} (+ null)", total=None)
 
             def on_group(done: int, total: int, task=task) -> None:
                 progress.update(task, total=2 * total, advance=1)
 
-            result = lineage_pair(codes_a, codes_b, a.step, b.step, quantile, bins, seed, group_bytes, on_group)
-            folder = runlib.step_dir(run, b.step)
+            result = lineage_pair(codes_a, codes_b, a.step, b.step, quantile, bins, seed, group_bytes, on_group,
+                                  layer_a=a.layer, layer_b=b.layer)
+            folder = runlib.site_dir(run, b.site)
             write_jsonl(folder / ROWS_FILE, result.rows)
             meta = {**result.meta, "settings": settings, "docs": len(docs)}
             tmp = folder / (META_FILE + ".tmp")
             tmp.write_text(json.dumps(meta, indent=2))
             tmp.replace(folder / META_FILE)
             metas.append(meta)
-            for step in [s for s in cache if s not in (b.step,)]:
-                del cache[step]  # each step's codes are needed by the next pair at most
+            later = {s for pair in todo[todo.index((a, b)) + 1:] for s in (pair[0].site, pair[1].site)}
+            for site in [s for s in cache if s not in later]:
+                del cache[site]  # codes no later pair needs
             progress.console.print(
-                f"step {a.step} -> {b.step}: {meta['live_b']} latents of step {b.step} fire on {meta['tokens']:,} "
-                f"shared tokens; {meta['continued']} continue a step-{a.step} latent, {meta['new']} are new "
-                f"(null threshold {_threshold_range(meta)}); {meta['seconds']:.1f} s")
+                f"{a.site.title} -> {b.site.title}: {meta['live_b']} latents of {b.site.title} fire on "
+                f"{meta['tokens']:,} shared tokens; {meta['continued']} continue a latent of {a.site.title}, "
+                f"{meta['new']} are new (null threshold {_threshold_range(meta)}); {meta['seconds']:.1f} s")
     runlib.update_manifest(run, "lineage", {**settings, "pairs": [
-        {k: m[k] for k in ("parent_step", "checkpoint_step", "tokens", "live_b", "continued", "new", "seconds")}
+        {k: m.get(k) for k in ("parent_step", "checkpoint_step", "parent_layer", "layer", "tokens", "live_b",
+                               "continued", "new", "seconds")}
         for m in metas]})
     return metas
+
+
+def pair_title(meta: dict[str, Any]) -> str:
+    """"step 10 -> 100", "layer 3 -> 9": how a pair of sites is named."""
+    a = runlib.Site(meta.get("parent_step"), meta.get("parent_layer"))
+    b = runlib.Site(meta.get("checkpoint_step"), meta.get("layer"))
+    if a.layer == b.layer:
+        return f"step {a.step} -> {b.step}"
+    if a.step == b.step:
+        return f"layer {a.layer} -> {b.layer}" + (f" (step {a.step})" if a.step is not None else "")
+    return f"{a.title} -> {b.title}"
 
 
 def _threshold_range(meta: dict[str, Any]) -> str:
@@ -507,7 +554,8 @@ def _null_quantile(value: float) -> float:
 @renamed({"--max-docs": "--docs"})
 def cli(
     run: Path = typer.Argument(..., metavar="RUN_DIR",
-                               help="Run folder with step-N/sae and LM checkpoints (RUN_DIR/lm/step-N or the SAE config's model)."),
+                               help="Run folder with step-N/sae (or layer-L/sae) and their LM (RUN_DIR/lm/step-N or "
+                                    "the SAE config's model)."),
     corpus: str | None = typer.Option(None, "--corpus", metavar="CORPUS",
                                       help="Corpus of the shared tokens (default: the one the SAEs were trained on)."),
     sample: str = typer.Option("eval", "--sample", metavar="eval|all", callback=_eval_or_all,
@@ -525,14 +573,14 @@ def cli(
     memory_mb: int = typer.Option(16, "--block-mb", min=1, help="Size of one block of the correlation matrix (MB); the whole matrix is never held."),
     force: bool = typer.Option(False, "--force", help="Redo pairs whose lineage.jsonl exists with the same settings."),
 ) -> None:
-    """Match every latent of each checkpoint to its parent at the previous one (feature lineage)."""
+    """Match every latent of each checkpoint (layer) to its parent at the previous one (feature lineage)."""
     expect(run, Kind.RUN)
     if threads:
         torch.set_num_threads(threads)
     metas = run_lineage(run, corpus, sample, max_docs, seq_len, quantile, bins, seed, batch_size, device, force,
                         memory_mb << 20)
     for m in metas:
-        print(f"step {m['parent_step']} -> {m['checkpoint_step']}: {m['continued']} continued, {m['new']} new "
+        print(f"{pair_title(m)}: {m['continued']} continued, {m['new']} new "
               f"of {m['live_b']} live ({m['tokens']:,} tokens); median best correlation "
               f"{m['real_best_corr_quantiles'].get('median', math.nan):.3f} "
               f"(shuffled-token null: {m['null']['best_corr_quantiles'].get('median', math.nan):.3f})")
@@ -540,13 +588,13 @@ def cli(
 
 # --------------------------------------------------------------------------- reading results
 
-def read_rows(run: Path, step: int) -> list[LineageRow]:
-    path = runlib.step_dir(run, step) / ROWS_FILE
+def read_rows(run: Path, site: runlib.Site) -> list[LineageRow]:
+    path = runlib.site_dir(run, site) / ROWS_FILE
     return list(iter_jsonl(path, LineageRow.from_dict, on_error="skip")) if path.exists() else []
 
 
-def read_meta(run: Path, step: int) -> dict[str, Any] | None:
-    path = runlib.step_dir(run, step) / META_FILE
+def read_meta(run: Path, site: runlib.Site) -> dict[str, Any] | None:
+    path = runlib.site_dir(run, site) / META_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -567,15 +615,15 @@ def _shown(token: str) -> str:
     return token if token.strip() else "␣" * max(len(token), 1)
 
 
-def latent_classes(run: Path, step: int) -> dict[int, LatentClass]:
-    """Every latent's granularity at `step`: its label where labelled, else the statistical
+def latent_classes(run: Path, site: runlib.Site) -> dict[int, LatentClass]:
+    """Every latent's granularity at `site`: its label where labelled, else the statistical
     decision over its record (granularity.decide with no LLM input), so counts cover all latents.
 
-    Cached in step-N/lineage.classes.json, keyed on the sizes and times of the records file and
+    Cached in SITE/lineage.classes.json, keyed on the sizes and times of the records file and
     labels.jsonl (reading 2,048 records and deciding takes ~15 s on the demo)."""
     from autointerp import granularity
 
-    folder = runlib.step_dir(run, step)
+    folder = runlib.site_dir(run, site)
     sources = [runlib.records_file(folder), folder / "labels.jsonl"]
     key = [CLASSES_CACHE_VERSION] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources if p.exists()]
     cache = folder / CLASSES_CACHE
@@ -637,44 +685,45 @@ class LineageReport:
 
     pairs: list[dict[str, Any]]
     figure_png: str | None                                  # base64 PNG
-    cards: dict[tuple[int, int], dict[str, Any]]            # (step, feature) -> {"parent", "children"}
+    cards: dict[tuple[runlib.Site, int], dict[str, Any]]    # (site, feature) -> {"parent", "children"}
 
-    next_step: dict[int, int] = field(default_factory=dict)  # A -> B for every pair
+    next_site: dict[runlib.Site, runlib.Site] = field(default_factory=dict)  # A -> B for every pair
 
-    def card(self, step: int, feature: int) -> dict[str, Any] | None:
-        """A feature card's lineage: parent (or new) at the previous step, children at the next."""
-        found = self.cards.get((step, feature), {})
-        nxt = self.next_step.get(step)
+    def card(self, site: runlib.Site, feature: int) -> dict[str, Any] | None:
+        """A feature card's lineage: parent (or new) at the previous site, children at the next."""
+        found = self.cards.get((site, feature), {})
+        nxt = self.next_site.get(site)
         if not found and nxt is None:
             return None
-        return {"parent": None, "new": None, "parent_step": None, "correlation": None, "threshold": None,
-                "children": [], "n_children": 0, **found, "children_step": nxt}
+        return {"parent": None, "new": None, "parent_site": None, "correlation": None, "threshold": None,
+                "children": [], "n_children": 0, **found, "children_site": nxt.title if nxt else None}
 
 
-def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> LineageReport | None:
+def report_view(run: Path, sites: Sequence[runlib.Site], max_children: int = 8) -> LineageReport | None:
     """The lineage part of the report, or None when `autointerp lineage` has not run."""
     run = Path(run)
     pairs, cards = [], {}
-    classes: dict[int, dict[int, LatentClass]] = {}
+    classes: dict[runlib.Site, dict[int, LatentClass]] = {}
 
-    def classes_at(step: int) -> dict[int, LatentClass]:
-        if step not in classes:
-            classes[step] = latent_classes(run, step)
-        return classes[step]
+    def classes_at(site: runlib.Site) -> dict[int, LatentClass]:
+        if site not in classes:
+            classes[site] = latent_classes(run, site)
+        return classes[site]
 
-    for step in steps:
-        meta, rows = read_meta(run, step), read_rows(run, step)
+    for site in sites:
+        meta, rows = read_meta(run, site), read_rows(run, site)
         if meta is None or not rows:
             continue
-        parent_step = meta["parent_step"]
-        ca, cb = classes_at(parent_step), classes_at(step)
+        parent = runlib.Site(meta.get("parent_step"), meta.get("parent_layer"))
+        ca, cb = classes_at(parent), classes_at(site)
         matrix = transition_matrix(rows, {f: c.granularity for f, c in ca.items()},
                                    {f: c.granularity for f, c in cb.items()})
         n_children = Counter(r.parent_feature for r in rows if not r.new)
         sources = Counter(cb[r.feature].source if r.feature in cb else "none" for r in rows)
         continued = [r.correlation for r in rows if not r.new]
         pairs.append({
-            "parent_step": parent_step, "step": step, "meta": meta, "matrix": matrix,
+            "parent": parent, "site": site, "parent_title": parent.title, "title": site.title,
+            "pair_title": pair_title(meta).replace("->", "→"), "meta": meta, "matrix": matrix,
             "rows_order": _order(matrix), "cols_order": _order(k for row in matrix.values() for k in row),
             "col_totals": dict(sum((Counter(row) for row in matrix.values()), Counter())),
             "live": len(rows), "new": sum(r.new for r in rows), "continued": len(continued),
@@ -689,23 +738,24 @@ def report_view(run: Path, steps: Sequence[int], max_children: int = 8) -> Linea
             if not r.new and r.parent_feature is not None:
                 children.setdefault(r.parent_feature, []).append(r)
                 pc = ca.get(r.parent_feature)
-                link = {"step": parent_step, "feature": r.parent_feature, "correlation": r.correlation,
-                        "margin": r.margin, "granularity": pc.granularity if pc else None,
+                link = {"site": parent.title, "page": parent.name, "feature": r.parent_feature,
+                        "correlation": r.correlation, "margin": r.margin, "granularity": pc.granularity if pc else None,
                         "tokens": pc.top_tokens if pc else []}
-            cards.setdefault((step, r.feature), {}).update({"parent": link, "new": r.new, "correlation": r.correlation,
-                                             "threshold": r.threshold, "parent_step": parent_step,
-                                             "candidate": r.candidate_feature})
-        for parent, kids in children.items():
-            card = cards.setdefault((parent_step, parent), {})
+            cards.setdefault((site, r.feature), {}).update({"parent": link, "new": r.new, "correlation": r.correlation,
+                                                            "threshold": r.threshold, "parent_site": parent.title,
+                                                            "candidate": r.candidate_feature})
+        for parent_feature, kids in children.items():
+            card = cards.setdefault((parent, parent_feature), {})
             kids = sorted(kids, key=lambda r: -r.correlation)
             card["n_children"] = len(kids)
-            card["children"] = [{"step": step, "feature": r.feature, "correlation": r.correlation,
+            card["children"] = [{"site": site.title, "page": site.name, "feature": r.feature,
+                                 "correlation": r.correlation,
                                  "granularity": cb[r.feature].granularity if r.feature in cb else None,
                                  "tokens": cb[r.feature].top_tokens if r.feature in cb else []}
                                 for r in kids[:max_children]]
     if not pairs:
         return None
-    return LineageReport(pairs, flow_figure(pairs), cards, {p["parent_step"]: p["step"] for p in pairs})
+    return LineageReport(pairs, flow_figure(pairs), cards, {p["parent"]: p["site"] for p in pairs})
 
 
 _FLOW_COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": "#edc948",
@@ -777,10 +827,9 @@ def flow_figure(pairs: list[dict[str, Any]], path: str | Path | None = None) -> 
         ax.set_xlim(-0.55, 1.55)
         ax.set_ylim(height, -gap)
         ax.axis("off")
-        ax.set_title(f"step {pair['parent_step']} → {pair['step']}\n{total} live latents of step {pair['step']}, "
-                     f"{pair['new']} new", fontsize=9)
-        ax.text(w / 2, height + gap * 0.5, f"parent at {pair['parent_step']}", ha="center", va="top", fontsize=8)
-        ax.text(1 - w / 2, height + gap * 0.5, f"at {pair['step']}", ha="center", va="top", fontsize=8)
+        ax.set_title(f"{pair['pair_title']}\n{total} live latents of {pair['title']}, {pair['new']} new", fontsize=9)
+        ax.text(w / 2, height + gap * 0.5, f"parent at {pair['parent_title']}", ha="center", va="top", fontsize=8)
+        ax.text(1 - w / 2, height + gap * 0.5, f"at {pair['title']}", ha="center", va="top", fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")

@@ -134,7 +134,7 @@ def test_splice_hook_replaces_the_layer_output(setup):
 
 @pytest.mark.slow  # ~20 s: two SAEs of one model, one pass of it
 def test_layers_of_one_model_train_from_one_pass_into_layer_sites(setup, tmp_path, monkeypatch):
-    """`sae train RUN --model M --layers 0,1` writes RUN/layer-0/sae and RUN/layer-1/sae; the two
+    """`sae train RUN --model M --layer 0,1` writes RUN/layer-0/sae and RUN/layer-1/sae; the two
     SAEs read the activations of one pass of the LM and equal SAEs trained one layer at a time."""
     from typer.testing import CliRunner
 
@@ -152,7 +152,7 @@ def test_layers_of_one_model_train_from_one_pass_into_layer_sites(setup, tmp_pat
 
     monkeypatch.setattr(activations, "iter_activations", counted)
     both = tmp_path / "both"
-    result = CliRunner().invoke(sae_cli, ["train", str(both), "--model", model, "--layers", "0,1",
+    result = CliRunner().invoke(sae_cli, ["train", str(both), "--model", model, "--layer", "0,1",
                                           "--corpus", str(corpus), *TRAIN_ARGS])
     assert result.exit_code == 0, result.output
     training_passes = [p for p in passes if not isinstance(p, int)]
@@ -161,7 +161,7 @@ def test_layers_of_one_model_train_from_one_pass_into_layer_sites(setup, tmp_pat
         sae = load_sae(both / f"layer-{layer}" / "sae")
         assert (sae.cfg.layer, sae.cfg.checkpoint_step) == (layer, None)
     one = tmp_path / "one"
-    result = CliRunner().invoke(sae_cli, ["train", str(one), "--model", model, "--layers", "1",
+    result = CliRunner().invoke(sae_cli, ["train", str(one), "--model", model, "--layer", "1",
                                           "--corpus", str(corpus), *TRAIN_ARGS])
     assert result.exit_code == 0, result.output
     a, b = load_sae(both / "layer-1" / "sae"), load_sae(one / "layer-1" / "sae")

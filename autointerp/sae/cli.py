@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.options import STEPS_HELP, parse_steps, renamed
+from autointerp.options import parse_steps, renamed
 from autointerp.sae.io import load_sae, save_sae
 from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
 from autointerp.sae.model import SAEConfig, TopKSAE
@@ -206,10 +206,10 @@ def train(
                               help="LM: a checkpoint folder, a Hugging Face id, a .gguf file or a short name "
                                    "(gemma-3-270m, smollm2-135m). Without RUN_DIR: one SAE into --out."),
     revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
-    layer: int = typer.Option(None, min=0, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
-    layers: list[str] = typer.Option([], "--layers", metavar="LAYERS", callback=parse_steps,
-                                     help=f"Several layers, {STEPS_HELP.replace('10,100,600', '3,9,15')}: an SAE "
-                                          "each, from one pass of the LM (site folders layer-L, or step-N-layer-L)."),
+    layers: list[str] = typer.Option([], "--layer", metavar="LAYERS", callback=parse_steps,
+                                     help="Decoder layer(s) whose output the SAE reads (0-based; default: the middle "
+                                          "one); several, comma-separated (3,9,15), train an SAE each from one pass "
+                                          "of the LM into site folders layer-L (or step-N-layer-L)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
     docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
@@ -237,13 +237,12 @@ def train(
     """Train TopK SAE(s), write sae.safetensors + config.json + metrics.json, print the metrics table."""
     if model is None and run is None:
         raise UserError("give RUN_DIR (one SAE per checkpoint, or per layer with --model) or --model (one SAE)")
-    if layer is not None and layers:
-        raise UserError("give --layer or --layers, not both")
-    wanted: list[int | None] = list(layers) or [layer]
+    wanted: list[int | None] = list(layers) or [None]
+    layer = wanted[0] if len(wanted) == 1 else None
     if run is not None and model is None:
         expect(run, Kind.RUN, what="RUN_DIR")
     if run is None and len(wanted) > 1:
-        raise UserError("several --layers need RUN_DIR: each SAE goes to RUN_DIR/layer-L/sae")
+        raise UserError("several layers need RUN_DIR: each SAE goes to RUN_DIR/layer-L/sae")
     if threads:
         torch.set_num_threads(threads)
     rank, world = _init_distributed()
