@@ -42,7 +42,7 @@ def share(rows, test) -> str:
     return f"{sum(1 for r in rows if test(r)) / max(len(rows), 1):.1%}"
 
 
-def train_seed_sae(run: Path, ckpt: lineage.Checkpoint, out: Path, seed: int) -> None:
+def train_seed_sae(run: Path, ckpt: lineage.SiteSAE, out: Path, seed: int) -> None:
     """The run's SAE recipe (from its manifest) with another seed; skipped when already trained."""
     if (out / "metrics.json").exists():
         print(f"(b) reusing {out}")
@@ -77,7 +77,7 @@ def main() -> None:
     if not args.run.is_dir():
         raise SystemExit(f"{args.run}: no such run; make one first (make demo, or autointerp demo {args.run})")
     started = time.perf_counter()
-    checkpoints = lineage.find_checkpoints(args.run)
+    checkpoints = lineage.find_sites(args.run)
     corpus = args.corpus or runlib.read_manifest(args.run).get("stages", {}).get("sae", {}).get("corpus") or "debian-reference"
     docs = lineage.shared_documents(corpus, args.sample, None)
     last = checkpoints[-1]
@@ -86,15 +86,15 @@ def main() -> None:
 
     codes = {}
     for ckpt in checkpoints:
-        codes[ckpt.step], tokens = lineage.encode_checkpoint(ckpt, docs, 64, 32, "cpu")
-    seed_ckpt = lineage.Checkpoint(last.step, work / f"sae-seed{args.seed}", last.model, last.revision, last.layer)
+        codes[ckpt.site], tokens = lineage.encode_checkpoint(ckpt, docs, 64, 32, "cpu")
+    seed_ckpt = lineage.SiteSAE(last.site, work / f"sae-seed{args.seed}", last.model, last.revision, last.layer)
     seed_codes, _ = lineage.encode_checkpoint(seed_ckpt, docs, 64, 32, "cpu")
-    n_tokens = codes[last.step].n_tokens
-    print(f"\nrun {args.run}: checkpoints {[c.step for c in checkpoints]}, {len(docs)} shared documents "
+    n_tokens = codes[last.site].n_tokens
+    print(f"\nrun {args.run}: sites {[c.site.name for c in checkpoints]}, {len(docs)} shared documents "
           f"({args.sample}), {n_tokens:,} tokens; null quantile {args.quantile}, {args.bins} firing bands\n")
 
     # (a) permuted self-match
-    own = codes[last.step]
+    own = codes[last.site]
     perm = torch.randperm(own.n_latents, generator=torch.Generator().manual_seed(0))
     a = lineage.lineage_pair(own, own.permuted(perm), last.step, last.step, args.quantile, args.bins)
     inverse = torch.argsort(perm)
@@ -118,8 +118,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for label, res in [(f"seed {args.seed} vs 0", b)] + [
-            (f"{x.step} -> {y.step}", lineage.lineage_pair(codes[x.step], codes[y.step], x.step, y.step,
-                                                           args.quantile, args.bins))
+            (f"{x.site.name} -> {y.site.name}", lineage.lineage_pair(codes[x.site], codes[y.site], x.step, y.step,
+                                                                     args.quantile, args.bins, layer_a=x.layer,
+                                                                     layer_b=y.layer))
             for x, y in zip(checkpoints, checkpoints[1:])]:
         null = res.meta["null"]
         thr = [band["threshold"] for band in null["bins"]]

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from autointerp import lineage
 from autointerp.cli import app
 from autointerp.lineage import Codes, LineageRow
+from autointerp.run import Site
 
 
 def random_codes(n_tokens: int, n_latents: int, k: int, seed: int, zipf: float = 1.1) -> Codes:
@@ -140,7 +141,7 @@ def test_rows_round_trip_through_jsonl(tmp_path):
     rows = [_row(0, 3, False), _row(1, 4, True)]
     (tmp_path / "step-2").mkdir()
     lineage.write_jsonl(tmp_path / "step-2" / "lineage.jsonl", rows)
-    back = lineage.read_rows(tmp_path, 2)
+    back = lineage.read_rows(tmp_path, Site(step=2))
     assert back == rows
     assert json.loads((tmp_path / "step-2" / "lineage.jsonl").read_text().splitlines()[1])["parent_feature"] is None
 
@@ -185,8 +186,8 @@ def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, o
     run, corpus, perm = tiny_run
     result = CliRunner().invoke(app, ["lineage", str(run), "--corpus", str(corpus), "--sample", "all"])
     assert result.exit_code == 0, result.output
-    rows = lineage.read_rows(run, 20)
-    meta = lineage.read_meta(run, 20)
+    rows = lineage.read_rows(run, Site(step=20))
+    meta = lineage.read_meta(run, Site(step=20))
     assert rows and meta["live_b"] == len(rows) and meta["tokens"] > 500
     assert all(not r.new and r.parent_step == 10 and r.parent_feature == int(torch.argsort(perm)[r.feature])
                and r.correlation == pytest.approx(1.0, abs=1e-4) for r in rows)
@@ -211,7 +212,7 @@ def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(t
 
     run = tiny_run[0]
     records = read_records(lineage.runlib.records_file(run / "step-10"))
-    first = lineage.latent_classes(run, 10)
+    first = lineage.latent_classes(run, Site(step=10))
     assert len(first) == len(records) and {c.source for c in first.values()} == {"stats"}
     assert (run / "step-10" / lineage.CLASSES_CACHE).exists()
     feature = records[0].feature
@@ -221,7 +222,7 @@ def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(t
                                        cross_lingual=False, language="en", language_profile={}, scores={},
                                        confidence=1.0, explainer={})])
     try:
-        again = lineage.latent_classes(run, 10)  # the cache is keyed on labels.jsonl too
+        again = lineage.latent_classes(run, Site(step=10))  # the cache is keyed on labels.jsonl too
         assert again[feature].granularity == other and again[feature].source == "label"
         assert sum(c.source == "stats" for c in again.values()) == len(records) - 1
     finally:
@@ -235,11 +236,62 @@ def test_checkpoints_without_a_local_lm_use_the_model_and_revision_in_the_sae_co
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "revision": f"step{step}",
                                                         "layer": 3, "d_model": 512, "d_sae": 8192, "k": 32}))
-    found = lineage.find_checkpoints(tmp_path)
+    found = lineage.find_sites(tmp_path)
     assert [(c.step, c.model, c.revision, c.layer) for c in found] == [
         (1000, "EleutherAI/pythia-70m", "step1000", 3), (2000, "EleutherAI/pythia-70m", "step2000", 3)]
     (tmp_path / "lm" / "step-1000").mkdir(parents=True)  # a local checkpoint wins, as in collect
-    assert lineage.find_checkpoints(tmp_path)[0].model == str(tmp_path / "lm" / "step-1000")
+    assert lineage.find_sites(tmp_path)[0].model == str(tmp_path / "lm" / "step-1000")
     (tmp_path / "step-2000" / "sae" / "config.json").write_text(json.dumps({"layer": 3}))
     with pytest.raises(lineage.UserError, match="no LM for step 2000"):
-        lineage.find_checkpoints(tmp_path)
+        lineage.find_sites(tmp_path)
+
+
+def test_layers_of_one_model_are_matched_layer_to_layer_from_one_pass(tiny_run, tmp_path, monkeypatch, one_thread):
+    """A run of one model's layers (layer-0, layer-1): lineage matches layer 1's latents to layer
+    0's. The tiny Llama's decoder layer 1 is made the identity (its attention and MLP outputs
+    zeroed), so its residual stream equals layer 0's; layer 1's SAE is layer 0's with its latents
+    permuted, and lineage must recover the permutation, from one forward pass for both layers."""
+    import shutil
+
+    from autointerp import activations
+    from autointerp.activations import load_lm
+    from autointerp.sae import SAEConfig, TopKSAE, load_sae, save_sae
+
+    run, corpus, _ = tiny_run
+    model, tokenizer = load_lm(str(run / "lm" / "step-10"))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    lm = tmp_path / "lm-identity-layer-1"
+    model.save_pretrained(lm)
+    tokenizer.save_pretrained(lm)
+    layers_run = tmp_path / "layers"
+    sae0 = load_sae(run / "step-10" / "sae")
+    sae0.cfg.model, sae0.cfg.checkpoint_step = str(lm), None
+    save_sae(sae0, layers_run / "layer-0" / "sae")
+    perm = torch.randperm(48, generator=torch.Generator().manual_seed(5))
+    moved = TopKSAE(SAEConfig(d_model=16, d_sae=48, k=4, model=str(lm), layer=1), seed=None)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec"):
+            getattr(moved, name).copy_(getattr(sae0, name)[torch.argsort(perm)])
+        moved.b_dec.copy_(sae0.b_dec)
+    save_sae(moved, layers_run / "layer-1" / "sae")
+    passes = []
+    real = activations.iter_activations
+
+    def counted(*args, **kwargs):
+        passes.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "iter_activations", counted)
+    result = CliRunner().invoke(app, ["lineage", str(layers_run), "--corpus", str(corpus), "--sample", "all"])
+    assert result.exit_code == 0, result.output
+    assert passes == [[0, 1]]  # both layers' codes from one forward pass
+    rows = lineage.read_rows(layers_run, Site(layer=1))
+    meta = lineage.read_meta(layers_run, Site(layer=1))
+    assert rows and meta["parent_layer"] == 0 and meta["layer"] == 1 and meta["parent_step"] is None
+    assert all(not r.new and r.parent_layer == 0 and r.layer == 1
+               and r.parent_feature == int(torch.argsort(perm)[r.feature])
+               and r.correlation == pytest.approx(1.0, abs=1e-4) for r in rows)
+    assert "layer 0 -> 1" in result.output
+    assert not (layers_run / "layer-0" / "lineage.jsonl").exists()  # the first layer has no parent
