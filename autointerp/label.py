@@ -417,7 +417,7 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
     client = LLMClient(url, llm_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency, timeout=timeout,
                        max_retries=retries, check_alive=check_alive, seed=seed)
     if needed:
-        console.print(f"describing {sum(len(cp.records) for cp in cps)} latents in {len(cps)} checkpoint(s) "
+        console.print(f"describing {sum(len(cp.records) for cp in cps)} latents in {len(cps)} SAE(s) "
                       f"with {llm_name} at {url}")
     else:
         console.print("the sample is already described and scored: no server needed, rebuilding labels")
@@ -489,6 +489,6 @@ def _dry_run(cps: list[Checkpoint], settings, no_score: bool) -> None:
                   for cp in cps)
     total = sum(len(cp.records) for cp in cps)
     live = sum(len(cp.classes) for cp in cps)
-    print(f"{live} live latents labelled statistically; an LLM sample of {total} in {len(cps)} checkpoint(s): "
+    print(f"{live} live latents labelled statistically; an LLM sample of {total} in {len(cps)} SAE(s): "
           f"{pending} explain requests to send (+ up to one re-ask each; cached answers are not re-sent)"
           f"{'' if no_score else ', then the scorers and the control'}; nothing sent or written (--dry-run)")
