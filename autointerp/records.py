@@ -643,7 +643,7 @@ def cli_collect(
                                   help="A run folder (every RUN_DIR/step-N/sae into RUN_DIR/step-N/records.jsonl.zst) "
                                        "or one SAE folder (with --out)."),
     model: str | None = typer.Option(None, "--model", metavar="MODEL",
-                                     help="LM (Hugging Face id or folder). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
+                                     help="LM: Hugging Face id, folder, a .gguf file or a short name (gemma-3-270m, smollm2-135m). Default: RUN_DIR/lm/step-N, else the SAE config's model."),
     revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
                                help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),

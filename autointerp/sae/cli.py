@@ -164,7 +164,8 @@ def train(
     run: Path = typer.Argument(None, metavar="RUN_DIR",
                                help="Run folder: train one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/ "
                                     "(or --model for one SAE)."),
-    model: str = typer.Option(None, metavar="MODEL", help="LM checkpoint folder or Hugging Face id (one SAE)."),
+    model: str = typer.Option(None, metavar="MODEL", help="LM for one SAE: checkpoint folder, Hugging Face id, "
+                                                            "a .gguf file or a short name (gemma-3-270m, smollm2-135m)."),
     revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
     layer: int = typer.Option(None, min=0, help="Decoder layer whose output the SAE reads (0-based; default: middle)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
@@ -241,8 +242,9 @@ def train(
 @cli.command()
 def metrics(
     sae_dir: Path = typer.Argument(..., metavar="SAE_DIR", help="SAE folder (any supported format) or its weights file."),
-    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder or Hugging Face id "
-                                                          "(default: the model in the SAE's config)."),
+    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder, Hugging Face id, "
+                                                          "a .gguf file or a short name (gemma-3-270m, smollm2-135m); "
+                                                          "default: the model in the SAE's config."),
     revision: str = typer.Option(None, help="Model revision."),
     layer: int = typer.Option(None, min=0, help="Layer (default: the layer in the SAE's config)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
