@@ -52,9 +52,13 @@ class ActivationBatch:
 # ---- model loading and introspection -----------------------------------------------------
 
 def load_lm(model: str, revision: str | None = None, device: str = "cpu"):
-    """(model, tokenizer) from a local checkpoint folder or a hub id; eval mode, float32 on CPU."""
+    """(model, tokenizer) from a local checkpoint folder, a hub id, a .gguf file or a short name
+    (autointerp.lm_files: a GGUF is converted once into a cached folder); eval mode, float32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from autointerp.lm_files import resolve_lm
+
+    model = resolve_lm(model)
     path = Path(model)
     if path.exists():
         if not path.is_dir():
@@ -244,7 +248,8 @@ def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
 
 @renamed({"--limit": "--docs", "--max-tokens": "--seq-len"})
 def cli(
-    model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600) or Hugging Face id."),
+    model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600), Hugging Face id, "
+                                                                  "a .gguf file or a short name (gemma-3-270m, smollm2-135m)."),
     layer: int = typer.Option(..., "--layer", min=0, help="Decoder layer (0-based) whose output is read."),
     revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),

@@ -302,8 +302,9 @@ def cli(
                                   help="A run folder (every step-N/records file), a checkpoint folder, a records file, "
                                        "or an SAE folder (its records are collected first when missing)."),
     model: str = typer.Option(None, "--model", metavar="MODEL",
-                              help="With an SAE folder: the language model it reads (Hugging Face id or folder; "
-                                   "default: the SAE config's)."),
+                              help="With an SAE folder: the language model it reads: Hugging Face id, folder, "
+                                   "a .gguf file or a short name (gemma-3-270m, smollm2-135m); "
+                                   "default: the SAE config's."),
     revision: str = typer.Option(None, "--revision", help="With an SAE folder: the LM revision."),
     corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
                                help="With an SAE folder: the corpus its records are collected over "

