@@ -95,9 +95,12 @@ def _replayed(chunks: list[torch.Tensor], epochs: int) -> Iterator[torch.Tensor]
         yield from chunks
 
 
-def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 16):
-    """(input_ids, attention_mask) over the first `seq_len` tokens of each document, right-padded."""
+def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 8):
+    """(input_ids, attention_mask, text mask) over the first `seq_len` tokens of each document,
+    right-padded; the text mask leaves out padding and special tokens (BOS), where the SAE's
+    reconstruction is not spliced in."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     for start in range(0, len(docs), batch_size):
         encoded = tokenizer([d.text for d in docs[start:start + batch_size]], truncation=True,
                             max_length=seq_len)["input_ids"]
@@ -107,7 +110,7 @@ def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 16):
         for row, e in enumerate(encoded):
             ids[row, :len(e)] = torch.tensor(e)
             mask[row, :len(e)] = 1
-        yield ids, mask
+        yield ids, mask, mask.bool() & ~torch.isin(ids, special)
 
 
 def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> dict:
