@@ -24,7 +24,7 @@ from autointerp.sae.model import SAEConfig, TopKSAE
 from autointerp.sae.train import TrainConfig, train_sae
 
 cli = typer.Typer(help="Train TopK sparse autoencoders and measure them.", no_args_is_help=True)
-console = Console(width=max(Console().width, 120))  # the metrics table needs ~110 columns; piped output is 80
+console = Console(width=max(Console().width, 160))  # the metrics table needs ~150 columns; piped output is 80
 
 
 
