@@ -502,7 +502,8 @@ def run_lineage(run: Path, corpus: str | None = None, sample: str = "eval", max_
                                   layer_a=a.layer, layer_b=b.layer)
             folder = runlib.site_dir(run, b.site)
             write_jsonl(folder / ROWS_FILE, result.rows)
-            meta = {**result.meta, "settings": settings, "docs": len(docs)}
+            meta = {**result.meta, "parent_site": a.site.name, "site": b.site.name, "settings": settings,
+                    "docs": len(docs)}
             tmp = folder / (META_FILE + ".tmp")
             tmp.write_text(json.dumps(meta, indent=2))
             tmp.replace(folder / META_FILE)
@@ -714,7 +715,9 @@ def report_view(run: Path, sites: Sequence[runlib.Site], max_children: int = 8) 
         meta, rows = read_meta(run, site), read_rows(run, site)
         if meta is None or not rows:
             continue
-        parent = runlib.Site(meta.get("parent_step"), meta.get("parent_layer"))
+        parent = runlib.Site.parse(meta.get("parent_site") or "") or next(  # a meta written before sites
+            (s for s in sites if s.step == meta.get("parent_step") and s.layer in (None, meta.get("parent_layer"))),
+            runlib.Site(meta.get("parent_step")))
         ca, cb = classes_at(parent), classes_at(site)
         matrix = transition_matrix(rows, {f: c.granularity for f, c in ca.items()},
                                    {f: c.granularity for f, c in cb.items()})

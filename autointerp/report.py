@@ -1,4 +1,5 @@
-"""Static HTML reports: RUN/report/index.html across checkpoints and RUN/report/step-N.html per checkpoint.
+"""Static HTML reports: RUN/report/index.html across sites and RUN/report/SITE.html per site
+(SITE: step-N for a checkpoint, layer-L for a layer of one model; run.Site).
 
     autointerp report RUN_DIR [--human FILE]
 
@@ -34,6 +35,7 @@ from autointerp.errors import UserError
 from autointerp.options import renamed
 from autointerp.language import profile as language_profile
 from autointerp.language import trend as language_trend
+from autointerp.report_sae import SynonymTable, density_png, is_dead, metric_columns, metric_rows
 from autointerp.shares import ShareCounter, ShareTable, sample_agreement
 from autointerp.schema import (
     Key,
@@ -48,6 +50,7 @@ SAE_METRICS = {
     "dead fraction": ("dead_fraction", "dead_frac", "frac_dead", "dead_latents_fraction"),
     "delta CE": ("delta_ce", "ce_delta", "ce_loss_delta", "delta_ce_loss", "ce_increase"),
 }
+GRANULARITY_ORDER = {g: i for i, g in enumerate(GRANULARITIES)}  # the order of a page's cards
 COLORS = {"token": "#4e79a7", "concept-synonym": "#59a14f", "concept-semantic": "#edc948",
           "uninterpretable": "#bab0ac", "en": "#4e79a7", "ja": "#e15759", "mix": "#b07aa1"}
 
@@ -83,8 +86,12 @@ class StepCounts:
         self.scores: dict[str, list[float]] = {n: [] for n in SCORE_NAMES}
         self.scores_noise = 0  # labels whose scores the run's control called noise
         self.undescribed = 0  # sampled latents the LLM left without a description (the label's error says why)
+        self.dead = 0  # label lines of latents with no contexts: counted apart, not a class
 
     def add(self, label: Label) -> None:
+        if is_dead(label):
+            self.dead += 1
+            return
         language = {"language": label.language or label.language_profile.get("trend") or "unknown"}
         self.granularity.add(label)
         self.language.add(language)
@@ -102,7 +109,7 @@ class StepCounts:
 
 @dataclass
 class StepData:
-    step: int
+    site: runlib.Site
     records: dict[Key, FeatureRecord] = field(default_factory=dict)  # those kept (see read_step)
     n_records: int = 0  # all records in the file, kept or not
     n_live: int = 0  # records with contexts: the latents a label file should cover
@@ -119,18 +126,28 @@ class StepData:
     metrics: dict[str, Any] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layer: int | None = None  # the layer the site's SAE reads: rows that name none are at this one
+    synonyms: SynonymTable = field(default_factory=SynonymTable)
+    densities: list[float] = field(default_factory=list)  # every live record's firing density
+
+
+def _at_layer(item: Any, layer: int | None) -> Any:
+    """A site's row that names no layer (an older file) is at the site's layer."""
+    if item.layer is None:
+        item.layer = layer
+    return item
 
 
 def _read_keyed(path: Path, parse: Callable[[dict], Any], warnings: list[str],
-                keep: Callable[[Key], bool] = lambda key: True) -> dict[Key, Any]:
+                keep: Callable[[Key], bool] = lambda key: True, layer: int | None = None) -> dict[Key, Any]:
     # A torn last line (a crash mid-append) or a bad line is reported on the page, not fatal.
-    return {item.key: item for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append)
-            if keep(item.key)}
+    items = (_at_layer(item, layer) for item in iter_jsonl(path, parse, on_error="skip", warn=warnings.append))
+    return {item.key: item for item in items if keep(item.key)}
 
 
-def read_step(run: Path, step: int, max_records: int | None = None, max_contexts: int | None = None,
+def read_step(run: Path, site: runlib.Site, max_records: int | None = None, max_contexts: int | None = None,
               human_keys: set[Key] | frozenset = frozenset()) -> StepData:
-    """A checkpoint's stage outputs, streamed so memory does not grow with the number of latents.
+    """A site's stage outputs, streamed so memory does not grow with the number of latents.
 
     Every label line is counted (StepCounts: shares over all latents, the LLM sample's beside
     them), but only `max_records` labels are kept for the page (None: all): the LLM-described
@@ -138,8 +155,8 @@ def read_step(run: Path, step: int, max_records: int | None = None, max_contexts
     only the kept labels' records are kept, then (room left) unlabelled ones by feature id; kept
     records keep their first `max_contexts` contexts and no negatives (None: all). The model's
     granularity is kept only for `human_keys` (the human comparison)."""
-    folder = runlib.step_dir(run, step)
-    data = StepData(step=step)
+    folder = runlib.site_dir(run, site)
+    data = StepData(site=site, layer=_site_layer(run, site))
     labels_path = folder / "labels.jsonl"
     if labels_path.exists():
         _stream_labels(labels_path, data, max_records, human_keys)
@@ -151,7 +168,7 @@ def read_step(run: Path, step: int, max_records: int | None = None, max_contexts
                                   ("scores.jsonl", "scores", Scores.from_dict)]:
         path = folder / filename
         if path.exists():
-            setattr(data, attr, _read_keyed(path, parse, data.warnings, keep))
+            setattr(data, attr, _read_keyed(path, parse, data.warnings, keep, data.layer))
     records_path = runlib.records_file(folder)
     if records_path.exists():
         _stream_records(records_path, data, max_records, max_contexts)
@@ -173,14 +190,18 @@ def _stream_labels(path: Path, data: StepData, max_records: int | None, human_ke
     kept: list[tuple[tuple[int, int], int, Label]] = []  # a max-heap on (not described, feature), negated
     repeated = 0
     for i, label in enumerate(iter_jsonl(path, Label.from_dict, on_error="skip", warn=data.warnings.append)):
+        _at_layer(label, data.layer)
         if label.key in data.label_keys:  # counted and shown once: the first line
             repeated += 1
             continue
         data.label_keys.add(label.key)
         counts.add(label)
+        data.synonyms.add(label, data.site.name, data.site.title)
         if label.key in human_keys and label.granularity:
             data.model_granularity[label.key] = label.granularity
-        heapq.heappush(kept, ((-int(not described(label)), -label.feature), -i, label))
+        order = (-int(not described(label)), -int(is_dead(label)), -GRANULARITY_ORDER.get(label.granularity, 9),
+                 -label.feature)  # described first, then by class, dead latents last
+        heapq.heappush(kept, (order, -i, label))
         if max_records is not None and len(kept) > max_records:
             heapq.heappop(kept)
     if repeated:
@@ -199,6 +220,8 @@ def _stream_records(path: Path, data: StepData, max_records: int | None, max_con
         data.n_live += bool(record.contexts)
         data.record_keys.add(record.key)
         data.record_trends[language_trend(record)] += 1
+        if record.density is not None or not record.contexts:
+            data.densities.append(record.density if record.contexts else 0.0)  # a dead latent: never fires
         if max_contexts is not None:
             data.context_counts[record.key] = len(record.contexts)
             record.contexts, record.negatives = record.contexts[:max_contexts], []
@@ -227,7 +250,7 @@ def sae_metric(metrics: dict[str, Any], name: str) -> float | None:
 # --- per-feature view models -----------------------------------------------------------------
 
 def _display_token(token: str) -> str:
-    return "↵" if token in ("\n", "<0x0A>") else token.replace("\n", "↵")
+    return "↵" if token in ("\n", "<0x0A>") else token.replace("\n", "↵").replace("▁", " ")
 
 
 def context_window(context, window: int) -> dict[str, Any]:
@@ -341,7 +364,9 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
         language = ShareTable("language", dict(data.record_trends), sum(data.record_trends.values()))
         bilingual = cross = agreement_sample = None
         scores = {n: [getattr(s, n) for s in data.scores.values() if getattr(s, n) is not None] for n in SCORE_NAMES}
-    step_human = {k: v for k, v in human.items() if k[0] == data.step}
+    site = data.site
+    step_human = {k: v for k, v in human.items() if k.checkpoint_step == site.step
+                  and (k.layer is None or site.layer is None or k.layer == site.layer)}
     agreement = None
     model = data.model_granularity
     if step_human and model and set(step_human) & set(model):
@@ -349,15 +374,19 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
 
         agreement = compare_labels(step_human, model).overall
     return {
-        "step": data.step, "n_records": data.n_records, "n_labels": data.n_labels, "n_sampled": sample.n,
+        "step": site.title, "page": site.name, "tick": site.title, "n_records": data.n_records,
+        "n_labels": data.n_labels - (counts.dead if counts else 0), "n_dead_labels": counts.dead if counts else 0,
+        "n_sampled": sample.n,
         # labels of only some latents (files from before every latent got a statistical label)
-        "partial": bool(data.n_labels and data.n_live > data.n_labels), "n_live": data.n_live,
+        "partial": bool(data.n_labels and data.n_live > data.n_labels - (counts.dead if counts else 0)),
+        "n_live": data.n_live,
         "granularity": granularity, "granularity_sample": sample, "sample_agreement": agreement_sample,
         "language": dict(language.counts), "language_table": language,
         "bilingual_firing": bilingual, "cross_lingual": cross,
         "scores": scores, "scores_noise_labels": counts.scores_noise if counts else 0,
         "n_undescribed": counts.undescribed if counts else 0,
         "metrics": {name: sae_metric(data.metrics, name) for name in SAE_METRICS},
+        "core_metrics": metric_rows(data.metrics),
         "human_shares": _shares(Counter(step_human.values())), "agreement": agreement,
         "missing": data.missing, "warnings": data.warnings,
     }
@@ -378,7 +407,7 @@ def _figure_png(fig) -> str:
 
 
 def _stacked_bars(ax, steps: list[str], shares: list[dict[str, float]], classes: list[str], offset=0.0,
-                  width=0.8, hatch=None, legend=True) -> None:
+                  width=0.8, hatch=None, legend=True, axis: str = "training step") -> None:
     import numpy as np
 
     x = np.arange(len(steps)) + offset
@@ -391,11 +420,11 @@ def _stacked_bars(ax, steps: list[str], shares: list[dict[str, float]], classes:
     ax.set_xticks(np.arange(len(steps)), steps)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of features")
-    ax.set_xlabel("training step")
+    ax.set_xlabel(axis)
 
 
 def _share_bars(ax, summaries: list[dict[str, Any]], tables: list[ShareTable], classes: list[str],
-                samples: list[ShareTable] | None = None) -> None:
+                samples: list[ShareTable] | None = None, axis: str = "training step") -> None:
     """Grouped bars: each class's share per checkpoint with its Wilson 95% interval; the
     LLM-described sample's share as a black diamond beside each bar, where there is one."""
     import numpy as np
@@ -414,15 +443,15 @@ def _share_bars(ax, summaries: list[dict[str, Any]], tables: list[ShareTable], c
             if points:
                 ax.scatter([p[0] for p in points], [p[1] for p in points], marker="D", s=14, color="black",
                            zorder=3, label="LLM sample" if j == 0 else None)
-    ax.set_xticks(x, [f"{s['step']}\n(n={t.n})" for s, t in zip(summaries, tables)])
+    ax.set_xticks(x, [f"{s['tick']}\n(n={t.n})" for s, t in zip(summaries, tables)])
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of latents")
-    ax.set_xlabel("training step")
+    ax.set_xlabel(axis)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
 
 
 def make_plots(summaries: list[dict[str, Any]], has_human: bool,
-               grey: dict[str, str] | None = None) -> list[dict[str, str]]:
+               grey: dict[str, str] | None = None, axis: str = "training step") -> list[dict[str, str]]:
     """The index's figures as {"title", "png" (base64), "alt"}; a figure with no data is left out.
     Shares are over every labelled latent, with Wilson 95% intervals; `grey`: score methods the
     control did not vouch for (drawn grey, titled with why)."""
@@ -433,7 +462,8 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
 
     grey = grey or {}
     plots = []
-    steps = [str(s["step"]) for s in summaries]
+    steps = [s["tick"] for s in summaries]
+    unit = "layer" if axis == "layer" else "checkpoint"
     labelled = [s for s in summaries if s["n_labels"]]
 
     if labelled:
@@ -441,9 +471,9 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
         classes = list(GRANULARITIES) + (["unlabelled"] if any(s["granularity"].counts.get("unlabelled")
                                                                 for s in labelled) else [])
         _share_bars(ax, labelled, [s["granularity"] for s in labelled], classes,
-                    [s["granularity_sample"] for s in labelled])
-        ax.set_title("Granularity of all latents per checkpoint (95% Wilson intervals; ◆ LLM sample)")
-        plots.append({"title": "Granularity shares per checkpoint", "png": _figure_png(fig),
+                    [s["granularity_sample"] for s in labelled], axis=axis)
+        ax.set_title(f"Granularity of all latents per {unit} (95% Wilson intervals; ◆ LLM sample)")
+        plots.append({"title": f"Granularity shares per {unit}", "png": _figure_png(fig),
                       "alt": "bars with 95% intervals: granularity shares of all latents per checkpoint, "
                              "diamonds for the LLM-described sample"})
 
@@ -452,9 +482,9 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
         fig, ax = plt.subplots(figsize=(8, 3.4))
         tables = [s["language_table"] for s in with_language]
         _share_bars(ax, with_language, tables, list(LANGUAGE_TRENDS) + (
-            ["unknown"] if any(t.counts.get("unknown") for t in tables) else []))
-        ax.set_title("Language trend of latents per checkpoint (95% Wilson intervals)")
-        plots.append({"title": "Language trend shares per checkpoint", "png": _figure_png(fig),
+            ["unknown"] if any(t.counts.get("unknown") for t in tables) else []), axis=axis)
+        ax.set_title(f"Language trend of latents per {unit} (95% Wilson intervals)")
+        plots.append({"title": f"Language trend shares per {unit}", "png": _figure_png(fig),
                       "alt": "bars with 95% intervals: en/ja/mix shares per checkpoint"})
 
     with_flags = [s for s in summaries if s["bilingual_firing"] is not None]
@@ -468,10 +498,10 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
             rows = [s[name] for s in with_flags]
             ax.bar(x + offset, [r.share for r in rows], 0.38, color=color, label=text,
                    yerr=[[r.share - r.lo for r in rows], [r.hi - r.share for r in rows]], capsize=2)
-        ax.set_xticks(x, [f"{s['step']}\n(n={s['n_labels']})" for s in with_flags])
+        ax.set_xticks(x, [f"{s['tick']}\n(n={s['n_labels']})" for s in with_flags])
         ax.set_ylim(0, 1)
         ax.set_ylabel("share of latents")
-        ax.set_xlabel("training step")
+        ax.set_xlabel(axis)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
         ax.set_title("Bilingual firing vs cross-lingual latents (95% Wilson intervals)")
         plots.append({"title": "Bilingual firing and cross-lingual shares", "png": _figure_png(fig),
@@ -491,7 +521,7 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
             ax.set_xticks(range(len(steps)), [f"{st}\n(n={len(d)})" for st, d in zip(steps, data)], rotation=45)
             ax.set_title(f"{name} score" + (f" — {grey[name].upper()}" if grey.get(name) else ""),
                          color="#999999" if grey.get(name) else "black")
-            ax.set_xlabel("training step")
+            ax.set_xlabel(axis)
         fig.tight_layout()
         noisy = [n for n in present if grey.get(n)]
         plots.append({"title": "Score distributions (LLM sample)" + (
@@ -508,19 +538,19 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="#f28e2b")
             ax.set_xticks(range(len(steps)), steps, rotation=45)
             ax.set_title(name)
-            ax.set_xlabel("training step")
+            ax.set_xlabel(axis)
         fig.tight_layout()
-        plots.append({"title": "SAE metrics per checkpoint", "png": _figure_png(fig),
+        plots.append({"title": f"SAE metrics per {unit}", "png": _figure_png(fig),
                       "alt": "line plots: FVU, L0, dead fraction and delta CE per checkpoint"})
 
     compared = [s for s in summaries if s["agreement"] is not None]
     if has_human and compared:
         fig, (ax, ax_kappa) = plt.subplots(1, 2, figsize=(10, 3.4), gridspec_kw={"width_ratios": [2, 1]})
-        names = [str(s["step"]) for s in compared]
+        names = [s["tick"] for s in compared]
         _stacked_bars(ax, names, [s["agreement"].shares_human for s in compared], list(GRANULARITIES),
-                      offset=-0.2, width=0.38)
+                      offset=-0.2, width=0.38, axis=axis)
         _stacked_bars(ax, names, [s["agreement"].shares_model for s in compared], list(GRANULARITIES),
-                      offset=0.2, width=0.38, hatch="//", legend=False)
+                      offset=0.2, width=0.38, hatch="//", legend=False, axis=axis)
         ax.set_title("Human (left, plain) vs model (right, hatched)")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
         ax_kappa.tick_params(axis="x", labelrotation=45)
@@ -598,14 +628,14 @@ def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
 NO_CONTROL_GREY = {n: "no control" for n in SCORE_NAMES}
 
 
-def sample_note(manifest: dict[str, Any], step: int | None = None) -> str | None:
-    """How the LLM sample was drawn (manifest stages.label.sample; the checkpoint's own strata
-    where `step` is given and recorded), in words: a stratified sample gives every class at least
-    one latent, so a rare class's share in it is high by design."""
+def sample_note(manifest: dict[str, Any], site: runlib.Site | None = None) -> str | None:
+    """How the LLM sample was drawn (manifest stages.label.sample; the site's own strata where
+    `site` is given and recorded), in words: a stratified sample gives every class at least one
+    latent, so a rare class's share in it is high by design."""
     info = ((manifest.get("stages") or {}).get("label") or {}).get("sample")
     if not isinstance(info, dict) or not isinstance(info.get("strata"), dict):
         return None
-    own = (info.get("per_checkpoint") or {}).get(f"step-{step}") if step is not None else None
+    own = (info.get("per_checkpoint") or {}).get(site.name) if site is not None else None
     strata = own.get("strata") if isinstance(own, dict) and isinstance(own.get("strata"), dict) else info["strata"]
     where = "" if own else " over all checkpoints"
     strata = ", ".join(f"{k} {v}" for k, v in strata.items())
@@ -615,21 +645,28 @@ def sample_note(manifest: dict[str, Any], step: int | None = None) -> str | None
             "share over all latents by design.")
 
 
+def site_axis(sites: list[runlib.Site]) -> str:
+    """What the index's x axes count: training steps, layers, or sites of both."""
+    if all(s.layer is None for s in sites) or len({s.layer for s in sites}) == 1:
+        return "training step"
+    return "layer" if len({s.step for s in sites}) == 1 else "site"
+
+
 def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: str | Path | None = None,
                  contexts_per_feature: int = 5, window: int = 12, max_features: int | None = None) -> Path:
-    """Render RUN/report/index.html and one step-N.html per checkpoint; return the index path."""
+    """Render RUN/report/index.html and one SITE.html per site; return the index path."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"{run}: no such run directory")
-    steps = runlib.checkpoint_steps(run)
+    sites = runlib.sites(run)
+    axis = site_axis(sites)
     out = Path(out_dir) if out_dir else run / "report"
     human_labels: dict[Key, str] = {}
     comparison = None
     if human is not None:
         from autointerp.compare import compare_labels, load_labels
 
-        human_set = load_labels(human)
-        human_labels = human_set.labels
+        human_labels = _with_layers(load_labels(human).labels, run, sites)
     out.mkdir(parents=True, exist_ok=True)
     env = _environment()
     step_template = env.get_template("step.html")
@@ -639,60 +676,105 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     note = sample_note(manifest)
 
     summaries, all_model = [], {}
-    lineage_view = _lineage_view(run, steps)
-    for i, step in enumerate(steps):
-        data = read_step(run, step, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature,
+    synonyms = SynonymTable()
+    densities = []
+    lineage_view = _lineage_view(run, sites)
+    for i, site in enumerate(sites):
+        data = read_step(run, site, max_features or DEFAULT_MAX_FEATURES, contexts_per_feature,
                          human_keys=frozenset(human_labels))
         summary = step_summary(data, human_labels)
+        if axis == "layer":
+            summary["tick"] = str(site.layer)
+        elif axis == "training step":
+            summary["tick"] = str(site.step)
         summaries.append(summary)
         all_model.update(data.model_granularity)
-        # Labelled latents first (the LLM-described ones, then the rest by feature id: read_step's
-        # order); records without a label only when the checkpoint has no labels or room is left
+        synonyms.merge(data.synonyms)
+        density = density_png(data.metrics, data.densities, f"{site.title}: firing density")
+        densities.append({"title": site.title, "png": density[0], "source": density[1]} if density else None)
+        # Labelled latents first (the LLM-described ones, then by class and feature id: read_step's
+        # order); records without a label only when the site has no labels or room is left
         # under an explicit --per-page.
         labelled = list(data.labels)
         unlabelled = sorted(set(data.records) - set(data.labels), key=lambda k: k.feature)
         keys = labelled + unlabelled
         shown = keys[:max_features] if max_features else (labelled or unlabelled)[:DEFAULT_MAX_FEATURES]
         features = [feature_view(k, data, human_labels, contexts_per_feature, window, grey) for k in shown]
-        for f in features:  # parent at the previous checkpoint and children at the next (autointerp lineage)
-            f["lineage"] = lineage_view.card(step, f["feature"]) if lineage_view else None
+        for f in features:  # parent at the previous site and children at the next (autointerp lineage)
+            f["lineage"] = lineage_view.card(site, f["feature"]) if lineage_view else None
         n_features = len(data.label_keys | data.record_keys)
+        prev_site, next_site = (sites[i - 1] if i > 0 else None), (sites[i + 1] if i + 1 < len(sites) else None)
         html = step_template.render(
-            run_name=run.resolve().name, step=step, summary=summary, features=features,
+            run_name=run.resolve().name, site=site.title, summary=summary, features=features,
             n_hidden=n_features - len(shown), classes=list(GRANULARITIES) + ["unlabelled"],
             languages=sorted({f["language"] for f in features}),
-            prev_step=steps[i - 1] if i > 0 else None, next_step=steps[i + 1] if i + 1 < len(steps) else None,
+            prev=prev_site and {"page": prev_site.name, "title": prev_site.title},
+            next=next_site and {"page": next_site.name, "title": next_site.title},
             metrics=data.metrics, sae_metric_names=list(SAE_METRICS), has_human=bool(human_labels),
-            control=control, has_scores=any(summary["scores"].values()), grey=grey, sample_note=sample_note(manifest, step),
+            control=control, has_scores=any(summary["scores"].values()), grey=grey,
+            sample_note=sample_note(manifest, site), density=densities[-1], synonyms=data.synonyms.rows(),
+            n_synonyms=data.synonyms.count, metric_columns=metric_columns(),
         )
-        (out / f"step-{step}.html").write_text(html, encoding="utf-8")
+        (out / f"{site.name}.html").write_text(html, encoding="utf-8")
 
     if human_labels and all_model and set(human_labels) & set(all_model):
         comparison = compare_labels(human_labels, all_model)
         comparison.human_source, comparison.model_source = str(human), str(run)
         (out / "compare.json").write_text(json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False))
-    run_missing = [] if steps else ["checkpoints: no step-N/ folders (run `autointerp sae` and `autointerp collect`)"]
+    run_missing = [] if sites else ["sites: no step-N/ or layer-L/ folders (run `autointerp sae` and "
+                                    "`autointerp collect`)"]
     if not manifest:
         run_missing.append("manifest.json")
     index = env.get_template("index.html").render(
         run_name=run.resolve().name, run_path=str(run_dir), summaries=summaries,  # the path as given: no machine path
-        plots=make_plots(summaries, bool(human_labels), grey), stages=_manifest_rows(manifest),
+        plots=make_plots(summaries, bool(human_labels), grey, axis), stages=_manifest_rows(manifest),
         model=_manifest_model(manifest), run_missing=run_missing, comparison=comparison,
         classes=list(GRANULARITIES), languages=list(LANGUAGE_TRENDS), sae_metric_names=list(SAE_METRICS),
         has_human=bool(human_labels), human_source=str(human) if human else None,
         lineage=lineage_view, control=control, grey=grey, sample_note=note,
         has_scores=any(any(s["scores"].values()) for s in summaries),
+        axis=axis, metric_columns=metric_columns(), densities=[d for d in densities if d],
+        synonyms=synonyms.rows(), n_synonyms=synonyms.count,
     )
     index_path = out / "index.html"
     index_path.write_text(index, encoding="utf-8")
     return index_path
 
 
-def _lineage_view(run: Path, steps: list[int]):
+def _site_layer(run: Path, site: runlib.Site) -> int | None:
+    """The layer a site's SAE reads: its name's, else the first record's, else the first label's."""
+    if site.layer is not None:
+        return site.layer
+    from autointerp.schema import iter_lines, record_key
+
+    folder = runlib.site_dir(run, site)
+    for path, layer_of in ((runlib.records_file(folder), lambda line: record_key(line)[0].layer),
+                           (folder / "labels.jsonl", lambda line: Label.from_dict(json.loads(line)).layer)):
+        if path.exists():
+            for _, line in iter_lines(path, binary=True):
+                if (layer := layer_of(line)) is not None:
+                    return layer
+                break
+    return None
+
+
+def _with_layers(labels: dict[Key, str], run: Path, sites: list[runlib.Site]) -> dict[Key, str]:
+    """Human labels that name no layer (a CSV, an older file) take the layer of the run's SAE at
+    their step, where each step has one."""
+    if not labels or any(k.layer is not None for k in labels):
+        return labels
+    layers: dict[int | None, set] = {}
+    for site in sites:
+        layers.setdefault(site.step, set()).add(_site_layer(run, site))
+    return {Key(k.checkpoint_step, next(iter(layers[k.checkpoint_step])), k.feature)
+            if len(layers.get(k.checkpoint_step, ())) == 1 else k: v for k, v in labels.items()}
+
+
+def _lineage_view(run: Path, sites: list[runlib.Site]):
     """The lineage section and card links, or None when `autointerp lineage` has not run."""
     from autointerp import lineage
 
-    return lineage.report_view(run, steps)
+    return lineage.report_view(run, sites)
 
 
 def _manifest_model(manifest: dict[str, Any]) -> str | None:
@@ -716,11 +798,13 @@ def cli(
                                                  f"(default {DEFAULT_MAX_FEATURES}; without labels, records). "
                                                  "Shares always count every latent."),
 ) -> None:
-    """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint."""
+    """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint (or layer)."""
     from autointerp.files import Kind, expect
 
     expect(run_dir, Kind.RUN)
     index = build_report(run_dir, human, out, contexts, window, max_features)
-    pages = sorted(index.parent.glob("step-*.html"))
+    pages = [index.parent / f"{site.name}.html" for site in runlib.sites(run_dir)]
+    pages = [p for p in pages if p.exists()]
     size = sum(p.stat().st_size for p in [index, *pages]) / 1e6
-    print(f"wrote {index} and {len(pages)} checkpoint pages ({size:.1f} MB)")
+    kind = "layer" if site_axis(runlib.sites(run_dir)) == "layer" else "checkpoint"
+    print(f"wrote {index} and {len(pages)} {kind} pages ({size:.1f} MB)")

@@ -197,6 +197,9 @@ def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
     kept = labels_path.read_text().splitlines()[:3]  # a run labels a sample of its latents
     labels_path.write_text("\n".join(kept) + "\n")
     labelled = [json.loads(line)["feature"] for line in kept]
+    order = {g: i for i, g in enumerate(GRANULARITIES)}  # after the LLM-described ones: by class, then id
+    labelled_in_order = [d["feature"] for d in sorted(map(json.loads, kept),
+                                                      key=lambda d: (order[d["granularity"]], d["feature"]))]
 
     build_report(run)
     page = (run / "report" / f"step-{step}.html").read_text()
@@ -205,7 +208,7 @@ def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
     build_report(run, max_features=5)
     page = (run / "report" / f"step-{step}.html").read_text()
     shown = re.findall(r"<h3>#(\d+) ", page)
-    assert len(shown) == 5 and [int(f) for f in shown[:3]] == sorted(labelled)
+    assert len(shown) == 5 and [int(f) for f in shown[:3]] == labelled_in_order
 
 
 @needs_dev
@@ -220,3 +223,61 @@ def test_step_page_does_not_count_a_latent_left_without_a_description_as_describ
     build_report(run)
     text = " ".join(re.sub(r"<[^>]+>", " ", (run / "report" / "step-10.html").read_text()).split())
     assert "6 labels (5 described by the LLM, 1 more sampled but left without a description)" in text
+
+
+def _layer_run(root: Path) -> Path:
+    """A run of one model's layers: layer-3 and layer-9, each with records, labels (a synonym
+    latent, a token latent, and a dead latent's label line) and SAEBench metrics."""
+    run = root / "layers"
+    for layer in (3, 9):
+        folder = run / f"layer-{layer}"
+        ctx = [Context(tokens=["the", " dog", "と", "犬"], levels=[0, 10, 0, 8])]
+        records = [FeatureRecord(model="m", layer=layer, checkpoint_step=None, feature=f, contexts=ctx if f < 2 else [],
+                                 density=0.01 * (f + 1) if f < 2 else None) for f in range(3)]
+        write_jsonl(folder / "records.jsonl", records)
+
+        def label(feature, granularity, tokens, profile):
+            return Label(checkpoint_step=None, feature=feature, description="", granularity=granularity,
+                         cross_lingual=granularity == "concept-synonym", language="mix", language_profile=profile,
+                         scores={}, confidence=0.9, explainer={}, evidence={"top_tokens": tokens}, layer=layer,
+                         evidence_summary="“ dog” 20/50 · “犬” 15/50")
+
+        write_jsonl(folder / "labels.jsonl", [
+            label(0, "concept-synonym", [[" dog", 20], ["犬", 15]], {"trend": "mix", "n_contexts": 50}),
+            label(1, "token", [[" the", 40]], {"trend": "en", "n_contexts": 50}),
+            label(2, "uninterpretable", [], {"trend": "mix", "n_contexts": 0}),  # dead: no contexts
+        ])
+        (folder / "sae").mkdir()
+        (folder / "sae" / "metrics.json").write_text(json.dumps({
+            "explained_variance": 0.8, "l0": 32, "dead_fraction": 0.1, "dense_fraction": 0.02,
+            "ce_loss_recovered": 0.83, "delta_ce": 0.5, "kl_sae": 0.4, "kl_score": 0.812 + layer / 1000,
+            "cosine_similarity": 0.951, "l2_ratio": 0.97, "eval_tokens": 2500,
+            "density_histogram": {"log10_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [5, 10, 2], "never": 3}}))
+    return run
+
+
+def test_a_run_of_layers_gets_a_page_per_layer_with_sae_metrics_density_and_synonyms(tmp_path):
+    from autointerp.report import build_report
+
+    run = _layer_run(tmp_path)
+    index = build_report(run).read_text()
+    page3, page9 = ((run / "report" / f"layer-{n}.html").read_text() for n in (3, 9))
+    assert "<h1>layers: layer 3</h1>" in page3 and 'href="layer-9.html">layer 9 →' in page3
+    assert 'href="layer-3.html">layer 3</a>' in page9 and "<th>layer</th>" in index
+    assert "81.5%" in page3 and "82.1%" in page9 and "0.951" in index  # the KL score, the cosine
+    assert "Firing density of every latent" in page3 and "2500 held-out tokens" in page3
+    assert page3.count('alt="histogram of latent firing densities"') == 1
+    # the synonym latent with its English and Japanese tokens and the link; not the token latent
+    synonyms = page3.split('id="synonyms"', 1)[1].split("</table>", 1)[0]
+    assert "<code> dog</code>" in synonyms and "<code>犬</code>" in synonyms and 'href="#f0"' in synonyms
+    assert 'href="#f1"' not in synonyms
+    if "JMdict" in page3:  # the ja extra is installed: the dictionary link is named
+        assert "JMdict: 犬 = dog" in synonyms
+    assert index.count('<td class="l">layer 3</td>') == 1 and index.count('<td class="l">layer 9</td>') == 1
+    assert "the top 2 of 2 by confidence" in index
+    # the dead latent's label line is counted apart and is no class
+    assert "2 labels (1 dead latents with a label line" in page3
+    shares = page3.split("<h2>Shares over all", 1)[1].split("</table>", 1)[0]
+    assert "1 / 2" in shares and "/ 3" not in shares
+    # cards: the labelled latents by class, the dead one last
+    assert [int(f) for f in re.findall(r"<h3>#(\d+) ", page3)] == [1, 0, 2]

@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from autointerp.run import Site
 from scipy.stats import binomtest
 
 from autointerp.report import build_report, read_step, step_summary
@@ -148,10 +150,10 @@ def test_shares_count_every_latent_not_only_the_cards_shown(tmp_path):
 
 def test_summary_streams_labels_and_keeps_only_the_page(tmp_path):
     run = make_run(tmp_path)
-    kept = read_step(run, 600, max_records=6, max_contexts=1)
-    everything = read_step(run, 600)
+    kept = read_step(run, Site(600), max_records=6, max_contexts=1)
+    everything = read_step(run, Site(600))
     assert len(kept.labels) == 6 and len(everything.labels) == N  # memory: only the page's labels
-    assert set(list(kept.labels)[:5]) == {(600, f) for f in SAMPLED}  # the sample first
+    assert set(list(kept.labels)[:5]) == {(600, 0, f) for f in SAMPLED}  # the sample first
     assert kept.n_labels == N
     a, b = step_summary(kept, {}), step_summary(everything, {})
     assert a["granularity"] == b["granularity"] and a["granularity"].n == N

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from autointerp.run import Site
 from typer.testing import CliRunner
 
 from autointerp import granularity, language, run as runlib, statlabels
@@ -232,18 +234,18 @@ def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
     write_jsonl(step / "records.jsonl.zst", records)
     labelled = [records[7], records[3], records[30]]
     write_jsonl(step / "labels.jsonl", granularity.build_labels(labelled))
-    everything = read_step(tmp_path, 600)  # max_records None: every record kept, as before
-    data = read_step(tmp_path, 600, max_records=5, max_contexts=2)
+    everything = read_step(tmp_path, Site(600))  # max_records None: every record kept, as before
+    data = read_step(tmp_path, Site(600), max_records=5, max_contexts=2)
     assert data.n_records == everything.n_records == len(everything.records) == 40
     # the labelled ones first, then the lowest unlabelled feature ids; only the contexts shown
-    assert sorted(k[1] for k in data.records) == [0, 1, 3, 7, 30]
+    assert sorted(k.feature for k in data.records) == [0, 1, 3, 7, 30]
     assert all(len(r.contexts) <= 2 and not r.negatives for r in data.records.values())
     assert data.context_counts[records[7].key] == len(records[7].contexts)
     assert step_summary(data, {}) == step_summary(everything, {})
     language._LANGUAGE_CACHE.clear()
     # without labels the page's language shares come from every record's trend, kept or not
     (step / "labels.jsonl").unlink()
-    data = read_step(tmp_path, 600, max_records=5, max_contexts=2)
+    data = read_step(tmp_path, Site(600), max_records=5, max_contexts=2)
     from collections import Counter
     assert step_summary(data, {})["language"] == dict(Counter(language.profile(r)["trend"] for r in records))
     assert len(data.records) == 5

@@ -1,0 +1,133 @@
+"""The report's per-SAE views: the core metrics the field reports, the firing-density histogram,
+and the concept-synonym latents with the English and Japanese words that join them.
+
+    rows = metric_rows(metrics)            # SAEBench's core metrics from SITE/sae/metrics.json
+    png = density_png(metrics, densities)  # log-scale firing-density histogram (base64 PNG)
+    table = SynonymTable(20); table.add(label, page); table.rows()
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Any
+
+from autointerp.schema import Label
+
+# (key in metrics.json, column title, format, what it says) in SAEBench's core order
+CORE_METRICS = [
+    ("explained_variance", "explained variance", "{:.3f}", "1 - FVU in the SAE's input space"),
+    ("l0", "L0", "{:.1f}", "active latents per token"),
+    ("dead_fraction", "dead", "{:.1%}", "latents that never fire on the held-out tokens"),
+    ("dense_fraction", "dense", "{:.1%}", "latents firing on more than 10% of tokens"),
+    ("ce_loss_recovered", "CE-loss score", "{:.1%}", "share of the zero-ablation loss gap the SAE recovers"),
+    ("delta_ce", "ΔCE", "{:+.3f}", "LM loss with the SAE spliced in minus without"),
+    ("kl_sae", "KL", "{:.3f}", "KL divergence of the LM's next-token distribution, SAE spliced in vs clean"),
+    ("kl_score", "KL score", "{:.1%}", "1 - KL(SAE) / KL(zero-ablated)"),
+    ("cosine_similarity", "cosine", "{:.3f}", "cosine of reconstruction and activation, model space"),
+    ("l2_ratio", "L2 ratio", "{:.3f}", "||reconstruction|| / ||activation||"),
+]
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    """The core metrics as {"name", "value", "what"}; "–" where metrics.json lacks one (older runs)."""
+    out = []
+    for key, name, fmt, what in CORE_METRICS:
+        value = metrics.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        out.append({"key": key, "name": name, "value": fmt.format(value) if ok else "–", "what": what})
+    return out
+
+
+def metric_columns() -> list[tuple[str, str]]:
+    return [(name, what) for _, name, _, what in CORE_METRICS]
+
+
+def density_png(metrics: dict[str, Any], densities: list[float] | None = None, title: str = "") -> tuple[str, str] | None:
+    """(base64 PNG, source) of the latents' log10 firing densities: from metrics.json's
+    density_histogram (held-out tokens), else from the records' densities (the whole corpus);
+    None when neither is there. Dead latents stand apart on the left; the dense line is marked."""
+    from autointerp.report import _figure_png
+    from autointerp.sae.metrics import DENSE
+
+    hist = metrics.get("density_histogram")
+    if isinstance(hist, dict) and hist.get("counts"):
+        edges, counts, never = hist["log10_edges"], hist["counts"], int(hist.get("never", 0))
+        source = f"SAE metrics ({metrics.get('eval_tokens', '?')} held-out tokens)"
+    elif densities:
+        from autointerp.sae.metrics import density_histogram
+        import torch
+
+        hist = density_histogram(torch.tensor(densities, dtype=torch.float64))
+        edges, counts, never = hist["log10_edges"], hist["counts"], hist["never"]
+        source = f"feature records ({len(densities)} latents, the whole corpus)"
+    else:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color="#4e79a7", edgecolor="white")
+    step = widths[0] if widths else 0.5
+    dead_at = edges[0] - 2.5 * step  # apart from the bins, on the left
+    ax.bar([dead_at], [never], width=step, color="#bab0ac", edgecolor="white", align="edge")
+    ax.axvline(math.log10(DENSE), color="#e15759", linestyle="--", linewidth=1)
+    ax.text(math.log10(DENSE), max([*counts, never, 1]) * 0.95, " dense", color="#e15759", fontsize=7, va="top")
+    ticks = [e for e in edges if float(e).is_integer()]
+    ax.set_xticks([dead_at + step / 2] + ticks, ["dead"] + [f"1e{int(t)}" if t else "1" for t in ticks], fontsize=7)
+    ax.set_xlabel("share of tokens a latent fires on (log scale)")
+    ax.set_ylabel("latents")
+    ax.set_title(title or "firing density", fontsize=9)
+    fig.tight_layout()
+    return _figure_png(fig), source
+
+
+def is_dead(label: Label) -> bool:
+    """A label line for a latent with no contexts (`score --stats-only` wrote those): not a class."""
+    profile = label.language_profile or {}
+    return "n_contexts" in profile and not profile["n_contexts"]
+
+
+class SynonymTable:
+    """The top `size` concept-synonym latents by confidence, streamed (a heap), with their English
+    and Japanese max tokens and what links them."""
+
+    def __init__(self, size: int = 20):
+        self.size, self.heap = size, []
+        self.count = 0
+
+    def add(self, label: Label, page: str, site: str) -> None:
+        if label.granularity != "concept-synonym" or is_dead(label):
+            return
+        self.count += 1
+        tokens = [str(t) for t, _ in (label.evidence or {}).get("top_tokens", [])]
+        share = (label.evidence or {}).get("features", {}).get("top1_share", 0.0) \
+            if isinstance((label.evidence or {}).get("features"), dict) else 0.0
+        item = ((round(label.confidence, 6), share, -label.feature), self.count,
+                {"feature": label.feature, "page": page, "site": site, "confidence": label.confidence,
+                 "cross_lingual": label.cross_lingual, "tokens": tokens,
+                 "summary": label.evidence_summary})
+        heapq.heappush(self.heap, item)
+        if len(self.heap) > self.size:
+            heapq.heappop(self.heap)
+
+    def rows(self) -> list[dict[str, Any]]:
+        from autointerp.granularity import en_ja_pair
+
+        out = []
+        for _, _, row in sorted(self.heap, key=lambda x: (x[0], -x[1]), reverse=True):
+            en, ja, link = en_ja_pair(row["tokens"])
+            out.append({**row, "en": en, "ja": ja, "link": link or "no dictionary link"})
+        return out
+
+    def merge(self, other: "SynonymTable") -> None:
+        """Fold another site's table in: the top `size` of both, every latent counted."""
+        for key, _, row in other.heap:
+            self.count += 1
+            heapq.heappush(self.heap, (key, self.count, row))
+            if len(self.heap) > self.size:
+                heapq.heappop(self.heap)
+        self.count += other.count - len(other.heap)
