@@ -33,22 +33,22 @@ from autointerp.options import old_names, rewrite_args
 
 # (subcommand, module, summary for the command list): the order is the pipeline's.
 STAGES = [
-    ("lm", "autointerp.lm", "Train the tiny bilingual LM whose checkpoints the demo labels."),
-    ("activations", "autointerp.activations",
+    ("lm", "autointerp.lm.train", "Train the tiny bilingual LM whose checkpoints the demo labels."),
+    ("activations", "autointerp.lm.activations",
      "Extract one layer's residual stream over a corpus: a summary, or shards with --out."),
     ("sae", "autointerp.sae.cli", "Train TopK sparse autoencoders and measure them."),
-    ("collect", "autointerp.records", "Collect feature records: each latent's top contexts, negatives and density."),
-    ("records", "autointerp.records", "Inspect and import feature records."),
-    ("lineage", "autointerp.lineage", "Match each checkpoint's latents to their parents at the previous checkpoint."),
-    ("serve", "autointerp.serve", "Start an OpenAI-compatible LLM server: llama.cpp on CPU, vLLM on GPU."),
-    ("label", "autointerp.label",
+    ("collect", "autointerp.records.collect", "Collect feature records: each latent's top contexts, negatives and density."),
+    ("records", "autointerp.records.collect", "Inspect and import feature records."),
+    ("lineage", "autointerp.lineage.match", "Match each checkpoint's latents to their parents at the previous checkpoint."),
+    ("serve", "autointerp.llm.serve", "Start an OpenAI-compatible LLM server: llama.cpp on CPU, vLLM on GPU."),
+    ("label", "autointerp.labels.stage",
      "Label every live latent (statistical) and an LLM-described, stratified sample: description, scores, control."),
-    ("score", "autointerp.score", "Score descriptions with the simulator: writes step-N/scores.jsonl (and labels)."),
-    ("compare", "autointerp.compare",
+    ("score", "autointerp.interp.score", "Score descriptions with the simulator: writes step-N/scores.jsonl (and labels)."),
+    ("compare", "autointerp.human.compare",
      "Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."),
-    ("annotate", "autointerp.annotate",
+    ("annotate", "autointerp.human.annotate",
      "Label features by hand in the terminal (label's sample with --features N)."),
-    ("report", "autointerp.report", "Render the HTML report: RUN_DIR/report/index.html and a page per checkpoint."),
+    ("report", "autointerp.report.build", "Render the HTML report: RUN_DIR/report/index.html and a page per checkpoint."),
     ("demo", "autointerp.demo", "Run the whole pipeline on the embedded default and print where the report is."),
 ]
 

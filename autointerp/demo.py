@@ -88,7 +88,7 @@ def _model_layers(model: str) -> int:
     """The decoder layers of a model, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    from autointerp.lm_files import resolve_lm
+    from autointerp.lm.gguf import resolve_lm
 
     config = AutoConfig.from_pretrained(resolve_lm(model))
     config = getattr(config, "text_config", None) or config

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from autointerp import run as runlib
-from autointerp.activations import iter_activations, load_lm
-from autointerp.corpus import load_corpus
-from autointerp.records import collect
+from autointerp.lm.activations import iter_activations, load_lm
+from autointerp.lm.corpus import load_corpus
+from autointerp.records.collect import collect
 
 
 def load_pair(run: Path | None, docs, device: str):
@@ -40,7 +40,7 @@ def load_pair(run: Path | None, docs, device: str):
             sae = load_sae(runlib.step_dir(run, step) / "sae", device=device)
             model, tokenizer = load_lm(str(runlib.lm_checkpoint_dir(run, step)), device=device)
             return model, tokenizer, sae, int(sae.cfg.layer or 0), f"{run} step {step}"
-    from autointerp.lm import TrainConfig, build_model, train_tokenizer
+    from autointerp.lm.train import TrainConfig, build_model, train_tokenizer
     from autointerp.sae import SAEConfig, TopKSAE
 
     config = TrainConfig()

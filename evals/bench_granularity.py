@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from autointerp import granularity as G
+from autointerp.labels import decision as G
 from autointerp.schema import read_records
 
 REPO = Path(__file__).resolve().parents[1]

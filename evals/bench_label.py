@@ -21,10 +21,10 @@ from pathlib import Path
 
 import openai
 
-from autointerp.explain import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
-from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
+from autointerp.interp.explainer import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
+from autointerp.llm.client import ChatResult, LLMClient, check_answer, json_response_format
 from autointerp.schema import FeatureRecord, iter_jsonl
-from autointerp.serve import default_parallel, flag_value, start_server, threads_summary
+from autointerp.llm.serve import default_parallel, flag_value, start_server, threads_summary
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 

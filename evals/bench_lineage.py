@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from autointerp.lineage import Codes, lineage_pair, moments
+from autointerp.lineage.match import Codes, lineage_pair, moments
 
 
 def peak_rss_mb() -> float:

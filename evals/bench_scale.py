@@ -36,9 +36,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from synthetic_sae import SyntheticSAE, demo_pool  # noqa: E402
 
-from autointerp import granularity, language  # noqa: E402
+from autointerp.labels import decision as granularity
+
+from autointerp.labels import language  # noqa: E402
 from autointerp.schema import iter_lines, stream_records, to_json_line, write_jsonl  # noqa: E402
-from autointerp.statlabels import default_workers  # noqa: E402
+from autointerp.labels.statlabels import default_workers  # noqa: E402
 
 DEV = HERE.parents[1] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 DEMO_RECORDS = [Path(__file__).resolve().parents[1] / "runs/demo/step-600"]

@@ -13,7 +13,7 @@ new one in OpenAI's json_schema form) or "completion" (label's default request t
 few-shot prompt as a plain completion, one line, the same request to both servers); max_tokens
 as explain sends them. Each server is started as `label` started it: the old one as autointerp
 ran it (n_threads and n_threads_batch = cores - 1, 1 on 2 cores; n_ctx 2048), the new one with
-today's defaults (autointerp.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY;
+today's defaults (autointerp.llm.serve: threads, prompt-reading threads, slots, OMP_WAIT_POLICY;
 n_ctx 2048). An invalid answer is re-asked once, sampled, as explain does. Prints explained
 features/s (features with a valid answer in the end, per second), generated tokens/s, valid
 complete answers (first, and in the end) and the server's CPU seconds per round, the new/old
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import openai
 
-from autointerp.explain import (ANSWER_SCHEMA as EXPLANATION_SCHEMA, FORMS, ExplainSettings, answer_problem,
+from autointerp.interp.explainer import (ANSWER_SCHEMA as EXPLANATION_SCHEMA, FORMS, ExplainSettings, answer_problem,
                                 clean_answer, fit_prompt)
-from autointerp.llm import ChatResult, LLMClient, check_answer, json_response_format
-from autointerp.serve import (DEFAULT_MODEL_ALIAS, Server, available_cores, find_smollm2_gguf, flag_value,
+from autointerp.llm.client import ChatResult, LLMClient, check_answer, json_response_format
+from autointerp.llm.serve import (DEFAULT_MODEL_ALIAS, Server, available_cores, find_smollm2_gguf, flag_value,
                               free_port, start_server, threads_summary, wait_until_ready)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -28,10 +28,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from autointerp import granularity, language, sampling
+from autointerp.labels import decision as granularity
+from autointerp.labels import language
+from autointerp.labels import sampling
 from autointerp import run as run_lib
-from autointerp.explain import ExplainSettings, explain_records
-from autointerp.prompting import PROMPTS_DIR
+from autointerp.interp.explainer import ExplainSettings, explain_records
+from autointerp.llm.prompts import PROMPTS_DIR
 from autointerp.schema import Explanation, FeatureRecord, read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from autointerp.llm import LLMClient
-    from autointerp.serve import endpoint
+    from autointerp.llm.client import LLMClient
+    from autointerp.llm.serve import endpoint
 
     console = Console(stderr=True)
     sets = []

@@ -3,7 +3,7 @@
 Nested grouped cross-validation, so the number cannot flatter: outer 5-fold split by feature id
 (no feature, at any checkpoint, is scored by a model fitted or tuned on it), repeated over 10
 seeds; inside each outer fold every choice — evidence groups, regularisation C, class weights,
-class-share offsets, temperature — is made by autointerp.granularity_fit.select with inner
+class-share offsets, temperature — is made by autointerp.labels.fit.select with inner
 grouped CV on the outer-training part only. Prints mean ± sd over seeds of kappa (4-way, 3-way),
 per-class precision / recall and the worst per-checkpoint share gap, the per-checkpoint shares,
 the ablation (each evidence piece forced in / out, everything else still chosen inside the
@@ -30,9 +30,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from autointerp import granularity as G  # noqa: E402
-from autointerp import granularity_fit as F  # noqa: E402
-from autointerp import language  # noqa: E402
+from autointerp.labels import decision as G  # noqa: E402
+from autointerp.labels import fit as F  # noqa: E402
+from autointerp.labels import language  # noqa: E402
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord, iter_jsonl, read_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,9 +61,9 @@ def load_explanations(records: list[FeatureRecord]) -> dict | None:
 
 
 def make_explanations(records: list[FeatureRecord], threads: int | None) -> None:
-    from autointerp.explain import ExplainSettings, explain_records
-    from autointerp.llm import LLMClient
-    from autointerp.serve import start_server
+    from autointerp.interp.explainer import ExplainSettings, explain_records
+    from autointerp.llm.client import LLMClient
+    from autointerp.llm.serve import start_server
 
     with start_server("llama-cpp", None, n_threads=threads) as server:
         client = LLMClient(server.base_url, server.model, cache_path=EVAL_RUN / "cache.sqlite",

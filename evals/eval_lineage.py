@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from autointerp import lineage
+from autointerp.lineage import match as lineage
 from autointerp import run as runlib
 
 

@@ -31,8 +31,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from autointerp import score
-from autointerp.language import clean_token
+from autointerp.interp import score
+from autointerp.labels.language import clean_token
 from autointerp.schema import FeatureRecord, read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
           f"each scored with its own and with another sampled feature's description; "
           f"{settings.n_activating} + {settings.n_non_activating} examples per method")
 
-    from autointerp.llm import LLMClient
-    from autointerp.serve import endpoint
+    from autointerp.llm.client import LLMClient
+    from autointerp.llm.serve import endpoint
 
     # the control's own plan, to know whether anything is left to send (else no server is started)
     planned = [score.Scores(r.checkpoint_step, r.feature, detection=0.5) for r in sample]

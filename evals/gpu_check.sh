@@ -142,9 +142,9 @@ def collect(dev, sae_dir, max_docs, dtype, limit):
         signal.alarm(0)
 
 def _collect(dev, sae_dir, max_docs, dtype):
-    from autointerp.activations import load_lm
-    from autointerp.corpus import load_corpus
-    from autointerp.records import iter_collect
+    from autointerp.lm.activations import load_lm
+    from autointerp.lm.corpus import load_corpus
+    from autointerp.records.collect import iter_collect
     from autointerp.sae import load_sae
     from autointerp.schema import write_jsonl
     docs = load_corpus(corpus, limit=max_docs)

@@ -54,9 +54,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from autointerp import granularity as G  # noqa: E402
-from autointerp import granularity_fit as F  # noqa: E402
-from autointerp import language  # noqa: E402
+from autointerp.labels import decision as G  # noqa: E402
+from autointerp.labels import fit as F  # noqa: E402
+from autointerp.labels import language  # noqa: E402
 from autointerp.schema import GRANULARITIES, FeatureRecord, read_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

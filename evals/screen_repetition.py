@@ -21,11 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from autointerp import granularity, sampling
-from autointerp.explain import ExplainSettings, answer_problem, clean_answer, fit_prompt
-from autointerp.llm import LLMClient
+from autointerp.labels import decision as granularity
+from autointerp.labels import sampling
+from autointerp.interp.explainer import ExplainSettings, answer_problem, clean_answer, fit_prompt
+from autointerp.llm.client import LLMClient
 from autointerp.schema import read_records
-from autointerp.serve import endpoint
+from autointerp.llm.serve import endpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_explain import DEV, quotes_top_token  # noqa: E402

@@ -122,6 +122,6 @@ class SyntheticSAE:
 
 def demo_pool() -> list[list[str]]:
     """Windows of the demo corpus (the Debian Reference, en + ja)."""
-    from autointerp.corpus import load_corpus
+    from autointerp.lm.corpus import load_corpus
 
     return window_pool([d.text for d in load_corpus("debian-reference")])

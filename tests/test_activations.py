@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from autointerp import activations as A
-from autointerp import cli, lm
-from autointerp.corpus import Document
+from autointerp.lm import activations as A
+from autointerp import cli
+from autointerp.lm import train as lm
+from autointerp.lm.corpus import Document
 
 DOCS = [Document("The package manager resolves dependencies between packages.", "en", "t", 0),
         Document("パッケージ管理システムは依存関係を解決します。鬱蒼とした森。", "ja", "t", 1),

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from autointerp.annotate import annotate, cli, context_text, load_answers
-from autointerp.compare import load_labels
+from autointerp.human.annotate import annotate, cli, context_text, load_answers
+from autointerp.human.compare import load_labels
 from autointerp.schema import Context, FeatureRecord, Key, read_records, write_jsonl
 
 
@@ -105,8 +105,8 @@ def test_features_n_is_the_sample_label_draws(tmp_path):
     """annotate --features N asks about the latents `label` described with its LLM (marked
     `sampled` in labels.jsonl beside the records); before any label run, the plain seeded sample
     of live latents per records file, drawn from a key scan, not from parsed records."""
-    from autointerp.annotate import records_files, select
-    from autointerp.sampling import sample_live
+    from autointerp.human.annotate import records_files, select
+    from autointerp.labels.sampling import sample_live
 
     run = tmp_path / "run"
     for step in (10, 100):
@@ -134,7 +134,7 @@ def test_features_n_is_the_sample_label_draws(tmp_path):
 
 
 def test_lazy_records_go_back_and_forth_without_reading_everything(tmp_path):
-    from autointerp.annotate import LazyRecords, select
+    from autointerp.human.annotate import LazyRecords, select
 
     path = tmp_path / "records.jsonl"
     write_jsonl(path, _mixed_records((10,), 30))
@@ -146,7 +146,7 @@ def test_lazy_records_go_back_and_forth_without_reading_everything(tmp_path):
 
 
 def test_cli_features_sample_and_resume(tmp_path):
-    from autointerp.sampling import sample_live
+    from autointerp.labels.sampling import sample_live
 
     records_path, out = tmp_path / "records.jsonl", tmp_path / "human.jsonl"
     write_jsonl(records_path, _mixed_records((100,), 30))

@@ -90,14 +90,14 @@ def test_user_errors_are_one_line_and_bugs_say_internal_error(capsys, records, t
     def broken(*_args, **_kwargs):
         raise UserError("--quantile must be in [0.5, 1)")
 
-    monkeypatch.setattr("autointerp.compare.compare_files", broken)
+    monkeypatch.setattr("autointerp.human.compare.compare_files", broken)
     code, _, err = _run(capsys, "compare", str(records), str(records))
     assert code == 1 and "[0.5, 1)" in err
 
     def bug(*_args, **_kwargs):  # fault injection: a real bug
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr("autointerp.compare.compare_files", bug)
+    monkeypatch.setattr("autointerp.human.compare.compare_files", bug)
     code, _, err = _run(capsys, "compare", str(records), str(records))
     assert code == 2 and "internal error: ZeroDivisionError: division by zero" in err
     assert "Usage:" not in err
@@ -164,7 +164,7 @@ def test_interrupt_says_work_is_kept(capsys, records, monkeypatch):
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("autointerp.compare.compare_files", interrupted)
+    monkeypatch.setattr("autointerp.human.compare.compare_files", interrupted)
     code, _, err = _run(capsys, "compare", str(records), str(records))
     assert code == 130 and "finished work is saved" in err
 

@@ -13,7 +13,7 @@ import typer
 from sklearn.metrics import cohen_kappa_score
 from typer.testing import CliRunner
 
-from autointerp.compare import cli, compare_files, compare_labels, load_labels
+from autointerp.human.compare import cli, compare_files, compare_labels, load_labels
 from autointerp.errors import UserError
 from autointerp.schema import GRANULARITIES, Key, Label, read_records, write_jsonl
 
@@ -168,7 +168,7 @@ def test_bad_inputs_are_user_errors(tmp_path):
 
 
 def test_printed_descriptions_are_not_rich_markup(capsys):
-    from autointerp.compare import print_result
+    from autointerp.human.compare import print_result
 
     result = compare_labels({K(1, 0): T, K(1, 1): U}, {K(1, 0): U, K(1, 1): U},
                             descriptions={K(1, 0): "[red]x[/red]"})
@@ -177,7 +177,7 @@ def test_printed_descriptions_are_not_rich_markup(capsys):
 
 
 def test_no_overlap_says_which_features_each_side_has_and_what_to_run(tmp_path):
-    from autointerp.compare import feature_ranges
+    from autointerp.human.compare import feature_ranges
 
     assert feature_ranges([0, 1, 2, 7, 9, 10]) == "0–2, 7, 9–10"
     assert feature_ranges(list(range(0, 40, 2)), limit=3) == "0, 2, 4, …"

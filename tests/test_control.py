@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from autointerp import score
+from autointerp.interp import score
 from autointerp.schema import Key, Scores, iter_jsonl
 
 from test_score import ScriptedClient, _record

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from autointerp.corpus import DEBIAN_REFERENCE_DIR, Document, load_corpus, split_paragraphs
+from autointerp.lm.corpus import DEBIAN_REFERENCE_DIR, Document, load_corpus, split_paragraphs
 from autointerp.errors import UserError
 
 needs_debian_reference = pytest.mark.skipif(
@@ -82,6 +82,6 @@ def test_missing_corpus_path_names_it(tmp_path: Path):
 
 
 def test_missing_debian_reference_says_how_to_install(monkeypatch, tmp_path: Path):
-    monkeypatch.setattr("autointerp.corpus.DEBIAN_REFERENCE_DIR", tmp_path)
+    monkeypatch.setattr("autointerp.lm.corpus.DEBIAN_REFERENCE_DIR", tmp_path)
     with pytest.raises(UserError, match="apt-get install debian-reference-en debian-reference-ja"):
         load_corpus("debian-reference")

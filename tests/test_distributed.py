@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from autointerp import lm
+from autointerp.lm import train as lm
 from autointerp.sae import SAEConfig, TopKSAE, TrainConfig, save_sae, train_sae
 
 LAYER = 1
@@ -53,8 +53,8 @@ def train_configs() -> tuple[SAEConfig, TrainConfig]:
 
 def run_both_stages(folder: str) -> dict:
     """collect and SAE training on the tiny model in `folder`, counting the tokens the LM runs on."""
-    from autointerp.activations import load_lm
-    from autointerp.records import iter_collect
+    from autointerp.lm.activations import load_lm
+    from autointerp.records.collect import iter_collect
     from autointerp.sae import load_sae
     from autointerp.sae.cli import _activation_chunks
 

@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakeserver import FakeServer  # noqa: E402
 
 from autointerp.errors import UserError  # noqa: E402
-from autointerp.explain import (ExplainSettings, clean_answer, explain_records, fit_prompt,  # noqa: E402
+from autointerp.interp.explainer import (ExplainSettings, clean_answer, explain_records, fit_prompt,  # noqa: E402
                                 load_finished, prompt_sha256, render_explain_prompt)
-from autointerp.llm import LLMClient  # noqa: E402
+from autointerp.llm.client import LLMClient  # noqa: E402
 from autointerp.schema import Context, Explanation, FeatureRecord, iter_jsonl  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autointerp import granularity as G
-from autointerp import granularity_fit as F
+from autointerp.labels import decision as G
+from autointerp.labels import fit as F
 from autointerp.schema import Context, Explanation, FeatureRecord, GRANULARITIES
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -139,7 +139,7 @@ def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
     code = (
         "import sys\n"
         "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite'): sys.modules[m] = None\n"
-        "from autointerp import granularity as G\n"
+        "from autointerp.labels import decision as G\n"
         "from autointerp.schema import Context, FeatureRecord\n"
         "assert not any(s['available'] for s in G.evidence_sources().values())\n"
         "r = FeatureRecord('m', 0, 1, 0, [Context(['x', t, 'z'], [0, 10, 0]) for t in [' dog'] * 30 + ['犬'] * 10])\n"

@@ -17,10 +17,14 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from fakeserver import FakeServer  # noqa: E402
 
-from autointerp import granularity, sampling, statlabels  # noqa: E402
+from autointerp.labels import decision as granularity
+
+from autointerp.labels import sampling
+
+from autointerp.labels import statlabels  # noqa: E402
 from autointerp.cli import app  # noqa: E402
 from autointerp.schema import Context, FeatureRecord, Key, Label, row_key, iter_jsonl, to_json_line, write_jsonl  # noqa: E402
-from autointerp.statlabels import iter_stat_label_lines  # noqa: E402
+from autointerp.labels.statlabels import iter_stat_label_lines  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 
@@ -307,7 +311,7 @@ def test_label_usage_mistakes_exit_2(tmp_path):
 def test_label_an_sae_folder_collects_its_records_then_labels(tmp_path):
     """`label SAE_DIR --model M --corpus C`: records collected first (beside the SAE, said where),
     then every live latent labelled; a second run reuses the records."""
-    from autointerp import lm
+    from autointerp.lm import train as lm
     from autointerp.sae import SAEConfig, TopKSAE, save_sae
 
     texts = ["The package manager resolves dependencies.", "パッケージ管理システムは依存関係を解決します。",

@@ -1,4 +1,4 @@
-from autointerp import language
+from autointerp.labels import language
 from autointerp.schema import Context, FeatureRecord
 
 EN = ["The quick brown fox jumps over the lazy dog near the river bank.",

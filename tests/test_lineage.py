@@ -7,9 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from autointerp import lineage
+from autointerp.lineage import match as lineage
 from autointerp.cli import app
-from autointerp.lineage import Codes, LineageRow
+from autointerp.lineage.match import Codes, LineageRow
 from autointerp.run import Site
 
 
@@ -181,7 +181,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, one_thread):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     run, corpus, perm = tiny_run
     result = CliRunner().invoke(app, ["lineage", str(run), "--corpus", str(corpus), "--sample", "all"])
@@ -253,8 +253,8 @@ def test_layers_of_one_model_are_matched_layer_to_layer_from_one_pass(tiny_run, 
     permuted, and lineage must recover the permutation, from one forward pass for both layers."""
     import shutil
 
-    from autointerp import activations
-    from autointerp.activations import load_lm
+    from autointerp.lm import activations
+    from autointerp.lm.activations import load_lm
     from autointerp.sae import SAEConfig, TopKSAE, load_sae, save_sae
 
     run, corpus, _ = tiny_run

@@ -15,7 +15,7 @@ from fakeserver import GOOD_ANSWER, FakeServer, completion  # noqa: E402
 from openai.types.chat import ChatCompletion  # noqa: E402
 
 from autointerp.errors import UserError  # noqa: E402
-from autointerp.llm import (LLMAnswerError, LLMClient, TokenLogprob, _result_from_response,  # noqa: E402
+from autointerp.llm.client import (LLMAnswerError, LLMClient, TokenLogprob, _result_from_response,  # noqa: E402
                             cache_key, estimate_tokens, parse_json_answer, read_logprobs, server_root, validate)
 
 SCHEMA = {"type": "object", "required": ["description", "granularity", "cross_lingual", "confidence"],

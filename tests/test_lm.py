@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autointerp import lm
-from autointerp.corpus import DEBIAN_REFERENCE_DIR, load_corpus
+from autointerp.lm import train as lm
+from autointerp.lm.corpus import DEBIAN_REFERENCE_DIR, load_corpus
 
 pytestmark = pytest.mark.skipif(
     not (DEBIAN_REFERENCE_DIR / "debian-reference.ja.txt.gz").exists(),

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from autointerp import activations as A
-from autointerp import cli, lm, lm_files, run, serve
+from autointerp.lm import activations as A
+from autointerp import cli
+from autointerp.lm import train as lm
+from autointerp.lm import gguf as lm_files
+from autointerp import run
+from autointerp.llm import serve
 from autointerp.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

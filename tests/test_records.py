@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from autointerp.records import collect_from_batches, parse_latents, quantise
+from autointerp.records.collect import collect_from_batches, parse_latents, quantise
 from autointerp.sae.model import SAEConfig, TopKSAE
 
 

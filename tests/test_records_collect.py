@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from autointerp import lm
-from autointerp.activations import load_lm
+from autointerp.lm import train as lm
+from autointerp.lm.activations import load_lm
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.records import collect
+from autointerp.records.collect import collect
 from autointerp.sae import SAEConfig, TopKSAE, save_sae
 from autointerp.schema import read_records
 
@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
 
 def test_collect_matches_hidden_states(setup):
     run, corpus = setup
-    from autointerp.corpus import load_corpus
+    from autointerp.lm.corpus import load_corpus
 
     docs = load_corpus(str(corpus))
     model, tokenizer = load_lm(str(run / "lm/step-10"))

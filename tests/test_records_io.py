@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.records import LLMJP_GRANULARITY, import_llmjp_demo, language_trend, read_records
+from autointerp.records.collect import LLMJP_GRANULARITY, import_llmjp_demo, language_trend, read_records
 from autointerp.schema import GRANULARITIES, Context, FeatureRecord, write_jsonl
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from autointerp.schema import GRANULARITIES, Context, FeatureRecord, Label, read_records, write_jsonl
-from autointerp.report import build_report
+from autointerp.report.build import build_report
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 XSS = "<script>alert(1)</script>"
@@ -61,7 +61,7 @@ def make_run(root: Path, per_step: int = 12, steps_with_labels=None, with_metric
 
 @needs_dev
 def test_report_renders_every_checkpoint_with_plots(tmp_path):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     run = make_run(tmp_path)
     index = build_report(run, human=DEV)
@@ -83,7 +83,7 @@ def test_report_renders_every_checkpoint_with_plots(tmp_path):
 
 @needs_dev
 def test_hostile_token_is_escaped_in_every_page(tmp_path):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     run = make_run(tmp_path)
     build_report(run, human=DEV)
@@ -100,7 +100,7 @@ def test_hostile_token_is_escaped_in_every_page(tmp_path):
 
 @needs_dev
 def test_missing_stages_are_named_and_the_rest_renders(tmp_path):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     run = make_run(tmp_path, per_step=4, steps_with_labels={10, 100}, with_metrics=False)
     (run / "step-1000" / "records.jsonl").unlink()
@@ -120,14 +120,14 @@ def test_missing_stages_are_named_and_the_rest_renders(tmp_path):
 
 def test_report_on_a_missing_run_is_a_user_error(tmp_path):
     from autointerp.errors import UserError
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     with pytest.raises(UserError, match="no such run directory"):
         build_report(tmp_path / "nope")
 
 
 def test_language_trend_follows_the_paper_rule():
-    from autointerp.language import profile
+    from autointerp.labels.language import profile
 
     def rec(max_tokens):
         return FeatureRecord(model="m", layer=0, checkpoint_step=1, feature=0,
@@ -164,7 +164,7 @@ def _console_errors(stderr: str) -> list[str]:
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 @pytest.mark.timeout(300)
 def test_index_loads_in_headless_chromium(tmp_path):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     # the console check must see a real error, or it proves nothing
     broken = tmp_path / "broken.html"
@@ -257,7 +257,7 @@ def _layer_run(root: Path) -> Path:
 
 
 def test_a_run_of_layers_gets_a_page_per_layer_with_sae_metrics_density_and_synonyms(tmp_path):
-    from autointerp.report import build_report
+    from autointerp.report.build import build_report
 
     run = _layer_run(tmp_path)
     index = build_report(run).read_text()

@@ -15,7 +15,7 @@ import pytest
 from autointerp.run import Site
 from scipy.stats import binomtest
 
-from autointerp.report import build_report, read_step, step_summary
+from autointerp.report.build import build_report, read_step, step_summary
 from autointerp.schema import Context, FeatureRecord, write_jsonl
 from test_report import CHROMIUM_FLAGS, _chromium
 

@@ -27,7 +27,7 @@ def _corpus(path: Path, n: int = 120) -> Path:
 def _tiny_llama(directory: Path, corpus: Path, d_model: int = 16, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from autointerp.lm import train_tokenizer
+    from autointerp.lm.train import train_tokenizer
 
     tokenizer = train_tokenizer(corpus.read_text().splitlines(), vocab_size=300)
     torch.manual_seed(seed)
@@ -107,7 +107,7 @@ def test_bad_input_exits_with_one_line(setup, tmp_path):
 
 def test_splice_hook_replaces_the_layer_output(setup):
     """Identity splice = clean loss; zero splice != clean; a perfect-reconstruction SAE = clean."""
-    from autointerp.activations import load_lm
+    from autointerp.lm.activations import load_lm
 
     root, corpus, run = setup
     model, tokenizer = load_lm(str(run / "lm" / "step-10"))
@@ -138,7 +138,7 @@ def test_layers_of_one_model_train_from_one_pass_into_layer_sites(setup, tmp_pat
     SAEs read the activations of one pass of the LM and equal SAEs trained one layer at a time."""
     from typer.testing import CliRunner
 
-    from autointerp import activations
+    from autointerp.lm import activations
     from autointerp.sae.cli import cli as sae_cli
 
     root, corpus, run = setup

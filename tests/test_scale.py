@@ -14,12 +14,15 @@ import pytest
 from autointerp.run import Site
 from typer.testing import CliRunner
 
-from autointerp import granularity, language, run as runlib, statlabels
+from autointerp.labels import decision as granularity
+from autointerp.labels import language
+from autointerp import run as runlib
+from autointerp.labels import statlabels
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.langdetect_batch import BatchDetector
+from autointerp.labels.langdetect_batch import BatchDetector
 from autointerp.schema import (FeatureRecord, iter_lines, read_records, stream_records, to_json_line, write_jsonl)
-from autointerp.statlabels import write_stat_labels
+from autointerp.labels.statlabels import write_stat_labels
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 needs_dev = pytest.mark.skipif(not DEV.exists(), reason=f"shared dev file {DEV} is absent")
@@ -104,7 +107,7 @@ def test_batch_ngrams_are_langdetects_own():
 def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
     from langdetect.utils.unicode_block import unicode_block
 
-    from autointerp.langdetect_batch import NON_LATIN_FROM
+    from autointerp.labels.langdetect_batch import NON_LATIN_FROM
 
     # Detector.cleaning_text's own test, as langdetect writes it
     for cp in [*range(0x3000), *range(0x3000, 0x10000, 7), 0x1f600, 0x20000, 0x10ffff]:
@@ -227,7 +230,7 @@ def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp
 
 
 def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
-    from autointerp.report import read_step, step_summary
+    from autointerp.report.build import read_step, step_summary
 
     records = synthetic(40)
     step = tmp_path / "step-600"

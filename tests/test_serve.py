@@ -19,11 +19,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from autointerp import serve
+from autointerp.llm import serve
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.prompting import prompt_sha256
-from autointerp.llm import LLMClient, server_root
+from autointerp.llm.prompts import prompt_sha256
+from autointerp.llm.client import LLMClient, server_root
 from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
 
 # A four-field JSON answer (the explainer's old one): exercises the server's json_schema support.
@@ -51,7 +51,7 @@ def test_llama_cpp_command(tmp_path):
     gguf.write_bytes(b"GGUF")
     cmd, model = serve.build_command("llama-cpp", str(gguf), "127.0.0.1", 8123, n_threads=3, n_ctx=4096,
                                      extra_args=["n_batch=256"], parallel=2)
-    assert cmd[:3] == [sys.executable, "-m", "autointerp.serve_llamacpp"]
+    assert cmd[:3] == [sys.executable, "-m", "autointerp.llm.llamacpp"]
     assert flag(cmd, "--model") == str(gguf) and flag(cmd, "--port") == "8123" and flag(cmd, "--host") == "127.0.0.1"
     assert flag(cmd, "--threads") == "3" and flag(cmd, "--parallel") == "2" and flag(cmd, "--n-ctx") == "4096"
     assert cmd[-1] == "n_batch=256" and model == "tiny" and flag(cmd, "--alias") == "tiny"
@@ -104,7 +104,7 @@ def test_server_threads_wait_asleep_unless_told_otherwise():
 def test_server_params_are_set_by_name():
     import xllamacpp
 
-    from autointerp.serve_llamacpp import build_params, main, set_param
+    from autointerp.llm.llamacpp import build_params, main, set_param
 
     params = xllamacpp.CommonParams()
     for assignment in ("n_batch=256", "cache_prompt=false", "sampling.top_k=5", "cpuparams.poll=0",
@@ -319,7 +319,7 @@ def test_autointerp_serve_reports_a_killed_server_in_one_line(tmp_path):
             if line.startswith("serving "):
                 break
         assert any("1 slot(s) x 512 tokens" in l for l in lines), lines
-        worker = subprocess.run(["pgrep", "-f", f"autointerp.serve_llamacpp .*--port {port}"],
+        worker = subprocess.run(["pgrep", "-f", f"autointerp.llm.llamacpp .*--port {port}"],
                                 capture_output=True, text=True).stdout.split()
         assert len(worker) == 1
         os.kill(int(worker[0]), signal.SIGKILL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autointerp.shares import ShareCounter, class_shares, is_sampled, sample_agreement, wilson
+from autointerp.labels.shares import ShareCounter, class_shares, is_sampled, sample_agreement, wilson
 
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Table II, method 3

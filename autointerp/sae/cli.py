@@ -29,8 +29,8 @@ console = Console(width=max(Console().width, 160))  # the metrics table needs ~1
 
 
 def _split_docs(corpus: str, limit: int | None, eval_docs: int):
-    from autointerp.corpus import load_corpus
-    from autointerp.lm import is_eval_doc  # the documents `lm train` holds out
+    from autointerp.lm.corpus import load_corpus
+    from autointerp.lm.train import is_eval_doc  # the documents `lm train` holds out
 
     docs = load_corpus(corpus, limit=limit)
     if not docs:
@@ -49,7 +49,7 @@ def _activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs:
     each rank runs the LM on its share of the batches and the ranks exchange the activations,
     so every rank yields the whole stream in single-process order (autointerp.distributed).
     """
-    from autointerp.activations import iter_activations
+    from autointerp.lm.activations import iter_activations
     from autointerp.distributed import gathered_rounds, rank_world
 
     rank, world = rank_world() if shard else (0, 1)
@@ -73,7 +73,7 @@ def _layer_activations(model, tokenizer, docs, layers: list[int], seq_len: int,
                        cache_bytes: int) -> dict[int, list[torch.Tensor]] | None:
     """Every layer's masked token activations from one pass of the LM over `docs`, held in
     memory; None when they would pass `cache_bytes` (the caller then runs a pass per layer)."""
-    from autointerp.activations import d_model, iter_activations
+    from autointerp.lm.activations import d_model, iter_activations
 
     tokens = sum(min(len(ids), seq_len) for ids in tokenizer([d.text for d in docs], truncation=True,
                                                              max_length=seq_len)["input_ids"])
@@ -115,7 +115,7 @@ def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 8):
 
 def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> dict:
     """Reconstruction metrics and delta CE of `sae` on `docs` (held-out documents)."""
-    from autointerp.activations import d_model
+    from autointerp.lm.activations import d_model
 
     if d_model(model) != sae.cfg.d_model:
         raise UserError(f"the SAE has d_model {sae.cfg.d_model} but the model's layers have {d_model(model)}")
@@ -136,7 +136,7 @@ def _train_one(model_path: str, revision: str | None, layers: list[int | None], 
                saved_model: str | None = None) -> list[dict]:
     """Train one SAE per layer of one LM (checkpoint), each into its folder; several layers
     share one pass of the LM over the corpus when their activations fit in memory."""
-    from autointerp.activations import check_layer, d_model, load_lm, num_layers
+    from autointerp.lm.activations import check_layer, d_model, load_lm, num_layers
 
     model, tokenizer = load_lm(model_path, revision=revision, device=args["device"])
     layers = [num_layers(model) // 2 if layer is None else layer for layer in layers]
@@ -266,7 +266,7 @@ def train(
                          [(one, rundir.site_dir(run, site) / "sae", site.title) for one, site in zip(wanted, sites)]))
     elif run is not None:
         if wanted == [None]:
-            from autointerp.activations import load_lm, num_layers
+            from autointerp.lm.activations import load_lm, num_layers
 
             wanted = [num_layers(load_lm(model, revision=revision)[0]) // 2]
         jobs.append((model, revision, None, [(one, rundir.site_dir(run, rundir.Site(layer=one)) / "sae", f"layer {one}")
@@ -327,7 +327,7 @@ def metrics(
     write: bool = typer.Option(True, help="Write metrics.json next to the SAE (our format only)."),
 ) -> None:
     """Measure an SAE (FVU, explained variance, L0, dead latents, delta CE) and print the table."""
-    from autointerp.activations import check_layer, load_lm
+    from autointerp.lm.activations import check_layer, load_lm
 
     expect(sae_dir, Kind.SAE)
     sae = load_sae(sae_dir, trust_pickle=trust_pickle, device=device)

@@ -98,7 +98,7 @@ def replace_layer_output(model: nn.Module, layer: int, fn: Callable[[Tensor], Te
                          where: Tensor | None = None) -> Iterator[None]:
     """Within the block, decoder layer `layer`'s hidden-state output h [B, T, d] becomes fn(h)
     (only at the positions `where` [B, T] is True, when given)."""
-    from autointerp.activations import decoder_layers  # lazy: keeps `import autointerp.sae` light
+    from autointerp.lm.activations import decoder_layers  # lazy: keeps `import autointerp.sae` light
 
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):

@@ -40,7 +40,7 @@ from autointerp import run as runlib
 from autointerp import schema
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
-from autointerp.language import trend_from_counts
+from autointerp.labels.language import trend_from_counts
 from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
 
@@ -437,7 +437,7 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
     Each document contributes its first `max_tokens` tokens (default: `window`, i.e. 64 as in
     the paper) as one context.
     """
-    from autointerp.activations import iter_activations, token_strings
+    from autointerp.lm.activations import iter_activations, token_strings
 
     from autointerp.distributed import rank_world
 
@@ -608,7 +608,7 @@ def collect_records(saes: list[tuple[Path, Path]], lm_path: str | None, revision
                     run: Path | None = None) -> list[dict[str, Any]]:
     """Collect the records of SAEs that read one LM (at their layers: one pass of the LM for all
     of them) into their files: [(SAE folder, records file)]. Returns what each wrote."""
-    from autointerp.activations import iter_activations, load_lm, token_strings
+    from autointerp.lm.activations import iter_activations, load_lm, token_strings
     from autointerp.distributed import rank_world
     from autointerp.sae import load_sae
 
@@ -711,7 +711,7 @@ def cli_collect(
 
     Under torchrun each rank runs the model on its share of the documents; rank 0 merges the
     per-rank top-k exactly and writes the records."""
-    from autointerp.corpus import load_corpus
+    from autointerp.lm.corpus import load_corpus
     from autointerp.distributed import init_from_env
 
     if threads is not None:

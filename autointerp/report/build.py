@@ -33,10 +33,10 @@ import typer
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.options import renamed
-from autointerp.language import profile as language_profile
-from autointerp.language import trend as language_trend
-from autointerp.report_sae import SynonymTable, density_png, is_dead, metric_columns, metric_rows
-from autointerp.shares import ShareCounter, ShareTable, sample_agreement
+from autointerp.labels.language import profile as language_profile
+from autointerp.labels.language import trend as language_trend
+from autointerp.report.sae import SynonymTable, density_png, is_dead, metric_columns, metric_rows
+from autointerp.labels.shares import ShareCounter, ShareTable, sample_agreement
 from autointerp.schema import (
     Key,
     GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
@@ -370,7 +370,7 @@ def step_summary(data: StepData, human: dict[Key, str]) -> dict[str, Any]:
     agreement = None
     model = data.model_granularity
     if step_human and model and set(step_human) & set(model):
-        from autointerp.compare import compare_labels
+        from autointerp.human.compare import compare_labels
 
         agreement = compare_labels(step_human, model).overall
     return {
@@ -574,7 +574,7 @@ def make_plots(summaries: list[dict[str, Any]], has_human: bool,
 def _environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("autointerp", "templates"), autoescape=True,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("autointerp.report.build", "templates"), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     env.filters["fmt"] = lambda x, d=3: "–" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
     env.filters["num"] = lambda x: "–" if x is None else f"{x:.4g}"
@@ -664,7 +664,7 @@ def build_report(run_dir: str | Path, human: str | Path | None = None, out_dir: 
     human_labels: dict[Key, str] = {}
     comparison = None
     if human is not None:
-        from autointerp.compare import compare_labels, load_labels
+        from autointerp.human.compare import compare_labels, load_labels
 
         human_labels = _with_layers(load_labels(human).labels, run, sites)
     out.mkdir(parents=True, exist_ok=True)
@@ -772,7 +772,7 @@ def _with_layers(labels: dict[Key, str], run: Path, sites: list[runlib.Site]) ->
 
 def _lineage_view(run: Path, sites: list[runlib.Site]):
     """The lineage section and card links, or None when `autointerp lineage` has not run."""
-    from autointerp import lineage
+    from autointerp.lineage import match as lineage
 
     return lineage.report_view(run, sites)
 

@@ -40,10 +40,10 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from autointerp import language
+from autointerp.labels import language
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord, Label, Scores
 
-MODEL_PATH = Path(__file__).resolve().parent / "data" / "granularity_model.json"
+MODEL_PATH = Path(__file__).resolve().parents[1] / "data" / "granularity_model.json"
 MODEL_FORMAT_VERSION = 2
 
 # Feature names per evidence group. `core` is always used; the fitting chooses among the others

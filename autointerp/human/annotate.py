@@ -4,7 +4,7 @@
 
 `--features N` asks about the latents `autointerp label --features N` described with its LLM
 (marked `sampled` in the labels.jsonl beside the records; before any label run, a plain seeded
-sample of N live latents: autointerp.sampling), so the two sets of labels meet in `compare`. Records files are scanned by key first and only the features shown are parsed, so
+sample of N live latents: autointerp.labels.sampling), so the two sets of labels meet in `compare`. Records files are scanned by key first and only the features shown are parsed, so
 the first one shows in a fraction of a second even on a large file.
 
 One feature at a time: its top contexts with the activating tokens highlighted, and its
@@ -30,12 +30,12 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
-from autointerp import language
+from autointerp.labels import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
 from autointerp.options import STEPS_HELP, parse_steps, renamed
-from autointerp.sampling import labelled_sample, parse_count, sample_keys
+from autointerp.labels.sampling import labelled_sample, parse_count, sample_keys
 from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, Key, lean_record, row_key, scan_records
 
 CLASS_KEYS = {"t": "token", "s": "concept-synonym", "m": "concept-semantic", "u": "uninterpretable"}

@@ -398,8 +398,8 @@ def find_sites(run: Path) -> list[SiteSAE]:
 
 
 def shared_documents(corpus: str, sample: str, max_docs: int | None):
-    from autointerp.corpus import load_corpus
-    from autointerp.lm import is_eval_doc
+    from autointerp.lm.corpus import load_corpus
+    from autointerp.lm.train import is_eval_doc
 
     docs = load_corpus(corpus)
     if sample == "eval":
@@ -417,7 +417,7 @@ def encode_sites(sites: Sequence[SiteSAE], docs, seq_len: int, batch_size: int, 
                  progress: Progress | None = None) -> tuple[dict[runlib.Site, Codes], torch.Tensor]:
     """({site: codes}, token ids) of the shared documents' first `seq_len` tokens through the
     sites' LM + SAEs: sites that read one LM (its layers) share one forward pass."""
-    from autointerp.activations import iter_activations, load_lm
+    from autointerp.lm.activations import iter_activations, load_lm
     from autointerp.sae import load_sae
 
     if len({(s.model, s.revision) for s in sites}) != 1 or len({s.layer for s in sites}) != len(sites):
@@ -622,7 +622,7 @@ def latent_classes(run: Path, site: runlib.Site) -> dict[int, LatentClass]:
 
     Cached in SITE/lineage.classes.json, keyed on the sizes and times of the records file and
     labels.jsonl (reading 2,048 records and deciding takes ~15 s on the demo)."""
-    from autointerp import granularity
+    from autointerp.labels import decision as granularity
 
     folder = runlib.site_dir(run, site)
     sources = [runlib.records_file(folder), folder / "labels.jsonl"]

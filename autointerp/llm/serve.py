@@ -4,7 +4,7 @@
         client = LLMClient(server.base_url, server.model, check_alive=server.check)
 
 On CPU the server is llama.cpp's own C++ server from xllamacpp's prebuilt wheel (no compiler
-step), run in a child process by autointerp.serve_llamacpp: parallel slots with continuous
+step), run in a child process by autointerp.llm.llamacpp: parallel slots with continuous
 batching, OpenAI's response_format json_schema, logprobs. The process's output goes to a log
 file; if it dies, `check()` raises a UserError with the exit code and the last log lines
 instead of a generic connection error.
@@ -31,7 +31,7 @@ import httpx
 import typer
 
 from autointerp.errors import UserError
-from autointerp.lm_files import SHORT_NAMES, find_smollm2_gguf, gguf_path
+from autointerp.lm.gguf import SHORT_NAMES, find_smollm2_gguf, gguf_path
 from autointerp.options import renamed
 
 ENGINES = ("llama-cpp", "vllm")
@@ -115,7 +115,7 @@ def build_command(engine: str, model: str | None, host: str, port: int, n_thread
                  else gguf.stem)
         threads = n_threads or default_threads()
         threads_batch = n_threads_batch or n_threads or default_batch_threads()
-        cmd = [sys.executable, "-m", "autointerp.serve_llamacpp", "--model", str(gguf), "--alias", alias,
+        cmd = [sys.executable, "-m", "autointerp.llm.llamacpp", "--model", str(gguf), "--alias", alias,
                "--host", host, "--port", str(port), "--threads", str(threads), "--threads-batch",
                str(threads_batch), "--parallel", str(parallel or default_parallel()), "--n-ctx", str(n_ctx),
                *extra_args]

@@ -13,9 +13,20 @@ from typing import Any
 import jinja2
 
 from autointerp.errors import UserError
-from autointerp.llm import sha256_text
+from autointerp.llm.client import sha256_text
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
+def _prompts_dir() -> Path:
+    """The templates: the package autointerp.prompts (the repository's prompts/ folder, mapped
+    into the package by pyproject.toml, so a wheel carries them)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("autointerp.prompts")))
+    except ModuleNotFoundError:  # a source tree on sys.path without an install
+        return Path(__file__).resolve().parents[2] / "prompts"
+
+
+PROMPTS_DIR = _prompts_dir()
 
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(PROMPTS_DIR)), undefined=jinja2.StrictUndefined,
                           keep_trailing_newline=False, autoescape=False)

@@ -2,7 +2,7 @@
 SIGTERM or Ctrl-C. `autointerp serve` starts it as a supervised subprocess, so a crash of the
 native server shows as an exit code and a log tail instead of a dead thread:
 
-    python -m autointerp.serve_llamacpp --model M.gguf --alias smollm2 --port 8080 \
+    python -m autointerp.llm.llamacpp --model M.gguf --alias smollm2 --port 8080 \
         --threads 1 --threads-batch 2 --parallel 2 --n-ctx 2048 [NAME=VALUE ...]
 
 NAME=VALUE sets any other field of xllamacpp's CommonParams (e.g. n_batch=256,

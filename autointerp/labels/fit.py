@@ -23,7 +23,7 @@ from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
-from autointerp import granularity as G
+from autointerp.labels import decision as G
 from autointerp.schema import GRANULARITIES, three_way
 
 C_GRID = (0.1, 0.3, 1.0)

@@ -47,7 +47,7 @@ def density_png(metrics: dict[str, Any], densities: list[float] | None = None, t
     """(base64 PNG, source) of the latents' log10 firing densities: from metrics.json's
     density_histogram (held-out tokens), else from the records' densities (the whole corpus);
     None when neither is there. Dead latents stand apart on the left; the dense line is marked."""
-    from autointerp.report import _figure_png
+    from autointerp.report.build import _figure_png
     from autointerp.sae.metrics import DENSE
 
     hist = metrics.get("density_histogram")
@@ -115,7 +115,7 @@ class SynonymTable:
             heapq.heappop(self.heap)
 
     def rows(self) -> list[dict[str, Any]]:
-        from autointerp.granularity import en_ja_pair
+        from autointerp.labels.decision import en_ja_pair
 
         out = []
         for _, _, row in sorted(self.heap, key=lambda x: (x[0], -x[1]), reverse=True):

@@ -171,7 +171,7 @@ _CACHE_LIMIT = 1 << 18  # texts (~0.5 KB each with the key): ~130 MB at most per
 
 @lru_cache(maxsize=1)
 def _batch_detector():
-    from autointerp.langdetect_batch import BatchDetector
+    from autointerp.labels.langdetect_batch import BatchDetector
 
     try:
         return BatchDetector()

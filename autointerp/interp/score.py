@@ -52,12 +52,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp import run as run_lib
-from autointerp import sampling
+from autointerp.labels import sampling
 from autointerp.errors import UserError
-from autointerp.language import clean_token
+from autointerp.labels.language import clean_token
 from autointerp.options import renamed
-from autointerp.llm import LLMAnswerError, RequestRejected, ResultSink, json_response_format, parse_json_answer
-from autointerp.prompting import prompt_sha256, render
+from autointerp.llm.client import LLMAnswerError, RequestRejected, ResultSink, json_response_format, parse_json_answer
+from autointerp.llm.prompts import prompt_sha256, render
 from autointerp.schema import Context, FeatureRecord, Key, Scores, read_finished, row_key
 
 
@@ -1049,9 +1049,9 @@ def cli(
     then the shuffled-description control: writes step-N/scores.jsonl, RUN/control.jsonl and the
     control's verdict into the manifest. `autointerp label RUN` then rebuilds labels from them
     (no requests)."""
-    from autointerp.llm import LLMClient
+    from autointerp.llm.client import LLMClient
     from autointerp.schema import read_records
-    from autointerp.serve import endpoint
+    from autointerp.llm.serve import endpoint
 
     console = Console(stderr=True)
     settings = ScoreSettings.for_engine(
@@ -1060,7 +1060,7 @@ def cli(
         seed=seed)
     targets = run_lib.resolve_targets(target)
     if stats_only and not features:  # every latent, streamed (a whole SAE does not fit in memory as objects)
-        from autointerp.statlabels import write_stat_labels
+        from autointerp.labels.statlabels import write_stat_labels
 
         for t in targets:
             started = time.perf_counter()

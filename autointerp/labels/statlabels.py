@@ -24,7 +24,8 @@ from itertools import count, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from autointerp import granularity, language
+from autointerp.labels import decision as granularity
+from autointerp.labels import language
 from autointerp.errors import UserError
 from autointerp.schema import iter_lines, lean_record, to_json_line, write_jsonl
 

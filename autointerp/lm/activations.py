@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from autointerp.corpus import Document, load_corpus
+from autointerp.lm.corpus import Document, load_corpus
 from autointerp.errors import UserError
 from autointerp.options import renamed
 
@@ -53,10 +53,10 @@ class ActivationBatch:
 
 def load_lm(model: str, revision: str | None = None, device: str = "cpu"):
     """(model, tokenizer) from a local checkpoint folder, a hub id, a .gguf file or a short name
-    (autointerp.lm_files: a GGUF is converted once into a cached folder); eval mode, float32 on CPU."""
+    (autointerp.lm.gguf: a GGUF is converted once into a cached folder); eval mode, float32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from autointerp.lm_files import resolve_lm
+    from autointerp.lm.gguf import resolve_lm
 
     model = resolve_lm(model)
     path = Path(model)

@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from autointerp import run as run_lib
-from autointerp import sampling
+from autointerp.labels import sampling
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.options import renamed
@@ -99,8 +99,8 @@ def sae_run_folder(sae_dir: Path, out: Path | None) -> tuple[Path, Path]:
 def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revision: str | None, corpus: str,
                     console: Console) -> None:
     """Collect the SAE's feature records (records.py's collect, defaults as `autointerp collect`)."""
-    from autointerp.corpus import load_corpus
-    from autointerp.records import collect_records, progress_bar
+    from autointerp.lm.corpus import load_corpus
+    from autointerp.records.collect import collect_records, progress_bar
 
     console.print(f"collecting the records of {sae_dir} over corpus {corpus!r} into {records_path}")
     docs = load_corpus(corpus)
@@ -116,7 +116,7 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
 def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = True) -> None:
     """The statistical label of every live latent, streamed into labels.jsonl (written atomically),
     and each one's class for the stratified sample."""
-    from autointerp.statlabels import iter_stat_label_lines
+    from autointerp.labels.statlabels import iter_stat_label_lines
 
     total = sum(1 for _ in iter_lines(cp.target.records_path, binary=True))
     task = progress.add_task(f"statistical labels {cp.name}", total=total) if progress else None
@@ -160,8 +160,8 @@ def previous_sample_done(cps: list[Checkpoint], manifest: dict[str, Any], featur
         return False
     if not no_score and "control" not in stage:
         return False
-    from autointerp.explain import load_finished as finished_explanations
-    from autointerp.score import load_finished as finished_scores
+    from autointerp.interp.explainer import load_finished as finished_explanations
+    from autointerp.interp.score import load_finished as finished_scores
 
     for cp in cps:
         keys = set(sampling.labelled_sample(cp.labels_path))
@@ -182,7 +182,7 @@ def _progress(console: Console) -> Progress:
 
 
 def explain_sample(cp: Checkpoint, client, settings, console: Console, sending: bool = True) -> dict:
-    from autointerp.explain import explain_records, load_finished, other_setup
+    from autointerp.interp.explainer import explain_records, load_finished, other_setup
 
     out = cp.target.folder / "explanations.jsonl"
     keys = {r.key for r in cp.records}
@@ -207,7 +207,7 @@ def explain_sample(cp: Checkpoint, client, settings, console: Console, sending: 
 
 
 def score_sample(cp: Checkpoint, descriptions: dict, client, settings, console: Console) -> dict:
-    from autointerp import score
+    from autointerp.interp import score
 
     out = cp.target.folder / "scores.jsonl"
     with _progress(console) as progress:
@@ -222,7 +222,7 @@ def score_sample(cp: Checkpoint, descriptions: dict, client, settings, console: 
 
 def run_control(cps: list[Checkpoint], descriptions: dict, scores: dict, client, settings, console: Console,
                 run_dir: Path):
-    from autointerp import score
+    from autointerp.interp import score
 
     records = [r for cp in cps for r in cp.records]
     ordered = [scores[r.key] for r in records if r.key in scores]
@@ -238,7 +238,7 @@ def run_control(cps: list[Checkpoint], descriptions: dict, scores: dict, client,
 def final_labels(cp: Checkpoint, explanations: dict, scores: dict, noise: bool) -> None:
     """Rewrite labels.jsonl: the sample's lines with description, explainer and scores (the
     decision taking the scores unless the control calls them noise), the others as they are."""
-    from autointerp import granularity
+    from autointerp.labels import decision as granularity
 
     models = granularity.load_models()
     by_key = {r.key: r for r in cp.records}
@@ -261,7 +261,7 @@ def print_shares(cps: list[Checkpoint], console: Console) -> list[dict]:
     """Per checkpoint: the class shares over all latents with Wilson 95% intervals, the LLM
     sample's beside them, and whether they agree."""
     from autointerp.schema import Label, iter_jsonl
-    from autointerp.shares import ShareCounter, sample_agreement
+    from autointerp.labels.shares import ShareCounter, sample_agreement
 
     out = []
     for cp in cps:
@@ -368,7 +368,7 @@ def cli(
     # a server is needed unless nothing will be sent: a dry run, or a rebuild of a finished sample
     needed = not dry_run and (not all(t.records_path.is_file() for t in targets)
                               or not previous_sample_done(cps, manifest, features, seed, no_score))
-    from autointerp.serve import endpoint
+    from autointerp.llm.serve import endpoint
 
     if needed and server:
         listed = probe_server(server)  # before anything heavy: a down server is one line now
@@ -390,9 +390,9 @@ def cli(
 def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine: str, check_alive, needed: bool,
            console: Console, *, features: str, seed: int, concurrency: int, n_ctx: int, contexts: int, window: int,
            timeout: float, retries: int, dry_run: bool, no_score: bool, started: float) -> None:
-    from autointerp import score
-    from autointerp.explain import ExplainSettings
-    from autointerp.llm import LLMClient
+    from autointerp.interp import score
+    from autointerp.interp.explainer import ExplainSettings
+    from autointerp.llm.client import LLMClient
 
     count = sampling.parse_count(features)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -448,7 +448,7 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
                       + (f"; {undescribed} sampled latent(s) left without a description (the label's `error` "
                          "says why)" if undescribed else ""))
     shares = print_shares(cps, console)
-    from autointerp.prompting import prompt_sha256
+    from autointerp.llm.prompts import prompt_sha256
 
     info: dict[str, Any] = {
         "features": features if features == "all" else int(features),
@@ -476,8 +476,8 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
 
 
 def _dry_run(cps: list[Checkpoint], settings, no_score: bool) -> None:
-    from autointerp.explain import TEMPLATE, fit_prompt, load_finished
-    from autointerp.prompting import prompt_sha256
+    from autointerp.interp.explainer import TEMPLATE, fit_prompt, load_finished
+    from autointerp.llm.prompts import prompt_sha256
 
     first = next((r for cp in cps for r in cp.records), None)
     if first is not None:

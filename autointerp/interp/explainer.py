@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from autointerp import score
-from autointerp.language import clean_token, max_token
-from autointerp.llm import LLMAnswerError, LLMClient, estimate_tokens, stream_results
-from autointerp.prompting import prompt_sha256, render
+from autointerp.interp import score
+from autointerp.labels.language import clean_token, max_token
+from autointerp.llm.client import LLMAnswerError, LLMClient, estimate_tokens, stream_results
+from autointerp.llm.prompts import prompt_sha256, render
 from autointerp.schema import Context, Explanation, FeatureRecord, Key, read_finished
 
 TEMPLATE = "explain"

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from autointerp.corpus import Document, load_corpus
+from autointerp.lm.corpus import Document, load_corpus
 from autointerp.errors import UserError
 from autointerp.options import STEPS_HELP, parse_steps, renamed
 
