@@ -208,7 +208,8 @@ def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, o
 
 
 def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(tiny_run):
-    from autointerp.schema import Label, read_records
+    from autointerp.records.read import read_records
+    from autointerp.schema import Label
 
     run = tiny_run[0]
     records = read_records(lineage.runlib.records_file(run / "step-10"))

@@ -43,7 +43,8 @@ from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
 from autointerp.options import renamed
-from autointerp.schema import GRANULARITIES, FeatureRecord, Label, LatentRow, iter_jsonl, write_jsonl
+from autointerp.jsonl import iter_jsonl, write_jsonl
+from autointerp.schema import GRANULARITIES, FeatureRecord, Label, LatentRow
 
 console = Console(stderr=True)
 META_FILE = "lineage.meta.json"

@@ -37,12 +37,13 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.text import Text
 
 from autointerp import run as runlib
-from autointerp import schema
+from autointerp.records import read as records_file
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.labels.language import trend_from_counts
 from autointerp.options import STEPS_HELP, parse_steps, renamed
-from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord, iter_jsonl, write_jsonl
+from autointerp.jsonl import iter_jsonl, write_jsonl
+from autointerp.schema import LLMJP_GRANULARITY_CODES, Context, FeatureRecord
 
 LEVELS = 10  # levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
 
@@ -517,7 +518,7 @@ def stream_records(path: str | Path, on_error: str = "fail",
         return iter(import_llmjp_demo(path))
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error must be skip or fail, not {on_error!r}")
-    return schema.stream_records(path, on_error, warn)  # type: ignore[arg-type]
+    return records_file.stream_records(path, on_error, warn)  # type: ignore[arg-type]
 
 
 def read_records(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] | None = None) -> list[FeatureRecord]:
