@@ -14,6 +14,7 @@ from autointerp.errors import UserError
 SCHEMA_VERSION = 1
 GRANULARITIES = ("token", "concept-synonym", "concept-semantic", "uninterpretable")
 LANGUAGE_TRENDS = ("en", "ja", "mix")
+LEVELS = 10  # a context's levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
 # llm-jp-sae's demo data codes its human labels 1-4 (its docs/main.js).
 LLMJP_GRANULARITY_CODES = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
 Granularity = Literal["token", "concept-synonym", "concept-semantic", "uninterpretable"]

@@ -114,7 +114,7 @@ def _load_csv(path: Path, out: LabelSet) -> None:
 
 
 def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
-    from autointerp.records.collect import import_llmjp_demo  # lazily: records imports torch
+    from autointerp.records.llmjp import import_llmjp_demo
 
     for record in import_llmjp_demo(data_dir):
         out.add(record.checkpoint_step, record.feature, record.extra.get("human_granularity"), layer=record.layer)
