@@ -39,7 +39,7 @@ STAGES = [
     ("sae", "autointerp.sae.cli", "Train TopK sparse autoencoders and measure them."),
     ("collect", "autointerp.records.cli", "Collect feature records: each latent's top contexts, negatives and density."),
     ("records", "autointerp.records.cli", "Inspect and import feature records."),
-    ("lineage", "autointerp.lineage.match", "Match each checkpoint's latents to their parents at the previous checkpoint."),
+    ("lineage", "autointerp.lineage.cli", "Match each checkpoint's latents to their parents at the previous checkpoint."),
     ("serve", "autointerp.llm.serve", "Start an OpenAI-compatible LLM server: llama.cpp on CPU, vLLM on GPU."),
     ("label", "autointerp.labels.stage",
      "Label every live latent (statistical) and an LLM-described, stratified sample: description, scores, control."),

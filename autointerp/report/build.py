@@ -772,7 +772,7 @@ def _with_layers(labels: dict[Key, str], run: Path, sites: list[runlib.Site]) ->
 
 def _lineage_view(run: Path, sites: list[runlib.Site]):
     """The lineage section and card links, or None when `autointerp lineage` has not run."""
-    from autointerp.lineage import match as lineage
+    from autointerp.lineage import view as lineage
 
     return lineage.report_view(run, sites)
 
