@@ -174,7 +174,7 @@ def _row_kind(row: Any) -> tuple[Kind, str]:
 
 
 def _file_kind(path: Path) -> tuple[Kind, str]:
-    from autointerp.schema import iter_lines
+    from autointerp.jsonl import iter_lines
 
     name = path.name.lower()
     if name.endswith(".csv"):

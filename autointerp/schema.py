@@ -1,32 +1,20 @@
 """The data contract between stages: feature records and labels (docs/design.md).
 
-Every stage reads and writes these dataclasses through `iter_jsonl` / `write_jsonl`,
-so a file written by one stage is the input of the next.
-
-Files are JSONL, plain or compressed: `.gz` (gzip) or `.zst` (zstandard) by the name when
-writing, by the first bytes when reading (so every reader takes every form). Records are stored
-as `records.jsonl.zst`: the same JSONL bytes, so the exchange format is exact by construction
-(`zstd -d` gives the plain file), at ~1/8-1/20 of the bytes, since contexts repeat across a
-SAE's latents and zstd's long-distance window finds them.
+Every stage reads and writes these dataclasses as JSONL lines (autointerp.jsonl: plain, .gz or
+.zst), so a file written by one stage is the input of the next.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
-import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, TypeVar
-
-import msgspec
+from typing import Any, Literal, NamedTuple
 
 from autointerp.errors import UserError
 
 SCHEMA_VERSION = 1
 GRANULARITIES = ("token", "concept-synonym", "concept-semantic", "uninterpretable")
 LANGUAGE_TRENDS = ("en", "ja", "mix")
+LEVELS = 10  # a context's levels are 0..10, 10 at the latent's max (as in llm-jp-sae's demo)
 # llm-jp-sae's demo data codes its human labels 1-4 (its docs/main.js).
 LLMJP_GRANULARITY_CODES = {1: "uninterpretable", 2: "concept-semantic", 3: "concept-synonym", 4: "token"}
 Granularity = Literal["token", "concept-synonym", "concept-semantic", "uninterpretable"]
@@ -44,7 +32,7 @@ class Key(NamedTuple):
         return (self.checkpoint_step or 0, self.layer if self.layer is not None else -1, self.feature)
 
 
-def _layer(value: Any) -> int | None:
+def layer_or_none(value: Any) -> int | None:
     """A layer as stored: records write -1 where it is not known."""
     return None if value is None or int(value) < 0 else int(value)
 
@@ -52,7 +40,7 @@ def _layer(value: Any) -> int | None:
 def row_key(d: dict[str, Any]) -> Key:
     """The Key of a parsed JSONL line of any stage."""
     step = d.get("checkpoint_step")
-    return Key(None if step is None else int(step), _layer(d.get("layer")), int(d["feature"]))
+    return Key(None if step is None else int(step), layer_or_none(d.get("layer")), int(d["feature"]))
 
 
 def three_way(granularity: str | None) -> str | None:
@@ -126,7 +114,7 @@ class FeatureRecord:
 
     @property
     def key(self) -> Key:
-        return Key(self.checkpoint_step, _layer(self.layer), self.feature)
+        return Key(self.checkpoint_step, layer_or_none(self.layer), self.feature)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -190,7 +178,7 @@ class Explanation(LatentRow):
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
         out = {f.name: d.get(f.name) for f in fields(cls)}
         out["explainer"] = out["explainer"] or {}
-        out["layer"] = _layer(out["layer"])
+        out["layer"] = layer_or_none(out["layer"])
         out["description"] = out["description"] or ""
         return cls(**out)
 
@@ -213,7 +201,7 @@ class Scores(LatentRow):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scores":
         out = {f.name: d.get(f.name) for f in fields(cls) if f.name in d or f.name in ("checkpoint_step", "feature")}
-        out["layer"] = _layer(out.get("layer"))
+        out["layer"] = layer_or_none(out.get("layer"))
         for name in ("simulator", "ci95", "auc"):
             if out.get(name) is None:
                 out.pop(name, None)
@@ -255,7 +243,7 @@ class Label(LatentRow):
         out["scores"] = out["scores"] or {}
         out["language_profile"] = out["language_profile"] or {}
         out["explainer"] = out["explainer"] or {}
-        out["layer"] = _layer(out["layer"])
+        out["layer"] = layer_or_none(out["layer"])
         out["confidence"] = float(out["confidence"] or 0.0)
         out["evidence_summary"] = out["evidence_summary"] or ""
         out["description"] = out["description"] or ""
@@ -274,300 +262,3 @@ def _check_version(d: dict[str, Any]) -> None:
     version = d.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise UserError(f"unknown schema_version {version!r} (this autointerp reads version {SCHEMA_VERSION})")
-
-
-T = TypeVar("T")
-OnError = Literal["skip", "fail"]
-
-
-GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
-ZSTD_LEVEL = 3
-ZSTD_WINDOW_LOG = 27  # 128 MiB: zstd's default decoding limit, so `zstd -d` reads it without flags
-
-
-def _open_bytes(path: Path):
-    """A binary read handle on a plain, gzip or zstd file, told by its first bytes."""
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic.startswith(GZIP_MAGIC):
-        return gzip.open(path, "rb")
-    if magic == ZSTD_MAGIC:
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, 1 << 20)
-    return open(path, "rb", buffering=1 << 20)
-
-
-def _open_text(path: Path, mode: str, suffix: str | None = None):
-    """A text handle on a plain, gzip or zstd JSONL file: by its first bytes when reading (any
-    name reads), by `suffix` (default: the path's; .gz, .zst) when writing."""
-    if mode == "r":
-        return io.TextIOWrapper(_open_bytes(path), encoding="utf-8")
-    suffix = path.suffix if suffix is None else suffix
-    if suffix == ".gz":
-        return gzip.open(path, mode + "t", encoding="utf-8")
-    if suffix == ".zst":
-        import zstandard
-
-        # long-distance matching over a 128 MiB window: a context repeated by many latents is
-        # stored about once
-        params = zstandard.ZstdCompressionParameters.from_level(
-            ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG, enable_ldm=True, write_checksum=True, threads=-1)
-        writer = zstandard.ZstdCompressor(compression_params=params).stream_writer(open(path, mode + "b"),
-                                                                                  closefd=True)
-        return io.TextIOWrapper(writer, encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
-
-
-def iter_lines(path: str | Path, binary: bool = False) -> Iterator[tuple[int, Any]]:
-    """(line number, line) of a JSONL(.gz/.zst) file, blank lines skipped, streamed; the lines as
-    bytes with binary=True (undecoded: ~4x faster to read where only a few lines are parsed)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.suffix in (".pt", ".pkl", ".pickle", ".bin"):
-        raise UserError(f"{path}: expected a JSONL file, got a pickle/binary file")
-    try:
-        with (_open_bytes(path) if binary else _open_text(path, "r")) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield lineno, line
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
-        raise UserError(f"{path}: not a UTF-8 JSONL file ({exc})") from None
-    except Exception as exc:  # zstandard.ZstdError: a cut-off or corrupt .zst file
-        if type(exc).__name__ != "ZstdError":
-            raise
-        raise UserError(f"{path}: damaged zstd file ({exc})") from None
-
-
-def iter_jsonl(path: str | Path, parse: Callable[[dict[str, Any]], T], on_error: OnError = "fail",
-               warn: Callable[[str], None] | None = None,
-               fail_hint: str = "use --on-error skip to go on") -> Iterator[T]:
-    """Yield parsed objects from a JSONL(.gz/.zst) file, one line at a time.
-
-    A malformed line is reported as `file:line: reason`; with on_error="skip" it is skipped
-    (passed to `warn`) and reading goes on, with "fail" it raises UserError (ending with
-    `fail_hint`, for commands that offer a way on).
-    """
-    for lineno, line in iter_lines(path):
-        try:
-            yield parse(json.loads(line))
-        except UserError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            message = f"{path}:{lineno}: malformed line ({type(exc).__name__}: {exc})"
-            if on_error == "fail":
-                raise UserError(f"{message}; {fail_hint}" if fail_hint else message) from None
-            if warn:
-                warn(message)
-
-
-def stream_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
-    """The feature records of a records file (plain, .gz or .zst), one at a time."""
-    return iter_jsonl(path, FeatureRecord.from_dict, on_error, warn)
-
-
-class _LeanContext(msgspec.Struct):
-    tokens: msgspec.Raw  # decoded through _tokens(): a whole SAE's contexts repeat across latents
-    levels: list[int]
-    activations: list[float] | None = None
-
-
-class _LeanRecord(msgspec.Struct, kw_only=True):
-    """What a label reads of a record: msgspec decodes it straight into typed objects and skips
-    the rest (negatives, extras) unparsed, ~3x faster than json.loads + FeatureRecord.from_dict."""
-
-    model: str = ""
-    layer: int = -1
-    checkpoint_step: int | None = None
-    feature: int
-    contexts: list[_LeanContext] = []
-    density: float | None = None
-    max_activation: float | None = None
-    schema_version: int = SCHEMA_VERSION
-
-
-_decode_lean = msgspec.json.Decoder(_LeanRecord).decode
-_decode_tokens = msgspec.json.Decoder(list[str]).decode
-_TOKENS: dict[bytes, list[str]] = {}  # a context's tokens as JSON -> the decoded list, shared by its latents
-_TOKENS_LIMIT = 1 << 14  # contexts (~5 KB each with their strings): ~80 MB at most per process
-
-
-def _tokens(raw: msgspec.Raw) -> list[str]:
-    """A context's tokens, decoded once per distinct context (the same list object is shared:
-    contexts are never changed once read)."""
-    key = bytes(raw)
-    tokens = _TOKENS.get(key)
-    if tokens is None:
-        tokens = _decode_tokens(key)
-        if len(_TOKENS) >= _TOKENS_LIMIT:
-            _TOKENS.clear()
-        _TOKENS[key] = tokens
-    return tokens
-
-
-def lean_record(line: str | bytes) -> FeatureRecord:
-    """A record without negatives or extras, for what reads only the top contexts (statistical
-    labels, the report). A line msgspec's strict types refuse
-    (a null model, levels written as 3.0, a length mismatch, another schema version) goes the
-    general way, which converts it, or raises the error every reader gives."""
-    try:
-        r = _decode_lean(line)
-        tokens = [_tokens(c.tokens) for c in r.contexts]
-    except msgspec.DecodeError:  # msgspec.ValidationError included
-        r = None
-    if r is not None and r.schema_version == SCHEMA_VERSION:
-        levels, activations = [c.levels for c in r.contexts], [c.activations for c in r.contexts]
-        if _lengths_agree(tokens, levels, activations):
-            return FeatureRecord(r.model, r.layer, r.checkpoint_step, r.feature,
-                                 list(map(Context, tokens, levels, activations)),
-                                 density=r.density, max_activation=r.max_activation)
-    d = json.loads(line)
-    d["negatives"] = []
-    return FeatureRecord.from_dict(d)
-
-
-def _lengths_agree(tokens: list[list], levels: list[list], activations: list[list | None]) -> bool:
-    """Each context has as many levels (and activations, where it has them) as tokens."""
-    lengths = list(map(len, tokens))
-    if lengths != list(map(len, levels)):
-        return False
-    if None in activations:  # (contexts written without activations)
-        return all(a is None or len(a) == n for a, n in zip(activations, lengths))
-    return list(map(len, activations)) == lengths
-
-
-def stream_lean_records(path: str | Path, on_error: OnError = "fail", warn=None) -> Iterator[FeatureRecord]:
-    """stream_records without negatives or extras (lean_record), with the same error handling."""
-    for lineno, line in iter_lines(path, binary=True):
-        try:
-            yield lean_record(line)
-        except UserError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            message = f"{path}:{lineno}: malformed line ({type(exc).__name__}: {exc})"
-            if on_error == "fail":
-                raise UserError(message) from None
-            if warn:
-                warn(message)
-
-
-class _RecordKey(msgspec.Struct, kw_only=True):
-    layer: int | None = None
-    checkpoint_step: int | None = None
-    feature: int
-    contexts: msgspec.Raw = msgspec.Raw()  # skipped unparsed: only whether it is empty matters
-
-
-_decode_key = msgspec.json.Decoder(_RecordKey).decode
-# The fields as this project writes them, near the start of a line (before the contexts); a line
-# written otherwise (another key order) is decoded whole.
-_KEY_FIELD = re.compile(rb'(?<!\\)"(layer|checkpoint_step|feature|contexts)"\s*:\s*(null|-?\d+|\[\s*\]?)')
-
-
-def record_key(line: bytes | str) -> tuple[Key, bool]:
-    """(Key, live) of one records line, live = it has contexts; reads only the line's first
-    bytes when it starts as written here."""
-    raw = line.encode() if isinstance(line, str) else line
-    found = {m.group(1): m.group(2) for m in _KEY_FIELD.finditer(raw, 0, 1024)}
-    if len(found) == 4 and found[b"feature"] not in (b"null",) and not found[b"feature"].startswith(b"[") \
-            and not found[b"layer"].startswith(b"["):
-        step, layer = found[b"checkpoint_step"], found[b"layer"]
-        key = Key(None if step == b"null" else int(step), None if layer == b"null" else _layer(int(layer)),
-                  int(found[b"feature"]))
-        return key, found[b"contexts"].rstrip() == b"["
-    key = _decode_key(raw)
-    return Key(key.checkpoint_step, _layer(key.layer), key.feature), bytes(key.contexts).strip() not in (b"", b"null", b"[]")
-
-
-def scan_records(path: str | Path) -> Iterator[tuple[Key, bool, bytes]]:
-    """(Key, live, line) of every line of a records file, decoding only
-    the key: a 150 MB file in well under a second, so a command can pick latents (a sample, a
-    resume point) before it parses the few it shows (lean_record(line))."""
-    for lineno, line in iter_lines(path, binary=True):
-        try:
-            key, live = record_key(line)
-        except (ValueError, msgspec.DecodeError) as exc:
-            raise UserError(f"{path}:{lineno}: malformed line ({type(exc).__name__}: {exc})") from None
-        yield key, live, line
-
-
-def read_records(path: str | Path, on_error: OnError = "fail", warn=None) -> list[FeatureRecord]:
-    return list(stream_records(path, on_error, warn))
-
-
-def read_labels(path: str | Path, on_error: OnError = "fail", warn=None) -> list[Label]:
-    return list(iter_jsonl(path, Label.from_dict, on_error, warn))
-
-
-def to_json_line(item: Any) -> str:
-    """One JSONL line (with its newline) of a dataclass with to_dict, a dict, or an already
-    encoded line (a str is written as it is)."""
-    if isinstance(item, str):
-        return item if item.endswith("\n") else item + "\n"
-    return json.dumps(item.to_dict() if hasattr(item, "to_dict") else item, ensure_ascii=False) + "\n"
-
-
-def write_jsonl(path: str | Path, items: Iterable[Any]) -> int:
-    """Write items (see to_json_line), streamed, atomically (a temp file, then rename); compressed
-    when the name ends in .gz or .zst. Returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    try:
-        with _open_text(tmp, "w", suffix=path.suffix) as fh:
-            for item in items:
-                fh.write(to_json_line(item))
-                n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return n
-
-
-def read_finished(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> dict[tuple[int | None, int], T]:
-    """The per-latent lines a stage already appended (by .key), to resume after them.
-
-    A line cut off by a crash is dropped and the file rewritten without it, so the next append
-    starts on a fresh line."""
-    path = Path(path)
-    if not path.exists():
-        return {}
-    done: dict[tuple[int | None, int], T] = {}
-    raw = path.read_text(encoding="utf-8")
-    broken = bool(raw) and not raw.endswith("\n")
-    for line in raw.splitlines():
-        try:
-            row = parse(json.loads(line))
-        except (ValueError, TypeError, KeyError):
-            broken = True
-            continue
-        done[row.key] = row
-    if broken:
-        write_jsonl(path, done.values())
-    return done
-
-
-class JsonlAppender:
-    """Append one JSON line at a time and flush, so a crash loses only in-flight work."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
-
-    def write(self, item: Any) -> None:
-        self._fh.write(json.dumps(item.to_dict() if hasattr(item, "to_dict") else item, ensure_ascii=False) + "\n")
-        self._fh.flush()
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __enter__(self) -> "JsonlAppender":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from autointerp.labels import decision as G
-from autointerp.schema import read_records
+from autointerp.records.read import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -23,7 +23,8 @@ import openai
 
 from autointerp.interp.explainer import ANSWER_SCHEMA as EXPLANATION_SCHEMA, ExplainSettings, explain_records, fit_prompt
 from autointerp.llm.client import ChatResult, LLMClient, check_answer, json_response_format
-from autointerp.schema import FeatureRecord, iter_jsonl
+from autointerp.jsonl import iter_jsonl
+from autointerp.schema import FeatureRecord
 from autointerp.llm.serve import default_parallel, flag_value, start_server, threads_summary
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -39,7 +39,8 @@ from synthetic_sae import SyntheticSAE, demo_pool  # noqa: E402
 from autointerp.labels import decision as granularity
 
 from autointerp.labels import language  # noqa: E402
-from autointerp.schema import iter_lines, stream_records, to_json_line, write_jsonl  # noqa: E402
+from autointerp.jsonl import iter_lines, to_json_line, write_jsonl  # noqa: E402
+from autointerp.records.read import stream_records  # noqa: E402
 from autointerp.labels.statlabels import default_workers  # noqa: E402
 
 DEV = HERE.parents[1] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -153,7 +154,7 @@ def label_rate(records: Path) -> dict:
 
 def breakdown(path: Path, n: int) -> str:
     """Where one core's time goes on the first n latents (CPU ms a latent, in this process)."""
-    from autointerp.schema import lean_record
+    from autointerp.records.lean import lean_record
 
     clock = time.process_time
     language._LANGUAGE_CACHE.clear()

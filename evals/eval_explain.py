@@ -34,7 +34,8 @@ from autointerp.labels import sampling
 from autointerp import run as run_lib
 from autointerp.interp.explainer import ExplainSettings, explain_records
 from autointerp.llm.prompts import PROMPTS_DIR
-from autointerp.schema import Explanation, FeatureRecord, read_records
+from autointerp.records.read import read_records
+from autointerp.schema import Explanation, FeatureRecord
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -149,7 +150,7 @@ def demo_records(run: Path, per_checkpoint: int, seed: int) -> list[FeatureRecor
     found by a key scan: only the chosen records are parsed."""
     import json
 
-    from autointerp.schema import scan_records
+    from autointerp.records.lean import scan_records
 
     out = []
     for step in run_lib.checkpoint_steps(run):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from autointerp.lineage import match as lineage
+from autointerp.lineage import sites
 from autointerp import run as runlib
 
 
@@ -42,7 +43,7 @@ def share(rows, test) -> str:
     return f"{sum(1 for r in rows if test(r)) / max(len(rows), 1):.1%}"
 
 
-def train_seed_sae(run: Path, ckpt: lineage.SiteSAE, out: Path, seed: int) -> None:
+def train_seed_sae(run: Path, ckpt: sites.SiteSAE, out: Path, seed: int) -> None:
     """The run's SAE recipe (from its manifest) with another seed; skipped when already trained."""
     if (out / "metrics.json").exists():
         print(f"(b) reusing {out}")
@@ -77,18 +78,18 @@ def main() -> None:
     if not args.run.is_dir():
         raise SystemExit(f"{args.run}: no such run; make one first (make demo, or autointerp demo {args.run})")
     started = time.perf_counter()
-    checkpoints = lineage.find_sites(args.run)
+    checkpoints = sites.find_sites(args.run)
     corpus = args.corpus or runlib.read_manifest(args.run).get("stages", {}).get("sae", {}).get("corpus") or "debian-reference"
-    docs = lineage.shared_documents(corpus, args.sample, None)
+    docs = sites.shared_documents(corpus, args.sample, None)
     last = checkpoints[-1]
     work = args.run / "eval-lineage"
     train_seed_sae(args.run, last, work / f"sae-seed{args.seed}", args.seed)
 
     codes = {}
     for ckpt in checkpoints:
-        codes[ckpt.site], tokens = lineage.encode_checkpoint(ckpt, docs, 64, 32, "cpu")
-    seed_ckpt = lineage.SiteSAE(last.site, work / f"sae-seed{args.seed}", last.model, last.revision, last.layer)
-    seed_codes, _ = lineage.encode_checkpoint(seed_ckpt, docs, 64, 32, "cpu")
+        codes[ckpt.site], tokens = sites.encode_checkpoint(ckpt, docs, 64, 32, "cpu")
+    seed_ckpt = sites.SiteSAE(last.site, work / f"sae-seed{args.seed}", last.model, last.revision, last.layer)
+    seed_codes, _ = sites.encode_checkpoint(seed_ckpt, docs, 64, 32, "cpu")
     n_tokens = codes[last.site].n_tokens
     print(f"\nrun {args.run}: sites {[c.site.name for c in checkpoints]}, {len(docs)} shared documents "
           f"({args.sample}), {n_tokens:,} tokens; null quantile {args.quantile}, {args.bins} firing bands\n")

@@ -33,7 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autointerp.interp import score
 from autointerp.labels.language import clean_token
-from autointerp.schema import FeatureRecord, read_records
+from autointerp.records.read import read_records
+from autointerp.schema import FeatureRecord
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -57,7 +57,8 @@ import numpy as np  # noqa: E402
 from autointerp.labels import decision as G  # noqa: E402
 from autointerp.labels import fit as F  # noqa: E402
 from autointerp.labels import language  # noqa: E402
-from autointerp.schema import GRANULARITIES, FeatureRecord, read_records  # noqa: E402
+from autointerp.records.read import read_records  # noqa: E402
+from autointerp.schema import GRANULARITIES, FeatureRecord  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"

@@ -25,7 +25,7 @@ from autointerp.labels import decision as granularity
 from autointerp.labels import sampling
 from autointerp.interp.explainer import ExplainSettings, answer_problem, clean_answer, fit_prompt
 from autointerp.llm.client import LLMClient
-from autointerp.schema import read_records
+from autointerp.records.read import read_records
 from autointerp.llm.serve import endpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

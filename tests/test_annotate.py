@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from autointerp.human.annotate import annotate, cli, context_text, load_answers
 from autointerp.human.compare import load_labels
-from autointerp.schema import Context, FeatureRecord, Key, read_records, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.records.read import read_records
+from autointerp.schema import Context, FeatureRecord, Key
 
 
 def _records(n: int = 5) -> list[FeatureRecord]:

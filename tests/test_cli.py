@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from autointerp import cli
-from autointerp.schema import Context, FeatureRecord, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.schema import Context, FeatureRecord
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 from autointerp.human.compare import cli, compare_files, compare_labels, load_labels
 from autointerp.errors import UserError
-from autointerp.schema import GRANULARITIES, Key, Label, read_records, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.records.read import read_records
+from autointerp.schema import GRANULARITIES, Key, Label
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 LLMJP_SAMPLE = Path(__file__).resolve().parent / "data" / "llmjp_demo"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from autointerp.interp import score
-from autointerp.schema import Key, Scores, iter_jsonl
+from autointerp.jsonl import iter_jsonl
+from autointerp.schema import Key, Scores
 
 from test_score import ScriptedClient, _record
 

@@ -18,7 +18,8 @@ from autointerp.errors import UserError  # noqa: E402
 from autointerp.interp.explainer import (ExplainSettings, clean_answer, explain_records, fit_prompt,  # noqa: E402
                                 load_finished, prompt_sha256, render_explain_prompt)
 from autointerp.llm.client import LLMClient  # noqa: E402
-from autointerp.schema import Context, Explanation, FeatureRecord, iter_jsonl  # noqa: E402
+from autointerp.jsonl import iter_jsonl  # noqa: E402
+from autointerp.schema import Context, Explanation, FeatureRecord  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 

@@ -11,7 +11,8 @@ import pytest
 from autointerp import cli
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
-from autointerp.schema import Context, FeatureRecord, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.schema import Context, FeatureRecord
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 LLMJP_DEMO = Path(__file__).resolve().parent / "data" / "llmjp_demo"

@@ -22,7 +22,7 @@ def _record(max_tokens, feature=0, step=1):
 def dev_records():
     if not DEV.exists():
         pytest.skip(f"dev file {DEV} not present")
-    from autointerp.schema import read_records
+    from autointerp.records.read import read_records
     return read_records(DEV)
 
 

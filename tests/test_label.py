@@ -23,7 +23,8 @@ from autointerp.labels import sampling
 
 from autointerp.labels import statlabels  # noqa: E402
 from autointerp.cli import app  # noqa: E402
-from autointerp.schema import Context, FeatureRecord, Key, Label, row_key, iter_jsonl, to_json_line, write_jsonl  # noqa: E402
+from autointerp.jsonl import iter_jsonl, to_json_line, write_jsonl  # noqa: E402
+from autointerp.schema import Context, FeatureRecord, Key, Label, row_key  # noqa: E402
 from autointerp.labels.statlabels import iter_stat_label_lines  # noqa: E402
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -332,7 +333,7 @@ def test_label_an_sae_folder_collects_its_records_then_labels(tmp_path):
         assert result.exit_code == 0, result.output
         records_path = tmp_path / "my-sae-labels" / "records.jsonl.zst"
         assert records_path.is_file() and str(records_path) in " ".join(result.output.split())
-        from autointerp.schema import read_records
+        from autointerp.records.read import read_records
 
         live = [r for r in read_records(records_path) if r.contexts]
         labels = [Label.from_dict(json.loads(l))

@@ -7,8 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from autointerp.lineage import match as lineage
+from autointerp import run as runlib
 from autointerp.cli import app
+from autointerp.errors import UserError
+from autointerp.jsonl import write_jsonl
+from autointerp.lineage import match as lineage
+from autointerp.lineage import sites, view
 from autointerp.lineage.match import Codes, LineageRow
 from autointerp.run import Site
 
@@ -121,7 +125,7 @@ def test_transition_matrix_counts_add_up_to_the_live_latents():
     rows = [_row(0, 0, False), _row(1, 0, False), _row(2, 1, False), _row(3, 2, True), _row(4, 7, False)]
     class_a = {0: "token", 1: "concept-semantic", 2: "token"}  # 7 has no class -> unknown
     class_b = {0: "token", 1: "concept-synonym", 2: "concept-semantic", 3: "uninterpretable", 4: "token"}
-    matrix = lineage.transition_matrix(rows, class_a, class_b)
+    matrix = view.transition_matrix(rows, class_a, class_b)
     assert sum(sum(row.values()) for row in matrix.values()) == len(rows)
     assert matrix["token"] == {"token": 1, "concept-synonym": 1}
     assert matrix["new"] == {"uninterpretable": 1}
@@ -133,15 +137,15 @@ def test_lineage_on_imported_records_says_why_in_one_line(tmp_path):
     (tmp_path / "step-10" / "records.jsonl").write_text("")
     result = CliRunner().invoke(app, ["lineage", str(tmp_path)])
     assert result.exit_code != 0
-    assert isinstance(result.exception, lineage.UserError)
+    assert isinstance(result.exception, UserError)
     assert "records alone" in str(result.exception) and "\n" not in str(result.exception)
 
 
 def test_rows_round_trip_through_jsonl(tmp_path):
     rows = [_row(0, 3, False), _row(1, 4, True)]
     (tmp_path / "step-2").mkdir()
-    lineage.write_jsonl(tmp_path / "step-2" / "lineage.jsonl", rows)
-    back = lineage.read_rows(tmp_path, Site(step=2))
+    write_jsonl(tmp_path / "step-2" / "lineage.jsonl", rows)
+    back = view.read_rows(tmp_path, Site(step=2))
     assert back == rows
     assert json.loads((tmp_path / "step-2" / "lineage.jsonl").read_text().splitlines()[1])["parent_feature"] is None
 
@@ -186,8 +190,8 @@ def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, o
     run, corpus, perm = tiny_run
     result = CliRunner().invoke(app, ["lineage", str(run), "--corpus", str(corpus), "--sample", "all"])
     assert result.exit_code == 0, result.output
-    rows = lineage.read_rows(run, Site(step=20))
-    meta = lineage.read_meta(run, Site(step=20))
+    rows = view.read_rows(run, Site(step=20))
+    meta = view.read_meta(run, Site(step=20))
     assert rows and meta["live_b"] == len(rows) and meta["tokens"] > 500
     assert all(not r.new and r.parent_step == 10 and r.parent_feature == int(torch.argsort(perm)[r.feature])
                and r.correlation == pytest.approx(1.0, abs=1e-4) for r in rows)
@@ -208,21 +212,22 @@ def test_cli_lineage_recovers_a_permuted_sae_and_the_report_links_it(tiny_run, o
 
 
 def test_classes_come_from_labels_where_labelled_else_the_statistical_decision(tiny_run):
-    from autointerp.schema import Label, read_records
+    from autointerp.records.read import read_records
+    from autointerp.schema import Label
 
     run = tiny_run[0]
-    records = read_records(lineage.runlib.records_file(run / "step-10"))
-    first = lineage.latent_classes(run, Site(step=10))
+    records = read_records(runlib.records_file(run / "step-10"))
+    first = view.latent_classes(run, Site(step=10))
     assert len(first) == len(records) and {c.source for c in first.values()} == {"stats"}
-    assert (run / "step-10" / lineage.CLASSES_CACHE).exists()
+    assert (run / "step-10" / view.CLASSES_CACHE).exists()
     feature = records[0].feature
     other = "concept-synonym" if first[feature].granularity != "concept-synonym" else "token"
     labels = run / "step-10" / "labels.jsonl"
-    lineage.write_jsonl(labels, [Label(checkpoint_step=10, feature=feature, description="", granularity=other,
-                                       cross_lingual=False, language="en", language_profile={}, scores={},
-                                       confidence=1.0, explainer={})])
+    write_jsonl(labels, [Label(checkpoint_step=10, feature=feature, description="", granularity=other,
+                               cross_lingual=False, language="en", language_profile={}, scores={},
+                               confidence=1.0, explainer={})])
     try:
-        again = lineage.latent_classes(run, Site(step=10))  # the cache is keyed on labels.jsonl too
+        again = view.latent_classes(run, Site(step=10))  # the cache is keyed on labels.jsonl too
         assert again[feature].granularity == other and again[feature].source == "label"
         assert sum(c.source == "stats" for c in again.values()) == len(records) - 1
     finally:
@@ -236,14 +241,14 @@ def test_checkpoints_without_a_local_lm_use_the_model_and_revision_in_the_sae_co
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-70m", "revision": f"step{step}",
                                                         "layer": 3, "d_model": 512, "d_sae": 8192, "k": 32}))
-    found = lineage.find_sites(tmp_path)
+    found = sites.find_sites(tmp_path)
     assert [(c.step, c.model, c.revision, c.layer) for c in found] == [
         (1000, "EleutherAI/pythia-70m", "step1000", 3), (2000, "EleutherAI/pythia-70m", "step2000", 3)]
     (tmp_path / "lm" / "step-1000").mkdir(parents=True)  # a local checkpoint wins, as in collect
-    assert lineage.find_sites(tmp_path)[0].model == str(tmp_path / "lm" / "step-1000")
+    assert sites.find_sites(tmp_path)[0].model == str(tmp_path / "lm" / "step-1000")
     (tmp_path / "step-2000" / "sae" / "config.json").write_text(json.dumps({"layer": 3}))
-    with pytest.raises(lineage.UserError, match="no LM for step 2000"):
-        lineage.find_sites(tmp_path)
+    with pytest.raises(UserError, match="no LM for step 2000"):
+        sites.find_sites(tmp_path)
 
 
 def test_layers_of_one_model_are_matched_layer_to_layer_from_one_pass(tiny_run, tmp_path, monkeypatch, one_thread):
@@ -287,8 +292,8 @@ def test_layers_of_one_model_are_matched_layer_to_layer_from_one_pass(tiny_run, 
     result = CliRunner().invoke(app, ["lineage", str(layers_run), "--corpus", str(corpus), "--sample", "all"])
     assert result.exit_code == 0, result.output
     assert passes == [[0, 1]]  # both layers' codes from one forward pass
-    rows = lineage.read_rows(layers_run, Site(layer=1))
-    meta = lineage.read_meta(layers_run, Site(layer=1))
+    rows = view.read_rows(layers_run, Site(layer=1))
+    meta = view.read_meta(layers_run, Site(layer=1))
     assert rows and meta["parent_layer"] == 0 and meta["layer"] == 1 and meta["parent_step"] is None
     assert all(not r.new and r.parent_layer == 0 and r.layer == 1
                and r.parent_feature == int(torch.argsort(perm)[r.feature])

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from autointerp import run as runlib
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.schema import read_records
+from autointerp.records.read import read_records
 
 from test_sae_cli import _corpus, _tiny_llama
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from autointerp.records.collect import collect_from_batches, parse_latents, quantise
+from autointerp.records.cli import parse_latents
+from autointerp.records.collect import collect_from_batches, quantise
 from autointerp.sae.model import SAEConfig, TopKSAE
 
 

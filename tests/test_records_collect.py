@@ -16,7 +16,7 @@ from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.records.collect import collect
 from autointerp.sae import SAEConfig, TopKSAE, save_sae
-from autointerp.schema import read_records
+from autointerp.records.read import read_records
 
 TEXTS = ["The package manager resolves dependencies between packages.",
          "パッケージ管理システムは依存関係を解決します。",

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from autointerp.cli import app
 from autointerp.errors import UserError
-from autointerp.records.collect import LLMJP_GRANULARITY, import_llmjp_demo, language_trend, read_records
-from autointerp.schema import GRANULARITIES, Context, FeatureRecord, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.records.llmjp import LLMJP_GRANULARITY, import_llmjp_demo, language_trend
+from autointerp.records.read import read_records
+from autointerp.schema import GRANULARITIES, Context, FeatureRecord
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 SAMPLE = Path(__file__).resolve().parent / "data/llmjp_demo"

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from autointerp.schema import GRANULARITIES, Context, FeatureRecord, Label, read_records, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.records.read import read_records
+from autointerp.schema import GRANULARITIES, Context, FeatureRecord, Label
 from autointerp.report.build import build_report
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -213,7 +215,7 @@ def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
 
 @needs_dev
 def test_step_page_does_not_count_a_latent_left_without_a_description_as_described(tmp_path):
-    from autointerp.schema import iter_jsonl
+    from autointerp.jsonl import iter_jsonl
 
     run = make_run(tmp_path, per_step=6, steps_with_labels={10})
     path = run / "step-10" / "labels.jsonl"

@@ -16,7 +16,8 @@ from autointerp.run import Site
 from scipy.stats import binomtest
 
 from autointerp.report.build import build_report, read_step, step_summary
-from autointerp.schema import Context, FeatureRecord, write_jsonl
+from autointerp.jsonl import write_jsonl
+from autointerp.schema import Context, FeatureRecord
 from test_report import CHROMIUM_FLAGS, _chromium
 
 STEPS = (10, 600)

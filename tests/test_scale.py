@@ -21,7 +21,9 @@ from autointerp.labels import statlabels
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.labels.langdetect_batch import BatchDetector
-from autointerp.schema import (FeatureRecord, iter_lines, read_records, stream_records, to_json_line, write_jsonl)
+from autointerp.jsonl import iter_lines, to_json_line, write_jsonl
+from autointerp.records.read import read_records, stream_records
+from autointerp.schema import FeatureRecord
 from autointerp.labels.statlabels import write_stat_labels
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -257,7 +259,7 @@ def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
 def test_lean_records_read_what_a_label_needs_like_the_general_reader():
     import json
 
-    from autointerp.schema import lean_record
+    from autointerp.records.lean import lean_record
 
     records = synthetic(20) + (dev_records(30) if DEV.exists() else [])
     odd = records[0].to_dict() | {"model": None, "feature": "5"}  # msgspec's strict types refuse these

@@ -9,7 +9,8 @@ import pytest
 
 from autointerp.interp import score
 from autointerp.llm.client import ChatResult, TokenLogprob
-from autointerp.schema import Context, FeatureRecord, Key, Scores, iter_jsonl
+from autointerp.jsonl import iter_jsonl
+from autointerp.schema import Context, FeatureRecord, Key, Scores
 
 
 # ---- metrics on small hand-computed cases -----------------------------------------------------------
@@ -352,7 +353,7 @@ def test_cli_needs_explanations(tmp_path):
     from typer.testing import CliRunner
 
     from autointerp.errors import UserError
-    from autointerp.schema import write_jsonl
+    from autointerp.jsonl import write_jsonl
 
     write_jsonl(tmp_path / "step-5" / "records.jsonl", [_record(0), _record(1)])
     app = typer.Typer()

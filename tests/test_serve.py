@@ -24,7 +24,8 @@ from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.llm.prompts import prompt_sha256
 from autointerp.llm.client import LLMClient, server_root
-from autointerp.schema import GRANULARITIES, FeatureRecord, Label, iter_jsonl, write_jsonl
+from autointerp.jsonl import iter_jsonl, write_jsonl
+from autointerp.schema import GRANULARITIES, FeatureRecord, Label
 
 # A four-field JSON answer (the explainer's old one): exercises the server's json_schema support.
 EXPLANATION_SCHEMA = {

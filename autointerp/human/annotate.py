@@ -36,7 +36,9 @@ from autointerp.errors import UserError
 from autointerp.files import Kind, expect
 from autointerp.options import STEPS_HELP, parse_steps, renamed
 from autointerp.labels.sampling import labelled_sample, parse_count, sample_keys
-from autointerp.schema import GRANULARITIES, FeatureRecord, JsonlAppender, Key, lean_record, row_key, scan_records
+from autointerp.jsonl import JsonlAppender
+from autointerp.records.lean import lean_record, scan_records
+from autointerp.schema import GRANULARITIES, FeatureRecord, Key, row_key
 
 CLASS_KEYS = {"t": "token", "s": "concept-synonym", "m": "concept-semantic", "u": "uninterpretable"}
 SKIP, BACK, QUIT, HELP = "n", "b", "q", "?"

@@ -26,7 +26,8 @@ import typer
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect, llmjp_data_dir
-from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, Key, iter_jsonl, row_key, three_way
+from autointerp.jsonl import iter_jsonl
+from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, Key, row_key, three_way
 
 # What compare reads on either side (the explainer's votes too); feature records need human fields.
 LABEL_KINDS = (Kind.LABELS, Kind.HUMAN_LABELS, Kind.HUMAN_RECORDS, Kind.EXPLANATIONS, Kind.RUN, Kind.LLMJP_DEMO)
@@ -113,7 +114,7 @@ def _load_csv(path: Path, out: LabelSet) -> None:
 
 
 def _load_llmjp_demo(data_dir: Path, out: LabelSet) -> None:
-    from autointerp.records.collect import import_llmjp_demo  # lazily: records imports torch
+    from autointerp.records.llmjp import import_llmjp_demo
 
     for record in import_llmjp_demo(data_dir):
         out.add(record.checkpoint_step, record.feature, record.extra.get("human_granularity"), layer=record.layer)

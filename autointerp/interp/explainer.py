@@ -28,7 +28,8 @@ from autointerp.interp import score
 from autointerp.labels.language import clean_token, max_token
 from autointerp.llm.client import LLMAnswerError, LLMClient, estimate_tokens, stream_results
 from autointerp.llm.prompts import prompt_sha256, render
-from autointerp.schema import Context, Explanation, FeatureRecord, Key, read_finished
+from autointerp.jsonl import read_finished
+from autointerp.schema import Context, Explanation, FeatureRecord, Key
 
 TEMPLATE = "explain"
 FORMS = ("completion", "chat")

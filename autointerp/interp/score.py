@@ -58,7 +58,8 @@ from autointerp.labels.language import clean_token
 from autointerp.options import renamed
 from autointerp.llm.client import LLMAnswerError, RequestRejected, ResultSink, json_response_format, parse_json_answer
 from autointerp.llm.prompts import prompt_sha256, render
-from autointerp.schema import Context, FeatureRecord, Key, Scores, read_finished, row_key
+from autointerp.jsonl import read_finished
+from autointerp.schema import Context, FeatureRecord, Key, Scores, row_key
 
 
 METHODS = ("simulation", "detection", "fuzzing")
@@ -1050,7 +1051,7 @@ def cli(
     control's verdict into the manifest. `autointerp label RUN` then rebuilds labels from them
     (no requests)."""
     from autointerp.llm.client import LLMClient
-    from autointerp.schema import read_records
+    from autointerp.records.read import read_records
     from autointerp.llm.serve import endpoint
 
     console = Console(stderr=True)

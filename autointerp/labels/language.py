@@ -88,12 +88,12 @@ def trend_from_counts(counts: dict[str, int], threshold: float = TREND_THRESHOLD
     return "mix"
 
 
-# id(tokens) -> (tokens, text): records read by schema.lean_record share one tokens list per
+# id(tokens) -> (tokens, text): records read by records.lean.lean_record share one tokens list per
 # distinct context, so a whole SAE joins each context once, and its text is one str object whose
 # hash is computed once (the language cache looks it up for every latent that shows it). The
 # list is kept in the entry, so its id cannot be reused while the entry lives.
 _TEXT_BY_TOKENS: dict[int, tuple[list[str], str]] = {}
-_TEXT_LIMIT = 1 << 14  # as schema._TOKENS_LIMIT: the same lists, so little more memory
+_TEXT_LIMIT = 1 << 14  # as records.lean's token cache: the same lists, so little more memory
 
 
 def context_text(context: Context) -> str:

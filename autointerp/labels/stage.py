@@ -40,7 +40,8 @@ from autointerp.labels import sampling
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.options import renamed
-from autointerp.schema import GRANULARITIES, Key, iter_lines, row_key, write_jsonl
+from autointerp.jsonl import iter_lines, write_jsonl
+from autointerp.schema import GRANULARITIES, Key, row_key
 
 PROBE_TIMEOUT = 3.0  # seconds for a server's /models to answer before the run is refused
 DEFAULT_FEATURES = "100"  # the paper's people labelled 100 features per checkpoint
@@ -141,7 +142,8 @@ def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = Tr
 
 def load_sample(cp: Checkpoint) -> None:
     """Parse the sampled latents' records only (a key scan finds them)."""
-    from autointerp.schema import FeatureRecord, scan_records
+    from autointerp.records.lean import scan_records
+    from autointerp.schema import FeatureRecord
 
     wanted = set(cp.sample)
     records = {}
@@ -260,7 +262,8 @@ def final_labels(cp: Checkpoint, explanations: dict, scores: dict, noise: bool) 
 def print_shares(cps: list[Checkpoint], console: Console) -> list[dict]:
     """Per checkpoint: the class shares over all latents with Wilson 95% intervals, the LLM
     sample's beside them, and whether they agree."""
-    from autointerp.schema import Label, iter_jsonl
+    from autointerp.jsonl import iter_jsonl
+    from autointerp.schema import Label
     from autointerp.labels.shares import ShareCounter, sample_agreement
 
     out = []

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator
 from autointerp.labels import decision as granularity
 from autointerp.labels import language
 from autointerp.errors import UserError
-from autointerp.schema import iter_lines, lean_record, to_json_line, write_jsonl
+from autointerp.jsonl import iter_lines, to_json_line, write_jsonl
+from autointerp.records.lean import lean_record
 
 CHUNK = 32  # latents per task: few enough to share a small file between workers
 GROUP = 8  # a worker's chunks labelled at once, in one langdetect batch (most of its cost is per call)

@@ -478,7 +478,7 @@ class ResultSink:
 
     def __init__(self, done: dict, out_path: str | Path | None = None,
                  on_done: Callable[[Any], None] | None = None) -> None:
-        from autointerp.schema import JsonlAppender
+        from autointerp.jsonl import JsonlAppender
 
         self.done, self.on_done = done, on_done
         self.appender = JsonlAppender(out_path) if out_path else None

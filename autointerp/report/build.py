@@ -37,10 +37,9 @@ from autointerp.labels.language import profile as language_profile
 from autointerp.labels.language import trend as language_trend
 from autointerp.report.sae import SynonymTable, density_png, is_dead, metric_columns, metric_rows
 from autointerp.labels.shares import ShareCounter, ShareTable, sample_agreement
-from autointerp.schema import (
-    Key,
-    GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores, iter_jsonl, stream_lean_records,
-)
+from autointerp.jsonl import iter_jsonl
+from autointerp.records.lean import stream_lean_records
+from autointerp.schema import Key, GRANULARITIES, LANGUAGE_TRENDS, Explanation, FeatureRecord, Label, Scores
 
 SCORE_NAMES = ("simulation", "detection", "fuzzing")
 # SAE metrics plotted on the index, with the metrics.json key spellings we accept.
@@ -745,7 +744,8 @@ def _site_layer(run: Path, site: runlib.Site) -> int | None:
     """The layer a site's SAE reads: its name's, else the first record's, else the first label's."""
     if site.layer is not None:
         return site.layer
-    from autointerp.schema import iter_lines, record_key
+    from autointerp.jsonl import iter_lines
+    from autointerp.records.lean import record_key
 
     folder = runlib.site_dir(run, site)
     for path, layer_of in ((runlib.records_file(folder), lambda line: record_key(line)[0].layer),
@@ -772,7 +772,7 @@ def _with_layers(labels: dict[Key, str], run: Path, sites: list[runlib.Site]) ->
 
 def _lineage_view(run: Path, sites: list[runlib.Site]):
     """The lineage section and card links, or None when `autointerp lineage` has not run."""
-    from autointerp.lineage import match as lineage
+    from autointerp.lineage import view as lineage
 
     return lineage.report_view(run, sites)
 
