@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from autointerp.labels import decision as G
+from autointerp.labels import dictionary as D
+from autointerp.labels import evidence as E
 from autointerp.records.read import read_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,15 +65,15 @@ def main() -> int:
         return 0
     records = read_records(DEV)
     print("evidence sources: " + ", ".join(f"{k} {'on' if s['available'] else 'off'}"
-                                           for k, s in G.evidence_sources().items()))
+                                           for k, s in D.evidence_sources().items()))
     baseline = load_baseline(args.baseline_rev)
     rows = {}
     if baseline is not None:
         print(f"baseline JMdict (through jamdict): {'on' if baseline.lexicon_available() else 'off'}")
         rows[f"before ({args.baseline_rev})"] = rates(baseline.stat_features, records, args.passes)
-    rows["current, all groups"] = rates(G.stat_features, records, args.passes)
+    rows["current, all groups"] = rates(E.stat_features, records, args.passes)
     shipped = G.load_models()[G.choose_model(G.load_models())].groups
-    rows["current, shipped groups"] = rates(lambda r: G.stat_features(r, shipped), records, args.passes)
+    rows["current, shipped groups"] = rates(lambda r: E.stat_features(r, shipped), records, args.passes)
     print(f"{'stat_features, features/s':<28} " + " ".join(f"{'pass ' + str(i + 1):>8}" for i in range(args.passes)))
     for name, values in rows.items():
         print(f"{name:<28} " + " ".join(f"{v:8.0f}" for v in values))

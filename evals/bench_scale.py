@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 from synthetic_sae import SyntheticSAE, demo_pool  # noqa: E402
 
 from autointerp.labels import decision as granularity
+from autointerp.labels import evidence
 
 from autointerp.labels import language  # noqa: E402
 from autointerp.jsonl import iter_lines, to_json_line, write_jsonl  # noqa: E402
@@ -174,11 +175,11 @@ def breakdown(path: Path, n: int) -> str:
     models = granularity.load_models()
     groups = models[granularity.choose_model(models)].groups  # the evidence the labels' model reads
     for r in records:  # again, alone (its caches, e.g. JMdict glosses, are warm now)
-        granularity.stat_features(r, groups)
+        evidence.stat_features(r, groups)
     t7 = clock()
     parts = [("decompress", t1 - t0), ("lean_record (msgspec)", t3 - t1),
              ("langdetect (distinct texts)", t4 - t3), ("label_record", t5 - t4),
-             ("of which granularity.stat_features (warm)", t7 - t6), ("label JSON", t6 - t5)]
+             ("of which evidence.stat_features (warm)", t7 - t6), ("label JSON", t6 - t5)]
     return ", ".join(f"{name} {seconds / len(records) * 1e3:.2f}" for name, seconds in parts)
 
 

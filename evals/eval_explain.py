@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp.labels import decision as granularity
+from autointerp.labels import dictionary
 from autointerp.labels import language
 from autointerp.labels import sampling
 from autointerp import run as run_lib
@@ -94,7 +95,7 @@ def quotes_top_token(description: str, record: FeatureRecord) -> bool:
     for token in top_max_tokens(record):
         if _mentions(description, token):
             return True
-        linked = granularity.english_glosses(token) | granularity.japanese_headwords(token)
+        linked = dictionary.english_glosses(token) | dictionary.japanese_headwords(token)
         if any(len(w) > 1 and _mentions(description, w) for w in linked):
             return True
     return False

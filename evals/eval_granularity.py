@@ -31,6 +31,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 from autointerp.labels import decision as G  # noqa: E402
+from autointerp.labels import dictionary as D  # noqa: E402
+from autointerp.labels import evidence as E  # noqa: E402
 from autointerp.labels import fit as F  # noqa: E402
 from autointerp.labels import language  # noqa: E402
 from autointerp.jsonl import iter_jsonl  # noqa: E402
@@ -44,7 +46,7 @@ MODEL_VERSION = "2026.11-dev300-v2-nested"
 SHORT = {"token": "Tok", "concept-synonym": "Syn", "concept-semantic": "Sem", "uninterpretable": "Unint"}
 TARGETS = {"kappa4": (">=", 0.82), "kappa3": (">=", 0.85), "recall_concept-synonym": (">=", 0.70),
            "worst_share_gap": ("<=", 5.0)}
-OPTIONAL = [g for g in G.EVIDENCE_GROUPS if g != "core"]
+OPTIONAL = [g for g in E.EVIDENCE_GROUPS if g != "core"]
 
 
 def explanations_path(step: int | None) -> Path:
@@ -191,13 +193,13 @@ def main() -> int:
         return 1
     print(f"dev file {args.dev.name}: {len(records)} features, {len(set(gid))} feature ids, "
           f"{len(set(steps))} checkpoints")
-    print(G.describe_sources())
+    print(D.describe_sources())
     started = time.perf_counter()
-    evidence = [G.feature_vector(r, explanations.get(r.key) if explanations else None).features for r in records]
+    evidence = [E.feature_vector(r, explanations.get(r.key) if explanations else None).features for r in records]
     print(f"evidence: {len(records) / (time.perf_counter() - started):.0f} features/s (first pass, cold caches)")
-    groups = list(G.EVIDENCE_GROUPS) + (["llm"] if explanations else [])
+    groups = list(E.EVIDENCE_GROUPS) + (["llm"] if explanations else [])
     X, names = F.design(evidence, groups)
-    candidates = [g for g in OPTIONAL if g in G.available_groups()] + (["llm"] if explanations else [])
+    candidates = [g for g in OPTIONAL if g in E.available_groups()] + (["llm"] if explanations else [])
     print("LLM evidence: " + ("cached explanations, a candidate group" if explanations else
                               "none cached (statistics only; --explain makes them)"))
     seeds = list(range(args.seeds))
@@ -249,10 +251,10 @@ def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm
             "nested_cv": {"mean_sd": nested, "seeds": n_seeds, "outer_folds": 5, "grouped_by": "feature id",
                           "inner": f"{F.INNER_FOLDS}-fold x {F.INNER_REPEATS}"},
             "libraries": {"numpy": np.__version__, "scikit-learn": sklearn.__version__,
-                          **{k: s["version"] for k, s in G.evidence_sources().items()}}}
+                          **{k: s["version"] for k, s in D.evidence_sources().items()}}}
     models = {}
     stat_candidates = [c for c in candidates if c != "llm"]
-    fallback = [c for c in stat_candidates if c not in G.GROUP_SOURCES]
+    fallback = [c for c in stat_candidates if c not in D.GROUP_SOURCES]
     for name, cands in (("stats", stat_candidates), ("stats-fallback", fallback),
                         *((("both", candidates),) if llm else ())):
         choice = F.select(X, y, gid, rows, names, cands, seed=0)

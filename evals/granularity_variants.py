@@ -54,9 +54,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from autointerp.labels import decision as G  # noqa: E402
+from autointerp.labels import dictionary as D  # noqa: E402
+from autointerp.labels import evidence  # noqa: E402
 from autointerp.labels import fit as F  # noqa: E402
 from autointerp.labels import language  # noqa: E402
+from autointerp.labels import tokens as T  # noqa: E402
 from autointerp.records.read import read_records  # noqa: E402
 from autointerp.schema import GRANULARITIES, FeatureRecord  # noqa: E402
 
@@ -77,7 +79,7 @@ def max_keys(record: FeatureRecord) -> Counter:
     for c in record.contexts:
         values = c.activations if c.activations is not None else c.levels
         if values and max(values) > 0:
-            keys.append(G.token_key(c.tokens[values.index(max(values))]))
+            keys.append(T.token_key(c.tokens[values.index(max(values))]))
     return Counter(keys)
 
 
@@ -92,11 +94,11 @@ def morph_features(records: list[FeatureRecord]) -> dict[str, list[float]] | Non
     @lru_cache(maxsize=None)
     def stem(t: str) -> str:
         script = language.token_script(t)
-        return stemmer.stemWord(G.lookup_form(t)) if script == "en" else G.japanese_lemma(t) if script == "ja" else t
+        return stemmer.stemWord(D.lookup_form(t)) if script == "en" else D.japanese_lemma(t) if script == "ja" else t
 
     @lru_cache(maxsize=None)
     def entries(t: str) -> frozenset:
-        jm, form = G._jmdict(), G.lookup_form(t)
+        jm, form = D.jmdict(), D.lookup_form(t)
         if jm is None or not form or language.token_script(form) != "ja":
             return frozenset()
         with jm.lock:
@@ -113,7 +115,7 @@ def morph_features(records: list[FeatureRecord]) -> dict[str, list[float]] | Non
         for t, k in counts.items():
             stems[stem(t)] += k
         t1 = top[0][0] if top else ""
-        sims = [difflib.SequenceMatcher(None, G.lookup_form(t1), G.lookup_form(t)).ratio() for t, _ in top[1:4]]
+        sims = [difflib.SequenceMatcher(None, D.lookup_form(t1), D.lookup_form(t)).ratio() for t, _ in top[1:4]]
         values = {"morph_top3_share": sum(k for _, k in top[:3]) / n,
                   "morph_stem_top1_share": stems.most_common(1)[0][1] / n if stems else 0.0,
                   "morph_stem_distinct": len(stems) / n,
@@ -150,11 +152,11 @@ def embedding_features(records: list[FeatureRecord]) -> dict[str, list[float]] |
 
     @lru_cache(maxsize=None)
     def token_vec(t: str):
-        script, form = language.token_script(t), G.lookup_form(t)
+        script, form = language.token_script(t), D.lookup_form(t)
         words = [form] if script == "en" and len(form) >= 2 else []
         if script == "ja":
-            words = [G.source_spelling(t)] + [g.lower().split("(")[0].strip().removeprefix("to ")
-                                              for g in (G._jmdict().glosses(form)[:3] if G._jmdict() and form else [])]
+            words = [D.source_spelling(t)] + [g.lower().split("(")[0].strip().removeprefix("to ")
+                                              for g in (D.jmdict().glosses(form)[:3] if D.jmdict() and form else [])]
             words = [w for w in words if w and " " not in w]
         vs = [v for w in words if (v := word_vec(w)) is not None]
         return None if not vs else np.mean(vs, axis=0) / np.linalg.norm(np.mean(vs, axis=0))
@@ -194,11 +196,11 @@ def minilm_features(records: list[FeatureRecord]) -> dict[str, list[float]] | No
         return out
 
     def word(t: str) -> str:
-        form = G.lookup_form(t)
+        form = D.lookup_form(t)
         if language.token_script(t) != "ja":
             return form
-        jm = G._jmdict()
-        return "; ".join(w for w in [G.source_spelling(t), *(jm.glosses(form)[:2] if jm and form else [])] if w) or form
+        jm = D.jmdict()
+        return "; ".join(w for w in [D.source_spelling(t), *(jm.glosses(form)[:2] if jm and form else [])] if w) or form
 
     def text(tokens: list[str]) -> str:
         return "".join(map(language.clean_token, tokens))
@@ -289,7 +291,7 @@ def one_seed_prior_em(args):
 
 def add_group(X: np.ndarray, names: list[str], group: str, columns: dict[str, list[float]]):
     """Append a candidate evidence group (registered so granularity_fit.columns finds it)."""
-    G.EVIDENCE_GROUPS[group] = list(columns)
+    evidence.EVIDENCE_GROUPS[group] = list(columns)
     return np.hstack([X, np.asarray([columns[k] for k in columns]).T]), names + list(columns)
 
 
@@ -325,11 +327,11 @@ def select_family(X, y, gid, idx, names, candidates, seed=0, **kw) -> F.Choice:
     scores = {"logistic": choice.inner["kappa4_mean"]}
     for family in ("hgb", "rf"):
         ks = []
-        for repeat in F._inner_splits(y, gid, list(idx), seed):
+        for repeat in F.inner_splits(y, gid, list(idx), seed):
             pred = np.empty(len(idx), dtype=object)
             for tr, te in repeat:
                 model = TreeModel(family, X[np.ix_(idx[tr], cols)], [y_idx[i] for i in tr], seed)
-                pred[te] = F._argmax(model.logits(X[np.ix_(idx[te], cols)]))
+                pred[te] = F.predicted_classes(model.logits(X[np.ix_(idx[te], cols)]))
             ks.append(F.kappas(y_idx, pred)[0])
         scores[family] = float(np.mean(ks))
     choice.inner["family"] = max(scores, key=scores.get)
@@ -349,14 +351,14 @@ def select_syn_offset(X, y, gid, idx, names, candidates, seed=0, **kw) -> F.Choi
     choice = F.select(X, y, gid, idx, names, candidates, seed=seed, **kw)
     idx = list(idx)
     y_idx = [y[i] for i in idx]
-    logits = F._oof_logits(X, y, idx, F.columns(names, choice.groups), choice.C, choice.class_weight, names,
-                           F._inner_splits(y, gid, idx, seed))
+    logits = F.oof_logits(X, y, idx, F.columns(names, choice.groups), choice.C, choice.class_weight, names,
+                          F.inner_splits(y, gid, idx, seed))
     syn = GRANULARITIES.index("concept-synonym")
 
     def rate(offset: float) -> float:
         bias = np.zeros(len(GRANULARITIES))
         bias[syn] = offset
-        return float(np.mean([F.kappas(y_idx, F._argmax(z, bias))[0] for z in logits]))
+        return float(np.mean([F.kappas(y_idx, F.predicted_classes(z, bias))[0] for z in logits]))
 
     best = max(SYN_OFFSETS, key=lambda o: (rate(o), -abs(o)))  # ties: the smaller offset
     bias = np.zeros(len(GRANULARITIES))
@@ -404,8 +406,8 @@ def main() -> int:
     y = [r.extra["human_granularity"] for r in records]
     gid = [r.feature for r in records]  # groups the folds only
     steps = [r.checkpoint_step for r in records]  # splits the share table; batch-* / prior-em group by it
-    print(G.describe_sources())
-    X, names = F.design([G.stat_features(r).features for r in records], list(G.EVIDENCE_GROUPS))
+    print(D.describe_sources())
+    X, names = F.design([evidence.stat_features(r).features for r in records], list(evidence.EVIDENCE_GROUPS))
     X, names = add_group(X, names, "squares", {f"sq_{k}": list(X[:, names.index(k)] ** 2) for k in SQUARED})
     X, names = add_group(X, names, "batch-z", batch_features(X, names, steps, "bz"))
     X, names = add_group(X, names, "batch-rank", batch_features(X, names, steps, "brank"))

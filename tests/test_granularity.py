@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from autointerp.labels import decision as G
+from autointerp.labels import dictionary as D
+from autointerp.labels import evidence as E
 from autointerp.labels import fit as F
+from autointerp.labels import relations as R
 from autointerp.schema import Context, Explanation, FeatureRecord, GRANULARITIES
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -27,71 +30,71 @@ def dev_records():
 
 
 def test_token_feature_vs_diverse_feature():
-    token = G.stat_features(_record([" dog"] * 40)).features
-    diverse = G.stat_features(_record([f"w{i}" for i in range(40)])).features
+    token = E.stat_features(_record([" dog"] * 40)).features
+    diverse = E.stat_features(_record([f"w{i}" for i in range(40)])).features
     assert token["top1_share"] == 1.0 and token["distinct_ratio"] == 1 / 40
     assert diverse["top1_share"] == 1 / 40 and diverse["distinct_ratio"] == 1.0
     assert diverse["entropy_norm"] > 0.99 > token["entropy_norm"]
 
 
 def test_variants_are_related():
-    assert G.related("recognized", "recognised")
-    assert G.related("miles", "mile")
-    assert G.related("1", "one")
-    assert not G.related("dog", "cat")
+    assert R.related("recognized", "recognised")
+    assert R.related("miles", "mile")
+    assert R.related("1", "one")
+    assert not R.related("dog", "cat")
 
 
-@pytest.mark.skipif("jmdict" not in {k for k, s in G.evidence_sources().items() if s["available"]},
+@pytest.mark.skipif("jmdict" not in {k for k, s in D.evidence_sources().items() if s["available"]},
                     reason="JMdict (the ja extra) not installed")
 def test_glosses_link_both_directions():
-    assert G.linked("会計", "accounting", "gloss_ja_en")  # Japanese -> English gloss
-    assert G.linked("accounting", "会計", "gloss_en_ja")  # English -> Japanese headword
-    assert "が" in G.japanese_headwords("but")
-    assert not G.linked("会計", "dog", "gloss_ja_en")
-    f = G.stat_features(_record([" accounting"] * 30 + ["会計"] * 10)).features
+    assert R.linked("会計", "accounting", "gloss_ja_en")  # Japanese -> English gloss
+    assert R.linked("accounting", "会計", "gloss_en_ja")  # English -> Japanese headword
+    assert "が" in D.japanese_headwords("but")
+    assert not R.linked("会計", "dog", "gloss_ja_en")
+    f = E.stat_features(_record([" accounting"] * 30 + ["会計"] * 10)).features
     assert f["gloss_en_ja_share"] == 0.25 and f["gloss_ja_en_top2"] == 1.0
 
 
-@pytest.mark.skipif(not G.evidence_sources()["unidic"]["available"], reason="UniDic (the ja extra) not installed")
+@pytest.mark.skipif(not D.evidence_sources()["unidic"]["available"], reason="UniDic (the ja extra) not installed")
 def test_loanwords_and_lemmas():
-    assert G.source_spelling("ソフトウェア") == "software"
-    assert G.linked("dark", "ダーク", "loanword")
-    assert G.linked("horm", "ホルモン", "loanword")  # a subword of the source spelling
-    assert not G.linked("dog", "ダーク", "loanword")
-    assert G.japanese_lemma("される") == G.japanese_lemma("した") == "為る"
-    f = G.stat_features(_record(["される"] * 20 + ["した"] * 20)).features
+    assert D.source_spelling("ソフトウェア") == "software"
+    assert R.linked("dark", "ダーク", "loanword")
+    assert R.linked("horm", "ホルモン", "loanword")  # a subword of the source spelling
+    assert not R.linked("dog", "ダーク", "loanword")
+    assert D.japanese_lemma("される") == D.japanese_lemma("した") == "為る"
+    f = E.stat_features(_record(["される"] * 20 + ["した"] * 20)).features
     assert f["top1_share"] == 0.5 and f["lemma_top1_share"] == 1.0
 
 
 def test_evidence_sources_are_reported():
-    sources = G.evidence_sources()
+    sources = D.evidence_sources()
     assert set(sources) == {"jmdict", "unidic"}
     for s in sources.values():
         assert isinstance(s["available"], bool) and s["library"] and s["groups"]
-    assert {"core", "context"} <= G.available_groups()
-    line = G.describe_sources()
+    assert {"core", "context"} <= E.available_groups()
+    line = D.describe_sources()
     assert line.startswith("evidence sources: jmdict (jamdict-data") and "unidic (" in line
 
 
 def test_context_cohesion_separates_shared_topic_from_unrelated_contexts():
     topic = [Context(tokens=["volcano", "eruption", f"w{i}", "lava"], levels=[0, 0, 10, 0]) for i in range(20)]
     unrelated = [Context(tokens=[f"alpha{i}", f"beta{i}", " dog", f"gamma{i}"], levels=[0, 0, 10, 0]) for i in range(20)]
-    f_topic = G.stat_features(FeatureRecord("m", 0, 1, 0, topic)).features
-    f_unrel = G.stat_features(FeatureRecord("m", 0, 1, 1, unrelated)).features
+    f_topic = E.stat_features(FeatureRecord("m", 0, 1, 0, topic)).features
+    f_unrel = E.stat_features(FeatureRecord("m", 0, 1, 1, unrelated)).features
     assert f_topic["ctx_cohesion"] == 1.0 and f_unrel["ctx_cohesion"] == 0.0
     assert f_unrel["top1_x_incoherent"] == 1.0 and f_topic["cohesion_x_diverse"] == 1.0
 
 
 def test_evidence_summary_names_the_top_token():
     record = _record([" more"] * 10 + ["また"] * 7 + [" dog"] * 3)
-    line = G.evidence_summary(record)
+    line = E.evidence_summary(record)
     assert line.startswith("“ more” 10/20 · “また” 7/20")
     assert "“ dog” 3/20" in line
     assert line.endswith("· en+ja")
-    if G.lexicon_available():
+    if D.lexicon_available():
         assert "(JMdict: また = " in line and "more" in line.split("JMdict:")[1]
-    assert G.evidence_summary(record) == line  # deterministic
-    assert G.evidence_summary(_record(["a"] * 0)) == "no activating token in 0 contexts"
+    assert E.evidence_summary(record) == line  # deterministic
+    assert E.evidence_summary(_record(["a"] * 0)) == "no activating token in 0 contexts"
 
 
 def test_same_inputs_same_labels():
@@ -126,7 +129,7 @@ def test_explanation_switches_to_llm_model_when_shipped():
 def test_missing_source_falls_back_to_a_model_fitted_without_it(monkeypatch):
     models = G.load_models()
     assert models["stats-fallback"].requires() == set()
-    absent = {k: dict(s, available=False) for k, s in G.evidence_sources().items()}
+    absent = {k: dict(s, available=False) for k, s in D.evidence_sources().items()}
     monkeypatch.setattr(G, "evidence_sources", lambda: absent)
     assert G.choose_model(models) == ("stats" if not models["stats"].requires() else "stats-fallback")
 
@@ -140,12 +143,13 @@ def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
         "import sys\n"
         "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite'): sys.modules[m] = None\n"
         "from autointerp.labels import decision as G\n"
+        "from autointerp.labels import dictionary as D\n"
         "from autointerp.schema import Context, FeatureRecord\n"
-        "assert not any(s['available'] for s in G.evidence_sources().values())\n"
+        "assert not any(s['available'] for s in D.evidence_sources().values())\n"
         "r = FeatureRecord('m', 0, 1, 0, [Context(['x', t, 'z'], [0, 10, 0]) for t in [' dog'] * 30 + ['犬'] * 10])\n"
         "g, p, e = G.decide(r)\n"
         "assert e['model'] == 'stats-fallback' and set(e['evidence_groups']) <= {'core', 'context'}, e\n"
-        "assert G.english_glosses('犬') == frozenset() and G.source_spelling('ダーク') == ''\n"
+        "assert D.english_glosses('犬') == frozenset() and D.source_spelling('ダーク') == ''\n"
         "print(g)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -192,7 +196,7 @@ def _poisoned(X, y, rows):
 def _synthetic(n_groups=24, per_group=5, seed=0):
     """Rows whose core evidence predicts the class, grouped like the dev file (features x steps)."""
     rng = np.random.default_rng(seed)
-    names = [*G.EVIDENCE_GROUPS["core"], *G.EVIDENCE_GROUPS["context"]]
+    names = [*E.EVIDENCE_GROUPS["core"], *E.EVIDENCE_GROUPS["context"]]
     y, gid, rows = [], [], []
     for g in range(n_groups):
         for s in range(per_group):
@@ -255,7 +259,7 @@ def test_share_offsets_match_the_class_shares():
     y = ["token"] * 50 + ["concept-synonym"] * 30 + ["concept-semantic"] * 20
     logits = [rng.normal(size=(100, 4)) + np.array([1.5, 0, 0, -5])]  # token over-called
     bias = F.share_offsets(y, logits)
-    pred = F._argmax(logits[0], bias)
+    pred = F.predicted_classes(logits[0], bias)
     for c, want in (("token", 50), ("concept-synonym", 30), ("concept-semantic", 20)):
         assert abs(sum(p == c for p in pred) - want) <= 2
 
@@ -263,7 +267,7 @@ def test_share_offsets_match_the_class_shares():
 # ---- the decision never sees the checkpoint step or feature id -----------------------------------
 
 def test_step_and_feature_id_never_reach_the_decision(dev_records):
-    names = set(G.STAT_FEATURES) | {n for m in G.load_models().values() for n in m.feature_names}
+    names = set(E.STAT_FEATURES) | {n for m in G.load_models().values() for n in m.feature_names}
     assert not [n for n in names if "step" in n or "checkpoint" in n or n in ("feature", "feature_id", "id")]
     records = dev_records[::15]
     moved = [dataclasses.replace(r, checkpoint_step=(r.checkpoint_step or 0) * 7 + 3, feature=r.feature + 10_001)
@@ -281,7 +285,7 @@ def test_shipped_model_records_its_evidence_versions_and_nested_cv():
     models = G.load_models()
     stats = models["stats"]
     info = stats.info
-    assert info["version"] and set(stats.groups) <= set(G.EVIDENCE_GROUPS) and "core" in stats.groups
+    assert info["version"] and set(stats.groups) <= set(E.EVIDENCE_GROUPS) and "core" in stats.groups
     assert {"numpy", "scikit-learn", "jmdict", "unidic"} <= set(info["libraries"])
     nested = info["nested_cv"]["mean_sd"]
     assert nested["kappa4"][0] > 0.5 and nested["kappa4"][1] >= 0 and nested["worst_share_gap"][0] >= 0
@@ -295,7 +299,7 @@ def test_shipped_model_is_its_recorded_choice_fitted_on_the_dev_file(dev_records
     """Refit from the recorded choice (groups, C, class weights) on all dev features: same model."""
     stats = G.load_models()["stats"]
     choice = stats.info["choice"]
-    X, names = F.design([G.stat_features(r).features for r in dev_records], list(G.EVIDENCE_GROUPS))
+    X, names = F.design([E.stat_features(r).features for r in dev_records], list(E.EVIDENCE_GROUPS))
     y = [r.extra["human_granularity"] for r in dev_records]
     refit = F.fit_choice(X, y, list(range(len(y))), names, F.Choice(
         groups=choice["groups"], C=choice["C"], class_weight=choice["class_weight"],

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fakeserver import FakeServer  # noqa: E402
 
 from autointerp.labels import decision as granularity
+from autointerp.labels import evidence
 
 from autointerp.labels import sampling
 
@@ -103,7 +104,7 @@ def test_streamed_labels_equal_in_memory_ones_with_evidence_summary(tmp_path, mo
     assert streamed == in_memory
     for line, record in zip(streamed, records):
         label = Label.from_dict(json.loads(line))
-        assert label.evidence_summary == granularity.evidence_summary(record) != ""
+        assert label.evidence_summary == evidence.evidence_summary(record) != ""
 
 
 def test_evidence_summary_names_the_top_token_with_its_count():
@@ -112,7 +113,7 @@ def test_evidence_summary_names_the_top_token_with_its_count():
 
     record = FeatureRecord(model="m", layer=0, checkpoint_step=1, feature=0,
                            contexts=[ctx(" more")] * 10 + [ctx("また")] * 7 + [ctx(" dog")] * 3)
-    summary = granularity.evidence_summary(record)
+    summary = evidence.evidence_summary(record)
     assert summary.startswith("“ more” 10/20")
     assert "“また” 7/20" in summary and summary.endswith("en+ja")
 

@@ -23,7 +23,8 @@ from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedGroupKFold
 from threadpoolctl import threadpool_limits
 
-from autointerp.labels import decision as G
+from autointerp.labels.decision import GranularityModel, fit_model
+from autointerp.labels.evidence import EVIDENCE_GROUPS, LLM_FEATURES, SCORE_FEATURES
 from autointerp.schema import GRANULARITIES, three_way
 
 C_GRID = (0.1, 0.3, 1.0)
@@ -52,8 +53,8 @@ def columns(names: Sequence[str], groups: Sequence[str]) -> list[int]:
 
 def group_features(group: str) -> list[str]:
     if group == "llm":
-        return [*G.LLM_FEATURES, *G.SCORE_FEATURES]
-    return G.EVIDENCE_GROUPS[group]
+        return [*LLM_FEATURES, *SCORE_FEATURES]
+    return EVIDENCE_GROUPS[group]
 
 
 def design(feature_dicts: Sequence[dict[str, float]], groups: Sequence[str]) -> tuple[np.ndarray, list[str]]:
@@ -76,7 +77,7 @@ def kappas(y, pred) -> tuple[float, float]:
     return float(k4), float(k3)
 
 
-def _full_logits(model: G.GranularityModel, X: np.ndarray) -> np.ndarray:
+def _full_logits(model: GranularityModel, X: np.ndarray) -> np.ndarray:
     """Logits in GRANULARITIES order (-inf for a class the training rows lacked), no offsets."""
     z = np.full((len(X), len(GRANULARITIES)), -1e9)
     bias, model.bias = model.bias, None
@@ -87,12 +88,12 @@ def _full_logits(model: G.GranularityModel, X: np.ndarray) -> np.ndarray:
     return z
 
 
-def _fit(X, y, idx, cols, C, cw, names) -> G.GranularityModel:
+def _fit(X, y, idx, cols, C, cw, names) -> GranularityModel:
     ys = [y[i] for i in idx]
-    return G.fit_model(X[np.ix_(idx, cols)], ys, [names[c] for c in cols], C=C, class_weight=class_weight(ys, cw))
+    return fit_model(X[np.ix_(idx, cols)], ys, [names[c] for c in cols], C=C, class_weight=class_weight(ys, cw))
 
 
-def _inner_splits(y, gid, idx, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def inner_splits(y, gid, idx, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """INNER_REPEATS shuffled grouped k-fold splits of idx (positions into idx)."""
     folds = min(INNER_FOLDS, len(set(gid[i] for i in idx)))
     out = []
@@ -102,7 +103,7 @@ def _inner_splits(y, gid, idx, seed: int) -> list[list[tuple[np.ndarray, np.ndar
     return out
 
 
-def _oof_logits(X, y, idx, cols, C, cw, names, splits) -> list[np.ndarray]:
+def oof_logits(X, y, idx, cols, C, cw, names, splits) -> list[np.ndarray]:
     """Out-of-fold logits over idx, one array per inner repeat."""
     idx = np.asarray(idx)
     out = []
@@ -115,13 +116,14 @@ def _oof_logits(X, y, idx, cols, C, cw, names, splits) -> list[np.ndarray]:
     return out
 
 
-def _argmax(z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def predicted_classes(z: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """Each row's class: the largest logit (plus `bias`, class-share offsets, when given)."""
     return np.asarray(GRANULARITIES, dtype=object)[(z if bias is None else z + bias).argmax(axis=1)]
 
 
 def _score(y_idx, logits: list[np.ndarray]) -> tuple[float, float]:
     """Mean and sd over inner repeats of the 4-way kappa."""
-    ks = [kappas(y_idx, _argmax(z))[0] for z in logits]
+    ks = [kappas(y_idx, predicted_classes(z))[0] for z in logits]
     return float(np.mean(ks)), float(np.std(ks))
 
 
@@ -177,14 +179,14 @@ def select(X: np.ndarray, y: Sequence[str], gid: Sequence[int], idx: Sequence[in
 def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_groups) -> Choice:
     idx = list(idx)
     y_idx = [y[i] for i in idx]
-    splits = _inner_splits(y, gid, idx, seed)
+    splits = inner_splits(y, gid, idx, seed)
     full = ["core", *candidates]
     trials: dict[tuple, tuple[float, float]] = {}
 
     def rate(groups, C, cw):
         key = (tuple(sorted(groups)), C, cw)
         if key not in trials:
-            trials[key] = _score(y_idx, _oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits))
+            trials[key] = _score(y_idx, oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits))
         return trials[key]
 
     C, cw = max(((c, w) for c in C_GRID for w in CLASS_WEIGHTS), key=lambda p: rate(full, *p)[0])
@@ -200,7 +202,7 @@ def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_gr
             if mean < current:
                 break
             groups.remove(g)
-    logits = _oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits)
+    logits = oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits)
     bias = share_offsets(y_idx, logits) if calibrate_shares else None
     mean, sd = rate(groups, C, cw)
     return Choice(groups=groups, C=C, class_weight=cw, bias=None if bias is None else bias.tolist(),
@@ -209,7 +211,7 @@ def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_gr
 
 
 def fit_choice(X: np.ndarray, y: Sequence[str], idx: Sequence[int], names: list[str],
-               choice: Choice) -> G.GranularityModel:
+               choice: Choice) -> GranularityModel:
     """The model `choice` describes, fitted on rows idx; its classes in GRANULARITIES order."""
     cols = columns(names, choice.groups)
     model = _fit(X, y, list(idx), cols, choice.C, choice.class_weight, names)
@@ -246,14 +248,14 @@ def _one_seed(args) -> tuple[np.ndarray, list[Choice], list]:
     for train, test in splits:
         choice = select_fn(X, y, gid, train, names, candidates, seed=seed, **kwargs)
         model = fit_fn(X, y, train, names, choice)
-        pred[test] = _argmax(model.logits(X[np.ix_(test, columns(names, choice.groups))]))
+        pred[test] = predicted_classes(model.logits(X[np.ix_(test, columns(names, choice.groups))]))
         choices.append(choice)
     return pred, choices, splits
 
 
 def nested_cv(X: np.ndarray, y: Sequence[str], gid: Sequence[int], names: list[str], candidates: Sequence[str],
               seeds: Sequence[int] = range(10), folds: int = 5, jobs: int = 1,
-              select_fn: Callable[..., Choice] = select, fit_fn: Callable[..., G.GranularityModel] = fit_choice,
+              select_fn: Callable[..., Choice] = select, fit_fn: Callable[..., GranularityModel] = fit_choice,
               **select_kwargs) -> NestedResult:
     """Outer grouped k-fold per seed; `select_fn` + `fit_fn` see only each outer-training part."""
     y, gid = list(y), list(gid)

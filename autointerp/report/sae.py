@@ -115,7 +115,7 @@ class SynonymTable:
             heapq.heappop(self.heap)
 
     def rows(self) -> list[dict[str, Any]]:
-        from autointerp.labels.decision import en_ja_pair
+        from autointerp.labels.relations import en_ja_pair
 
         out = []
         for _, _, row in sorted(self.heap, key=lambda x: (x[0], -x[1]), reverse=True):
