@@ -43,7 +43,7 @@ STAGES = [
     ("serve", "autointerp.llm.serve", "Start an OpenAI-compatible LLM server: llama.cpp on CPU, vLLM on GPU."),
     ("label", "autointerp.labels.stage",
      "Label every live latent (statistical) and an LLM-described, stratified sample: description, scores, control."),
-    ("score", "autointerp.interp.score", "Score descriptions with the simulator: writes step-N/scores.jsonl (and labels)."),
+    ("score", "autointerp.interp.cli", "Score descriptions with the simulator: writes step-N/scores.jsonl (and labels)."),
     ("compare", "autointerp.human.compare",
      "Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."),
     ("annotate", "autointerp.human.annotate",

@@ -32,6 +32,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp.interp import score
+from autointerp.interp.control import control_plan, control_sample, run_control
+from autointerp.interp.scorers.examples import split_contexts
 from autointerp.labels.language import clean_token
 from autointerp.records.read import read_records
 from autointerp.schema import FeatureRecord
@@ -42,7 +44,7 @@ DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 
 def top_token_description(record: FeatureRecord, n: int = 3) -> str:
     """`fires on " more", "また"`: the most common max tokens of the explainer's contexts."""
-    shown, _ = score.split_contexts(record)
+    shown, _ = split_contexts(record)
     counts = Counter(clean_token(c.tokens[c.max_index]) for c in shown if c.max_index >= 0 and c.levels[c.max_index] > 0)
     tokens = [t for t, _ in counts.most_common(n) if t.strip()] or [t for t, _ in counts.most_common(1)]
     return "fires on " + ", ".join(json.dumps(t, ensure_ascii=False) for t in tokens)
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = score.ScoreSettings.for_engine(args.engine or ("llama-cpp" if not args.base_url else None),
                                               seed=args.seed)
-    sample = score.control_sample(records, descriptions, {r.key for r in records}, args.fraction, args.minimum,
-                                  args.seed)
+    sample = control_sample(records, descriptions, {r.key for r in records}, args.fraction, args.minimum,
+                            args.seed)
     steps = sorted({r.checkpoint_step for r in records})
     example = next(iter(descriptions.values()), "")
     print(f"dev features: {len(records)} ({len(steps)} checkpoints); descriptions: {kind} (e.g. {example})")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the control's own plan, to know whether anything is left to send (else no server is started)
     planned = [score.Scores(r.checkpoint_step, r.feature, detection=0.5) for r in sample]
-    _, shuffled, _ = score.control_plan(records, descriptions, planned, 1.0, 0, args.seed)
+    _, shuffled, _ = control_plan(records, descriptions, planned, 1.0, 0, args.seed)
     needed = bool(score.pending_keys(sample, descriptions, out / "scores.jsonl")
                   or score.pending_keys(sample, shuffled, out / "control.jsonl"))
     started = time.perf_counter()
@@ -124,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                                               on_done=lambda _: progress.update(task, advance=1), pool=records)
                 task = progress.add_task("shuffled descriptions", total=len(sample))
                 # every matched-scored feature is in the control: fraction 1 of the sample
-                control = score.run_control(records, descriptions, matched, client, out / "control.jsonl", settings,
-                                            fraction=1.0, minimum=0, seed=args.seed,
-                                            on_done=lambda _: progress.update(task, advance=1))
+                control = run_control(records, descriptions, matched, client, out / "control.jsonl", settings,
+                                      fraction=1.0, minimum=0, seed=args.seed,
+                                      on_done=lambda _: progress.update(task, advance=1))
         finally:
             stats = client.stats.to_dict()
             client.close()

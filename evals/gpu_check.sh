@@ -146,7 +146,7 @@ def _collect(dev, sae_dir, max_docs, dtype):
     from autointerp.lm.corpus import load_corpus
     from autointerp.records.collect import iter_collect
     from autointerp.sae import load_sae
-    from autointerp.schema import write_jsonl
+    from autointerp.jsonl import write_jsonl
     docs = load_corpus(corpus, limit=max_docs)
     if max_docs is None and dev.startswith("cuda"):
         docs = docs * 8  # the demo corpus is ~150k tokens: a GPU needs more to show its rate

@@ -1,60 +1,60 @@
 import json
 import random
 
-import numpy as np
 import pytest
 
 from autointerp.interp import score
+from autointerp.interp.control import compare_control, control_sample, derangement, run_control, shuffled_assignment
 from autointerp.jsonl import iter_jsonl
 from autointerp.schema import Key, Scores
 
-from test_score import ScriptedClient, _record
+from test_score import ScriptedClient, make_record
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 10, 31])
 def test_derangement_never_leaves_a_latent_its_own_description(n):
     for seed in range(300 if n <= 3 else 60):
-        perm = score.derangement(n, random.Random(seed))
+        perm = derangement(n, random.Random(seed))
         assert sorted(perm) == list(range(n))
         assert all(p != i for i, p in enumerate(perm)), (n, seed, perm)
     with pytest.raises(ValueError):
-        score.derangement(1, random.Random(0))
+        derangement(1, random.Random(0))
 
 
 def test_derangement_is_seeded_and_varied():
-    assert score.derangement(6, random.Random(3)) == score.derangement(6, random.Random(3))
-    assert len({tuple(score.derangement(4, random.Random(s))) for s in range(200)}) == 9  # all 9 of D(4)
-    assert score.derangement(2, random.Random(0)) == [1, 0]
+    assert derangement(6, random.Random(3)) == derangement(6, random.Random(3))
+    assert len({tuple(derangement(4, random.Random(s))) for s in range(200)}) == 9  # all 9 of D(4)
+    assert derangement(2, random.Random(0)) == [1, 0]
 
 
 def test_shuffle_avoids_equal_description_texts():
     texts = ["dog", "dog", "cat", "cat", "sun", "sun"]
     for seed in range(50):
-        perm = score.shuffled_assignment(texts, random.Random(seed))
+        perm = shuffled_assignment(texts, random.Random(seed))
         assert all(p != i and texts[p] != texts[i] for i, p in enumerate(perm))
     # impossible to avoid (all the same text): still a derangement
-    perm = score.shuffled_assignment(["x"] * 3, random.Random(0))
+    perm = shuffled_assignment(["x"] * 3, random.Random(0))
     assert all(p != i for i, p in enumerate(perm))
 
 
 def test_control_sample_fraction_minimum_and_all_if_fewer():
-    records = [_record(i) for i in range(60)]
+    records = [make_record(i) for i in range(60)]
     descriptions = {r.key: f"the word w{r.feature}" for r in records}
     scored = {r.key for r in records}
-    assert len(score.control_sample(records, descriptions, scored, 0.2, 10, 0)) == 12
-    assert len(score.control_sample(records, descriptions, scored, 0.1, 10, 0)) == 10
-    assert len(score.control_sample(records[:7], descriptions, scored, 0.2, 10, 0)) == 7
+    assert len(control_sample(records, descriptions, scored, 0.2, 10, 0)) == 12
+    assert len(control_sample(records, descriptions, scored, 0.1, 10, 0)) == 10
+    assert len(control_sample(records[:7], descriptions, scored, 0.2, 10, 0)) == 7
     # only latents with a description and a matched score
     descriptions[Key(5, 0, 0)] = ""
-    sample = score.control_sample(records[:7], descriptions, scored - {Key(5, 0, 1)}, 0.2, 10, 0)
+    sample = control_sample(records[:7], descriptions, scored - {Key(5, 0, 1)}, 0.2, 10, 0)
     assert {r.feature for r in sample} == {2, 3, 4, 5, 6}
-    a = score.control_sample(records, descriptions, scored, 0.2, 10, 1)
-    assert a == score.control_sample(records, descriptions, scored, 0.2, 10, 1)
-    assert a != score.control_sample(records, descriptions, scored, 0.2, 10, 2)
+    a = control_sample(records, descriptions, scored, 0.2, 10, 1)
+    assert a == control_sample(records, descriptions, scored, 0.2, 10, 1)
+    assert a != control_sample(records, descriptions, scored, 0.2, 10, 2)
 
 
 def _world(n=12):
-    records = [_record(i, token=f" w{i}", same_token=False) for i in range(n)]
+    records = [make_record(i, token=f" w{i}", same_token=False) for i in range(n)]
     descriptions = {r.key: f"the word w{r.feature}" for r in records}
     return records, descriptions
 
@@ -66,7 +66,7 @@ def test_control_scores_shuffled_descriptions_in_their_own_file(tmp_path):
     scores_path, control_path = tmp_path / "scores.jsonl", tmp_path / "control.jsonl"
     matched = score.score_records(records, descriptions, client, scores_path, settings)
     before = scores_path.read_text()
-    control = score.run_control(records, descriptions, matched, client, control_path, settings, 0.2, 10, seed=0)
+    control = run_control(records, descriptions, matched, client, control_path, settings, 0.2, 10, seed=0)
     assert scores_path.read_text() == before  # the matched scores' file is untouched
     shuffled = list(iter_jsonl(control_path, Scores.from_dict))
     assert len(shuffled) == control.n_latents == 10
@@ -85,7 +85,7 @@ def test_control_scores_shuffled_descriptions_in_their_own_file(tmp_path):
     assert json.loads(json.dumps(d)) == d
     # resumable: a second run sends nothing and gives the same result
     n = len(client.requests)
-    again = score.run_control(records, descriptions, matched, client, control_path, settings, 0.2, 10, seed=0)
+    again = run_control(records, descriptions, matched, client, control_path, settings, 0.2, 10, seed=0)
     assert len(client.requests) == n and again.to_dict() == d
 
 
@@ -94,7 +94,7 @@ def test_control_of_a_constant_simulator_is_noise(tmp_path):
     client = ScriptedClient(constant=True)
     settings = score.ScoreSettings(bootstrap=50)
     matched = score.score_records(records, descriptions, client, tmp_path / "scores.jsonl", settings)
-    control = score.run_control(records, descriptions, matched, client, tmp_path / "control.jsonl", settings)
+    control = run_control(records, descriptions, matched, client, tmp_path / "control.jsonl", settings)
     assert control.noise
     assert all(not m["signal"] and m["gap"] == 0.0 for m in control.methods.values())
     assert "scripted do not beat shuffled descriptions" in control.verdict and "noise" in control.verdict
@@ -108,7 +108,7 @@ def test_compare_control_hand_computed():
 
     matched = {(5, i): s(i, v) for i, v in enumerate([0.9, 0.8, 0.7, 0.6] * 3)}
     shuffled = {(5, i): s(i, v) for i, v in enumerate([0.5, 0.6, 0.7, 0.8] * 3)}
-    out = score.compare_control(matched, shuffled, ["detection"], "m", seed=0)["detection"]
+    out = compare_control(matched, shuffled, ["detection"], "m", seed=0)["detection"]
     # gaps 0.4, 0.2, 0.0, -0.2 (x3): mean 0.1; balanced accuracy since no latent has an AUC
     assert out["metric"] == "balanced accuracy" and out["n"] == 12
     assert out["matched"] == pytest.approx(0.75) and out["shuffled"] == pytest.approx(0.65)
@@ -119,20 +119,20 @@ def test_compare_control_hand_computed():
     # worse than shuffled: the interval lies below 0
     low = {(5, i): s(i, 0.5 + 0.01 * i) for i in range(10)}
     high = {(5, i): s(i, 0.8 - 0.01 * i) for i in range(10)}
-    worse = score.compare_control(low, high, ["detection"], "m", 0)["detection"]
+    worse = compare_control(low, high, ["detection"], "m", 0)["detection"]
     assert worse["ci95"][1] < 0 and "higher than matched" in worse["verdict"] and "−" in worse["verdict"]
     # a clear gap on fewer than MIN_CONTROL_PAIRS latents is no verdict of signal
-    small = score.compare_control({(5, i): s(i, 0.9) for i in range(3)}, {(5, i): s(i, 0.5 + 0.01 * i) for i in range(3)},
-                                  ["detection"], "m", 0)["detection"]
+    small = compare_control({(5, i): s(i, 0.9) for i in range(3)}, {(5, i): s(i, 0.5 + 0.01 * i) for i in range(3)},
+                            ["detection"], "m", 0)["detection"]
     assert small["ci95"][0] > 0 and not small["signal"] and "too few for a verdict" in small["verdict"]
     # too few latents
-    few = score.compare_control({Key(5, 0, 0): s(0, 1.0)}, {Key(5, 0, 0): s(0, 0.5)}, ["detection"], "m", 0)["detection"]
+    few = compare_control({Key(5, 0, 0): s(0, 1.0)}, {Key(5, 0, 0): s(0, 0.5)}, ["detection"], "m", 0)["detection"]
     assert few["gap"] is None and not few["signal"] and "too few" in few["verdict"]
 
 
 def test_control_needs_two_latents(tmp_path):
     records, descriptions = _world(1)
-    control = score.run_control(records, descriptions, [Scores(5, 0, detection=1.0, layer=0)], ScriptedClient(),
-                                tmp_path / "c.jsonl", score.ScoreSettings())
+    control = run_control(records, descriptions, [Scores(5, 0, detection=1.0, layer=0)], ScriptedClient(),
+                          tmp_path / "c.jsonl", score.ScoreSettings())
     assert control.noise and control.n_latents == 1 and not (tmp_path / "c.jsonl").exists()
     assert "too few" in control.methods["detection"]["verdict"]

@@ -256,7 +256,6 @@ def test_layers_of_one_model_are_matched_layer_to_layer_from_one_pass(tiny_run, 
     0's. The tiny Llama's decoder layer 1 is made the identity (its attention and MLP outputs
     zeroed), so its residual stream equals layer 0's; layer 1's SAE is layer 0's with its latents
     permuted, and lineage must recover the permutation, from one forward pass for both layers."""
-    import shutil
 
     from autointerp.lm import activations
     from autointerp.lm.activations import load_lm

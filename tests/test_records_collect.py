@@ -4,7 +4,6 @@ model's hidden states; `autointerp collect --sae/--run` writes, resumes and repo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

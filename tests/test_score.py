@@ -7,8 +7,11 @@ import re
 import numpy as np
 import pytest
 
+from autointerp.interp import cli as score_cli
 from autointerp.interp import score
-from autointerp.llm.client import ChatResult, TokenLogprob
+from autointerp.interp.scorers import classify, examples, metrics, simulation
+from autointerp.llm.client import ChatResult, TokenLogprob, json_response_format
+from autointerp.llm.prompts import render
 from autointerp.jsonl import iter_jsonl
 from autointerp.schema import Context, FeatureRecord, Key, Scores
 
@@ -18,45 +21,45 @@ from autointerp.schema import Context, FeatureRecord, Key, Scores
 def test_correlation_perfect_shuffled_constant():
     rng = np.random.default_rng(0)
     true = rng.integers(0, 11, size=2000).astype(float)
-    assert score.correlation(true, true) == pytest.approx(1.0)
-    assert score.correlation(2 * true + 1, true) == pytest.approx(1.0)
-    assert abs(score.correlation(rng.permutation(true), true)) < 0.1
-    assert score.correlation(np.zeros_like(true), true) == 0.0
+    assert metrics.correlation(true, true) == pytest.approx(1.0)
+    assert metrics.correlation(2 * true + 1, true) == pytest.approx(1.0)
+    assert abs(metrics.correlation(rng.permutation(true), true)) < 0.1
+    assert metrics.correlation(np.zeros_like(true), true) == 0.0
 
 
 def test_balanced_accuracy_hand_computed():
     truth = [True] * 3 + [False] * 7
-    assert score.balanced_accuracy(truth, [True] * 10) == 0.5
-    assert score.balanced_accuracy(truth, [False] * 10) == 0.5
-    assert score.balanced_accuracy(truth, truth) == 1.0
-    assert score.balanced_accuracy(truth, [not t for t in truth]) == 0.0
+    assert metrics.balanced_accuracy(truth, [True] * 10) == 0.5
+    assert metrics.balanced_accuracy(truth, [False] * 10) == 0.5
+    assert metrics.balanced_accuracy(truth, truth) == 1.0
+    assert metrics.balanced_accuracy(truth, [not t for t in truth]) == 0.0
     # 2 of 3 positives and 6 of 7 negatives right: (2/3 + 6/7) / 2, not the plain 8/10
     predicted = [True, True, False] + [False] * 6 + [True]
-    assert score.balanced_accuracy(truth, predicted) == pytest.approx((2 / 3 + 6 / 7) / 2)
+    assert metrics.balanced_accuracy(truth, predicted) == pytest.approx((2 / 3 + 6 / 7) / 2)
 
 
 def test_auc_hand_computed_with_ties():
     # positives 0.9, 0.4; negatives 0.5, 0.1: pairs won 0.9>0.5, 0.9>0.1, 0.4>0.1; lost 0.4<0.5 -> 3/4
-    assert score.auc([True, True, False, False], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
+    assert metrics.auc([True, True, False, False], [0.9, 0.4, 0.5, 0.1]) == pytest.approx(0.75)
     # a tie counts half: positive 0.5 vs negatives 0.5 and 0.2 -> (0.5 + 1) / 2
-    assert score.auc([True, False, False], [0.5, 0.5, 0.2]) == pytest.approx(0.75)
-    assert score.auc([True, False], [0.1, 0.9]) == 0.0
-    assert score.auc([True, True], [0.1, 0.9]) is None
+    assert metrics.auc([True, False, False], [0.5, 0.5, 0.2]) == pytest.approx(0.75)
+    assert metrics.auc([True, False], [0.1, 0.9]) == 0.0
+    assert metrics.auc([True, True], [0.1, 0.9]) is None
     from sklearn.metrics import roc_auc_score
     rng = np.random.default_rng(1)
     t, p = rng.random(40) < 0.5, rng.random(40).round(1)  # many ties
-    assert score.auc(t, p) == pytest.approx(roc_auc_score(t, p))
+    assert metrics.auc(t, p) == pytest.approx(roc_auc_score(t, p))
 
 
 def test_bootstrap_interval_hand_computed():
     # the mean of 10 draws from nine 0s and one 1 is Binomial(10, 0.1) / 10:
     # P(X = 0) = 0.349 > 2.5%, so the low end is 0; P(X <= 2) = 0.930 < 97.5% < P(X <= 3) = 0.987: high end 0.3
-    lo, hi = score.bootstrap_ci([[0.0] * 9 + [1.0]], lambda g: float(np.mean(g)), 4000, "t")
+    lo, hi = metrics.bootstrap_ci([[0.0] * 9 + [1.0]], lambda g: float(np.mean(g)), 4000, "t")
     assert lo == 0.0 and hi == pytest.approx(0.3)
-    assert score.bootstrap_ci([[0.25] * 5], lambda g: float(np.mean(g)), 100, "t") == [0.25, 0.25]
+    assert metrics.bootstrap_ci([[0.25] * 5], lambda g: float(np.mean(g)), 100, "t") == [0.25, 0.25]
     # seeded: the same seed gives the same interval, another seed may not
-    a = score.bootstrap_ci([list(np.linspace(0, 1, 30))], lambda g: float(np.mean(g)), 500, 1)
-    assert a == score.bootstrap_ci([list(np.linspace(0, 1, 30))], lambda g: float(np.mean(g)), 500, 1)
+    a = metrics.bootstrap_ci([list(np.linspace(0, 1, 30))], lambda g: float(np.mean(g)), 500, 1)
+    assert a == metrics.bootstrap_ci([list(np.linspace(0, 1, 30))], lambda g: float(np.mean(g)), 500, 1)
     assert a[0] < 0.5 < a[1]
 
 
@@ -66,15 +69,15 @@ def test_bootstrap_is_stratified():
     pos, neg = [(True, None)] * 3, [(False, None)] * 4
 
     def ba(p, n):
-        return score.balanced_accuracy([True] * len(p) + [False] * len(n), [x for x, _ in p] + [x for x, _ in n])
+        return metrics.balanced_accuracy([True] * len(p) + [False] * len(n), [x for x, _ in p] + [x for x, _ in n])
 
-    assert score.bootstrap_ci([pos, neg], ba, 300, 0) == [1.0, 1.0]
+    assert metrics.bootstrap_ci([pos, neg], ba, 300, 0) == [1.0, 1.0]
 
 
 def test_expected_level_from_top_logprobs():
     top = {"0": np.log(0.5), "10": np.log(0.25), "2": np.log(0.25), "}": np.log(0.9)}
-    assert score.expected_level(top) == pytest.approx(0.5 * 0 + 0.25 * 10 + 0.25 * 2)
-    assert score.expected_level({"a": 0.0}) is None
+    assert simulation.expected_level(top) == pytest.approx(0.5 * 0 + 0.25 * 10 + 0.25 * 2)
+    assert simulation.expected_level({"a": 0.0}) is None
 
 
 # ---- parsing answers --------------------------------------------------------------------------------
@@ -88,15 +91,15 @@ def test_parse_binary_answer_reads_p1_at_each_position():
            TokenLogprob(",", 0.0, {}),
            TokenLogprob("1", 0.0, {"1": 0.0}),  # "0" not among the alternatives: P(1) = 1
            TokenLogprob("]", 0.0, {})]
-    answers, probs = score.parse_binary_answer(text, lps, 3)
+    answers, probs = classify.parse_binary_answer(text, lps, 3)
     assert answers == [True, False, True]
     assert probs == pytest.approx([0.6 / 0.8, 0.1 / 0.8, 1.0])
-    answers, probs = score.parse_binary_answer(text, None, 3)
+    answers, probs = classify.parse_binary_answer(text, None, 3)
     assert answers == [True, False, True] and probs is None
     with pytest.raises(ValueError):
-        score.parse_binary_answer("[1,0]", None, 3)
+        classify.parse_binary_answer("[1,0]", None, 3)
     with pytest.raises(ValueError):
-        score.parse_binary_answer("no list", None, 1)
+        classify.parse_binary_answer("no list", None, 1)
 
 
 def test_simulation_predictions_logprobs_and_json_fallback():
@@ -106,9 +109,9 @@ def test_simulation_predictions_logprobs_and_json_fallback():
     lps = [TokenLogprob(p, 0.0, {}) for p in pieces]
     lps[4] = TokenLogprob("0", np.log(0.8), {"0": np.log(0.8), "1": np.log(0.2)})
     lps[7] = TokenLogprob("7", np.log(1.0), {"7": 0.0})
-    values, method = score.simulation_predictions(text, lps, 2)
+    values, method = simulation.simulation_predictions(text, lps, 2)
     assert method == "logprobs" and values == pytest.approx([0.2, 7.0])
-    values, method = score.simulation_predictions(text, None, 3)
+    values, method = simulation.simulation_predictions(text, None, 3)
     assert method == "json" and values == [0.0, 7.0, 0.0]
 
 
@@ -138,9 +141,9 @@ def _vllm_prompt_logprobs(prompt: str, expected: dict[int, dict[str, float]]) ->
 def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
     import openai
 
-    windows = [score.Window(["the", " dog", " barks"], [0, 8, 0], True, "quantile-0", 1),
-               score.Window([" a", " cat"], [0, 0], False, "random", 0)]
-    prompt, slots = score.all_at_once_prompt("the word dog", windows)
+    windows = [examples.Window(["the", " dog", " barks"], [0, 8, 0], True, "quantile-0", 1),
+               examples.Window([" a", " cat"], [0, 0], False, "random", 0)]
+    prompt, slots = simulation.all_at_once_prompt("the word dog", windows)
     assert len(slots) == 5 and prompt.count("unknown") == 6  # five slots, one mention in the instructions
     expected = {1: {"10": 0.5, "5": 0.25, "0": 0.25}, 3: {"1": 0.5, "0": 0.5, " unknown": 0.9}}
     body = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
@@ -151,17 +154,17 @@ def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
     from autointerp.llm.client import _result_from_dict, _result_from_response, _result_to_dict
     result = _result_from_response(openai.types.Completion.model_validate(json.loads(json.dumps(body))))
     result = _result_from_dict(json.loads(json.dumps(_result_to_dict(result))), cached=True)
-    predicted = score.predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
+    predicted = simulation.predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
     assert predicted == pytest.approx([0.0, 0.5 * 10 + 0.25 * 5, 0.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="slots"):
-        score.predictions_from_prompt_logprobs(result.prompt_logprobs, 4)
+        simulation.predictions_from_prompt_logprobs(result.prompt_logprobs, 4)
     with pytest.raises(ValueError, match="no prompt_logprobs"):
-        score.predictions_from_prompt_logprobs(None, 4)
+        simulation.predictions_from_prompt_logprobs(None, 4)
 
 
 # ---- held-out examples ------------------------------------------------------------------------------
 
-def _record(feature=0, step=5, n_contexts=40, token=" dog", negatives=True, same_token=True):
+def make_record(feature=0, step=5, n_contexts=40, token=" dog", negatives=True, same_token=True):
     contexts = []
     for i in range(n_contexts):
         tokens = [f"t{j}" for j in range(16)]
@@ -187,30 +190,30 @@ def _record(feature=0, step=5, n_contexts=40, token=" dog", negatives=True, same
 
 
 def test_split_is_held_out():
-    record = _record()
-    shown, held = score.split_contexts(record)
+    record = make_record()
+    shown, held = examples.split_contexts(record)
     assert not any(c is h for c in shown for h in held)
     assert len(shown) + len(held) == len(record.contexts)
 
 
 def test_quantile_sampling_reaches_the_lower_quantiles():
     contexts = [Context(["a", "b"], [0, 10 - i // 10], [0.0, 100.0 - i]) for i in range(100)]
-    picked = score.quantile_sample(contexts, 10, 5, random.Random(0))
+    picked = examples.quantile_sample(contexts, 10, 5, random.Random(0))
     peaks = sorted(c.activations[1] for _, c in picked)
     bins = [b for b, _ in picked]
     assert len(picked) == 10 and sorted(bins) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert peaks[0] <= 20.0  # two from the bottom fifth (peaks 1..20), not only the top
     assert sum(p <= 20.0 for p in peaks) == 2 and sum(p > 80.0 for p in peaks) == 2
     # a 2 x 5 draw never takes the top 10 alone
-    assert max(score.quantile_sample(contexts, 10, 5, random.Random(s))[-1][1].activations[1] for s in range(5)) < 91
-    assert [b for b, _ in score.quantile_sample(contexts[:4], 10, 5, random.Random(0))] == [0, 1, 2, 3]
+    assert max(examples.quantile_sample(contexts, 10, 5, random.Random(s))[-1][1].activations[1] for s in range(5)) < 91
+    assert [b for b, _ in examples.quantile_sample(contexts[:4], 10, 5, random.Random(0))] == [0, 1, 2, 3]
 
 
 def test_plan_examples_held_out_balanced_and_description_free():
-    record = _record()
+    record = make_record()
     settings = score.ScoreSettings(n_activating=10, n_non_activating=10)
-    plan = score.plan_examples(record, settings)
-    held = score.split_contexts(record)[1]
+    plan = examples.plan_examples(record, settings)
+    held = examples.split_contexts(record)[1]
     held_tokens = {tuple(c.tokens) for c in held}
     assert len(plan.activating) == 10 and len(plan.non_activating) == 10
     for w in plan.activating:  # every activating window is a slice of a held-out context
@@ -219,14 +222,14 @@ def test_plan_examples_held_out_balanced_and_description_free():
     assert "similar" not in kinds and kinds.get("same-token", 0) + kinds.get("random", 0) == 10
     same = [w for w in plan.non_activating if w.kind == "same-token"]
     assert all(w.tokens[w.center] == " dog" for w in same)  # centred on the latent's own top token
-    assert score.plan_examples(record, settings) == plan  # seeded by the latent
+    assert examples.plan_examples(record, settings) == plan  # seeded by the latent
 
 
 def test_fuzzing_marks_active_tokens_right_and_others_wrong():
-    record = _record()
+    record = make_record()
     settings = score.ScoreSettings()
-    plan = score.plan_examples(record, settings)
-    items = score.fuzzing_items(plan, settings, random.Random(0))
+    plan = examples.plan_examples(record, settings)
+    items = classify.fuzzing_items(plan, settings, random.Random(0))
     right = [i for i in items if i.activating]
     wrong = [i for i in items if not i.activating]
     assert all("<< dog>>" in i.text for i in right)
@@ -235,7 +238,7 @@ def test_fuzzing_marks_active_tokens_right_and_others_wrong():
 
 
 def test_shown_text_groups_marks():
-    assert score.shown_text(["a", " b", " c", "\n", "d"], {1, 2}) == "a<< b c>>↵d"
+    assert examples.shown_text(["a", " b", " c", "\n", "d"], {1, 2}) == "a<< b c>>↵d"
 
 
 # ---- a scripted simulator through the real request path ---------------------------------------------
@@ -258,9 +261,9 @@ class ScriptedClient:
         found = re.search(r"the word (\w+)", last)
         word = found.group(1) if found else "\x00"
         if "Examples:" in last:
-            examples = re.findall(r"^Example \d+: (.*)$", last, re.M)
+            shown = re.findall(r"^Example \d+: (.*)$", last, re.M)
             hits = [0 if self.constant else int(re.search(rf"<< ?{word}>>" if "<<" in e else f" {word}", e)
-                                                is not None) for e in examples]
+                                                is not None) for e in shown]
             text = "[" + ",".join(map(str, hits)) + "]"
             lps = [TokenLogprob("[", 0.0, {})]
             for h in hits:
@@ -285,7 +288,7 @@ class ScriptedClient:
 
 
 def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
-    records = [_record(0, same_token=False), _record(1, token=" cat")]
+    records = [make_record(0, same_token=False), make_record(1, token=" cat")]
     descriptions = {Key(5, 0, 0): "the word dog", Key(5, 0, 1): ""}
     client = ScriptedClient()
     out = tmp_path / "scores.jsonl"
@@ -319,7 +322,7 @@ def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
 
 
 def test_requests_go_method_by_method():
-    records = [_record(i, token=f" w{i}") for i in range(3)]
+    records = [make_record(i, token=f" w{i}") for i in range(3)]
     client = ScriptedClient()
     score.score_records(records, {r.key: f"the word w{r.feature}" for r in records}, client,
                         settings=score.ScoreSettings(bootstrap=10))
@@ -348,6 +351,15 @@ def test_settings_for_engine_and_validation():
         score.ScoreSettings.for_engine(None, simulation="echo")
 
 
+def test_registry_covers_every_method_and_mode():
+    from autointerp.interp.scorers import SCORERS
+    from autointerp.interp.scorers.settings import METHODS, SIMULATION_MODES
+
+    assert set(SCORERS) == set(METHODS) and all(name == s.name for name, s in SCORERS.items())
+    assert list(SCORERS) == ["detection", "fuzzing", "simulation"]  # request order: one template at a time
+    assert set(simulation.PREDICT_BY_MODE) == set(SIMULATION_MODES)
+
+
 def test_cli_needs_explanations(tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -355,9 +367,9 @@ def test_cli_needs_explanations(tmp_path):
     from autointerp.errors import UserError
     from autointerp.jsonl import write_jsonl
 
-    write_jsonl(tmp_path / "step-5" / "records.jsonl", [_record(0), _record(1)])
+    write_jsonl(tmp_path / "step-5" / "records.jsonl", [make_record(0), make_record(1)])
     app = typer.Typer()
-    app.command()(score.cli)
+    app.command()(score_cli.cli)
     result = CliRunner().invoke(app, [str(tmp_path), "--methods", "simulation,guessing"])
     assert isinstance(result.exception, UserError) and "guessing" in str(result.exception)
     result = CliRunner().invoke(app, [str(tmp_path)])
@@ -376,24 +388,24 @@ def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
     from autointerp.llm.client import LLMClient
     from autointerp.llm.serve import start_server
 
-    record = _record(0)
+    record = make_record(0)
     settings = score.ScoreSettings(n_activating=3, n_non_activating=2, methods=("detection", "simulation"),
                                    bootstrap=50)
-    plan = score.plan_examples(record, settings)
-    items = score.detection_items(plan)
+    plan = examples.plan_examples(record, settings)
+    items = classify.detection_items(plan)
     assert len(items) == 5
     with start_server("llama-cpp") as server:
         client = LLMClient(server.base_url, server.model, cache_path=tmp_path / "cache.sqlite",
                            check_alive=server.check)
-        prompt = score.render("detect", description='the word " dog"', examples=[i.text for i in items])
+        prompt = render("detect", description='the word " dog"', examples=[i.text for i in items])
 
         async def ask():
-            return await client.chat(score.chat_messages(prompt),
-                                     response_format=score.json_response_format(score.answer_schema(5), "answers"),
+            return await client.chat(classify.chat_messages(prompt),
+                                     response_format=json_response_format(classify.answer_schema(5), "answers"),
                                      max_tokens=28, logprobs=True, top_logprobs=10)
 
         result = client.run(ask())
-        answers, probs = score.parse_binary_answer(result.text, result.logprobs, 5)
+        answers, probs = classify.parse_binary_answer(result.text, result.logprobs, 5)
         assert len(answers) == 5 and probs is not None and all(0.0 <= p <= 1.0 for p in probs)
         # the same through score_records: balanced accuracy, AUC and intervals in the line
         [scored] = score.score_records([record], {record.key: 'the word " dog"'}, client,
@@ -456,18 +468,18 @@ def test_simulation_over_vllm_prompt_logprobs_end_to_end(tmp_path):
         client = LLMClient(server.base_url, "m", cache_path=tmp_path / "cache.sqlite")
         settings = score.ScoreSettings.for_engine("vllm", methods=("simulation",), n_activating=10,
                                                   n_non_activating=10, bootstrap=100)
-        [s] = score.score_records([_record(0)], {Key(5, 0, 0): "the word dog"}, client, settings=settings)
+        [s] = score.score_records([make_record(0)], {Key(5, 0, 0): "the word dog"}, client, settings=settings)
         client.close()
     finally:
         server.close()
     body = server.bodies[0]
     assert body["prompt_logprobs"] == settings.top_logprobs and body["max_tokens"] == 1  # one prefill pass
-    windows = score.sim_windows(score.plan_examples(_record(0), settings), settings)
+    windows = simulation.sim_windows(examples.plan_examples(make_record(0), settings), settings)
     assert len(windows) == 20 and len(server.bodies) == 1  # 20 windows: one prompt, one request
     assert body["prompt"].count("\tunknown") == sum(len(w.tokens) for w in windows) == s.simulator["simulation"]["n_tokens"]
     # expected values 0.9 * 10 = 9 at " dog", 0.05 * 1 elsewhere, against the true levels, pooled
     predicted = [9.0 if t == " dog" else 0.05 for w in windows for t in w.tokens]
     true = [v for w in windows for v in w.levels]
     assert s.simulator["simulation"]["mode"] == "prompt-logprobs"
-    assert s.simulation == pytest.approx(score.correlation(predicted, true), abs=1e-4) and s.simulation > 0.5
+    assert s.simulation == pytest.approx(metrics.correlation(predicted, true), abs=1e-4) and s.simulation > 0.5
     assert not (tmp_path / "cache.sqlite").exists() or "prompt_logprobs" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")

@@ -105,7 +105,7 @@ def test_server_threads_wait_asleep_unless_told_otherwise():
 def test_server_params_are_set_by_name():
     import xllamacpp
 
-    from autointerp.llm.llamacpp import build_params, main, set_param
+    from autointerp.llm.llamacpp import build_params, set_param
 
     params = xllamacpp.CommonParams()
     for assignment in ("n_batch=256", "cache_prompt=false", "sampling.top_k=5", "cpuparams.poll=0",

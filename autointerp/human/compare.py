@@ -27,7 +27,7 @@ from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect, llmjp_data_dir
 from autointerp.jsonl import iter_jsonl
-from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, Key, row_key, three_way
+from autointerp.schema import GRANULARITIES, LLMJP_GRANULARITY_CODES, Key, three_way
 
 # What compare reads on either side (the explainer's votes too); feature records need human fields.
 LABEL_KINDS = (Kind.LABELS, Kind.HUMAN_LABELS, Kind.HUMAN_RECORDS, Kind.EXPLANATIONS, Kind.RUN, Kind.LLMJP_DEMO)

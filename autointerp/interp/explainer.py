@@ -6,7 +6,7 @@ snippets, ending `Explanation:`; the model writes the next line. The worked exam
 prompts/explain.txt and hold no class definitions or instructions a small model could copy into
 its answer. The snippets come from across the latent's activation range (its strongest contexts
 and lower quantiles) among the contexts the explainer may see; the simulator's held-out contexts
-stay unseen (score.split_contexts).
+stay unseen (scorers.examples.split_contexts).
 
 Two request forms (`ExplainSettings.form`): "completion" (plain /completions, stop at the end of
 the line: the form a few-shot prompt is written for) and "chat" (the same text as one user
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from autointerp.interp import score
+from autointerp.interp.scorers.examples import shown_token, split_contexts
 from autointerp.labels.language import clean_token, max_token
 from autointerp.llm.client import LLMAnswerError, LLMClient, estimate_tokens, stream_results
 from autointerp.llm.prompts import prompt_sha256, render
@@ -48,12 +48,6 @@ CHAT_OVERHEAD_TOKENS = 48  # the chat template's role markers around the prompt
 
 # ---- the prompt ----------------------------------------------------------------------------------
 
-def show_token(token: str) -> str:
-    """A token as it reads in a snippet: text, a newline as ↵, no tabs or carriage returns."""
-    text = clean_token(token).replace("<<", "‹‹").replace(">>", "››")  # our markers stay ours
-    return text.replace("\r", "").replace("\n", "↵").replace("\t", " ")
-
-
 def snippet(context: Context, before: int, after: int = 0, mark_level: int = MARK_LEVEL) -> str:
     """The tokens around the max-activating one (`before` tokens before it, `after` after it),
     runs of active tokens between << >>."""
@@ -69,7 +63,7 @@ def snippet(context: Context, before: int, after: int = 0, mark_level: int = MAR
         elif not active and open_mark:
             out.append(">>")
         open_mark = active
-        out.append(show_token(context.tokens[i]))
+        out.append(shown_token(context.tokens[i], escape_markers=True))  # our markers stay ours
     if open_mark:
         out.append(">>")
     return "".join(out).strip()
@@ -77,7 +71,7 @@ def snippet(context: Context, before: int, after: int = 0, mark_level: int = MAR
 
 def explainer_contexts(record: FeatureRecord) -> list[Context]:
     """The contexts the explainer may see that fire; the simulator scores on the others (held out)."""
-    return [c for c in score.split_contexts(record)[0] if c.max_index >= 0 and c.levels[c.max_index] > 0]
+    return [c for c in split_contexts(record)[0] if c.max_index >= 0 and c.levels[c.max_index] > 0]
 
 
 def spread(contexts: list[Context], n: int) -> list[Context]:

@@ -224,16 +224,17 @@ def score_sample(cp: Checkpoint, descriptions: dict, client, settings, console: 
 
 def run_control(cps: list[Checkpoint], descriptions: dict, scores: dict, client, settings, console: Console,
                 run_dir: Path):
-    from autointerp.interp import score
+    from autointerp.interp import control as shuffle_control
 
     records = [r for cp in cps for r in cp.records]
     ordered = [scores[r.key] for r in records if r.key in scores]
-    planned, _, _ = score.control_plan(records, descriptions, ordered, 0.2, 10, settings.seed)
+    planned, _, _ = shuffle_control.control_plan(records, descriptions, ordered, 0.2, 10, settings.seed)
     with _progress(console) as progress:
         task = progress.add_task("control (shuffled descriptions)", total=len(planned), rates="")
-        control = score.run_control(records, descriptions, ordered, client, run_dir / "control.jsonl", settings,
-                                    seed=settings.seed, on_done=lambda _: progress.update(task, advance=1))
-    score.print_control(control, console)
+        control = shuffle_control.run_control(records, descriptions, ordered, client, run_dir / "control.jsonl",
+                                              settings, seed=settings.seed,
+                                              on_done=lambda _: progress.update(task, advance=1))
+    shuffle_control.print_control(control, console)
     return control
 
 
