@@ -130,6 +130,22 @@ def test_old_label_lines_still_read():
 
 # ---- the command ---------------------------------------------------------------------------------
 
+def test_score_stats_only_labels_the_live_latents_as_label_does_and_counts_the_dead_apart(tmp_path):
+    run, records = write_run(tmp_path)
+    dead = [r for r in records if not r.contexts]
+    assert dead  # the fixture has a dead latent
+    result = CliRunner().invoke(app, ["score", str(run), "--stats-only"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(dead)} dead latents counted apart" in " ".join(result.output.split())
+    stats_only = {l.key: l.granularity for l in labels_of(run)}
+    assert sorted(stats_only) == sorted(r.key for r in records if r.contexts)  # no line for a dead latent
+    with FakeServer() as server:
+        result = CliRunner().invoke(app, ["label", str(run), "--server", server.base_url, "--features", "2",
+                                          "--no-score"])
+        assert result.exit_code == 0, result.output
+    assert sorted(l.key for l in labels_of(run)) == sorted(stats_only)
+
+
 def test_label_writes_one_line_per_live_latent_sampled_only_on_the_sample(tmp_path):
     run, records = write_run(tmp_path)
     live = [r for r in records if r.contexts]

@@ -85,10 +85,11 @@ def cli(
 
         for t in targets:
             started = time.perf_counter()
-            n = write_stat_labels(t.records_path, t.folder / "labels.jsonl")
+            counts = write_stat_labels(t.records_path, t.folder / "labels.jsonl")
             seconds = time.perf_counter() - started
-            console.print(f"{t.folder / 'labels.jsonl'}: {n} statistical labels "
-                          f"({n / max(seconds, 1e-9):,.1f} features/s)")
+            n = counts.labelled + counts.dead
+            console.print(f"{t.folder / 'labels.jsonl'}: {counts.labelled} statistical labels of live latents, "
+                          f"{counts.dead} dead latents counted apart ({n / max(seconds, 1e-9):,.1f} features/s)")
         return
     work = []
     for t in targets:

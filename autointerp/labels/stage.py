@@ -117,7 +117,7 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
 def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = True) -> None:
     """The statistical label of every live latent, streamed into labels.jsonl (written atomically),
     and each one's class for the stratified sample."""
-    from autointerp.labels.statlabels import iter_stat_label_lines
+    from autointerp.labels.statlabels import is_live, iter_stat_label_lines
 
     total = sum(1 for _ in iter_lines(cp.target.records_path, binary=True))
     task = progress.add_task(f"statistical labels {cp.name}", total=total) if progress else None
@@ -128,8 +128,8 @@ def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = Tr
             if progress is not None:
                 progress.advance(task)
             d = json.loads(line)
-            if not (d.get("language_profile") or {}).get("n_contexts"):
-                continue  # a dead latent (no contexts): no label
+            if not is_live(d):
+                continue  # counted apart: n_records - len(classes)
             cp.classes[row_key(d)] = d.get("granularity") or "uninterpretable"
             yield line
 
@@ -408,8 +408,8 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
     for cp in cps:
         cp.sample, cp.strata = sampling.sample_stratified(cp.classes, count, seed)
         rate = cp.n_records / max(cp.stat_seconds, 1e-9)
-        console.print(f"{cp.name}: {len(cp.classes)} live latents of {cp.n_records} labelled statistically "
-                      f"({rate:,.0f} features/s); LLM sample {len(cp.sample)} "
+        console.print(f"{cp.name}: {len(cp.classes)} live latents labelled statistically, "
+                      f"{cp.n_records - len(cp.classes)} dead counted apart ({rate:,.0f} features/s); LLM sample {len(cp.sample)} "
                       f"({', '.join(f'{c} {n}' for c, n in cp.strata.items())})"
                       + (f"; --features {count} is fewer than the {len(cp.strata)} classes present: one of each"
                          if count is not None and count < len(cp.strata) else ""))

@@ -15,11 +15,13 @@ while its pipe is full, so memory stays bounded whatever the number of latents (
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing
 import os
 import queue
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -171,17 +173,32 @@ def iter_stat_label_lines(records_path: str | Path, workers: int | None = None,
             conn.close()
 
 
+def is_live(label: dict) -> bool:
+    """Whether a label line's latent fired on the corpus. A dead latent (no contexts) is not a
+    class: it gets no label line and is counted apart."""
+    return bool((label.get("language_profile") or {}).get("n_contexts"))
+
+
+@dataclass
+class StatLabelCounts:
+    labelled: int = 0
+    dead: int = 0
+
+
 def write_stat_labels(records_path: str | Path, out_path: str | Path, workers: int | None = None,
-                      on_label: Callable[[], None] | None = None) -> int:
-    """Write the statistical label of every latent in `records_path` to `out_path` (JSONL,
-    atomically); returns the number of labels."""
-    lines = iter_stat_label_lines(records_path, workers)
-    if on_label is not None:
-        lines = _counted(lines, on_label)
-    return write_jsonl(out_path, lines)
+                      on_label: Callable[[], None] | None = None) -> StatLabelCounts:
+    """Write the statistical label of every live latent in `records_path` to `out_path` (JSONL,
+    atomically); dead latents are counted, not labelled."""
+    counts = StatLabelCounts()
 
+    def live(lines: Iterator[str]) -> Iterator[str]:
+        for line in lines:
+            if on_label is not None:
+                on_label()
+            if is_live(json.loads(line)):
+                yield line
+            else:
+                counts.dead += 1
 
-def _counted(lines: Iterator[str], on_label: Callable[[], None]) -> Iterator[str]:
-    for line in lines:
-        on_label()
-        yield line
+    counts.labelled = write_jsonl(out_path, live(iter_stat_label_lines(records_path, workers)))
+    return counts
