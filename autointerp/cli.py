@@ -48,7 +48,7 @@ STAGES = [
      "Compare human and model granularity labels: Cohen's kappa, confusion, per-class P/R/F1."),
     ("annotate", "autointerp.human.annotate",
      "Label features by hand in the terminal (label's sample with --features N)."),
-    ("report", "autointerp.report.build", "Render the HTML report: RUN_DIR/report/index.html and a page per checkpoint."),
+    ("report", "autointerp.report.cli", "Render the HTML report: RUN_DIR/report/index.html and a page per checkpoint."),
     ("demo", "autointerp.demo", "Run the whole pipeline on the embedded default and print where the report is."),
 ]
 

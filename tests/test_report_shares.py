@@ -15,7 +15,9 @@ import pytest
 from autointerp.run import Site
 from scipy.stats import binomtest
 
-from autointerp.report.build import build_report, read_step, step_summary
+from autointerp.report.build import build_report
+from autointerp.report.read import read_step
+from autointerp.report.views import step_summary
 from autointerp.jsonl import write_jsonl
 from autointerp.schema import Context, FeatureRecord
 from test_report import CHROMIUM_FLAGS, _chromium

@@ -233,7 +233,8 @@ def test_a_malformed_line_stops_the_labels_with_its_place_and_writes_nothing(tmp
 
 
 def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
-    from autointerp.report.build import read_step, step_summary
+    from autointerp.report.read import read_step
+    from autointerp.report.views import step_summary
 
     records = synthetic(40)
     step = tmp_path / "step-600"

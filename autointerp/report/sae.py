@@ -12,6 +12,7 @@ import heapq
 import math
 from typing import Any
 
+from autointerp.report.plots import figure_png
 from autointerp.schema import Label
 
 # (key in metrics.json, column title, format, what it says) in SAEBench's core order
@@ -47,7 +48,6 @@ def density_png(metrics: dict[str, Any], densities: list[float] | None = None, t
     """(base64 PNG, source) of the latents' log10 firing densities: from metrics.json's
     density_histogram (held-out tokens), else from the records' densities (the whole corpus);
     None when neither is there. Dead latents stand apart on the left; the dense line is marked."""
-    from autointerp.report.build import _figure_png
     from autointerp.sae.metrics import DENSE
 
     hist = metrics.get("density_histogram")
@@ -82,7 +82,7 @@ def density_png(metrics: dict[str, Any], densities: list[float] | None = None, t
     ax.set_ylabel("latents")
     ax.set_title(title or "firing density", fontsize=9)
     fig.tight_layout()
-    return _figure_png(fig), source
+    return figure_png(fig), source
 
 
 def is_dead(label: Label) -> bool:
