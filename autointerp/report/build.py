@@ -249,7 +249,8 @@ def sae_metric(metrics: dict[str, Any], name: str) -> float | None:
 # --- per-feature view models -----------------------------------------------------------------
 
 def _display_token(token: str) -> str:
-    return "↵" if token in ("\n", "<0x0A>") else token.replace("\n", "↵").replace("▁", " ")
+    from autointerp.display import shown  # the html rule: '▁', Ġ, newlines, control characters
+    return shown(token, "html")
 
 
 def context_window(context, window: int) -> dict[str, Any]:
