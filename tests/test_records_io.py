@@ -119,7 +119,7 @@ def test_show_escapes_markup_and_html(tmp_path):
                        record(5, ["z"], [10])])
     result = runner.invoke(app, ["records", "show", str(path), "--feature", "4"])
     assert result.exit_code == 0, result.output
-    assert "<b>[bold]x[/bold] <script>⏎" in result.output
+    assert "<b>[bold]x[/bold] <script>↵" in result.output
     assert "density 25.000%" in result.output and "max activation 10" in result.output
     assert "feature 4" in result.output and "feature 5" not in result.output
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import unicodedata
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +29,7 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
+from autointerp.display import shown
 from autointerp.labels import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
@@ -145,13 +145,6 @@ def select(files: list[Path], steps: Sequence[int] = (), features: int | None = 
     return LazyRecords(items)
 
 
-def _printable(token: str) -> str:
-    # Tokens come from arbitrary text: show newlines as ↵ and never send control characters
-    # (e.g. terminal escape sequences) to the terminal.
-    token = "↵" if token == "<0x0A>" else token.replace("\n", "↵")
-    return "".join(c if unicodedata.category(c)[0] != "C" else f"\\x{ord(c):02x}" for c in token)
-
-
 def _level_style(level: int, is_max: bool) -> str:
     if level <= 0 and not is_max:
         return ""
@@ -165,7 +158,7 @@ def context_text(context, window: int) -> Text:
     start, end = max(0, i - window), min(len(context.tokens), i + window + 1)
     text = Text("…" if start > 0 else "")
     for j in range(start, end):
-        text.append(_printable(context.tokens[j]), style=_level_style(context.levels[j], j == i))
+        text.append(shown(context.tokens[j], "terminal"), style=_level_style(context.levels[j], j == i))
     if end < len(context.tokens):
         text.append("…")
     return text

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from autointerp.interp.scorers.examples import shown_token, split_contexts
+from autointerp.display import shown
+from autointerp.interp.scorers.examples import split_contexts
 from autointerp.labels.language import clean_token, max_token
 from autointerp.llm.client import LLMAnswerError, LLMClient, estimate_tokens, stream_results
 from autointerp.llm.prompts import prompt_sha256, render
@@ -63,7 +64,7 @@ def snippet(context: Context, before: int, after: int = 0, mark_level: int = MAR
         elif not active and open_mark:
             out.append(">>")
         open_mark = active
-        out.append(shown_token(context.tokens[i], escape_markers=True))  # our markers stay ours
+        out.append(shown(context.tokens[i], "prompt", escape_markers=True))  # our markers stay ours
     if open_mark:
         out.append(">>")
     return "".join(out).strip()

@@ -20,6 +20,7 @@ from functools import partial
 from itertools import chain
 from typing import Any, Iterable
 
+from autointerp.display import shown
 from autointerp.labels import language
 from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, japanese_lemma
 from autointerp.labels.relations import LINK_SOURCES, en_ja, link_text, linked, string_related
@@ -243,8 +244,7 @@ def feature_vector(record: FeatureRecord, explanation: Explanation | None = None
 # ---- a one-line statement of the evidence --------------------------------------------------------
 
 def _show(raw: str) -> str:
-    text = language.clean_token(raw).replace("\n", "\\n")
-    return f"“{text}”"
+    return f"“{shown(raw, 'terminal')}”"
 
 
 def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | None = None) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from autointerp import run as runlib
+from autointerp.display import shown
 from autointerp.jsonl import iter_jsonl
 from autointerp.lineage.match import LineageRow, pair_title
 from autointerp.lineage.sites import META_FILE, ROWS_FILE
@@ -40,12 +41,12 @@ class LatentClass:
 
 
 CLASSES_CACHE = "lineage.classes.json"
-CLASSES_CACHE_VERSION = 2
+CLASSES_CACHE_VERSION = 3  # 3: top tokens through display.shown (no '▁' on the page)
 
 
 def _shown(token: str) -> str:
-    """A max token as the card shows it: newlines as ↵, a blank token as ␣."""
-    token = token.replace("\n", "↵")
+    """A max token as the card (HTML) shows it: display.shown's html rule, a blank token as ␣."""
+    token = shown(token, "html")
     return token if token.strip() else "␣" * max(len(token), 1)
 
 

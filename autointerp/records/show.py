@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.text import Text
 
+from autointerp.display import shown
 from autointerp.schema import LEVELS, Context, FeatureRecord
 
 # background shades for levels 1..10 (0 = no background)
@@ -14,11 +15,10 @@ _SHADES = ["", "#3a2a12", "#4a3312", "#5a3c10", "#6b450e", "#7c4e0c", "#8e570a",
 
 def render_context(ctx: Context) -> Text:
     """One context as rich Text, each token's background shaded by its level. Text (not markup)
-    is used, so tokens like "[bold]" or "<b>" print literally."""
+    is used, so tokens like "[bold]" or "<b>" print literally; control characters come escaped."""
     text = Text()
     for token, level in zip(ctx.tokens, ctx.levels):
-        shown = token.replace("\n", "⏎").replace("<0x0A>", "⏎")
-        text.append(shown, style=f"on {_SHADES[level]}" if 0 < level <= LEVELS else "")
+        text.append(shown(token, "terminal"), style=f"on {_SHADES[level]}" if 0 < level <= LEVELS else "")
     return text
 
 

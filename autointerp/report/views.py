@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from autointerp import run as runlib
+from autointerp.display import shown
 from autointerp.labels.language import profile as language_profile
 from autointerp.labels.shares import ShareTable, sample_agreement
 from autointerp.report.names import SAE_METRICS, SCORE_NAMES
@@ -21,16 +22,12 @@ from autointerp.schema import GRANULARITIES, Key, Scores
 
 # --- per-feature view models -----------------------------------------------------------------
 
-def _display_token(token: str) -> str:
-    return "↵" if token in ("\n", "<0x0A>") else token.replace("\n", "↵").replace("▁", " ")
-
-
 def context_window(context, window: int) -> dict[str, Any]:
     """Tokens within `window` of the max token, as (text, level, activation) for shading."""
     i = context.max_index
     start, end = max(0, i - window), min(len(context.tokens), i + window + 1)
     acts = context.activations
-    tokens = [{"text": _display_token(context.tokens[j]), "level": max(0, min(10, context.levels[j])),
+    tokens = [{"text": shown(context.tokens[j], "html"), "level": max(0, min(10, context.levels[j])),
                "act": None if acts is None else round(acts[j], 3), "max": j == i}
               for j in range(start, end)]
     return {"tokens": tokens, "cut_left": start > 0, "cut_right": end < len(context.tokens)}

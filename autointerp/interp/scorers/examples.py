@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from autointerp.display import shown
 from autointerp.interp.scorers.settings import ScoreSettings
-from autointerp.labels.language import clean_token
 from autointerp.schema import Context, FeatureRecord
 
 
@@ -137,23 +137,11 @@ def plan_examples(record: FeatureRecord, settings: ScoreSettings,
     return ExamplePlan(activating, non_activating)
 
 
-def shown_token(token: str, escape_markers: bool = False) -> str:
-    """A token as a prompt shows it: its text, a newline as ↵, a tab as a space, no carriage
-    return. escape_markers: << and >> inside the token become ‹‹ and ›› first. The explainer's
-    snippets ask for that (a token's own << would read as a highlight); the scorers' prompts have
-    always shown such tokens as they are, and escaping them there would change their prompts, so
-    their cached answers and scores: hence an argument, not one behaviour for both."""
-    text = clean_token(token)
-    if escape_markers:
-        text = text.replace("<<", "‹‹").replace(">>", "››")
-    return text.replace("\r", "").replace("\n", "↵").replace("\t", " ")
-
-
 def shown_text(tokens: Sequence[str], marked: set[int] | frozenset = frozenset()) -> str:
     """Tokens as one line of text; runs of marked tokens between << and >> (delphi's format)."""
     parts, open_ = [], False
     for i, token in enumerate(tokens):
-        text = shown_token(token)
+        text = shown(token, "prompt")
         if i in marked and not open_:
             parts.append("<<")
             open_ = True

@@ -22,7 +22,8 @@ import re
 from typing import Any
 
 from autointerp.interp.scorers.base import MethodResult, Scorer
-from autointerp.interp.scorers.examples import ExamplePlan, Window, shown_token
+from autointerp.display import shown
+from autointerp.interp.scorers.examples import ExamplePlan, Window
 from autointerp.interp.scorers.metrics import bootstrap_ci, correlation
 from autointerp.interp.scorers.settings import ScoreSettings
 from autointerp.llm.client import json_response_format, parse_json_answer
@@ -87,7 +88,7 @@ def _object_schema(key: str, n: int, item: dict[str, Any]) -> dict[str, Any]:
 
 async def _simulate_json(client, description: str, windows: list[Window], settings: ScoreSettings) -> list[float]:
     """One chat request: the simulator lists an integer 0..10 per token, text after text."""
-    texts = [[shown_token(t).replace("|", "¦") for t in w.tokens] for w in windows]
+    texts = [[shown(t, "prompt").replace("|", "¦") for t in w.tokens] for w in windows]
     index = sum(len(t) for t in texts)
     prompt = render(JSON_TEMPLATE, description=description, texts=texts, n_tokens=index)
     schema = _object_schema("activations", index, {"type": "integer", "minimum": 0, "maximum": 10})
@@ -105,7 +106,7 @@ def all_at_once_prompt(description: str, windows: list[Window]) -> tuple[str, li
     """OpenAI's all-at-once prompt: every token then a tab and "unknown"; with the character
     offset of each token's tab, in order."""
     prompt = render(ALL_AT_ONCE_TEMPLATE, description=description,
-                    windows=[[shown_token(t) for t in w.tokens] for w in windows])
+                    windows=[[shown(t, "prompt") for t in w.tokens] for w in windows])
     # The template writes "\tunknown" only in the slots to fill (token text never holds a tab).
     return prompt, [m.start() for m in re.finditer("\tunknown", prompt)]
 
