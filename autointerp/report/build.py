@@ -32,7 +32,6 @@ import typer
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
-from autointerp.options import renamed
 from autointerp.labels.language import profile as language_profile
 from autointerp.labels.language import trend as language_trend
 from autointerp.report.sae import SynonymTable, density_png, is_dead, metric_columns, metric_rows
@@ -784,7 +783,6 @@ def _manifest_model(manifest: dict[str, Any]) -> str | None:
     return manifest.get("model") if isinstance(manifest.get("model"), str) else None
 
 
-@renamed({"--max-features": "--per-page"})
 def cli(
     run_dir: Path = typer.Argument(..., help="Run directory (e.g. runs/demo)."),
     human: Path | None = typer.Option(None, "--human", help="Human labels to compare with (any format "
