@@ -58,9 +58,9 @@ MIN_N_CTX = 256
 
 
 def check_n_ctx(value: int) -> int:
-    """--n-ctx: at least MIN_N_CTX tokens (click's own range message)."""
+    """--n-ctx: at least MIN_N_CTX tokens (the message of a min= range)."""
     if value < MIN_N_CTX:
-        raise typer.BadParameter(f"{value} is not in the range x>={MIN_N_CTX}.")
+        raise typer.BadParameter(f"Input should be greater than or equal to {MIN_N_CTX}")
     return value
 
 
