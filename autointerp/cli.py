@@ -29,7 +29,6 @@ from typer.core import TyperCommand, TyperGroup
 
 from autointerp import __version__
 from autointerp.errors import UserError
-from autointerp.options import old_names, rewrite_args
 
 # (subcommand, module, summary for the command list): the order is the pipeline's.
 STAGES = [
@@ -78,25 +77,12 @@ def _option_metavar(param: Any) -> str:
     return _TYPE_NAMES.get(annotation, "VALUE")
 
 
-def _takes_value(command: Any) -> set[str]:
-    return {opt for p in command.params if p.param_type_name == "option"
-            and not getattr(p, "is_flag", False) and not getattr(p, "count", False) for opt in p.opts}
-
-
 def _with_usage(command: Any) -> None:
     """click's parser raises "Option '--x' requires an argument." without the command's context,
-    so it would print no usage line: attach the context it was parsing. Old option names
-    (autointerp.options.renamed) are rewritten to the new ones first."""
+    so it would print no usage line: attach the context it was parsing."""
     parse = command.make_context
-    aliases, refused = old_names(command)
 
     def make_context(info_name, args, parent=None, **extra):
-        if aliases or refused:
-            args, notes, refusal = rewrite_args(args, aliases, refused, _takes_value(command))
-            for note in notes:
-                print(note, file=sys.stderr)
-            if refusal:
-                raise _USAGE_ERROR(refusal, command.context_class(command, info_name=info_name, parent=parent))
         try:
             return parse(info_name, args, parent=parent, **extra)
         except _USAGE_ERROR as exc:

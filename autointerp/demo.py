@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autointerp.errors import UserError
+from autointerp import options as O
 from autointerp.options import parse_steps
 from autointerp.run import update_manifest
 
@@ -53,7 +54,7 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({n_layers // 6, n_layers // 2, n_layers - 1 - n_layers // 6})
 
 
-def stages(run: Path, layer: list[int] | int, features: int, threads: int | None, model: str | None = None,
+def stages(run: Path, layer: list[int] | int, features: int | str, threads: int | None, model: str | None = None,
            sizing: RealSizing = RealSizing()) -> list[tuple[str, list[str]]]:
     label = ["label", str(run), "--features", str(features)]
     if threads:
@@ -97,16 +98,11 @@ def _model_layers(model: str) -> int:
 
 def cli(
     run: Path = typer.Argument(Path("runs/demo"), metavar="RUN_DIR", help="Run folder (created; reused to resume)."),
-    model: str = typer.Option(None, "--model", metavar="MODEL",
-                              help="A real pretrained model instead of the tiny one trained here: a short name "
-                                   "(gemma-3-270m, smollm2-135m), a .gguf file, a folder or a Hugging Face id."),
+    model: str = O.model_option("A real pretrained model instead of the tiny one trained here."),
     layer: list[str] = typer.Option([], "--layer", metavar="LAYERS", callback=parse_steps,
                                     help="Decoder layer(s) the SAEs read, comma-separated (default: 2 for the tiny "
                                          "model; an early, a middle and a late one for --model)."),
-    features: int = typer.Option(4, min=1, help="Latents per checkpoint (layer) the LLM describes and scores (a "
-                                                "stratified sample; every live latent gets a statistical label). "
-                                                "The LLM is the slow part on CPU: 4 keeps the demo within ~20 "
-                                                "minutes."),
+    features: str = O.features_option("4"),
     threads: int = typer.Option(0, min=0, help="llama.cpp threads (0: all cores)."),
 ) -> None:
     """Run the whole pipeline on the embedded default (or a real model) and print where the report is."""

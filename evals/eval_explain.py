@@ -26,7 +26,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp.labels import decision as granularity
 from autointerp.labels import dictionary
@@ -35,6 +34,7 @@ from autointerp.labels import sampling
 from autointerp import run as run_lib
 from autointerp.interp.explainer import ExplainSettings, explain_records
 from autointerp.llm.prompts import PROMPTS_DIR
+from autointerp.progress import progress_bar
 from autointerp.records.read import read_records
 from autointerp.schema import Explanation, FeatureRecord
 
@@ -135,8 +135,7 @@ def explain_all(name: str, records: list[FeatureRecord], out: Path, client, sett
     for r in records:
         by_step[r.checkpoint_step].append(r)
     done: dict = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with progress_bar(console=console) as progress:
         task = progress.add_task(f"explain {name}", total=len(records))
         for step, recs in sorted(by_step.items(), key=lambda kv: kv[0] or 0):
             path = run_lib.step_dir(out, step if step is not None else 0) / "explanations.jsonl"

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp.interp import score
 from autointerp.interp.control import control_plan, control_sample, run_control
 from autointerp.interp.scorers.examples import split_contexts
 from autointerp.labels.language import clean_token
+from autointerp.progress import progress_bar
 from autointerp.records.read import read_records
 from autointerp.schema import FeatureRecord
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         client = LLMClient(url, model, cache_path=out / "cache.sqlite", concurrency=args.concurrency,
                            check_alive=alive, seed=args.seed)
         try:
-            with _progress(console) as progress:
+            with progress_bar(console=console) as progress:
                 task = progress.add_task("matched descriptions", total=len(sample))
                 matched = score.score_records(sample, descriptions, client, out / "scores.jsonl", settings,
                                               on_done=lambda _: progress.update(task, advance=1), pool=records)
@@ -160,11 +160,6 @@ def score_sample(records: list[FeatureRecord], n: int, seed: int) -> list[Featur
 
     chosen = set(r.key for r in random.Random(f"eval-scores:{seed}").sample(records, min(n, len(records))))
     return [r for r in records if r.key in chosen]
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_lazy_records_go_back_and_forth_without_reading_everything(tmp_path):
     path = tmp_path / "records.jsonl"
     write_jsonl(path, _mixed_records((10,), 30))
     lazy = select([path], features=None)
-    lazy._cache_size = 2  # going back past the cache re-reads from the file's start
+    lazy.cache_size = 2  # going back past the cache re-reads from the file's start
     order = [0, 1, 2, 29, 3, 0, 17, 16]
     assert [lazy[i].feature for i in order] == order
     assert isinstance(lazy, LazyRecords) and lazy[-1].feature == 29

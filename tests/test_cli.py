@@ -63,7 +63,6 @@ def _usage_error(code: int, err: str, command: str) -> None:
     (["lm", "train", "--train-steps", "0"], "lm train", "Invalid value for '--train-steps'"),
     (["lm", "train", "--steps", "-5"], "lm train", "Invalid value for '--steps'"),
     (["report", "{records}", "--per-page", "0"], "report", "Invalid value for '--per-page'"),
-    (["report", "{records}", "--max-features", "0"], "report", "Invalid value for '--per-page'"),  # old name
     (["demo", "--features", "0"], "demo", "Invalid value for '--features'"),
 ])
 def test_usage_mistakes_get_the_usage_line_and_exit_2(capsys, records, args, command, message):

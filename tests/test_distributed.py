@@ -56,7 +56,7 @@ def run_both_stages(folder: str) -> dict:
     from autointerp.lm.activations import load_lm
     from autointerp.records.collect import iter_collect
     from autointerp.sae import load_sae
-    from autointerp.sae.cli import _activation_chunks
+    from autointerp.sae.cli import activation_chunks
 
     torch.set_num_threads(1)
     model, tokenizer = load_lm(f"{folder}/lm")
@@ -67,7 +67,7 @@ def run_both_stages(folder: str) -> dict:
                                                  batch_size=8, n_similar=2, n_random=3, n_same_token=1)]
     collect_tokens, seen[0] = seen[0], 0
     sae_cfg, train_cfg = train_configs()
-    sae, result = train_sae(_activation_chunks(model, tokenizer, DOCS, LAYER, 24, 1, shard=True), sae_cfg, train_cfg)
+    sae, result = train_sae(activation_chunks(model, tokenizer, DOCS, LAYER, 24, 1, shard=True), sae_cfg, train_cfg)
     assert result.steps >= 3
     return {"records": records, "sae": sae, "collect_tokens": collect_tokens, "train_tokens": seen[0]}
 

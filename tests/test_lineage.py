@@ -158,14 +158,14 @@ def tiny_run(tmp_path_factory):
     the lineage the CLI finds must be exactly that permutation."""
     import shutil
 
-    from test_sae_cli import _corpus, _tiny_llama
+    from test_sae_cli import tiny_corpus, tiny_llama
 
     from autointerp.sae import SAEConfig, TopKSAE, save_sae
 
     root = tmp_path_factory.mktemp("lineage")
-    corpus = _corpus(root / "corpus.txt", n=60)
+    corpus = tiny_corpus(root / "corpus.txt", n=60)
     run = root / "run"
-    _tiny_llama(run / "lm" / "step-10", corpus)
+    tiny_llama(run / "lm" / "step-10", corpus)
     shutil.copytree(run / "lm" / "step-10", run / "lm" / "step-20")
     sae = TopKSAE(SAEConfig(d_model=16, d_sae=48, k=4, model="unused", layer=0, checkpoint_step=10), seed=0)
     with torch.no_grad():

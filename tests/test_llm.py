@@ -15,7 +15,7 @@ from fakeserver import GOOD_ANSWER, FakeServer, completion  # noqa: E402
 from openai.types.chat import ChatCompletion  # noqa: E402
 
 from autointerp.errors import UserError  # noqa: E402
-from autointerp.llm.client import (LLMAnswerError, LLMClient, TokenLogprob, _result_from_response,  # noqa: E402
+from autointerp.llm.client import (LLMAnswerError, LLMClient, TokenLogprob, result_from_response,  # noqa: E402
                             cache_key, estimate_tokens, parse_json_answer, read_logprobs, server_root, validate)
 
 SCHEMA = {"type": "object", "required": ["description", "granularity", "cross_lingual", "confidence"],
@@ -231,9 +231,9 @@ def test_fenced_chat_answer_keeps_the_text_its_logprob_tokens_spell():
     tokens = ["```", "json", "\n", '{"a":', " 7", "}", "\n```"]
     body = completion('{"a": 7}', {"model": "m", "logprobs": True})
     body["choices"][0]["logprobs"] = {"content": [{"token": t, "logprob": -0.5, "top_logprobs": []} for t in tokens]}
-    result = _result_from_response(ChatCompletion.model_validate(body))
+    result = result_from_response(ChatCompletion.model_validate(body))
     assert result.text == "".join(tokens) and parse_json_answer(result.text) == {"a": 7}
-    plain = _result_from_response(ChatCompletion.model_validate(completion('{"a": 7}', {"model": "m"})))
+    plain = result_from_response(ChatCompletion.model_validate(completion('{"a": 7}', {"model": "m"})))
     assert plain.text == '{"a": 7}' and plain.logprobs is None
 
 

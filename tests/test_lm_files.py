@@ -108,7 +108,7 @@ def test_gguf_is_converted_once_and_loads(tiny, cache, monkeypatch, capsys):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(lm_files, "convert_gguf", no_conversion)
-    monkeypatch.setattr(lm_files, "_sha256_of", no_conversion)  # the index remembers the hash
+    monkeypatch.setattr(lm_files, "sha256_of", no_conversion)  # the index remembers the hash
     assert lm_files.resolve_lm(str(tiny)) == folder
     assert (cache / "models" / sha256[:16]).stat().st_mtime_ns == mtime
     model, tokenizer = A.load_lm(str(tiny))
@@ -196,7 +196,7 @@ def test_gemma_short_name_assembles_its_gguf_once(cache):
 
     path = lm_files.gguf_path("gemma-3-270m")
     assert path.parent == cache / "gguf" and path.name == gemma.MODEL_NAME
-    assert lm_files._sha256_of(path) == gemma.EXPECTED_SHA256
+    assert lm_files.sha256_of(path) == gemma.EXPECTED_SHA256
     assert [p.name for p in path.parent.iterdir()] == [gemma.MODEL_NAME]  # no temporary file left
     mtime, t0 = path.stat().st_mtime_ns, time.perf_counter()
     assert lm_files.gguf_path("gemma-3-270m") == path and path.stat().st_mtime_ns == mtime

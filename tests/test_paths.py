@@ -15,7 +15,7 @@ from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.records.read import read_records
 
-from test_sae_cli import _corpus, _tiny_llama
+from test_sae_cli import tiny_corpus, tiny_llama
 
 runner = CliRunner()
 
@@ -47,8 +47,8 @@ def moved(tmp_path_factory):
     root = tmp_path_factory.mktemp("paths")
     work = root / "work"
     work.mkdir()
-    corpus = _corpus(root / "corpus.txt", n=60)
-    _tiny_llama(work / "run" / "lm" / "step-10", corpus)
+    corpus = tiny_corpus(root / "corpus.txt", n=60)
+    tiny_llama(work / "run" / "lm" / "step-10", corpus)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
         result = runner.invoke(app, ["sae", "train", "run", "--layer", "0", "--corpus", str(corpus),

@@ -143,7 +143,7 @@ def test_language_trend_follows_the_paper_rule():
     assert profile(rec([" dog"] * 9 + ["犬"]))["trend"] == "mix"  # 90% is not over 90%
 
 
-def _chromium() -> str | None:
+def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -154,7 +154,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def _run_chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     profile.mkdir(parents=True, exist_ok=True)
-    return subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+    return subprocess.run([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -163,7 +163,7 @@ def _console_errors(stderr: str) -> list[str]:
 
 
 @needs_dev
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (apt-get install chromium)")
 @pytest.mark.timeout(300)
 def test_index_loads_in_headless_chromium(tmp_path):
     from autointerp.report.build import build_report

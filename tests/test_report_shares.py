@@ -20,7 +20,7 @@ from autointerp.report.read import read_step
 from autointerp.report.views import step_summary
 from autointerp.jsonl import write_jsonl
 from autointerp.schema import Context, FeatureRecord
-from test_report import CHROMIUM_FLAGS, _chromium
+from test_report import CHROMIUM_FLAGS, chromium_path
 
 STEPS = (10, 600)
 N = 40  # latents per checkpoint
@@ -271,14 +271,14 @@ GLYPH_PROBE = """<script>
 
 def _probe(page: Path, profile: Path, env: dict | None = None) -> dict:
     profile.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+    result = subprocess.run([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
                             capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
     found = re.search(r'<pre id="glyph-probe">(.*?)</pre>', result.stdout, re.S)
     assert found, result.stderr[-2000:]
     return json.loads(found[1].replace("&amp;", "&").replace("&quot;", '"'))
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (make test installs it)")
+@pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (make test installs it)")
 @pytest.mark.timeout(300)
 def test_japanese_renders_as_glyphs_not_boxes_in_headless_chromium(tmp_path):
     # fontconfig knows a Japanese font (the Makefile installs fonts-noto-cjk beside chromium)

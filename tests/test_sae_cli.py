@@ -17,14 +17,14 @@ from autointerp.sae.metrics import delta_ce, replace_layer_output
 WORDS = "the cat sat on a mat while dogs run in parks and birds sing over green hills".split()
 
 
-def _corpus(path: Path, n: int = 120) -> Path:
+def tiny_corpus(path: Path, n: int = 120) -> Path:
     gen = torch.Generator().manual_seed(0)
     lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (12,), generator=gen)) for _ in range(n)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _tiny_llama(directory: Path, corpus: Path, d_model: int = 16, seed: int = 0) -> Path:
+def tiny_llama(directory: Path, corpus: Path, d_model: int = 16, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from autointerp.lm.train import train_tokenizer
@@ -48,10 +48,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sae_cli")
-    corpus = _corpus(root / "corpus.txt")
+    corpus = tiny_corpus(root / "corpus.txt")
     run = root / "run"
     for step, seed in ((10, 0), (100, 1)):
-        _tiny_llama(run / "lm" / f"step-{step}", corpus, seed=seed)
+        tiny_llama(run / "lm" / f"step-{step}", corpus, seed=seed)
     return root, corpus, run
 
 
@@ -92,7 +92,7 @@ def test_bad_input_exits_with_one_line(setup, tmp_path):
     assert too_big_k.returncode == 1 and "k=100 > d_sae=16" in too_big_k.stderr
     assert len(too_big_k.stderr.strip().splitlines()) == 1
 
-    other = _tiny_llama(tmp_path / "wide", corpus, d_model=32)
+    other = tiny_llama(tmp_path / "wide", corpus, d_model=32)
     (tmp_path / "pk").mkdir()
     torch.save({"W_enc": torch.zeros(2, 2)}, tmp_path / "pk" / "sae.pt")
     refused = _cli("sae", "metrics", str(tmp_path / "pk"), "--model", str(other), "--layer", "0")

@@ -123,7 +123,7 @@ def test_non_latin_chars_are_those_langdetect_weighs_latin_letters_against():
 @needs_dev
 def test_cached_profiles_equal_uncached_langdetect(monkeypatch):
     records = dev_records(7)
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
     cached = [language.profile(r) for r in records]
     calls = []
 
@@ -140,9 +140,9 @@ def test_cached_profiles_equal_uncached_langdetect(monkeypatch):
 
 def test_each_distinct_text_is_detected_once(monkeypatch):
     records = synthetic(30)
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
     seen = []
-    detector = language._batch_detector()
+    detector = language.batch_detector()
     monkeypatch.setattr(detector, "detect", lambda texts: seen.extend(texts) or ["xx"] * len(texts))
     language.detect_records(records)
     for r in records:
@@ -151,7 +151,7 @@ def test_each_distinct_text_is_detected_once(monkeypatch):
     asked = {t for t in texts if language.script_language(t) is None}  # the rest: settled by their script
     assert sorted(seen) == sorted(asked) and len(texts) > len(set(texts))  # contexts repeat; one call each
     assert 0 < len(asked) < len(set(texts))
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
 
 
 # ---- compact records -------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_streamed_labels_equal_in_memory_labels(tmp_path, monkeypatch, workers, 
     write_jsonl(path, records)
     monkeypatch.setattr(statlabels, "HEAD", head)  # chunks labelled before the workers start
     counts = write_stat_labels(path, tmp_path / "labels.jsonl", workers=workers)
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
     in_memory = [to_json_line(label) for label in granularity.build_labels(read_records(path))
                  if label.language_profile.get("n_contexts")]
     assert counts.labelled + counts.dead == len(records) and counts.labelled == len(in_memory)
@@ -249,7 +249,7 @@ def test_report_streams_records_and_keeps_only_the_shown_ones(tmp_path):
     assert all(len(r.contexts) <= 2 and not r.negatives for r in data.records.values())
     assert data.context_counts[records[7].key] == len(records[7].contexts)
     assert step_summary(data, {}) == step_summary(everything, {})
-    language._LANGUAGE_CACHE.clear()
+    language.LANGUAGE_CACHE.clear()
     # without labels the page's language shares come from every record's trend, kept or not
     (step / "labels.jsonl").unlink()
     data = read_step(tmp_path, Site(600), max_records=5, max_contexts=2)

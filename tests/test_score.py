@@ -151,9 +151,9 @@ def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
                          "prompt_logprobs": _vllm_prompt_logprobs(prompt, expected)}],
             "usage": {"prompt_tokens": 300, "completion_tokens": 1, "total_tokens": 301}}
     # through the openai client's model, as LLMClient reads it, and through the cache's JSON
-    from autointerp.llm.client import _result_from_dict, _result_from_response, _result_to_dict
-    result = _result_from_response(openai.types.Completion.model_validate(json.loads(json.dumps(body))))
-    result = _result_from_dict(json.loads(json.dumps(_result_to_dict(result))), cached=True)
+    from autointerp.llm.client import result_from_dict, result_from_response, result_to_dict
+    result = result_from_response(openai.types.Completion.model_validate(json.loads(json.dumps(body))))
+    result = result_from_dict(json.loads(json.dumps(result_to_dict(result))), cached=True)
     predicted = simulation.predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
     assert predicted == pytest.approx([0.0, 0.5 * 10 + 0.25 * 5, 0.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="slots"):

@@ -353,7 +353,7 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
     # rerun from scratch (explanations deleted) on another llama.cpp server, named as one (the
     # same requests, llama.cpp's repetition controls included): every answer comes from the cache
     (path.parent / "explanations.jsonl").unlink()
-    again = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--base-url",
+    again = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--server",
                                      llama_server.base_url, "--engine", "llama-cpp"])
     assert again.exit_code == 0, again.output
     stats = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["label"]["llm_stats"]

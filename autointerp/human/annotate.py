@@ -34,7 +34,7 @@ from autointerp.labels import language
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.options import STEPS_HELP, parse_steps, renamed
+from autointerp import options as O
 from autointerp.labels.sampling import labelled_sample, parse_count, sample_keys
 from autointerp.jsonl import JsonlAppender
 from autointerp.records.lean import lean_record, scan_records
@@ -89,7 +89,7 @@ class LazyRecords(Sequence):
         self.items = items
         self.keys = [key for _, key in items]
         self._cache: OrderedDict[int, FeatureRecord] = OrderedDict()
-        self._cache_size = cache_size
+        self.cache_size = cache_size
         self._streams: dict[Path, Iterator] = {}
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class LazyRecords(Sequence):
         path, key = self.items[i]
         record = self._find(path, key)
         self._cache[i] = record
-        if len(self._cache) > self._cache_size:
+        if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return record
 
@@ -260,28 +260,15 @@ def annotate(records: Sequence[FeatureRecord], out: Path, annotator: str, read_k
     return {**done, "remaining": remaining}
 
 
-def _features_option(value: str) -> str:
-    """--features N|all, checked when the command line is read."""
-    try:
-        parse_count(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.") from None
-    return value
-
-
-@renamed({"--step": "--steps"})
 def cli(
     records: Path = typer.Argument(..., metavar="RECORDS",
                                    help="Feature records: a records file (.jsonl, .jsonl.zst, .jsonl.gz) or a run folder."),
     out: Path = typer.Option(..., "--out", metavar="HUMAN_LABELS",
                              help="Where answers are appended (JSONL); resumed if it exists."),
     annotator: str = typer.Option("anonymous", "--annotator", help="Your name, saved with each answer."),
-    features: str = typer.Option("all", "--features", metavar="N|all", callback=_features_option,
-                                 help="The seeded sample of N live features per records file that "
-                                      "`autointerp label --features N` labels, or all features in file order."),
-    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
-                                    help=f"Only these checkpoint steps, {STEPS_HELP}."),
-    contexts: int = typer.Option(8, "--contexts", min=1, help="Top contexts shown per feature."),
+    features: str = O.features_option(),
+    steps: list[str] = O.steps_option(),
+    contexts: int = O.contexts_option(8),
     window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),
 ) -> None:
     """Label features by hand: t token, s concept-synonym, m concept-semantic, u uninterpretable, n skip, b back, q quit."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from autointerp import run as run_lib
 from autointerp.errors import UserError
@@ -18,7 +17,8 @@ from autointerp.interp.scorers import SCORERS
 from autointerp.interp.scorers.settings import METHODS, ScoreSettings
 from autointerp.labels import sampling
 from autointerp.llm.prompts import prompt_sha256
-from autointerp.options import renamed
+from autointerp import options as O
+from autointerp.progress import progress_bar
 
 
 HELP_COUNTS = ("Defaults by engine: vllm 50 activating + 50 non-activating (delphi's), simulation from "
@@ -26,21 +26,16 @@ HELP_COUNTS = ("Defaults by engine: vllm 50 activating + 50 non-activating (delp
                "simulation from a JSON answer.")
 
 
-@renamed({"--base-url": "--server"}, refused={"--model": "--llm"})
 def cli(
     target: Path = typer.Argument(..., help="A records.jsonl file, or a run directory (every step-N/records.jsonl); "
                                             "explanations.jsonl is read from beside each records file."),
-    server: str = typer.Option(None, "--server", metavar="URL", help="OpenAI-compatible server, e.g. "
-                               "http://127.0.0.1:8080/v1; without it the embedded llama.cpp server is started and stopped."),
-    llm: str = typer.Option(None, "--llm", metavar="NAME", help="Model name at --server (default: the first the "
-                                                                "server lists); a GGUF path for the embedded server."),
-    engine: str = typer.Option(None, help="Embedded server engine (llama-cpp or vllm), or what the server at "
-                                          "--server is: it picks the example counts and the simulation mode."),
-    threads: int = typer.Option(None, help="CPU threads of the embedded llama.cpp server."),
-    n_ctx: int = typer.Option(2048, "--n-ctx", help="The embedded server's context window in tokens."),
-    concurrency: int = typer.Option(4, help="Requests in flight at once."),
-    features: int = typer.Option(None, help="Only N features of each checkpoint: the same seeded sample of live "
-                                            "ones as `autointerp label --features N`."),
+    server: str = O.server_option(),
+    llm: str = O.llm_option(),
+    engine: str = O.engine_option(),
+    threads: int = O.llm_threads_option(),
+    n_ctx: int = O.n_ctx_option(),
+    concurrency: int = O.concurrency_option(),
+    features: str = O.features_option(),
     methods: str = typer.Option(",".join(METHODS), help="Comma-separated: simulation,detection,fuzzing."),
     n_activating: int = typer.Option(None, help="Activating examples per method, drawn across activation "
                                                 "quantiles of the held-out contexts. " + HELP_COUNTS),
@@ -60,11 +55,11 @@ def cli(
     no_control: bool = typer.Option(False, "--no-control", help="Skip the shuffled-description control."),
     rescore: bool = typer.Option(False, help="Score again the latents already in scores.jsonl (cached answers "
                                              "are reused)."),
-    seed: int = typer.Option(0, help="Seed of the example draws, bootstrap intervals and the control."),
+    seed: int = O.seed_option("the example draws, bootstrap intervals and the control"),
     stats_only: bool = typer.Option(False, "--stats-only", help="No server: write labels.jsonl for every latent "
                                                                 "from the statistical model alone."),
-    timeout: float = typer.Option(300.0, help="Seconds per request before it is retried."),
-    retries: int = typer.Option(4, help="Retries per request on timeouts, 429, 5xx, connection errors."),
+    timeout: float = O.timeout_option(),
+    retries: int = O.retries_option(),
 ) -> None:
     """Score descriptions with delphi's detection and fuzzing and OpenAI's all-at-once simulation,
     then the shuffled-description control: writes step-N/scores.jsonl, RUN/control.jsonl and the
@@ -80,7 +75,8 @@ def cli(
         n_non_activating=n_non_activating, per_prompt=per_prompt, window=window_width, sim_window=sim_window, simulation=simulation,
         seed=seed)
     targets = run_lib.resolve_targets(target)
-    if stats_only and not features:  # every latent, streamed (a whole SAE does not fit in memory as objects)
+    count = sampling.parse_count(features)  # None: every latent
+    if stats_only and count is None:  # every latent, streamed (a whole SAE does not fit in memory as objects)
         from autointerp.labels.statlabels import write_stat_labels
 
         for t in targets:
@@ -94,9 +90,9 @@ def cli(
     work = []
     for t in targets:
         records = read_records(t.records_path)
-        if features:  # the latents `label` described (its stratified sample), else the plain seeded sample
+        if count is not None:  # the latents `label` described (its stratified sample), else the plain seeded sample
             labelled = set(sampling.labelled_sample(t.folder / "labels.jsonl"))
-            records = [r for r in records if r.key in labelled] if labelled else sampling.sample_live(records, features)
+            records = [r for r in records if r.key in labelled] if labelled else sampling.sample_live(records, count)
         expl_path = t.folder / "explanations.jsonl"
         if not expl_path.exists():
             raise UserError(f"{expl_path}: no explanations to score (run `autointerp label` first)")
@@ -115,7 +111,7 @@ def cli(
         try:
             for t, records, descriptions in work:
                 out = t.folder / "scores.jsonl"
-                with _progress(console) as progress:
+                with progress_bar(console=console) as progress:
                     task = progress.add_task(f"score {t.folder.name}", total=len(records),
                                              completed=len(records) - len(pending_keys(records, descriptions, out)))
                     scores = score_records(records, descriptions, client, out, settings,
@@ -127,7 +123,7 @@ def cli(
             if not no_control:
                 planned, _, _ = control_plan(all_records, all_descriptions, all_scores, control_fraction,
                                              control_min, seed)
-                with _progress(console) as progress:
+                with progress_bar(console=console) as progress:
                     task = progress.add_task("control (shuffled descriptions)", total=len(planned))
                     control = run_control(all_records, all_descriptions, all_scores, client, control_path, settings,
                                           control_fraction, control_min, seed,
@@ -147,6 +143,3 @@ def cli(
                   f"{time.perf_counter() - started:.1f} s; `autointerp label {target}` rebuilds the labels")
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)

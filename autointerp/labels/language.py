@@ -165,12 +165,12 @@ def script_language(text: str) -> str | None:
     return "ja"
 
 
-_LANGUAGE_CACHE: dict[str, str] = {}  # context text -> language; a whole SAE's contexts repeat
+LANGUAGE_CACHE: dict[str, str] = {}  # context text -> language; a whole SAE's contexts repeat
 _CACHE_LIMIT = 1 << 18  # texts (~0.5 KB each with the key): ~130 MB at most per process
 
 
 @lru_cache(maxsize=1)
-def _batch_detector():
+def batch_detector():
     from autointerp.labels.langdetect_batch import BatchDetector
 
     try:
@@ -183,7 +183,7 @@ def detect_languages(texts: Iterable[str], batch: int = 16384) -> list[str]:
     """langdetect's best language per text: each distinct text is detected once (cached), the new
     ones `batch` at a time, except those whose script settles it (script_language)."""
     texts = list(texts)
-    cache = _LANGUAGE_CACHE
+    cache = LANGUAGE_CACHE
     try:  # the usual case in a whole SAE: every text seen before
         return list(map(cache.__getitem__, texts))
     except KeyError:
@@ -195,7 +195,7 @@ def detect_languages(texts: Iterable[str], batch: int = 16384) -> list[str]:
             new[t] = lang
     if len(new) < len(todo):
         todo = [t for t in todo if t not in new]
-    detector = _batch_detector() if todo else None
+    detector = batch_detector() if todo else None
     for i in range(0, len(todo), batch):
         part = todo[i:i + batch]
         new.update(zip(part, detector.detect(part) if detector else map(langdetect_language, part)))

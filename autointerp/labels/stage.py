@@ -32,15 +32,16 @@ from typing import Any, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from autointerp import run as run_lib
 from autointerp.labels import sampling
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
-from autointerp.options import renamed
 from autointerp.jsonl import iter_lines, write_jsonl
+from autointerp import options as O
+from autointerp.progress import progress_bar
 from autointerp.schema import GRANULARITIES, Key, row_key
 
 PROBE_TIMEOUT = 3.0  # seconds for a server's /models to answer before the run is refused
@@ -101,7 +102,7 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
                     console: Console) -> None:
     """Collect the SAE's feature records (records.py's collect, defaults as `autointerp collect`)."""
     from autointerp.lm.corpus import load_corpus
-    from autointerp.records.collect import collect_records, progress_bar
+    from autointerp.records.collect import collect_progress, collect_records
 
     console.print(f"collecting the records of {sae_dir} over corpus {corpus!r} into {records_path}")
     docs = load_corpus(corpus)
@@ -109,7 +110,7 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
         raise UserError(f"corpus {corpus!r} has no documents")
     opts = dict(top_k=50, window=64, max_tokens=None, batch_size=32, n_similar=10, n_random=20, n_same_token=5,
                 features=None, seed=0, device=None)
-    with progress_bar() as progress:
+    with collect_progress() as progress:
         collect_records([(sae_dir, records_path)], model, revision, docs, layer=None, step=None, opts=opts,
                         progress=progress)
 
@@ -179,8 +180,7 @@ def previous_sample_done(cps: list[Checkpoint], manifest: dict[str, Any], featur
 # ---- the LLM stages ------------------------------------------------------------------------------
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), console=console)
+    return progress_bar("{task.fields[rates]}", console=console)
 
 
 def explain_sample(cp: Checkpoint, client, settings, console: Console, sending: bool = True) -> dict:
@@ -292,54 +292,28 @@ def print_shares(cps: list[Checkpoint], console: Console) -> list[dict]:
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def _features_option(value: str) -> str:
-    try:
-        sampling.parse_count(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a positive count or 'all'.") from None
-    return value.strip().lower()
-
-
-@renamed({"--base-url": "--server", "--max-contexts": "--contexts"})
 def cli(
     target: Path = typer.Argument(..., metavar="TARGET",
                                   help="A run folder (every step-N/records file), a checkpoint folder, a records file, "
                                        "or an SAE folder (its records are collected first when missing)."),
-    model: str = typer.Option(None, "--model", metavar="MODEL",
-                              help="With an SAE folder: the language model it reads: Hugging Face id, folder, "
-                                   "a .gguf file or a short name (gemma-3-270m, smollm2-135m); "
-                                   "default: the SAE config's."),
-    revision: str = typer.Option(None, "--revision", help="With an SAE folder: the LM revision."),
-    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
-                               help="With an SAE folder: the corpus its records are collected over "
-                                    "(debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT])."),
+    model: str = O.model_option("With an SAE folder; default: the SAE config's."),
+    revision: str = O.revision_option("With an SAE folder; default: the SAE config's."),
+    corpus: str = O.corpus_option(default_help="With an SAE folder: the corpus its records are collected over."),
     out: Path = typer.Option(None, "--out", metavar="RUN_DIR",
                              help="With an SAE folder: the run folder for its records and labels "
                                   "(default: SAE_DIR-labels/ beside it, or the SAE's own run)."),
-    llm: str = typer.Option(None, "--llm", metavar="NAME",
-                            help="The explainer/scorer model: its name at --server (default: the first the server "
-                                 "lists), or a GGUF path for the embedded server."),
-    server: str = typer.Option(None, "--server", metavar="URL",
-                               help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; without it the "
-                                    "embedded llama.cpp server is started and stopped."),
-    engine: str = typer.Option(None, help="Embedded server engine (llama-cpp or vllm), or what the server at "
-                                          "--server is (it picks the scorers' example counts, and llama.cpp's repetition "
-                                          "controls for the explainer)."),
-    features: str = typer.Option(DEFAULT_FEATURES, "--features", metavar="N|all", callback=_features_option,
-                                 help="Latents per checkpoint the LLM describes and scores: a seeded sample "
-                                      "stratified by the statistical class (every class present gets one), or all. "
-                                      "Every live latent gets a statistical label either way."),
-    seed: int = typer.Option(0, help="Seed of the sample, the scorers' example draws and the control."),
-    concurrency: int = typer.Option(4, min=1, help="Requests in flight at once."),
-    threads: int = typer.Option(None, min=1, help="CPU threads of the embedded llama.cpp server."),
-    n_ctx: int = typer.Option(2048, "--n-ctx", min=256, help="The server's context window in tokens; prompts "
-                                                              "are trimmed to fit."),
-    contexts: int = typer.Option(10, "--contexts", min=1, help="Snippets shown to the explainer per latent "
-                                                                "(fewer when they do not fit)."),
+    llm: str = O.llm_option(),
+    server: str = O.server_option(),
+    engine: str = O.engine_option(),
+    features: str = O.features_option(DEFAULT_FEATURES),
+    seed: int = O.seed_option("the sample, the scorers' example draws and the control"),
+    concurrency: int = O.concurrency_option(),
+    threads: int = O.llm_threads_option(),
+    n_ctx: int = O.n_ctx_option(),
+    contexts: int = O.contexts_option(10),
     window: int = typer.Option(6, "--window", min=0, help="Tokens shown before each snippet's max-activating token."),
-    timeout: float = typer.Option(300.0, help="Seconds per request (queueing at the server included) before it "
-                                              "is retried."),
-    retries: int = typer.Option(4, min=0, help="Retries per request on timeouts, 429, 5xx, connection errors."),
+    timeout: float = O.timeout_option(),
+    retries: int = O.retries_option(),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the first prompt and the request counts; write "
                                                           "and send nothing."),
     no_score: bool = typer.Option(False, "--no-score", help="Describe the sample but do not score it (no control)."),
@@ -399,8 +373,7 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
     from autointerp.llm.client import LLMClient
 
     count = sampling.parse_count(features)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with progress_bar(console=console) as progress:
         for cp in cps:
             t0 = time.perf_counter()
             stat_pass(cp, progress, write=not dry_run)

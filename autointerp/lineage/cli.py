@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import typer
 
+from autointerp import options as O
 from autointerp.files import Kind, expect
 from autointerp.lineage.match import pair_title
 from autointerp.lineage.sites import run_lineage
-from autointerp.options import renamed
 
 
 def _eval_or_all(value: str) -> str:
@@ -29,22 +29,20 @@ def _null_quantile(value: float) -> float:
     return value
 
 
-@renamed({"--max-docs": "--docs"})
 def cli(
     run: Path = typer.Argument(..., metavar="RUN_DIR",
                                help="Run folder with step-N/sae (or layer-L/sae) and their LM (RUN_DIR/lm/step-N or "
                                     "the SAE config's model)."),
-    corpus: str | None = typer.Option(None, "--corpus", metavar="CORPUS",
-                                      help="Corpus of the shared tokens (default: the one the SAEs were trained on)."),
+    corpus: str | None = O.corpus_option(None, "Default: the one the SAEs were trained on."),
     sample: str = typer.Option("eval", "--sample", metavar="eval|all", callback=_eval_or_all,
                                help="Shared documents: eval (held out by `lm train`) or all."),
-    max_docs: int | None = typer.Option(None, "--docs", min=1, help="Use only the first N shared documents."),
+    max_docs: int | None = O.docs_option(),
     seq_len: int = typer.Option(64, "--seq-len", min=1, help="First tokens of each document (as for the SAEs and records)."),
     quantile: float = typer.Option(0.99, "--quantile", callback=_null_quantile,
                                    help="A match counts when it beats this quantile of the shuffled-token null "
                                         "(per firing band); in [0.5, 1)."),
     bins: int = typer.Option(10, "--bins", min=1, help="Firing-frequency bands of the null threshold."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the token shuffle (the null)."),
+    seed: int = O.seed_option("the token shuffle (the null)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents (sequences) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (for the LM and SAE; matching runs on CPU)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),

@@ -17,12 +17,13 @@ from typing import Any, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.jsonl import write_jsonl
 from autointerp.lineage.match import Codes, lineage_pair
+from autointerp.progress import progress_bar
 
 console = Console(stderr=True)
 META_FILE = "lineage.meta.json"
@@ -157,8 +158,7 @@ def run_lineage(run: Path, corpus: str | None = None, sample: str = "eval", max_
     docs = shared_documents(corpus, sample, max_docs)
     cache: dict[runlib.Site, tuple[Codes, torch.Tensor]] = {}
     metas = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+    with progress_bar(console=console) as progress:
         for a, b in todo:
             for one in (a, b):
                 if one.site not in cache:

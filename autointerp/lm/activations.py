@@ -27,11 +27,11 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autointerp.lm.corpus import Document, load_corpus
+from autointerp import options as O
 from autointerp.errors import UserError
-from autointerp.options import renamed
+from autointerp.progress import progress_bar
 
 # Where common architectures keep their decoder blocks (attribute paths from the model root).
 _LAYER_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
@@ -246,14 +246,12 @@ def iter_shards(directory: str | Path) -> Iterator[ActivationBatch]:
 
 # ---- CLI ---------------------------------------------------------------------------------
 
-@renamed({"--limit": "--docs", "--max-tokens": "--seq-len"})
 def cli(
-    model: str = typer.Option(..., "--model", metavar="MODEL", help="Checkpoint folder (e.g. runs/demo/lm/step-600), Hugging Face id, "
-                                                                  "a .gguf file or a short name (gemma-3-270m, smollm2-135m)."),
+    model: str = O.model_option("", required=True),
     layer: int = typer.Option(..., "--layer", min=0, help="Decoder layer (0-based) whose output is read."),
-    revision: str = typer.Option(None, "--revision", help="Hub revision, e.g. Pythia's step1000."),
-    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS", help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    n_docs: int = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
+    revision: str = O.revision_option("E.g. Pythia's step1000."),
+    corpus: str = O.corpus_option(),
+    n_docs: int = O.docs_option(),
     seq_len: int = typer.Option(64, "--seq-len", min=1, help="Tokens read from the start of each document (BOS included)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents (sequences) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -280,9 +278,8 @@ def cli(
     n_tokens, norm_sum, computed_tokens, t0 = 0, 0.0, 0, time.time()
     n_layers, width = num_layers(lm), d_model(lm)
     console = Console(stderr=True)
-    with Progress(TextColumn("[bold]activations"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("", total=len(docs))
+    with progress_bar("docs", eta=True, console=console) as progress:
+        task = progress.add_task("activations", total=len(docs))
         for index, start in enumerate(range(0, len(docs), batch_size)):
             if index in done_shards:  # written by an earlier run: only read back for the summary
                 batch = load_shard(_shard_path(out, index))

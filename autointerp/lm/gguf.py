@@ -105,7 +105,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(functools.partial(f.read, 1 << 20), b""):
@@ -139,7 +139,7 @@ def file_sha256(path: Path) -> str:
     entry = _read_index().get(key)
     if entry and {k: entry.get(k) for k in stat} == stat:
         return entry["sha256"]
-    sha256 = _sha256_of(path)
+    sha256 = sha256_of(path)
     _remember_sha256(path, sha256)
     return sha256
 

@@ -29,12 +29,12 @@ from typing import Callable
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from autointerp.lm.corpus import Document, load_corpus
 from autointerp.errors import UserError
-from autointerp.options import STEPS_HELP, parse_steps, renamed
+from autointerp import options as O
+from autointerp.progress import progress_bar
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 STATE_FILE = "trainer_state.json"
@@ -328,12 +328,10 @@ cli = typer.Typer(help="Train the tiny bilingual LM whose checkpoints the demo l
 
 
 @cli.command("train")
-@renamed({"--corpus-limit": "--docs", "--checkpoints": "--steps"})
 def train_command(
     out: Path = typer.Option(Path("runs/demo/lm"), "--out", help="Folder for step-N/ checkpoints and train_log.json."),
-    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
-                                    help=f"Checkpoint steps to save, {STEPS_HELP} (default: powers of 10 below "
-                                         "--train-steps); the final step is always saved."),
+    steps: list[str] = O.steps_option(f"Checkpoint steps to save, {O.STEPS_HELP} (default: powers of 10 below "
+                                            "--train-steps); the final step is always saved."),
     train_steps: int = typer.Option(None, "--train-steps", min=1,
                                     help=f"Optimizer steps in total (default: the last of --steps, else {TrainConfig.steps})."),
     d_model: int = typer.Option(TrainConfig.d_model, min=1, help="Residual stream width."),
@@ -342,11 +340,10 @@ def train_command(
     seq_len: int = typer.Option(TrainConfig.seq_len, min=2, help="Tokens per training sequence."),
     batch_size: int = typer.Option(TrainConfig.batch_size, min=1, help="Sequences per step."),
     lr: float = typer.Option(TrainConfig.lr, min=0.0, help="Peak AdamW learning rate (warm-up, then cosine to 10%)."),
-    seed: int = typer.Option(TrainConfig.seed, help="Seed for the weights and the data order."),
+    seed: int = O.seed_option("the weights and the data order", TrainConfig.seed),
     vocab_size: int = typer.Option(TrainConfig.vocab_size, min=1, help="Byte-level BPE vocabulary size."),
-    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
-                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    n_docs: int = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
+    corpus: str = O.corpus_option(),
+    n_docs: int = O.docs_option(),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0: torch's default, one per core). "
                                 "On a busy machine 1 can be faster."),
     tiny: bool = typer.Option(False, "--tiny", help="Test-sized model and run (seconds); other size flags are ignored."),
@@ -366,12 +363,11 @@ def train_command(
                              checkpoints=list(steps), corpus=corpus, corpus_limit=n_docs)
     console = Console(stderr=True)
     console.print(f"training into {out}: checkpoints at {config.checkpoint_steps()}")
-    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("", total=config.steps)
+    with progress_bar("{task.fields[loss]}", eta=True, console=console) as progress:
+        task = progress.add_task("train", total=config.steps, loss="")
 
         def on_step(step: int, loss: float) -> None:
-            progress.update(task, completed=step, description=f"loss {loss:.3f}")
+            progress.update(task, completed=step, loss=f"loss {loss:.3f}")
 
         resume = latest_resume_point(out) if out.exists() else None
         if resume is not None:

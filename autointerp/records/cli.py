@@ -14,8 +14,8 @@ from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.jsonl import write_jsonl
-from autointerp.options import STEPS_HELP, parse_steps, renamed
-from autointerp.records.collect import collect_records, console, progress_bar
+from autointerp import options as O
+from autointerp.records.collect import collect_progress, collect_records, console
 from autointerp.records.read import find_records, stream_records
 from autointerp.records.show import describe_record
 from autointerp.schema import FeatureRecord
@@ -43,12 +43,6 @@ def parse_latents(spec: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
-def _fail_or_skip(value: str) -> str:
-    if value not in ("fail", "skip"):
-        raise typer.BadParameter(f"{value!r} is not one of 'fail', 'skip'.")
-    return value
-
-
 def _latents_option(spec: str | None) -> str | None:
     """--latents N|A-B|a,b,c, checked when the command line is read."""
     try:
@@ -58,41 +52,34 @@ def _latents_option(spec: str | None) -> str | None:
     return spec
 
 
-@renamed({"--run": "TARGET", "--sae": "TARGET", "--max-tokens": "--seq-len", "--max-docs": "--docs"},
-         refused={"--window": "--context-len", "--features": "--latents"})
 def cli_collect(
     target: Path = typer.Argument(..., metavar="TARGET",
                                   help="A run folder (every RUN_DIR/SITE/sae into RUN_DIR/SITE/records.jsonl.zst; "
                                        "SITE is step-N or layer-L) "
                                        "or one SAE folder (with --out)."),
-    model: str | None = typer.Option(None, "--model", metavar="MODEL",
-                                     help="LM (folder, Hugging Face id, .gguf file or short name). Default: "
-                                          "RUN_DIR/lm/step-N, else the SAE config's model."),
-    revision: str | None = typer.Option(None, "--revision", help="LM revision (default: the SAE config's)."),
-    corpus: str = typer.Option("debian-reference", "--corpus", metavar="CORPUS",
-                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
+    model: str | None = O.model_option("Default: RUN_DIR/lm/step-N, else the SAE config's model."),
+    revision: str | None = O.revision_option("Default: the SAE config's."),
+    corpus: str = O.corpus_option(),
     out: Path | None = typer.Option(None, "--out", metavar="RECORDS",
                                     help="Output records file (for an SAE folder): .jsonl.zst (compact), .jsonl or .jsonl.gz."),
     layer: int | None = typer.Option(None, "--layer", min=0, help="Layer (default: the SAE config's)."),
-    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
-                                    help=f"For a run folder: only these checkpoint steps, {STEPS_HELP}."),
+    steps: list[str] = O.steps_option(f"For a run folder: only these checkpoint steps, {O.STEPS_HELP}."),
     top_k: int = typer.Option(50, "--top-k", min=1, help="Top contexts kept per latent (the true top-k by max activation)."),
     context_len: int = typer.Option(64, "--context-len", min=1,
                                     help="Tokens a stored context holds (centred on the max token when documents are longer)."),
     seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Tokens read from the start of each document (default: --context-len)."),
-    n_docs: int | None = typer.Option(None, "--docs", min=1, help="Use only the first N documents."),
+    n_docs: int | None = O.docs_option(),
     latents: str | None = typer.Option(None, "--latents", metavar="IDS", callback=_latents_option,
                                        help="Latents to record: N (the first N), A-B, or a,b,c. Default: all."),
     n_similar: int = typer.Option(10, "--n-similar", min=0, help="'similar' negatives per latent (ranked just below the top-k)."),
     n_random: int = typer.Option(20, "--n-random", min=0, help="'random' negatives per latent (contexts where it is silent)."),
     n_same_token: int = typer.Option(5, "--n-same-token", min=0, help="'same-token' negatives per latent (silent contexts holding its max token)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Documents per forward pass."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random negatives."),
+    seed: int = O.seed_option("the random negatives"),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: cpu)."),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)."),
     force: bool = typer.Option(False, "--force", help="Recompute checkpoints whose records file exists."),
-    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
-                                 help="A checkpoint that fails: 'fail' stops, 'skip' reports it and goes on."),
+    on_error: str = O.on_error_option("A checkpoint that fails"),
 ) -> None:
     """Collect feature records: the true top-k contexts of every SAE latent, negatives, density.
 
@@ -144,7 +131,7 @@ def cli_collect(
         groups.setdefault((job[2], job[3]), []).append(job)
     done: dict[str, Any] = {}
     failed: list[str] = []
-    with progress_bar(disable=rank != 0) as progress:
+    with collect_progress(disable=rank != 0) as progress:
         for (lm, step), group in groups.items():
             try:
                 results = collect_records([(j[0], j[1]) for j in group], lm, revision, docs, layer=layer, step=step,
@@ -177,17 +164,14 @@ cli_records = typer.Typer(help="Inspect and import feature records.", no_args_is
 
 
 @cli_records.command("show")
-@renamed({"--step": "--steps"})
 def show(
     file: Path = typer.Argument(..., metavar="RECORDS",
                                 help="A records file (.jsonl, .jsonl.zst, .jsonl.gz), or an llm-jp-sae docs/data folder."),
     feature: int = typer.Option(..., "--feature", "-f", min=0, help="Latent id."),
-    steps: list[str] = typer.Option([], "--steps", metavar="STEPS", callback=parse_steps,
-                                    help=f"Only these checkpoint steps, {STEPS_HELP} (needed when the file holds several)."),
-    contexts: int = typer.Option(5, "--contexts", min=0, help="How many top contexts to print."),
+    steps: list[str] = O.steps_option(f"Only these checkpoint steps, {O.STEPS_HELP} (needed when the file holds several)."),
+    contexts: int = O.contexts_option(5),
     negatives: int = typer.Option(0, "--negatives", min=0, help="How many negatives to print."),
-    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
-                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    on_error: str = O.on_error_option("A malformed line"),
 ) -> None:
     """Print a feature's top contexts with activation highlighting, its density and max activation."""
     expect(file, Kind.RECORDS, Kind.LLMJP_DEMO)
@@ -213,8 +197,7 @@ def import_(
                                   help="llm-jp-sae docs/data folder (or one step folder), or a records JSONL."),
     out: Path = typer.Option(..., "--out", metavar="RECORDS",
                              help="Output records file: .jsonl (plain), .jsonl.zst (compact) or .jsonl.gz."),
-    on_error: str = typer.Option("fail", "--on-error", metavar="fail|skip", callback=_fail_or_skip,
-                                 help="Malformed lines: 'fail' stops, 'skip' reports file:line and goes on."),
+    on_error: str = O.on_error_option("A malformed line"),
 ) -> None:
     """Convert llm-jp-sae demo data or a records file (plain, .gz or .zst) into records JSONL,
     plain or compact by --out's name; streamed, so it also turns a compact file back into plain JSONL."""

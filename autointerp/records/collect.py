@@ -30,12 +30,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import Progress
 
 from autointerp import run as runlib
 from autointerp.errors import UserError
 from autointerp.jsonl import write_jsonl
+from autointerp.progress import progress_bar
 from autointerp.schema import LEVELS, Context, FeatureRecord
 
 
@@ -450,10 +450,9 @@ def iter_collect(model, tokenizer, sae, docs, layer: int, top_k: int = 50, windo
 console = Console(stderr=True)
 
 
-def progress_bar(disable: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("docs  {task.fields[tps]:>8} tok/s"), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False, disable=disable)
+def collect_progress(disable: bool = False) -> Progress:
+    """The progress bar of a collect run: documents and tokens per second (the task's `tps` field)."""
+    return progress_bar("docs  {task.fields[tps]:>8} tok/s", eta=True, console=console, disable=disable)
 
 
 def _model_name(model_id: str, run: Path | None) -> str:

@@ -7,17 +7,16 @@ from pathlib import Path
 import typer
 
 from autointerp import run as runlib
-from autointerp.options import renamed
+from autointerp.options import contexts_option
 from autointerp.report.build import DEFAULT_MAX_FEATURES, build_report, site_axis
 
 
-@renamed({"--max-features": "--per-page"})
 def cli(
     run_dir: Path = typer.Argument(..., help="Run directory (e.g. runs/demo)."),
     human: Path | None = typer.Option(None, "--human", help="Human labels to compare with (any format "
                                       "`autointerp compare` reads, e.g. the dev file or annotate output)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default RUN_DIR/report)."),
-    contexts: int = typer.Option(5, "--contexts", min=1, help="Top contexts shown per feature."),
+    contexts: int = contexts_option(5),
     window: int = typer.Option(12, "--window", min=1, help="Tokens shown either side of a context's max token."),
     max_features: int | None = typer.Option(None, "--per-page", min=1,
                                             help="At most this many feature cards per checkpoint page: the "

@@ -12,12 +12,14 @@ import torch
 import torch.distributed as dist
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.options import parse_steps, renamed
+from autointerp import options as O
+from autointerp.options import parse_steps
+from autointerp.progress import progress_bar
 from autointerp.sae.io import load_sae, save_sae
 from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
 from autointerp.sae.model import SAEConfig, TopKSAE
@@ -40,7 +42,7 @@ def _split_docs(corpus: str, limit: int | None, eval_docs: int):
     return train, held or train[:eval_docs]
 
 
-def _activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs: int,
+def activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs: int,
                        cache_bytes: int = 2 << 30, shard: bool = False) -> Iterator[torch.Tensor]:
     """The masked token activations of every document, `epochs` times over.
 
@@ -80,9 +82,8 @@ def _layer_activations(model, tokenizer, docs, layers: list[int], seq_len: int,
     if tokens * d_model(model) * 4 * len(layers) > cache_bytes:
         return None
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    with Progress(TextColumn("[bold]activations of layers " + ", ".join(map(str, layers))), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("", total=len(docs))
+    with progress_bar(console=console, transient=True) as progress:
+        task = progress.add_task("activations of layers " + ", ".join(map(str, layers)), total=len(docs))
         for batch in iter_activations(model, tokenizer, docs, layers, batch_size=32, max_tokens=seq_len):
             for layer in layers:
                 out[layer].append(batch.by_layer[layer][batch.mask])
@@ -119,7 +120,7 @@ def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> d
 
     if d_model(model) != sae.cfg.d_model:
         raise UserError(f"the SAE has d_model {sae.cfg.d_model} but the model's layers have {d_model(model)}")
-    metrics = reconstruction_metrics(sae, _activation_chunks(model, tokenizer, docs, layer, seq_len, 1))
+    metrics = reconstruction_metrics(sae, activation_chunks(model, tokenizer, docs, layer, seq_len, 1))
     metrics.update(delta_ce(model, sae, layer, _token_batches(tokenizer, docs, seq_len)))
     metrics["eval_docs"] = len(docs)
     return metrics
@@ -165,7 +166,7 @@ def _train_one(model_path: str, revision: str | None, layers: list[int | None], 
                                 description=f"SAE {name} fvu={logs['fvu']:.3f} dead={logs['dead_fraction']:.0%}")
 
         chunks = _replayed(cached.pop(layer), epochs) if cached else \
-            _activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs, shard=True)
+            activation_chunks(model, tokenizer, train_docs, layer, args["seq_len"], epochs, shard=True)
         try:
             sae, result = train_sae(chunks, sae_cfg, train_cfg, on_step=on_step)
         finally:
@@ -200,22 +201,18 @@ def _check_same_settings(sae_dir: Path, layer: int | None, k: int, expansion: in
 
 
 @cli.command()
-@renamed({"--run": "RUN_DIR"}, refused={"--max-tokens": "--train-tokens", "--batch-size": "--batch-tokens"})
 def train(
     run: Path = typer.Argument(None, metavar="RUN_DIR",
                                help="Run folder: one SAE per RUN_DIR/lm/step-N into RUN_DIR/step-N/sae/; with "
                                     "--model, one per layer of that model into RUN_DIR/layer-L/sae/."),
-    model: str = typer.Option(None, metavar="MODEL",
-                              help="LM: a checkpoint folder, a Hugging Face id, a .gguf file or a short name "
-                                   "(gemma-3-270m, smollm2-135m). Without RUN_DIR: one SAE into --out."),
-    revision: str = typer.Option(None, help="Model revision (branch/tag/commit) for a hub id."),
+    model: str = O.model_option("Without RUN_DIR: one SAE into --out."),
+    revision: str = O.revision_option(),
     layers: list[str] = typer.Option([], "--layer", metavar="LAYERS", callback=parse_steps,
                                      help="Decoder layer(s) whose output the SAE reads (0-based; default: the middle "
                                           "one); several, comma-separated (3,9,15), train an SAE each from one pass "
                                           "of the LM into site folders layer-L (or step-N-layer-L)."),
-    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
-                               help="debian-reference, a .txt/.jsonl path, or hf:NAME[:SPLIT]."),
-    docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
+    corpus: str = O.corpus_option(),
+    docs: int = O.docs_option(),
     out: Path = typer.Option(None, metavar="SAE_DIR", help="Output folder for --model (default: ./sae)."),
     force: bool = typer.Option(False, "--force", help="Retrain SAEs that are already done."),
     k: int = typer.Option(32, min=1, help="Active latents per token (TopK)."),
@@ -231,7 +228,7 @@ def train(
     auxk_alpha: float = typer.Option(1 / 32, min=0.0, help="Weight of the AuxK loss for dead latents (0 = off)."),
     dead_tokens: int = typer.Option(250_000, min=1, help="A latent is dead after this many tokens without firing."),
     eval_docs: int = typer.Option(200, min=1, help="Held-out documents for the metrics."),
-    seed: int = typer.Option(0, help="Seed of the SAE's init and the shuffle."),
+    seed: int = O.seed_option("the SAE's init and the shuffle"),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: torch's choice)."),
     cache_gb: float = typer.Option(6.0, "--cache-gb", min=0.0,
@@ -279,8 +276,7 @@ def train(
 
     rows = []
     started = time.time()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=rank != 0) as progress:
+    with progress_bar(console=console, disable=rank != 0) as progress:
         for model_path, rev, step, saes in jobs:
             todo = []
             for one, sae_dir, title in saes:
@@ -311,15 +307,11 @@ def train(
 @cli.command()
 def metrics(
     sae_dir: Path = typer.Argument(..., metavar="SAE_DIR", help="SAE folder (any supported format) or its weights file."),
-    model: str = typer.Option(None, metavar="MODEL", help="LM the SAE reads: a folder, Hugging Face id, "
-                                                          "a .gguf file or a short name (gemma-3-270m, smollm2-135m); "
-                                                          "default: the model in the SAE's config."),
-    revision: str = typer.Option(None, help="Model revision."),
+    model: str = O.model_option("Default: the model in the SAE's config."),
+    revision: str = O.revision_option("Default: the SAE config's."),
     layer: int = typer.Option(None, min=0, help="Layer (default: the layer in the SAE's config)."),
-    corpus: str = typer.Option("debian-reference", metavar="CORPUS",
-                               help="Corpus of the evaluation documents: debian-reference, a .txt/.jsonl path, "
-                                    "or hf:NAME[:SPLIT]."),
-    docs: int = typer.Option(None, min=1, help="Use at most this many documents of the corpus."),
+    corpus: str = O.corpus_option(default_help="The evaluation documents come from it."),
+    docs: int = O.docs_option(),
     eval_docs: int = typer.Option(200, min=1, help="Held-out documents to measure on."),
     seq_len: int = typer.Option(64, min=1, help="First tokens of each document."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
