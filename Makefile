@@ -69,7 +69,7 @@ test:
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench:
+bench: $(GEMMA_STAMP)
 	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
 	$(BIN)/python evals/bench.py
 
