@@ -278,7 +278,8 @@ def test_a_run_of_layers_gets_a_page_per_layer_with_sae_metrics_density_and_syno
     assert index.count('<td class="l">layer 3</td>') == 1 and index.count('<td class="l">layer 9</td>') == 1
     assert "the top 2 of 2 by confidence" in index
     # the dead latent's label line is counted apart and is no class
-    assert "2 labels (1 dead latents with a label line" in page3
+    assert "3 feature records (1 dead: they never fired on the corpus; counted apart, not a class)" in page3
+    assert "2 labels (1 label lines of dead latents left out)" in page3
     shares = page3.split("<h2>Shares over all", 1)[1].split("</table>", 1)[0]
     assert "1 / 2" in shares and "/ 3" not in shares
     # cards: the labelled latents by class, the dead one last
