@@ -102,7 +102,7 @@ def cli(
     layer: list[str] = typer.Option([], "--layer", metavar="LAYERS", callback=parse_steps,
                                     help="Decoder layer(s) the SAEs read, comma-separated (default: 2 for the tiny "
                                          "model; an early, a middle and a late one for --model)."),
-    features: str = O.features_option("4"),
+    features: str = O.features_option("the LLM describes and scores", "4"),
     threads: int = typer.Option(0, min=0, help="llama.cpp threads (0: all cores)."),
 ) -> None:
     """Run the whole pipeline on the embedded default (or a real model) and print where the report is."""

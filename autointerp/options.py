@@ -158,19 +158,17 @@ def retries_option() -> Any:
     return typer.Option(4, "--retries", min=0, help="Retries per LLM request on timeouts, 429, 5xx, connection errors.")
 
 
-def features_option(default: str = "all") -> Any:
-    """--features N|all: the seeded sample of N live latents per checkpoint that label describes."""
+def features_option(what: str, default: str = "all") -> Any:
+    """--features N|all: the same seeded, stratified sample of live latents in label, score, annotate."""
     return typer.Option(default, "--features", metavar="N|all", callback=check_features,
-                        help="Latents per checkpoint the LLM describes and scores: N, a seeded sample of the live "
-                             "ones stratified by the statistical class (every class present gets one; label, score "
-                             "and annotate pick the same), or all. Every live latent gets a statistical label "
-                             "either way.")
+                        help=f"Latents per checkpoint {what}: N, a seeded sample of the live ones stratified by "
+                             "the statistical class (every class present gets one; label, score and annotate "
+                             "pick the same), or all.")
 
 
-def contexts_option(default: int) -> Any:
+def contexts_option(default: int, note: str = "") -> Any:
     """--contexts: top contexts shown per feature."""
-    return typer.Option(default, "--contexts", min=1,
-                        help="Top contexts shown per feature (to the explainer: fewer when they do not fit).")
+    return typer.Option(default, "--contexts", min=1, help=f"Top contexts shown per feature{note}.")
 
 
 def llm_threads_option() -> Any:

@@ -266,7 +266,7 @@ def cli(
     out: Path = typer.Option(..., "--out", metavar="HUMAN_LABELS",
                              help="Where answers are appended (JSONL); resumed if it exists."),
     annotator: str = typer.Option("anonymous", "--annotator", help="Your name, saved with each answer."),
-    features: str = O.features_option(),
+    features: str = O.features_option("to label by hand"),
     steps: list[str] = O.steps_option(),
     contexts: int = O.contexts_option(8),
     window: int = typer.Option(16, "--window", min=1, help="Tokens shown either side of a context's max token."),

@@ -35,7 +35,7 @@ def cli(
     threads: int = O.llm_threads_option(),
     n_ctx: int = O.n_ctx_option(),
     concurrency: int = O.concurrency_option(),
-    features: str = O.features_option(),
+    features: str = O.features_option("to score"),
     methods: str = typer.Option(",".join(METHODS), help="Comma-separated: simulation,detection,fuzzing."),
     n_activating: int = typer.Option(None, help="Activating examples per method, drawn across activation "
                                                 "quantiles of the held-out contexts. " + HELP_COUNTS),
