@@ -113,13 +113,15 @@ def cli(
         layers = list(layer) or default_layers(_model_layers(model))
         sizing = RealSizing()
         plan = stages(run, layers, features, threads or None, model=model, sizing=sizing)
-        sizes = Table(title=f"demo on {model}: sizes chosen to fit ~25 minutes on 2 CPU cores", title_justify="left")
-        for column in ("layers", "SAE training tokens", "expansion", "latents per SAE", "k", "metric docs",
-                       "lineage docs", "LLM sample per layer"):
-            sizes.add_column(column, justify="right")
-        sizes.add_row(", ".join(map(str, layers)), f"{sizing.train_tokens:,}", str(sizing.expansion),
-                      f"{sizing.expansion} x d_model", str(sizing.k), str(sizing.eval_docs),
-                      str(sizing.lineage_docs), str(features))
+        sizes = Table(title=f"demo on {model}: sizes chosen to fit ~25 minutes on 2 CPU cores", title_justify="left",
+                      show_header=False)
+        for name, value in [("layers", ", ".join(map(str, layers))),
+                            ("SAE training tokens", f"{sizing.train_tokens:,} per layer"),
+                            ("latents per SAE", f"{sizing.expansion} x d_model, TopK k {sizing.k}"),
+                            ("SAE metrics on", f"{sizing.eval_docs} held-out documents"),
+                            ("lineage on", f"{sizing.lineage_docs} documents"),
+                            ("LLM sample", f"{features} latents per layer")]:
+            sizes.add_row(name, value)
         console.print(sizes)
         update_manifest(run, "demo", {"model": model, "layers": layers, "sizing": sizing.__dict__})
     timings: list[tuple[str, float]] = []
