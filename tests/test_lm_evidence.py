@@ -142,3 +142,12 @@ def test_gemma_translation_evidence(tmp_path):
     ev = LM.LMEvidence(cache_path=tmp_path / "c.sqlite")
     good, bad = ev.features([_record([" dog"] * 6 + ["犬"] * 4), _record([" dog"] * 6 + ["鉛筆"] * 4)])
     assert good["lm_tr_en_ja"] > bad["lm_tr_en_ja"] and good["lm_tr_ja_en"] > bad["lm_tr_ja_en"]
+
+
+def test_shared_prompt_head_cache_gives_the_same_log_probs(tiny_lm, monkeypatch):
+    ev = LM.LMEvidence(lm=tiny_lm, layer=1, cache_path=None, batch_size=4)
+    items = [(LM.PROMPTS[("en", "ja")].format(src=w), " " + t) for w in ("dog", "water", "pencil") for t in ("犬", "水")]
+    with_head = ev._run([ev._encode(*it) for it in items], "logprob")
+    monkeypatch.setattr(LM, "_common_prefix", lambda seqs: 0)  # every sequence run whole
+    whole = ev._run([ev._encode(*it) for it in items], "logprob")
+    assert np.allclose(with_head, whole, atol=1e-4)

@@ -210,6 +210,13 @@ class LMEvidence:
                 continue
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
+    @property
+    def _cache_arg(self) -> str:
+        """The forward argument that takes a key/value cache (`cache` in transformers 5.2x, else past_key_values)."""
+        import inspect
+        params = inspect.signature(self._load()[0].base_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
     def _encode(self, prefix: str, target: str) -> tuple[list[int], int]:
         """ids of prefix + target and where the target's pieces start (the common prefix of ids)."""
         tok = self._load()[1]
@@ -228,7 +235,8 @@ class LMEvidence:
         model, tok, _ = self._load()
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out: list[Any] = [None] * len(seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        # log-probs: sequences sorted by their ids, so a batch shares its few-shot prompt, which runs once
+        order = sorted(range(len(seqs)), key=(lambda i: len(seqs[i][0])) if want == "state" else (lambda i: seqs[i][0]))
         layer_mod = self._layers()[self.layer - 1]
         for b0 in range(0, len(order), self.batch_size):
             idx = order[b0:b0 + self.batch_size]
@@ -259,8 +267,19 @@ class LMEvidence:
                         full, start = seqs[i]
                         out[i] = h[r, start:len(full)].mean(dim=0).numpy().astype(np.float32)
                 else:
+                    # the shared head of the batch's prompts once, as a key/value cache for the rest
+                    head = _common_prefix([seqs[i][0] for i in idx])
+                    head = min(head, min(seqs[i][1] for i in idx) - 1)
+                    if head >= 8:
+                        first = model.base_model(input_ids=ids[:1, :head], use_cache=True)
+                        past = first.get("cache", None) or first.get("past_key_values", None)
+                        past.batch_repeat_interleave(len(idx))
+                        h = model.base_model(input_ids=ids[:, head:], attention_mask=mask, use_cache=True,
+                                             **{self._cache_arg: past}).last_hidden_state
+                        h = torch.cat([h.new_zeros((len(idx), head, h.shape[-1])), h], dim=1)
+                    else:
+                        h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
                     # the output layer only where a target piece is predicted (a 262k vocabulary)
-                    h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
                     rows, cols, spans = [], [], []
                     for r, i in enumerate(idx):
                         full, start = seqs[i]
@@ -363,6 +382,15 @@ class LMEvidence:
                 d["lm_same_w"] = max(d["lm_same_pmi"], 0.0) * share
             out.append({k: round(float(v), 5) for k, v in d.items()})
         return out
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading ids all the sequences share."""
+    n = min(map(len, seqs))
+    for k in range(n):
+        if any(q[k] != seqs[0][k] for q in seqs[1:]):
+            return k
+    return n
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
