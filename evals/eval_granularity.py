@@ -127,14 +127,15 @@ def lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, jobs)
     of them), every choice (groups, C, class weights, temperature) made inside the outer folds.
     A group clears the bar where the mean kappa4 gain is larger than the larger of the two sds."""
     base_pool = [g for g in pool if g not in LM_GROUPS]
-    shipped = F.summarise(F.nested_cv(X, y, gid, names, base_pool, seeds=seeds, jobs=jobs), y, steps)
+    shipped_result = F.nested_cv(X, y, gid, names, base_pool, seeds=seeds, jobs=jobs)
+    shipped = F.summarise(shipped_result, y, steps)
     rows = [("shipped pieces", shipped, shipped, False)]
     options = [[g] for g in lm_candidates] + ([list(lm_candidates)] if len(lm_candidates) > 1 else [])
     for extra in options:
         res = F.summarise(F.nested_cv(X, y, gid, names, base_pool + extra, seeds=seeds, jobs=jobs), y, steps)
         gain = res["kappa4"][0] - shipped["kappa4"][0]
         rows.append(("+" + "+".join(extra), res, shipped, gain > max(res["kappa4"][1], shipped["kappa4"][1])))
-    return rows
+    return rows, shipped_result
 
 
 def print_lm_rows(rows, base_pool) -> None:
@@ -278,25 +279,30 @@ def main() -> int:
         print(f"candidate pieces kept by the ablation rule: {', '.join(pool) or 'none'}; dropped: "
               f"{', '.join(c for c in candidates if c not in pool) or 'none'}")
     lm_candidates = [g for g in candidates if g in LM_GROUPS]
+    reuse = None  # the shipped configuration's nested CV, when THE NUMBER is the same run
     if lm_candidates:
         # An LM group is shipped only where it also clears the bar against the shipped configuration.
         started = time.perf_counter()
-        lm_rows = lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, args.jobs)
+        lm_rows, shipped_result = lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, args.jobs)
         print_lm_rows(lm_rows, [g for g in pool if g not in LM_GROUPS])
         print(f"(LM rows: {time.perf_counter() - started:.0f} s)")
         cleared = {g for name, _, _, kept in lm_rows if kept and name.count("+") == 1 for g in [name[1:]]}
         pool = [g for g in pool if g not in LM_GROUPS or g in cleared]
+        if not cleared:
+            reuse = shipped_result
         print(f"LM groups kept (the ablation rule and the bar beside the shipped configuration): "
               f"{', '.join(g for g in pool if g in LM_GROUPS) or 'none'}")
 
     started = time.perf_counter()
-    result = F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs)
+    result = reuse or F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs)
     summary = F.summarise(result, y, steps)
     print(f"\nTHE NUMBER: nested CV with the kept pieces as candidates ({time.perf_counter() - started:.0f} s)")
     print_summary(summary, result, len(seeds))
     print_shares(y, steps, result)
-    if pool != candidates:
-        everything = F.summarise(F.nested_cv(X, y, gid, names, candidates, seeds=seeds, jobs=args.jobs), y, steps)
+    stat_candidates = [c for c in candidates if c not in LM_GROUPS]  # (the LM groups: their own rows above)
+    if [c for c in pool if c not in LM_GROUPS] != stat_candidates:
+        everything = F.summarise(F.nested_cv(X, y, gid, names, stat_candidates, seeds=seeds, jobs=args.jobs),
+                                 y, steps)
         print(f"(for honesty: with every piece a candidate, i.e. without the ablation's pruning on the whole "
               f"dev file: kappa4 {fmt(everything['kappa4'])}, kappa3 {fmt(everything['kappa3'])}, syn recall "
               f"{fmt(everything['recall_concept-synonym'], 2)}, worst share gap {fmt(everything['worst_share_gap'], 1)})")
