@@ -242,7 +242,7 @@ def main() -> int:
         scorer = LM.LMEvidence(args.lm)
         for features, lm in zip(evidence, scorer.features(records)):
             features.update(lm)
-        print(f"LM evidence ({args.lm}, layer {scorer.layer_arg or 'mid'}): {scorer.computed} sequences run, the rest "
+        print(f"LM evidence ({args.lm}, hidden states of its middle layer): {scorer.computed} sequences run, the rest "
               f"from the cache; {time.perf_counter() - started:.1f} s for {len(records)} features")
     else:
         print("LM evidence: " + ("off (--no-lm)" if args.no_lm else
@@ -303,7 +303,7 @@ def main() -> int:
     if [c for c in pool if c not in LM_GROUPS] != stat_candidates:
         everything = F.summarise(F.nested_cv(X, y, gid, names, stat_candidates, seeds=seeds, jobs=args.jobs),
                                  y, steps)
-        print(f"(for honesty: with every piece a candidate, i.e. without the ablation's pruning on the whole "
+        print(f"(for honesty: with every statistical piece a candidate, i.e. without the ablation's pruning on the whole "
               f"dev file: kappa4 {fmt(everything['kappa4'])}, kappa3 {fmt(everything['kappa3'])}, syn recall "
               f"{fmt(everything['recall_concept-synonym'], 2)}, worst share gap {fmt(everything['worst_share_gap'], 1)})")
     language_report(records)

@@ -49,6 +49,7 @@ def test_features_batch_invariant_and_cached(tiny_lm, tmp_path):
     assert ev.computed > 0 and all(set(f) == set(LM.LM_FEATURES) for f in feats)
     assert feats[0]["lm_tr_en_ja"] != 0 and feats[0]["lm_tr_ja_en"] != 0 and feats[0]["lm_sim_en_ja"] != 0
     assert feats[1]["lm_same_pmi"] != 0 and feats[1]["lm_sim_same"] != 0 and feats[1]["lm_tr_en_ja"] == 0
+    assert feats[0]["lm_link_soft"] > 0 and feats[2]["lm_link_soft"] > 0  # top vs the next tokens, either script
     assert all(v == 0 for v in feats[3].values())  # one token: nothing to relate
     # alone (no padding, another batch) the same numbers: padding does not leak into a sequence
     alone = LM.LMEvidence(lm=tiny_lm, layer=1, cache_path=None, batch_size=1).features(RECORDS[:1])[0]

@@ -1,6 +1,6 @@
 """Evidence from a multilingual causal LM (default Gemma-3-270M): what a latent's max tokens mean.
 
-Three evidence groups (LM_GROUPS), each a per-latent number that uses no label:
+Four evidence groups (LM_GROUPS), each a per-latent number that uses no label:
 - lm_meaning: cosine of the mean hidden state (a middle layer) of the top English and the top
   Japanese max token, each at its own positions in the latent's own top contexts; and of the top
   two max tokens of one script. States are centred on the mean state of fixed unrelated words and
@@ -10,6 +10,8 @@ Three evidence groups (LM_GROUPS), each a per-latent number that uses no label:
   log-probability after unrelated source words (a pointwise mutual information: how much the
   source raises the target). Scored by a forward pass, never by generating text.
 - lm_same: the same for the top two max tokens of one script ("Word: miles / Same meaning: mile").
+- lm_link: the top max token against each of the next three (either script), the same PMI both
+  ways; the share of contexts on tokens it links to (PMI over a fixed 3 nats), like the gloss group.
 
 Every hidden state and log-probability is cached on disk (sqlite under $AUTOINTERP_CACHE, default
 ~/.cache/autointerp/lm_evidence.sqlite) keyed by the model's identity and the exact text, so each
@@ -40,7 +42,12 @@ LM_GROUPS: dict[str, list[str]] = {
     "lm_meaning": ["lm_sim_en_ja", "lm_sim_en_ja_w", "lm_sim_same", "lm_sim_same_w"],
     "lm_translation": ["lm_tr_en_ja", "lm_tr_ja_en", "lm_tr_max", "lm_tr_w"],
     "lm_same": ["lm_same_pmi", "lm_same_max", "lm_same_w"],
+    # the top max token and each of the next LINK_LOOK (either script): linked where the mean PMI of
+    # both directions is over LINK_PMI (fixed beforehand, not fitted); shares like the gloss group's
+    "lm_link": ["lm_link_share", "lm_link_soft", "lm_link_top2", "lm_link_family"],
 }
+LINK_LOOK = 3
+LINK_PMI = 3.0  # nats
 LM_FEATURES = [n for names in LM_GROUPS.values() for n in names]
 
 # Few-shot prompts; the source word goes at the end, the target is scored after it (" " + target).
@@ -81,6 +88,8 @@ class FeatureTokens:
     ja: str | None  # the most common Japanese one
     same: tuple[str, str] | None  # the top max token and the next of its script
     places: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # key -> [(prefix text, token text)]
+    top: str | None = None  # the top max token when English or Japanese
+    partners: list[str] = field(default_factory=list)  # the next LINK_LOOK English / Japanese max tokens
 
 
 def feature_tokens(record, max_contexts: int = MAX_CONTEXTS) -> FeatureTokens:
@@ -99,13 +108,15 @@ def feature_tokens(record, max_contexts: int = MAX_CONTEXTS) -> FeatureTokens:
     if ranked and script[ranked[0]] in ("en", "ja"):
         second = next((k for k in ranked[1:] if script[k] == script[ranked[0]]), None)
         same = (ranked[0], second) if second else None
+    top = ranked[0] if ranked and script[ranked[0]] in ("en", "ja") else None
+    partners = [k for k in ranked[1:1 + LINK_LOOK] if script[k] in ("en", "ja")] if top else []
     wanted = {k for k in (en, ja, *(same or ())) if k}
     places: dict[str, list[tuple[str, str]]] = {k: [] for k in wanted}
     for (i, c), k in zip(firing, keys):
         if k in wanted and len(places[k]) < max_contexts:
             prefix = "".join(language.clean_token(t) for t in c.tokens[max(0, i - MAX_PREFIX):i])
             places[k].append((prefix, language.clean_token(c.tokens[i])))
-    return FeatureTokens(len(firing), counts, en, ja, same, places)
+    return FeatureTokens(len(firing), counts, en, ja, same, places, top, partners)
 
 
 # ---- the cache -------------------------------------------------------------------------------------
@@ -340,6 +351,9 @@ class LMEvidence:
                 a, b = f.same
                 lang = language.token_script(a)
                 pairs |= {(lang, lang, a, b), (lang, lang, b, a)}
+            for t in f.partners:
+                sa, sb = language.token_script(f.top), language.token_script(t)
+                pairs |= {(sa, sb, f.top, t), (sb, sa, t, f.top)}
         items = {}
         for s_lang, t_lang, src, tgt in pairs:
             items[(s_lang, t_lang, src, tgt)] = (PROMPTS[(s_lang, t_lang)].format(src=src), " " + tgt)
@@ -380,6 +394,16 @@ class LMEvidence:
                 d["lm_same_pmi"] = sum(both) / 2
                 d["lm_same_max"] = max(both)
                 d["lm_same_w"] = max(d["lm_same_pmi"], 0.0) * share
+            if f.partners:
+                links = {}
+                for t in f.partners:
+                    sa, sb = language.token_script(f.top), language.token_script(t)
+                    links[t] = (pmi(sa, sb, f.top, t) + pmi(sb, sa, t, f.top)) / 2
+                linked = [t for t, v in links.items() if v > LINK_PMI]
+                d["lm_link_share"] = sum(f.counts[t] for t in linked) / f.n
+                d["lm_link_soft"] = sum(f.counts[t] / f.n / (1 + np.exp(LINK_PMI - v)) for t, v in links.items())
+                d["lm_link_top2"] = float(f.partners[0] in linked and f.counts.most_common(2)[1][0] == f.partners[0])
+                d["lm_link_family"] = (f.counts[f.top] + sum(f.counts[t] for t in linked)) / f.n
             out.append({k: round(float(v), 5) for k, v in d.items()})
         return out
 
