@@ -142,12 +142,12 @@ def print_lm_rows(rows, base_pool) -> None:
     print(f"\nLM evidence beside the shipped configuration (candidates: {', '.join(base_pool) or 'none'}; "
           "nested CV, mean ± sd over seeds,\nevery choice inside the outer folds; clears the bar where the kappa4 "
           "gain is > 1 sd)")
-    print(f"  {"candidates":<44} {"kappa4":<16} {'gain':>7} {'bar':<4} {'kappa3':<16} {'syn recall':<13} "
+    print(f"  {'candidates':<44} {'kappa4':<16} {'gain':>7} {'bar':<4} {'kappa3':<16} {'syn recall':<13} "
           f"{'syn precision':<13} worst share gap")
     for name, res, shipped, kept in rows:
         gain = res["kappa4"][0] - shipped["kappa4"][0]
         bar = "-" if name == "shipped pieces" else ("yes" if kept else "no")
-        print(f"  {name:<44} {fmt(res["kappa4"]):<16} {gain:+7.3f} {bar:<4} {fmt(res['kappa3']):<16} "
+        print(f"  {name:<44} {fmt(res['kappa4']):<16} {gain:+7.3f} {bar:<4} {fmt(res['kappa3']):<16} "
               f"{fmt(res['recall_concept-synonym'], 2):<13} {fmt(res['precision_concept-synonym'], 2):<13} "
               f"{fmt(res['worst_share_gap'], 1)}")
 
