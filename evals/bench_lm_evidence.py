@@ -28,7 +28,7 @@ DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=12, help="dev features timed (spread over the file)")
+    ap.add_argument("--n", type=int, default=48, help="dev features timed (spread over the file)")
     args, _ = ap.parse_known_args()
     if not DEV.exists():
         print(f"dev file {DEV} not found; nothing to measure")
@@ -64,10 +64,10 @@ def main() -> int:
     print(f"{len(sample)} dev features; model load {load_s:.1f} s (once per process)")
     print(f"{'evidence, per latent':<36} {'cold':>10} {'warm':>10}")
     print(f"{'statistical (stat_features, all)':<36} {1000 * stat_cold:>8.2f}ms {1000 * stat_warm:>8.2f}ms")
-    print(f"{'LM (lm_meaning+translation+same)':<36} {1000 * lm_cold:>8.0f}ms {1000 * lm_warm:>8.2f}ms")
+    print(f"{'LM (all four lm_* groups)':<36} {1000 * lm_cold:>8.0f}ms {1000 * lm_warm:>8.2f}ms")
     print(f"ratio LM / statistical: cold {lm_cold / stat_cold:.0f}x, warm (from the cache) {lm_warm / stat_warm:.1f}x")
     print(f"LM sequences run per latent (cold): {cold.computed / len(sample):.1f}; warm: {warm.computed}")
-    print(f"the whole dev file (300 latents) cold: about {300 * lm_cold / 60:.1f} min; peak memory {peak_mib:.0f} MiB")
+    print(f"the whole dev file (300 latents) cold, extrapolated: about {300 * lm_cold / 60:.1f} min; peak memory {peak_mib:.0f} MiB")
     return 0
 
 

@@ -192,13 +192,15 @@ class LMEvidence:
     def _load(self):
         if self._lm is None:
             import torch
+            import transformers
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             if self.threads:
                 torch.set_num_threads(self.threads)
             ident = self.identity
             tok = AutoTokenizer.from_pretrained(self._folder)
-            model = AutoModelForCausalLM.from_pretrained(self._folder, torch_dtype=torch.float32).eval()
+            dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+            model = AutoModelForCausalLM.from_pretrained(self._folder, **{dtype: torch.float32}).eval()
             self._lm = (model, tok, ident)
         return self._lm
 
