@@ -68,7 +68,7 @@ def test_loanwords_and_lemmas():
 
 def test_evidence_sources_are_reported():
     sources = D.evidence_sources()
-    assert set(sources) == {"jmdict", "unidic"}
+    assert set(sources) == {"jmdict", "unidic", "lm"}
     for s in sources.values():
         assert isinstance(s["available"], bool) and s["library"] and s["groups"]
     assert {"core", "context"} <= E.available_groups()
