@@ -5,7 +5,6 @@ code layout naming every subpackage there is."""
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
