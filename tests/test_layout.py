@@ -109,3 +109,8 @@ def test_the_readme_layout_names_every_subpackage():
     top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
     missing = [name for name in top if f"  {name}" not in layout]
     assert not missing, f"README code layout misses {missing}"
+
+
+def test_the_readme_is_a_door_not_a_log():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme) <= 20_000, f"README.md has {len(readme):,} characters: move detail to docs/"
