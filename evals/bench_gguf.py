@@ -30,23 +30,13 @@ from autointerp.lm.activations import (
     iter_activations,
     load_lm,
     num_layers,
+    pad_batch,
 )
 from autointerp.lm.corpus import load_corpus
 
 
 def encoded_batches(tokenizer, texts: list[str], batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], truncation=True, max_length=seq_len)["input_ids"]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, :len(e)] = torch.tensor(e)
-            mask[row, :len(e)] = 1
-        batches.append((ids, mask))
-    return batches
+    return [pad_batch(tokenizer, texts[start:start + batch_size], seq_len) for start in range(0, len(texts), batch_size)]
 
 
 def forward_to(model, batches, layer: int) -> float:

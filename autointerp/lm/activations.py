@@ -28,9 +28,9 @@ import torch
 import typer
 from rich.console import Console
 
-from autointerp.lm.corpus import Document, load_corpus
 from autointerp import options as O
 from autointerp.errors import UserError
+from autointerp.lm.corpus import Document, load_corpus
 from autointerp.progress import progress_bar
 
 # Where common architectures keep their decoder blocks (attribute paths from the model root).
@@ -148,6 +148,20 @@ def _doc_text_and_id(doc: Document | str, index: int) -> tuple[str, int]:
     return (doc.text, doc.doc_id) if isinstance(doc, Document) else (str(doc), index)
 
 
+def pad_batch(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention mask as bool) of the first `max_tokens` tokens of each text, right-padded
+    with the pad token (else EOS, else 0)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
+    width = max(len(e) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        input_ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
+        attention[row, :len(e)] = True
+    return input_ids, attention
+
+
 def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: int | Sequence[int], batch_size: int = 32,
                      max_tokens: int = 64, device: str | torch.device | None = None,
                      shard: tuple[int, int] | None = None) -> Iterator[ActivationBatch]:
@@ -166,7 +180,6 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
     if batch_size < 1 or max_tokens < 1:
         raise UserError(f"batch size and max tokens must be positive (got {batch_size}, {max_tokens})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     captured: dict[int, torch.Tensor] = {}
 
@@ -188,13 +201,7 @@ def iter_activations(model, tokenizer, docs: Iterable[Document | str], layer: in
             if shard is not None and index % shard[1] != shard[0]:
                 continue
             texts, doc_ids = zip(*(_doc_text_and_id(d, i) for i, d in chunk))
-            encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
-            width = max(len(e) for e in encoded)
-            input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(encoded), width), dtype=torch.bool)
-            for row, e in enumerate(encoded):
-                input_ids[row, :len(e)] = torch.tensor(e, dtype=torch.long)
-                attention[row, :len(e)] = True
+            input_ids, attention = pad_batch(tokenizer, texts, max_tokens)
             captured.clear()
             with torch.inference_mode():
                 try:

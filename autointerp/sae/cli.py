@@ -14,10 +14,11 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from autointerp import options as O
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp import options as O
+from autointerp.lm.activations import pad_batch
 from autointerp.options import parse_steps
 from autointerp.progress import progress_bar
 from autointerp.sae.io import load_sae, save_sae
@@ -51,8 +52,8 @@ def activation_chunks(model, tokenizer, docs, layer: int, seq_len: int, epochs: 
     each rank runs the LM on its share of the batches and the ranks exchange the activations,
     so every rank yields the whole stream in single-process order (autointerp.distributed).
     """
-    from autointerp.lm.activations import iter_activations
     from autointerp.distributed import gathered_rounds, rank_world
+    from autointerp.lm.activations import iter_activations
 
     rank, world = rank_world() if shard else (0, 1)
     cache: list[torch.Tensor] | None = []
@@ -100,18 +101,10 @@ def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 8):
     """(input_ids, attention_mask, text mask) over the first `seq_len` tokens of each document,
     right-padded; the text mask leaves out padding and special tokens (BOS), where the SAE's
     reconstruction is not spliced in."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     for start in range(0, len(docs), batch_size):
-        encoded = tokenizer([d.text for d in docs[start:start + batch_size]], truncation=True,
-                            max_length=seq_len)["input_ids"]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, :len(e)] = torch.tensor(e)
-            mask[row, :len(e)] = 1
-        yield ids, mask, mask.bool() & ~torch.isin(ids, special)
+        ids, attention = pad_batch(tokenizer, [d.text for d in docs[start:start + batch_size]], seq_len)
+        yield ids, attention.long(), attention & ~torch.isin(ids, special)
 
 
 def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> dict:
