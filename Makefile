@@ -73,7 +73,7 @@ bench: $(GEMMA_STAMP)
 	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
 	$(BIN)/python evals/bench.py
 
-eval: setup
+eval: setup $(GEMMA_STAMP)
 	$(BIN)/python evals/eval_granularity.py
 
 # Feature lineage on a finished run (make demo first): permuted self-match, a second-seed SAE
