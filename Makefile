@@ -64,6 +64,7 @@ demo-real: setup $(GEMMA_STAMP)
 # The two venvs install side by side: each pip spends much of its time unpacking wheels.
 test:
 	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
+	@$(MAKE) --no-print-directory $(GEMMA_STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
