@@ -284,3 +284,16 @@ def test_a_run_of_layers_gets_a_page_per_layer_with_sae_metrics_density_and_syno
     assert "1 / 2" in shares and "/ 3" not in shares
     # cards: the labelled latents by class, the dead one last
     assert [int(f) for f in re.findall(r"<h3>#(\d+) ", page3)] == [1, 0, 2]
+
+
+def test_report_of_one_saes_flat_folder_says_how_to_make_it_a_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+
+    flat = tmp_path / "my-sae-labels"
+    write_jsonl(flat / "records.jsonl.zst", [FeatureRecord(model="m", layer=2, checkpoint_step=None, feature=0,
+                                                           contexts=[Context(tokens=["a"], levels=[10])])])
+    result = CliRunner().invoke(app, ["report", str(flat)])
+    assert result.exit_code == 1 and "move them into a site folder" in str(result.exception)
+    assert not (flat / "report").exists()
