@@ -28,7 +28,8 @@ def cli(
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint (or layer)."""
     from autointerp.files import Kind, expect
 
-    if run_dir.is_dir() and not runlib.sites(run_dir) and runlib.records_file(run_dir).is_file():
+    if (run_dir.is_dir() and not runlib.Site.parse(run_dir.name) and not runlib.sites(run_dir)
+            and runlib.records_file(run_dir).is_file()):
         raise UserError(f"{run_dir} holds one SAE's records and labels (`label SAE_DIR --out`), not a run: move them "
                         f"into a site folder, e.g. {run_dir}/layer-L/, then `autointerp report {run_dir}`")
     expect(run_dir, Kind.RUN)
