@@ -118,20 +118,17 @@ def collect_for_sae(sae_dir: Path, records_path: Path, model: str | None, revisi
 def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = True) -> None:
     """The statistical label of every live latent, streamed into labels.jsonl (written atomically),
     and each one's class for the stratified sample."""
-    from autointerp.labels.statlabels import is_live, iter_stat_label_lines
+    from autointerp.labels.statlabels import StatLabelCounts, iter_live_labels
 
     total = sum(1 for _ in iter_lines(cp.target.records_path, binary=True))
     task = progress.add_task(f"statistical labels {cp.name}", total=total) if progress else None
+    counts = StatLabelCounts()
 
     def live_lines() -> Iterator[str]:
-        for line in iter_stat_label_lines(cp.target.records_path):
-            cp.n_records += 1
+        for line, label in iter_live_labels(cp.target.records_path, counts):
             if progress is not None:
-                progress.advance(task)
-            d = json.loads(line)
-            if not is_live(d):
-                continue  # counted apart: n_records - len(classes)
-            cp.classes[row_key(d)] = d.get("granularity") or "uninterpretable"
+                progress.update(task, completed=counts.labelled + counts.dead)
+            cp.classes[row_key(label)] = label.get("granularity") or "uninterpretable"
             yield line
 
     if write:
@@ -139,6 +136,9 @@ def stat_pass(cp: Checkpoint, progress: Progress | None = None, write: bool = Tr
     else:
         for _ in live_lines():
             pass
+    cp.n_records = counts.labelled + counts.dead  # the dead ones: n_records - len(classes)
+    if progress is not None:
+        progress.update(task, completed=cp.n_records)
 
 
 def load_sample(cp: Checkpoint) -> None:

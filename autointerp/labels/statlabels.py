@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count, islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from autointerp.labels import decision as granularity
 from autointerp.labels import language
@@ -185,20 +185,22 @@ class StatLabelCounts:
     dead: int = 0
 
 
-def write_stat_labels(records_path: str | Path, out_path: str | Path, workers: int | None = None,
-                      on_label: Callable[[], None] | None = None) -> StatLabelCounts:
+def iter_live_labels(records_path: str | Path, counts: StatLabelCounts, workers: int | None = None
+                     ) -> Iterator[tuple[str, dict]]:
+    """(JSON line, its dict) of every live latent's statistical label, in file order; a dead latent
+    gets none and `counts.dead` counts it (`counts.labelled` the others)."""
+    for line in iter_stat_label_lines(records_path, workers):
+        label = json.loads(line)
+        if is_live(label):
+            counts.labelled += 1
+            yield line, label
+        else:
+            counts.dead += 1
+
+
+def write_stat_labels(records_path: str | Path, out_path: str | Path, workers: int | None = None) -> StatLabelCounts:
     """Write the statistical label of every live latent in `records_path` to `out_path` (JSONL,
     atomically); dead latents are counted, not labelled."""
     counts = StatLabelCounts()
-
-    def live(lines: Iterator[str]) -> Iterator[str]:
-        for line in lines:
-            if on_label is not None:
-                on_label()
-            if is_live(json.loads(line)):
-                yield line
-            else:
-                counts.dead += 1
-
-    counts.labelled = write_jsonl(out_path, live(iter_stat_label_lines(records_path, workers)))
+    write_jsonl(out_path, (line for line, _ in iter_live_labels(records_path, counts, workers)))
     return counts
