@@ -250,6 +250,9 @@ def _pointer(path: Path, found: Kind, wanted: tuple[Kind, ...]) -> str:
                     return f"SAEs are in {_listed(saes)}"
         elif kind == Kind.RUN and run is not None and run != path:
             return f"the run folder is {run}"
+        elif (kind == Kind.RUN and run is None and path.is_dir() and not runlib.Site.parse(path.name)
+              and runlib.records_file(path).is_file()):  # one SAE's folder, as `label SAE_DIR --out` writes it
+            return f"move them into a site folder, e.g. {path}/layer-L/, to make it a run"
     if found in (Kind.RECORDS, Kind.HUMAN_RECORDS) and {Kind.LABELS, Kind.HUMAN_LABELS} & set(wanted):
         return "`autointerp label` writes model labels, `autointerp annotate` human ones"
     return ""

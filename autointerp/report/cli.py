@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from autointerp import run as runlib
-from autointerp.errors import UserError
 from autointerp.options import contexts_option
 from autointerp.report.build import DEFAULT_MAX_FEATURES, build_report, site_axis
 
@@ -28,10 +27,6 @@ def cli(
     """Render the HTML report: RUN_DIR/report/index.html and one page per checkpoint (or layer)."""
     from autointerp.files import Kind, expect
 
-    if (run_dir.is_dir() and not runlib.Site.parse(run_dir.name) and not runlib.sites(run_dir)
-            and runlib.records_file(run_dir).is_file()):
-        raise UserError(f"{run_dir} holds one SAE's records and labels (`label SAE_DIR --out`), not a run: move them "
-                        f"into a site folder, e.g. {run_dir}/layer-L/, then `autointerp report {run_dir}`")
     expect(run_dir, Kind.RUN)
     index = build_report(run_dir, human, out, contexts, window, max_features)
     pages = [index.parent / f"{site.name}.html" for site in runlib.sites(run_dir)]
