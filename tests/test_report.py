@@ -192,6 +192,7 @@ def test_index_loads_in_headless_chromium(tmp_path):
     assert shot.exists() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
 
 
+@needs_dev
 def test_pages_show_labelled_features_first_and_only_them_by_default(tmp_path):
     run = make_run(tmp_path, per_step=12)
     step = sorted(int(p.name.split("-")[1]) for p in run.glob("step-*"))[0]
