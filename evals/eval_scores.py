@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default=None, help="llama-cpp or vllm: picks the example counts and simulation mode")
     ap.add_argument("--threads", type=int, default=None, help="threads of the embedded llama.cpp server")
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--methods", default=",".join(score.METHODS),
+                    help="comma-separated scoring methods (default all: simulation,detection,fuzzing)")
     args = ap.parse_args(argv)
     console = Console(stderr=True)
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "runs/eval-scores" / kind
     out.mkdir(parents=True, exist_ok=True)
     settings = score.ScoreSettings.for_engine(args.engine or ("llama-cpp" if not args.base_url else None),
-                                              seed=args.seed)
+                                              seed=args.seed, methods=tuple(args.methods.split(",")))
     sample = control_sample(records, descriptions, {r.key for r in records}, args.fraction, args.minimum,
                             args.seed)
     steps = sorted({r.checkpoint_step for r in records})

@@ -75,8 +75,9 @@ def test_bootstrap_is_stratified():
 
 
 def test_expected_level_from_top_logprobs():
-    top = {"0": np.log(0.5), "10": np.log(0.25), "2": np.log(0.25), "}": np.log(0.9)}
-    assert simulation.expected_level(top) == pytest.approx(0.5 * 0 + 0.25 * 10 + 0.25 * 2)
+    top = {"0": np.log(0.5), " 9": np.log(0.25), "2": np.log(0.25), "}": np.log(0.9), "10": np.log(0.5)}
+    # "10" is off the 0..9 scale (and in most tokenizers only the start of "1" "0"): not a level
+    assert simulation.expected_level(top) == pytest.approx(0.5 * 0 + 0.25 * 9 + 0.25 * 2)
     assert simulation.expected_level({"a": 0.0}) is None
 
 
@@ -115,6 +116,67 @@ def test_simulation_predictions_logprobs_and_json_fallback():
     assert method == "json" and values == [0.0, 7.0, 0.0]
 
 
+def test_simulation_prompts_ask_for_single_digit_levels():
+    # "10" is two tokens ("1" "0") for SmolLM2, Gemma and Qwen: a level read from the first token's
+    # alternatives would take the simulator's strongest prediction for a 1
+    windows = [examples.Window(["the", " dog"], [0, 8], True, "quantile-0", 1)]
+    all_at_once, _ = simulation.all_at_once_prompt("the word dog", windows)
+    examples_shown = [int(v) for v in re.findall(r"\t([0-9]+)$", all_at_once, re.M)]
+    assert examples_shown and max(examples_shown) == simulation.MAX_LEVEL <= 9
+    as_json = render("simulate", description="the word dog", texts=[["the", " dog"]], n_tokens=2)
+    for prompt in (all_at_once, as_json):
+        stated = [int(v) for v in re.findall(r"\bto ([0-9]+)\b", prompt)]
+        assert stated and set(stated) == {simulation.MAX_LEVEL}
+
+
+class _LevelsClient:
+    """A completions endpoint whose simulator gives P(7) 0.6, P(2) 0.1 and P("unknown") 0.3 at
+    every token; it keeps the prompts it is sent."""
+
+    def __init__(self):
+        self.prompts = []
+
+    async def complete(self, prompt, *, template_sha="", max_tokens=64, temperature=0.0, logprobs=None, **_):
+        self.prompts.append(prompt)
+        top = {"7": math.log(0.6), "unknown": math.log(0.3), " 2": math.log(0.1)}
+        return ChatResult(text="7", logprobs=[TokenLogprob("7", top["7"], top)])
+
+
+def test_per_token_simulation_shows_its_own_levels_not_unknown():
+    import asyncio
+
+    windows = [examples.Window(["the", " dog", " barks"], [0, 8, 0], True, "quantile-0", 1),
+               examples.Window([" a", " cat"], [0, 0], False, "random", 0)]
+    client = _LevelsClient()
+    predicted = asyncio.run(simulation.PREDICT_BY_MODE["per-token"](client, "the word dog", windows,
+                                                                      score.ScoreSettings()))
+    assert predicted == pytest.approx([(7 * 0.6 + 2 * 0.1) / 0.7] * 5)  # "unknown" is not a level
+    assert len(client.prompts) == 5
+    for before, after in zip(client.prompts, client.prompts[1:]):
+        assert before.endswith("\t") and after.startswith(before + "7\n")  # a prefix-cache-friendly extension
+    target = client.prompts[-1].rsplit("Description: the word dog", 1)[1]
+    assert "unknown" not in target and target.count("\t7\n") == 4  # the level it gave, where "unknown" stood
+
+
+def test_simulation_windows_go_into_the_prompt_shuffled_by_the_latent_seed():
+    import asyncio
+
+    record = make_record()
+    settings = score.ScoreSettings(methods=("simulation",))
+    plan = examples.plan_examples(record, settings)
+
+    def order(seed):
+        client = _LevelsClient()
+        asyncio.run(simulation.Simulation().score(client, "the word dog", plan, settings, random.Random(seed)))
+        target = client.prompts[-1].rsplit("Description: the word dog", 1)[1]
+        return ["n" if re.match(r"[nrs]\d|r\d", w) else "a" for w in re.findall(r"<start>\n(\S+)", target)]
+
+    first = order(0)
+    assert len(first) == 20 and first.count("a") == 10
+    assert first != ["a"] * 10 + ["n"] * 10  # activating windows are not all ahead of the others
+    assert order(0) == first and order(1) != first  # seeded: the same for a matched and a shuffled description
+
+
 def _tokenize(text: str) -> list[str]:
     """A stand-in tokenizer: words with their leading space, a tab, a newline, other characters."""
     return re.findall(r" ?[A-Za-z]+|\t|\n|[0-9]|.", text)
@@ -145,7 +207,7 @@ def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
                examples.Window([" a", " cat"], [0, 0], False, "random", 0)]
     prompt, slots = simulation.all_at_once_prompt("the word dog", windows)
     assert len(slots) == 5 and prompt.count("unknown") == 6  # five slots, one mention in the instructions
-    expected = {1: {"10": 0.5, "5": 0.25, "0": 0.25}, 3: {"1": 0.5, "0": 0.5, " unknown": 0.9}}
+    expected = {1: {"9": 0.5, "5": 0.25, "0": 0.25}, 3: {"1": 0.5, "0": 0.5, " unknown": 0.9}}
     body = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
             "choices": [{"index": 0, "text": "\n", "logprobs": None, "finish_reason": "length",
                          "prompt_logprobs": _vllm_prompt_logprobs(prompt, expected)}],
@@ -155,7 +217,7 @@ def test_prompt_logprobs_parsing_on_a_vllm_shaped_response():
     result = result_from_response(openai.types.Completion.model_validate(json.loads(json.dumps(body))))
     result = result_from_dict(json.loads(json.dumps(result_to_dict(result))), cached=True)
     predicted = simulation.predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
-    assert predicted == pytest.approx([0.0, 0.5 * 10 + 0.25 * 5, 0.0, 0.5, 0.0])
+    assert predicted == pytest.approx([0.0, 0.5 * 9 + 0.25 * 5, 0.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="slots"):
         simulation.predictions_from_prompt_logprobs(result.prompt_logprobs, 4)
     with pytest.raises(ValueError, match="no prompt_logprobs"):
@@ -246,7 +308,7 @@ def test_shown_text_groups_marks():
 class ScriptedClient:
     """Answers every request from what it is shown: a description "the word X" makes detection and
     fuzzing say 1 for an example containing X (marked, for fuzzing), with AUC-able logprobs
-    (P(1) 0.9 or 0.2), and simulation predict 10 on X; a constant guesser with `constant=True`."""
+    (P(1) 0.9 or 0.2), and simulation predict 9 on X; a constant guesser with `constant=True`."""
 
     model = "scripted"
 
@@ -272,7 +334,7 @@ class ScriptedClient:
             lps[-1] = TokenLogprob("]", 0.0, {})
             return ChatResult(text=text, logprobs=lps)
         tokens = [t for line in re.findall(r"^Text \d+ \(\d+ tokens\): (.*)$", last, re.M) for t in line.split("|")]
-        values = [0 if self.constant else (10 if t.strip() == word else 0) for t in tokens]
+        values = [0 if self.constant else (9 if t.strip() == word else 0) for t in tokens]
         return ChatResult(text=json.dumps({"activations": values}))
 
     async def complete(self, prompt, *, template_sha="", max_tokens=64, temperature=0.0, logprobs=None, stop=None,
@@ -283,7 +345,7 @@ class ScriptedClient:
         word = re.findall(r"the word (\w+)", prompt)[-1]
         token = prompt.rsplit("\n", 1)[1][:-1]
         hit = not self.constant and token.strip() == word
-        top = {"10": math.log(0.9), "0": math.log(0.1)} if hit else {"0": math.log(0.95), "1": math.log(0.05)}
+        top = {"9": math.log(0.9), "0": math.log(0.1)} if hit else {"0": math.log(0.95), "1": math.log(0.05)}
         return ChatResult(text="0", logprobs=[TokenLogprob("0", top.get("0"), top)])
 
 
@@ -296,7 +358,7 @@ def test_score_records_perfect_and_constant_simulators_and_resume(tmp_path):
     first = scores[0]
     assert first.detection == 1.0 and first.auc["detection"] == 1.0 and first.ci95["detection"] == [1.0, 1.0]
     assert first.fuzzing == 1.0 and first.auc["fuzzing"] == 1.0
-    # 10 predicted on every " dog", whose true levels run 10..1: a high correlation, not 1
+    # 9 predicted on every " dog", whose true levels run 10..1: a high correlation, not 1
     assert first.simulation > 0.8 and 0.5 < first.ci95["simulation"][0] < first.simulation < first.ci95["simulation"][1]
     info = first.simulator["detection"]
     assert info["n_activating"] == 10 and info["n_non_activating"] == 10 and info["n_prompts"] == 4
@@ -421,7 +483,7 @@ def test_real_server_detection_prompt_answered_with_logprobs(tmp_path):
 
 class _VllmLike:
     """A /v1/completions endpoint answering as vLLM does with prompt_logprobs: the simulator it
-    plays predicts 10 at every " dog" slot and 0 elsewhere."""
+    plays predicts 9 at every " dog" slot and 0 elsewhere."""
 
     def __init__(self):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -439,7 +501,7 @@ class _VllmLike:
                 prompt = body["prompt"]
                 target = prompt.rsplit("Description:", 1)[1]
                 slot_tokens = re.findall(r"^(.*)\tunknown$", target, re.M)
-                expected = {i: ({"10": 0.9, "0": 0.1} if t == " dog" else {"0": 0.95, "1": 0.05})
+                expected = {i: ({"9": 0.9, "0": 0.1} if t == " dog" else {"0": 0.95, "1": 0.05})
                             for i, t in enumerate(slot_tokens)}
                 answer = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
                           "choices": [{"index": 0, "text": "\n", "logprobs": None, "finish_reason": "length",

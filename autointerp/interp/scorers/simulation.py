@@ -1,13 +1,20 @@
 """OpenAI's all-at-once simulation (automated-interpretability): from the description alone the
-simulator predicts an activation 0..10 for every token of the held-out windows; the score is the
+simulator predicts an activation 0..9 for every token of the held-out windows; the score is the
 Pearson correlation over all tokens pooled, its interval a seeded bootstrap over windows.
+
+The scale stops at 9, not OpenAI's 10, so that every level is one token: SmolLM2, Gemma and
+Qwen split "10" into "1" "0", and an expected value over the first token's alternatives would
+read the simulator's strongest prediction as 1. The windows go into the prompt in a seeded
+shuffled order, so that a drift of the predictions along the prompt cannot pass for a score.
 
 Three ways to read the predictions (`ScoreSettings.simulation`):
 - "prompt-logprobs" (vLLM): one completions request with prompt_logprobs over a prompt in which
   every token is followed by a tab and "unknown"; the prediction is the expected value over the
-  "0".."10" alternatives at each "unknown" -- one prefill pass, no generation.
+  "0".."9" alternatives at each "unknown" -- one prefill pass, no generation.
 - "per-token" (llama.cpp, which returns no prompt logprobs): that prompt cut after each token's
-  tab, one request per token, the server's prompt cache keeping the shared prefix.
+  tab, one request per token, each earlier token's "unknown" replaced by the simulator's own most
+  likely level (a small model shown "unknown" lines copies "unknown"); the server's prompt cache
+  keeps the shared prefix.
 - "json" (any chat server): the simulator answers a JSON list of integers; the expected value
   over the digit top_logprobs at each number where returned.
 """
@@ -31,15 +38,22 @@ from autointerp.llm.prompts import prompt_sha256, render
 
 JSON_TEMPLATE = "simulate"  # the "json" mode's chat prompt
 ALL_AT_ONCE_TEMPLATE = "simulate_all_at_once"  # the "prompt-logprobs" and "per-token" modes' prompt
+MAX_LEVEL = 9  # the prompts' scale 0..9: one token per level in any tokenizer (see above)
 
 
-def expected_level(top_logprobs: dict[str, float]) -> float | None:
-    """Expected level over the alternatives that are integers 0..10 (renormalised); None if none are."""
+def level_weights(top_logprobs: dict[str, float]) -> dict[int, float]:
+    """Probability of each level 0..MAX_LEVEL among the alternatives (" 7" and "7" pooled)."""
     weights: dict[int, float] = {}
     for token, logprob in top_logprobs.items():
         text = (token or "").strip()
-        if text.isascii() and text.isdigit() and 0 <= int(text) <= 10:
+        if text.isascii() and text.isdigit() and int(text) <= MAX_LEVEL:
             weights[int(text)] = weights.get(int(text), 0.0) + math.exp(logprob)
+    return weights
+
+
+def expected_level(top_logprobs: dict[str, float]) -> float | None:
+    """Expected level over the alternatives that are levels 0..MAX_LEVEL (renormalised); None if none are."""
+    weights = level_weights(top_logprobs)
     total = sum(weights.values())
     return sum(k * w for k, w in weights.items()) / total if total > 0 else None
 
@@ -58,7 +72,7 @@ def simulation_predictions(text: str, logprobs: list | None, n: int) -> tuple[li
     """Per-token predictions from an answer {"activations": [...]}: logprob expected values where
     the generated number is one token with digit alternatives, the parsed integer otherwise."""
     values = parse_json_answer(text).get("activations", [])
-    parsed = [float(min(max(int(v), 0), 10)) if isinstance(v, (int, float)) else 0.0 for v in values][:n]
+    parsed = [float(min(max(int(v), 0), MAX_LEVEL)) if isinstance(v, (int, float)) else 0.0 for v in values][:n]
     parsed += [0.0] * (n - len(parsed))
     if not logprobs or "".join(lp.token for lp in logprobs) != text:
         return parsed, "json"
@@ -87,11 +101,11 @@ def _object_schema(key: str, n: int, item: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _simulate_json(client, description: str, windows: list[Window], settings: ScoreSettings) -> list[float]:
-    """One chat request: the simulator lists an integer 0..10 per token, text after text."""
+    """One chat request: the simulator lists an integer 0..MAX_LEVEL per token, text after text."""
     texts = [[shown(t, "prompt").replace("|", "¦") for t in w.tokens] for w in windows]
     index = sum(len(t) for t in texts)
     prompt = render(JSON_TEMPLATE, description=description, texts=texts, n_tokens=index)
-    schema = _object_schema("activations", index, {"type": "integer", "minimum": 0, "maximum": 10})
+    schema = _object_schema("activations", index, {"type": "integer", "minimum": 0, "maximum": MAX_LEVEL})
     result = await client.chat([{"role": "user", "content": prompt}], template_sha=prompt_sha256(JSON_TEMPLATE),
                                response_format=json_response_format(schema, "simulation"),
                                max_tokens=6 * index + 64, temperature=0.0, logprobs=True,
@@ -124,7 +138,7 @@ def predictions_from_prompt_logprobs(prompt_logprobs: list | None, n: int) -> li
     prompt_logprobs (one entry per prompt token: None for the first, else {token id: {logprob,
     rank, decoded_token}} whose first key is the prompt's own token, then the top alternatives).
     A slot is a token spelling the start of "unknown" right after a tab (or a token "\\tunknown");
-    its alternatives "0".."10" give the expected value."""
+    its alternatives "0".."9" give the expected value."""
     if not prompt_logprobs:
         raise ValueError("the server returned no prompt_logprobs (is it vLLM? use --simulation json)")
     actual = []
@@ -165,20 +179,24 @@ async def _simulate_prompt_logprobs(client, description: str, windows: list[Wind
 async def _simulate_per_token(client, description: str, windows: list[Window],
                               settings: ScoreSettings) -> list[float]:
     """The all-at-once prompt without echo (llama.cpp returns no prompt logprobs): one completions
-    request per token, its prompt cut right after that token's tab, max_tokens 1 with top logprobs;
-    the next-token distribution there is what prompt_logprobs gives at its "unknown". The server's
-    prompt cache keeps the shared prefix, so each request evaluates only the few tokens since the
-    previous one: as long as nothing else runs on the server in between (the caller runs these
-    one latent at a time)."""
+    request per token, its prompt cut right after that token's tab, max_tokens 1 with top logprobs,
+    each earlier token's "unknown" replaced by the simulator's most likely level there. The
+    server's prompt cache keeps the shared prefix, so each request evaluates only the few tokens
+    since the previous one: as long as nothing else runs on the server in between (the caller runs
+    these one latent at a time)."""
     prompt, slots = all_at_once_prompt(description, windows)
     sha = prompt_sha256(ALL_AT_ONCE_TEMPLATE)
-    out = []
+    out, head, done = [], "", 0
     for offset in slots:
-        result = await client.complete(prompt[:offset + 1], template_sha=sha, max_tokens=1, temperature=0.0,
+        head += prompt[done:offset + 1]  # up to and with this token's tab
+        done = offset + len("\tunknown")
+        result = await client.complete(head, template_sha=sha, max_tokens=1, temperature=0.0,
                                        logprobs=settings.top_logprobs)
-        first = result.logprobs[0] if result.logprobs else None
-        ev = expected_level(first.top) if first is not None and first.top else None
+        top = result.logprobs[0].top if result.logprobs and result.logprobs[0].top else {}
+        ev = expected_level(top)
         out.append(0.0 if ev is None else ev)  # no digit among the top alternatives: "not firing"
+        weights = level_weights(top)
+        head += str(max(weights, key=weights.get, default=0))
     return out
 
 
@@ -199,6 +217,7 @@ class Simulation(Scorer):
     async def score(self, client, description: str, plan: ExamplePlan, settings: ScoreSettings,
                     rng: random.Random) -> MethodResult:
         windows = sim_windows(plan, settings)
+        rng.shuffle(windows)  # activating first would tie the truth to the position in the prompt
         if len({v for w in windows for v in w.levels}) < 2:
             return MethodResult(None, error="no held-out tokens with varying activation")
         chunks = [windows[i:i + settings.sim_per_prompt] for i in range(0, len(windows), settings.sim_per_prompt)]
