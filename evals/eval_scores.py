@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default=None, help="llama-cpp or vllm: picks the example counts and simulation mode")
     ap.add_argument("--threads", type=int, default=None, help="threads of the embedded llama.cpp server")
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--human-class", default=None,
+                    help="only the dev features people labelled so (e.g. token: there top-token descriptions are right)")
     ap.add_argument("--methods", default=",".join(score.METHODS),
                     help="comma-separated scoring methods (default all: simulation,detection,fuzzing)")
     args = ap.parse_args(argv)
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no dev file at {args.dev}: nothing to evaluate", file=sys.stderr)
         return 1
     records = [r for r in read_records(args.dev) if r.contexts]
+    if args.human_class:
+        records = [r for r in records if (r.extra or {}).get("human_granularity") == args.human_class]
     if args.features:
         records = score_sample(records, args.features, args.seed)
     kind = args.descriptions
