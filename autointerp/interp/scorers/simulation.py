@@ -51,11 +51,15 @@ def level_weights(top_logprobs: dict[str, float]) -> dict[int, float]:
     return weights
 
 
-def expected_level(top_logprobs: dict[str, float]) -> float | None:
-    """Expected level over the alternatives that are levels 0..MAX_LEVEL (renormalised); None if none are."""
-    weights = level_weights(top_logprobs)
+def mean_level(weights: dict[int, float]) -> float | None:
+    """The weights' expected level (renormalised); None if there are none."""
     total = sum(weights.values())
     return sum(k * w for k, w in weights.items()) / total if total > 0 else None
+
+
+def expected_level(top_logprobs: dict[str, float]) -> float | None:
+    """Expected level over the alternatives that are levels 0..MAX_LEVEL (renormalised); None if none are."""
+    return mean_level(level_weights(top_logprobs))
 
 
 def sim_windows(plan: ExamplePlan, settings: ScoreSettings) -> list[Window]:
@@ -192,10 +196,9 @@ async def _simulate_per_token(client, description: str, windows: list[Window],
         done = offset + len("\tunknown")
         result = await client.complete(head, template_sha=sha, max_tokens=1, temperature=0.0,
                                        logprobs=settings.top_logprobs)
-        top = result.logprobs[0].top if result.logprobs and result.logprobs[0].top else {}
-        ev = expected_level(top)
+        weights = level_weights(result.logprobs[0].top or {}) if result.logprobs else {}
+        ev = mean_level(weights)
         out.append(0.0 if ev is None else ev)  # no digit among the top alternatives: "not firing"
-        weights = level_weights(top)
         head += str(max(weights, key=weights.get, default=0))
     return out
 
