@@ -98,8 +98,8 @@ def test_control_of_a_constant_simulator_is_noise(tmp_path):
     assert control.noise
     assert all(not m["signal"] and m["gap"] == 0.0 for m in control.methods.values())
     assert "scripted do not beat shuffled descriptions" in control.verdict and "noise" in control.verdict
-    assert "detection from scripted does not beat shuffled descriptions (gap 0.00, 95% CI 0.00–0.00)" \
-        in control.methods["detection"]["verdict"]
+    assert "detection from scripted does not beat shuffled descriptions (gap 0.00, 95% CI 0.00–0.00; " \
+           "sign-flip p 1.000, Holm over 3 methods 1.000)" in control.methods["detection"]["verdict"]
 
 
 def test_compare_control_hand_computed():
@@ -136,3 +136,40 @@ def test_control_needs_two_latents(tmp_path):
                           tmp_path / "c.jsonl", score.ScoreSettings())
     assert control.noise and control.n_latents == 1 and not (tmp_path / "c.jsonl").exists()
     assert "too few" in control.methods["detection"]["verdict"]
+
+
+def test_sign_flip_p_is_exact_and_holm_keeps_the_order():
+    from autointerp.interp.scorers.metrics import holm, sign_flip_p
+
+    # all ten gaps positive: only the all-plus pattern of 2^10 reaches the observed sum
+    assert sign_flip_p([0.5] * 10) == pytest.approx(1 / 1024)
+    # one negative gap among ten equal ones: patterns reaching sum >= 8 units: C(10,0) + C(10,1) = 11
+    assert sign_flip_p([1.0] * 9 + [-1.0]) == pytest.approx(11 / 1024)
+    assert sign_flip_p([0.0] * 10) == 1.0  # no gap at all: no evidence
+    # beyond the exact range: Monte Carlo, seeded, close to the normal approximation
+    gaps = [0.3 if i % 3 else -0.2 for i in range(40)]
+    p = sign_flip_p(gaps, seed=1)
+    assert p == sign_flip_p(gaps, seed=1) and 0.0 < p < 0.05
+    adjusted = holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    assert adjusted == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})  # 3*0.01, max(2*0.03, .03), max(.04, .06)
+
+
+def test_one_interval_clear_of_zero_among_three_methods_is_not_signal():
+    """The demo-real case: simulation's bootstrap interval excludes 0 on 10 latents, detection's and
+    fuzzing's do not; after Holm's correction over three methods that is no verdict of signal
+    unless the sign-flip test is strong enough on its own."""
+    def s(key, sim):
+        return Scores(5, key, simulation=sim)
+
+    gaps = [0.06, 0.01, 0.03, -0.03, 0.04, 0.03, -0.02, 0.05, -0.01, 0.08]  # sign-flip p = 41/1024
+    matched = {(5, i): s(i, 0.1 + g) for i, g in enumerate(gaps)}
+    shuffled = {(5, i): s(i, 0.1) for i in range(len(gaps))}
+    alone = compare_control(matched, shuffled, ["simulation"], "m", 0)["simulation"]
+    assert alone["ci95"][0] > 0 and alone["signal"]  # tested alone it is signal
+    trio = {k: Scores(5, k[1], simulation=v.simulation, detection=0.5, fuzzing=0.5) for k, v in matched.items()}
+    out = compare_control(trio, {k: Scores(5, k[1], simulation=0.1, detection=0.5, fuzzing=0.5) for k in shuffled},
+                          ["simulation", "detection", "fuzzing"], "m", 0)
+    sim = out["simulation"]
+    assert sim["p"] == pytest.approx(41 / 1024, abs=1e-5) and sim["p_holm"] == pytest.approx(3 * 41 / 1024, abs=1e-4)
+    assert sim["ci95"][0] > 0 and not sim["signal"]
+    assert "interval lies above 0, but the test corrected for the 3 methods tested does not reject" in sim["verdict"]

@@ -63,24 +63,33 @@ def label_line(step: int, feature: int, new_format: bool = True) -> dict:
     return line
 
 
-def control(noise: bool) -> dict:
-    """What score.ControlResult.to_dict() writes: detection discriminates unless `noise`."""
-    detection = ({"metric": "auc", "n": 12, "matched": 0.71, "shuffled": 0.52, "gap": 0.19, "ci95": [0.1, 0.28],
-                  "signal": True, "verdict": "detection discriminates (gap 0.19, 95% CI 0.10–0.28)"}
-                 if not noise else
-                 {"metric": "auc", "n": 12, "matched": 0.52, "shuffled": 0.57, "gap": -0.05, "ci95": [-0.13, 0.03],
-                  "signal": False, "verdict": "detection from smollm2 does not beat shuffled descriptions "
-                                              "(gap −0.05, 95% CI −0.13–0.03): treat it as noise"})
-    methods = {"detection": detection,
-               "simulation": {"metric": "pearson", "n": 12, "matched": 0.02, "shuffled": 0.03, "gap": -0.01,
-                              "ci95": [-0.09, 0.07], "signal": False,
-                              "verdict": "simulation from smollm2 does not beat shuffled descriptions: treat it as noise"},
-               "fuzzing": {"metric": "balanced accuracy", "n": 12, "matched": 0.5, "shuffled": 0.5, "gap": 0.0,
-                           "ci95": [-0.05, 0.05], "signal": False, "verdict": "fuzzing: noise"}}
-    verdict = ("scores from smollm2-135m-instruct do not beat shuffled descriptions (best: detection gap −0.05, "
-               "95% CI −0.13–0.03; 12 latents): treat them as noise") if noise else "detection discriminates"
-    return {"methods": methods, "n_latents": 12, "model": "smollm2-135m-instruct", "seed": 0, "fraction": 0.2,
-            "noise": noise, "verdict": verdict, "sample": []}
+def control(noise: bool = False, signal: set[str] | None = None, n: int = 12) -> dict:
+    """What interp.control.ControlResult.to_dict() writes: the methods in `signal` discriminate
+    (default: detection, unless `noise`), the others do not; `n` latents scored both ways."""
+    signal = (set() if noise else {"detection"}) if signal is None else signal
+    few = n < 10
+
+    def method(name: str, metric: str, gap: float) -> dict:
+        vouched = name in signal and not few
+        lo, hi = (round(gap - 0.09, 2), round(gap + 0.09, 2)) if vouched or few else (round(gap - 0.1, 2), 0.05)
+        verdict = (f"{name} discriminates (gap {gap:.2f}, 95% CI {lo:.2f}–{hi:.2f})" if vouched else
+                   f"{name}: {n} latents are too few for a verdict: treat it as noise" if few else
+                   f"{name} from smollm2 does not beat shuffled descriptions: treat it as noise")
+        return {"metric": metric, "n": n, "matched": 0.5 + gap, "shuffled": 0.5, "gap": gap, "ci95": [lo, hi],
+                "p": 0.001 if vouched else 0.4, "p_holm": 0.003 if vouched else 0.8, "signal": vouched,
+                "verdict": verdict}
+
+    methods = {"detection": method("detection", "auc", 0.19 if "detection" in signal else -0.05),
+               "simulation": method("simulation", "pearson", 0.03 if "simulation" in signal else -0.01),
+               "fuzzing": method("fuzzing", "balanced accuracy", 0.1 if "fuzzing" in signal else 0.0)}
+    vouched = [m for m, d in methods.items() if d["signal"]]
+    verdict = "; ".join(d["verdict"] for d in methods.values()) if vouched else (
+        "scores from smollm2-135m-instruct do not beat shuffled descriptions (best: detection gap −0.05, "
+        "95% CI −0.13–0.03; 12 latents): treat them as noise")
+    return {"methods": methods, "n_latents": n, "model": "smollm2-135m-instruct", "seed": 0, "fraction": 0.2,
+            "noise": not vouched, "vouched": vouched, "verdict": verdict, "min_latents": 10,
+            "rule": "signal: the gap's exact sign-flip p-value, Holm-corrected over the 3 method(s) tested, below "
+                    "0.05 (one-sided), on at least 10 latents", "sample": []}
 
 
 def make_run(root: Path, new_format: bool = True, manifest_control: dict | None = None, stage: str = "label",
@@ -214,6 +223,86 @@ def test_scores_without_a_control_are_greyed_and_a_stats_only_run_says_so(tmp_pa
     build_report(run)
     for html in pages(run).values():
         assert '<div class="control none" id="control">' in html and "No LLM scores in this run" in html
+
+
+OUTCOMES = {  # name -> (manifest control, the methods shown as information, why the others are greyed)
+    "all noise": (control(noise=True), set(), "noise"),
+    "simulation only (demo-real's)": (control(signal={"simulation"}), {"simulation"}, "noise"),
+    "detection and fuzzing": (control(signal={"detection", "fuzzing"}), {"detection", "fuzzing"}, "noise"),
+    "all signal": (control(signal={"simulation", "detection", "fuzzing"}), {"simulation", "detection", "fuzzing"}, ""),
+    "too few latents": (control(signal={"simulation", "detection"}, n=6), set(), "too few latents"),
+    "no control": (None, set(), "no control"),
+}
+
+
+@pytest.mark.parametrize("outcome", list(OUTCOMES))
+def test_every_control_outcome_renders_and_greys_only_what_it_does_not_vouch_for(tmp_path, outcome):
+    manifest_control, vouched, why = OUTCOMES[outcome]
+    run = make_run(tmp_path, manifest_control=manifest_control)
+    build_report(run)  # the templates are strict: a name they read and the view lacks fails here
+    all_pages = pages(run)
+    for name, html in all_pages.items():
+        banner = re.search(r'<div class="control (\w+)" id="control">(.*?)</div>', html, re.S)
+        assert banner, name
+        if manifest_control is None:
+            assert banner[1] == "unchecked" and "stay out of the granularity decision" in banner[2]
+            continue
+        assert banner[1] == ("signal" if vouched else "noise")
+        said = re.search(r'<p class="vouched">(.*?)</p>', banner[2])[1]
+        if vouched:
+            assert said.startswith("The control vouches for ")
+            assert all(m in said.split(":")[0] for m in vouched)
+            assert not any(m in said.split(":")[0] for m in {"simulation", "detection", "fuzzing"} - vouched)
+        else:
+            assert said.startswith("The control vouches for no score") and why in said
+    page = all_pages["step-600.html"]
+    spans = dict((m, cls) for cls, m in re.findall(r'<span class="score([^"]*)" data-method="(\w+)">', page))
+    assert spans == {m: ("" if m in vouched else " noise") for m in ("simulation", "detection", "fuzzing")}
+    greyed_tags = re.findall(r'data-method="(\w+)">[^<]*</span> <span class="noise-tag">([^<]+)</span>', page)
+    assert {m for m, _ in greyed_tags} == {"simulation", "detection", "fuzzing"} - vouched
+    assert all(tag == why for _, tag in greyed_tags)
+    index = all_pages["index.html"]
+    cell = re.search(r'<td( class="noise")?>0\.100 \(n=5\)( <span class="noise-tag">([^<]+)</span>)?</td>', index)
+    assert cell and bool(cell[1]) == ("simulation" not in vouched)
+    assert (cell[3] or "") == ("" if "simulation" in vouched else why)
+
+
+def test_a_control_written_by_label_renders_with_each_verdict(tmp_path):
+    """The manifest of a real `label` run (fake LLM server), rendered as written, then with its
+    simulation verdict turned to signal as make demo-real's control gave it."""
+    from typer.testing import CliRunner
+
+    from autointerp.cli import app
+    from autointerp.labels.decision import trusted_scores
+    from autointerp.schema import Scores
+    from test_label import scorer_answer, write_run
+    from fakeserver import FakeServer
+
+    run, _ = write_run(tmp_path, n=30)
+    with FakeServer(answer=scorer_answer) as server:
+        result = CliRunner().invoke(app, ["label", str(run), "--server", server.base_url, "--features", "12",
+                                          "--engine", "openai-compatible", "--concurrency", "8"])
+        assert result.exit_code == 0, result.output
+    manifest = json.loads((run / "manifest.json").read_text())
+    written = manifest["stages"]["label"]["control"]
+    assert set(written["methods"]) == {"simulation", "detection", "fuzzing"}
+    assert written["vouched"] == [m for m, d in written["methods"].items() if d["signal"]]
+    assert all({"p", "p_holm"} <= set(d) for d in written["methods"].values() if d["gap"] is not None)
+    for turned in ([], ["simulation"]):
+        for name, method in written["methods"].items():
+            method["signal"] = name in turned
+        written["vouched"], written["noise"] = turned, not turned
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        build_report(run)
+        page = next(html for name, html in pages(run).items() if name.startswith("step-"))
+        said = re.search(r'<p class="vouched">(.*?)</p>', page)[1]
+        assert said.startswith("The control vouches for simulation:" if turned else "The control vouches for no score")
+        assert re.search(r'<td( class="noise")?>', pages(run)["index.html"])
+    # the decision follows the same verdict: only vouched methods reach it
+    sc = Scores(10, 0, simulation=0.3, detection=0.7, fuzzing=0.6)
+    assert trusted_scores(sc, []) is None
+    kept = trusted_scores(sc, ["simulation"])
+    assert (kept.simulation, kept.detection, kept.fuzzing) == (0.3, None, None)
 
 
 def test_cards_show_the_evidence_above_the_description_with_the_explainer(tmp_path):

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 import numpy as np
 
@@ -230,13 +230,14 @@ def label_scores(sc: Scores | None) -> dict[str, Any]:
 
 def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Scores | None = None,
                  models: dict[str, GranularityModel] | None = None, texts: list[str] | None = None, *,
-                 sampled: bool = False, scores_noise: bool = False, lm: dict[str, float] | None = None) -> Label:
+                 sampled: bool = False, vouched: Collection[str] = (), lm: dict[str, float] | None = None) -> Label:
     """The Label of one latent: calibrated granularity, language trend + profile, evidence summary,
     scores, explainer. `texts`: its language.context_texts, when the caller has them.
-    `scores_noise`: the run's control found no signal, so the scores are kept on the label but do
-    not enter the decision. `sampled`: the latent is in the LLM sample."""
+    `vouched`: the score methods the run's control found signal in; only those enter the decision,
+    and the label keeps every score (scores_noise when the control vouches for none of them).
+    `sampled`: the latent is in the LLM sample."""
     try:
-        granularity, confidence, evidence = decide(record, expl, None if scores_noise else sc, models, lm)
+        granularity, confidence, evidence = decide(record, expl, trusted_scores(sc, vouched), models, lm)
         error = evidence.get("reason")
     except Exception as exc:  # never lose a latent: label it and say why
         granularity, confidence, evidence = "uninterpretable", 0.0, {}
@@ -264,7 +265,15 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         confidence=round(confidence, 4), explainer=expl.explainer if expl else {},
         error=error or (expl.error if expl else None), evidence=evidence,
         evidence_summary=summary, bilingual_firing=bool(profile.get("bilingual_firing")), sampled=sampled,
-        scores_noise=bool(scores_noise and sc is not None), layer=record.key.layer)
+        scores_noise=sc is not None and not set(vouched) & set(SCORE_METHODS), layer=record.key.layer)
+
+
+def trusted_scores(sc: Scores | None, vouched: Collection[str]) -> Scores | None:
+    """The scores the decision may read: only the methods the control vouches for (None when it
+    vouches for none), so a score that is noise never moves a class."""
+    if sc is None or not set(vouched) & set(SCORE_METHODS):
+        return None
+    return replace(sc, **{m: None for m in SCORE_METHODS if m not in vouched})
 
 
 def iter_labels(records: Iterable[FeatureRecord], explanations: Iterable[Explanation] | None = None,

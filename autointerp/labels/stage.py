@@ -238,9 +238,9 @@ def run_control(cps: list[Checkpoint], descriptions: dict, scores: dict, client,
     return control
 
 
-def final_labels(cp: Checkpoint, explanations: dict, scores: dict, noise: bool) -> None:
+def final_labels(cp: Checkpoint, explanations: dict, scores: dict, vouched: list[str]) -> None:
     """Rewrite labels.jsonl: the sample's lines with description, explainer and scores (the
-    decision taking the scores unless the control calls them noise), the others as they are."""
+    decision taking only the scores the control vouches for), the others as they are."""
     from autointerp.labels import decision as granularity
 
     models = granularity.load_models()
@@ -255,7 +255,7 @@ def final_labels(cp: Checkpoint, explanations: dict, scores: dict, noise: bool) 
                 yield line
                 continue
             yield granularity.label_record(record, explanations.get(key), scores.get(key), models,
-                                           sampled=True, scores_noise=noise)
+                                           sampled=True, vouched=vouched)
 
     write_jsonl(cp.labels_path, lines())
 
@@ -414,12 +414,16 @@ def _label(cps: list[Checkpoint], run_dir: Path, url: str, llm_name: str, engine
     finally:
         stats = client.stats.to_dict()
         client.close()
-    noise = bool(control is not None and control.noise)
+    vouched = control.vouched if control is not None else []
+    noise = bool(scores) and not vouched
     if noise:
-        console.print("[yellow]the scores do not beat shuffled descriptions: they stay out of the granularity "
+        console.print("[yellow]the control vouches for no score: they stay out of the granularity "
                       "decision and the labels say so (scores_noise)[/]")
+    elif scores:
+        console.print(f"[green]the control vouches for {', '.join(vouched)}: only those enter the granularity "
+                      "decision[/]")
     for cp in cps:
-        final_labels(cp, explanations, scores, noise)
+        final_labels(cp, explanations, scores, vouched)
         undescribed = sum(not (r.key in explanations and explanations[r.key].description) for r in cp.records)
         console.print(f"{cp.labels_path}: {len(cp.classes)} labels, {len(cp.records) - undescribed} LLM-described"
                       + (f"; {undescribed} sampled latent(s) left without a description (the label's `error` "

@@ -183,7 +183,9 @@ def manifest_rows(manifest: dict[str, Any]) -> list[dict[str, str]]:
 def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The run's shuffled-description control (manifest stages.label.control, else
     stages.score.control; ControlResult.to_dict()'s shape) for the banner on every page, with
-    `grey`: the score methods it does not vouch for and why. None when the run has none."""
+    `grey`: every score method, mapped to why it is greyed ("noise", "too few latents", "no
+    control") or to None where the control vouches for it, and `vouched` / `summary`: the same in
+    words. None when the run has none."""
     stages = manifest.get("stages") or {}
     for stage in ("label", "score"):
         info = stages.get(stage)
@@ -197,23 +199,45 @@ def control_view(manifest: dict[str, Any]) -> dict[str, Any] | None:
             methods.append({"name": str(name), "metric": m.get("metric"), "n": m.get("n"),
                             "matched": m.get("matched"), "shuffled": m.get("shuffled"), "gap": m.get("gap"),
                             "ci95": list(ci) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None,
+                            "p": m.get("p"), "p_holm": m.get("p_holm"),
                             "signal": bool(m.get("signal")), "verdict": str(m.get("verdict") or "")})
-        noise = bool(control["noise"]) if "noise" in control else not any(m["signal"] for m in methods)
-        signal = {m["name"]: m["signal"] for m in methods}
-        grey = {}
+        by_name = {m["name"]: m for m in methods}
+        min_latents = control.get("min_latents") if isinstance(control.get("min_latents"), int) else 0
+        grey: dict[str, str | None] = {}
         for n in SCORE_NAMES:
-            if noise or signal.get(n) is False:
-                grey[n] = "noise"
-            elif n not in signal:
+            m = by_name.get(n)
+            if m is None:
                 grey[n] = "no control"
+            elif m["signal"]:
+                grey[n] = None
+            elif m["gap"] is None or (m["n"] or 0) < min_latents:
+                grey[n] = "too few latents"
+            else:
+                grey[n] = "noise"
+        vouched = [n for n in SCORE_NAMES if grey[n] is None]
         llm = info.get("llm") if isinstance(info.get("llm"), dict) else {}
-        return {"source": f"manifest.json stages.{stage}.control", "noise": noise, "methods": methods,
+        return {"source": f"manifest.json stages.{stage}.control", "noise": not vouched, "methods": methods,
                 "verdict": str(control.get("verdict") or ""), "model": control.get("model") or llm.get("model") or "",
-                "n_latents": control.get("n_latents"), "grey": grey}
+                "n_latents": control.get("n_latents"), "grey": grey, "vouched": vouched,
+                "summary": _control_summary(grey), "rule": str(control.get("rule") or "")}
     return None
 
 
-NO_CONTROL_GREY = {n: "no control" for n in SCORE_NAMES}
+def _control_summary(grey: dict[str, str | None]) -> str:
+    """Which scores the control vouches for and which are greyed, in one sentence."""
+    vouched = [n for n, why in grey.items() if why is None]
+    greyed = [n for n, why in grey.items() if why is not None]
+    reasons = "; ".join(f"{why}: {', '.join(n for n in greyed if grey[n] == why)}"
+                        for why in dict.fromkeys(grey[n] for n in greyed))
+    if not vouched:
+        return f"The control vouches for no score: all are greyed ({reasons}) and none enters the granularity decision."
+    words = " and ".join(vouched) if len(vouched) <= 2 else ", ".join(vouched[:-1]) + " and " + vouched[-1]
+    tail = f"; the others are greyed ({reasons}) and stay out of it" if greyed else ""
+    return (f"The control vouches for {words}: shown as information and used by the granularity decision"
+            f"{tail}.")
+
+
+NO_CONTROL_GREY: dict[str, str | None] = {n: "no control" for n in SCORE_NAMES}
 
 
 def sample_note(manifest: dict[str, Any], site: runlib.Site | None = None) -> str | None:
