@@ -298,8 +298,6 @@ def metrics(
     docs: int = O.docs_option(),
     eval_docs: int = typer.Option(MetricsConfig.eval_docs, min=1, help="Held-out documents to measure on."),
     seq_len: int = typer.Option(MetricsConfig.seq_len, min=1, help="First tokens of each document."),
-    batch_docs: int = typer.Option(MetricsConfig.batch_size, "--batch-docs", min=1,
-                                   help="Documents per LM forward pass."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     write: bool = typer.Option(False, "--write", help="Save the figures in SAE_DIR/metrics.json (our format only), "
@@ -321,7 +319,7 @@ def metrics(
         raise UserError("this SAE's config does not say which model/layer it reads: pass --model and --layer")
     lm, tokenizer = load_lm(model, revision=revision or sae.cfg.revision, device=device)
     check_layer(lm, layer)
-    cfg = MetricsConfig(eval_docs=eval_docs, seq_len=seq_len, batch_size=batch_docs)
+    cfg = MetricsConfig(eval_docs=eval_docs, seq_len=seq_len)
     _, held = _split_docs(corpus, docs, cfg.eval_docs)
     result = measure(sae, lm, tokenizer, held, layer, cfg)
     console.print(metrics_table([(str(sae_dir), result)]))
