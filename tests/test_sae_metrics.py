@@ -163,3 +163,20 @@ def test_density_histogram_bins_on_a_log_scale():
     for d in (1e-6, 1e-3, 0.05, 0.2):
         assert hist["counts"][bin_of(d)] >= 1
     assert DENSE == 0.1
+
+
+def test_the_table_leaves_out_figures_an_older_metrics_json_holds_by_earlier_definitions():
+    """`sae train` prints the metrics.json of SAEs already done: one written before SAELens's
+    definitions has an explained_variance on unit-norm inputs, not shown under "EV"."""
+    from rich.console import Console
+
+    from autointerp.sae.metrics import metrics_table
+
+    def rendered(m):
+        console = Console(width=250, record=True)
+        console.print(metrics_table([("sae", m)]))
+        return console.export_text()
+
+    old = {"explained_variance": 0.745, "l0": 32.0, "dead_fraction": 0.149}
+    assert "0.745" not in rendered(old) and "32.0" in rendered(old)
+    assert "0.745" in rendered({**old, "definitions": {}})

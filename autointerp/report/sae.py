@@ -34,19 +34,19 @@ CORE_METRICS = [
     (("explained_variance_unit_norm",), "EV unit-norm", "{:.3f}",
      "autointerp: explained variance on the unit-norm inputs the SAE trains on"),
 ]
-# metrics.json files without "definitions" predate SAELens's: these keys meant something else then
-REDEFINED = ("explained_variance", "delta_ce")
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     """The core metrics as {"name", "value", "what"}; "–" where metrics.json lacks one, or holds it
-    by an older definition."""
-    legacy = "definitions" not in metrics
+    by an earlier definition."""
+    from autointerp.sae.metrics import by_current_definitions
+
+    current = by_current_definitions(metrics)
     out = []
     for keys, name, fmt, what in CORE_METRICS:
-        value = next((metrics[k] for k in keys if k in metrics), None)
-        if legacy and keys[0] in REDEFINED:
-            value, what = None, f"{what} (this metrics.json predates it: rerun `autointerp sae metrics SAE_DIR --write`)"
+        value = next((current[k] for k in keys if k in current), None)
+        if keys[0] in metrics and keys[0] not in current:
+            what = f"{what} (this metrics.json predates it: rerun `autointerp sae metrics SAE_DIR --write`)"
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         out.append({"key": keys[0], "name": name, "value": fmt.format(value) if ok else "–", "what": what})
     return out

@@ -66,9 +66,19 @@ DEFINITIONS: dict[str, tuple[str, str]] = {
     "eval_tokens": (AUTOINTERP, "text tokens measured: every figure but the CE losses averages over them"),
     "ce_tokens": (AUTOINTERP, "text tokens with a next token: the CE losses average over them"),
 }
-# Keys of metrics.json files written before these definitions (kept by older runs; dropped on rewrite).
+# Keys only metrics.json files written before these definitions have (dropped on rewrite).
 LEGACY_KEYS = ("ce_clean", "ce_sae", "ce_zero", "ce_loss_recovered", "kl_sae", "kl_zero", "kl_score",
                "cosine_similarity")
+# Keys such a file has under today's names but by the earlier definitions (unit-norm explained
+# variance; delta CE over BOS's prediction too).
+REDEFINED = ("explained_variance", "fvu", "delta_ce")
+
+
+def by_current_definitions(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` less the figures an older metrics.json (no "definitions") holds by earlier definitions."""
+    if "definitions" in metrics:
+        return metrics
+    return {k: v for k, v in metrics.items() if k not in REDEFINED}
 
 
 @dataclass
@@ -300,6 +310,7 @@ def metrics_table(rows: list[tuple[str, dict[str, Any]]], title: str = "SAE metr
     for _, header, _ in METRIC_COLUMNS:
         table.add_column(header, justify="right")
     for label, m in rows:
+        m = by_current_definitions(m)
         table.add_row(label, *[fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-"
                                for key, _, fmt in METRIC_COLUMNS])
     return table
