@@ -300,7 +300,7 @@ def metrics(
     seq_len: int = typer.Option(MetricsConfig.seq_len, min=1, help="First tokens of each document."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    write: bool = typer.Option(False, "--write", help="Save the figures in SAE_DIR/metrics.json (our format only), "
+    write: bool = typer.Option(False, "--write/--no-write", help="Save the figures in SAE_DIR/metrics.json (our format only), "
                                                      "replacing its held-out metrics and keeping its training record."),
 ) -> None:
     """Measure an SAE by SAELens's definitions (explained variance, L0, dead latents, CE and KL scores) and
