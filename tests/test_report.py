@@ -253,8 +253,8 @@ def _layer_run(root: Path) -> Path:
         (folder / "sae").mkdir()
         (folder / "sae" / "metrics.json").write_text(json.dumps({
             "explained_variance": 0.8, "l0": 32, "dead_fraction": 0.1, "dense_fraction": 0.02,
-            "ce_loss_recovered": 0.83, "delta_ce": 0.5, "kl_sae": 0.4, "kl_score": 0.812 + layer / 1000,
-            "cosine_similarity": 0.951, "l2_ratio": 0.97, "eval_tokens": 2500,
+            "ce_loss_score": 0.83, "delta_ce": 0.5, "kl_div_with_sae": 0.4, "kl_div_score": 0.812 + layer / 1000,
+            "cossim": 0.951, "l2_ratio": 0.97, "eval_tokens": 2500, "definitions": {"ce_loss_score": "SAELens: ..."},
             "density_histogram": {"log10_edges": [-3.0, -2.0, -1.0, 0.0], "counts": [5, 10, 2], "never": 3}}))
     return run
 
@@ -298,3 +298,22 @@ def test_report_of_one_saes_flat_folder_says_how_to_make_it_a_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(flat)])
     assert result.exit_code == 1 and "move them into a site folder" in str(result.exception)
     assert not (flat / "report").exists()
+
+
+def test_sae_metrics_from_before_saelenss_definitions_are_not_shown_under_their_names():
+    """A metrics.json without "definitions" was measured the old way: its explained variance (on
+    unit-norm inputs) is not shown as SAELens's, and the CE/KL scores of then had other keys; the
+    figures whose definitions did not change (L0, dead, cosine) still show."""
+    from autointerp.report.sae import metric_rows
+
+    old = {"explained_variance": 0.745, "l0": 32.0, "dead_fraction": 0.149, "ce_loss_recovered": 0.952,
+           "kl_score": 0.94, "cosine_similarity": 0.9956, "delta_ce": 0.96}
+    rows = {r["key"]: r for r in metric_rows(old)}
+    assert rows["explained_variance"]["value"] == "–" and "predates" in rows["explained_variance"]["what"]
+    assert rows["ce_loss_score"]["value"] == "–" and rows["kl_div_score"]["value"] == "–"
+    assert rows["delta_ce"]["value"] == "–"
+    assert rows["l0"]["value"] == "32.0" and rows["cossim"]["value"] == "0.996" and rows["dead_fraction"]["value"] == "14.9%"
+    new = {**old, "explained_variance": 0.836, "ce_loss_score": 0.881, "definitions": {}}
+    rows = {r["key"]: r for r in metric_rows(new)}
+    assert rows["explained_variance"]["value"] == "0.836" and rows["ce_loss_score"]["value"] == "88.1%"
+    assert all(r["what"].split(":")[0] in ("SAELens", "SAEBench", "autointerp") for r in rows.values())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from autointerp.sae import load_sae
-from autointerp.sae.metrics import delta_ce, replace_layer_output
+from autointerp.sae.metrics import measure_sae, replace_layer_output, special_token_ids
 
 WORDS = "the cat sat on a mat while dogs run in parks and birds sing over green hills".split()
 
@@ -68,10 +68,12 @@ def test_train_over_a_run_is_resumable(setup):
         folder = run / f"step-{step}" / "sae"
         metrics = json.loads((folder / "metrics.json").read_text())
         assert 0 < metrics["fvu"] < 1.5 and metrics["l0"] <= 4 and metrics["train_tokens"] == 2048
-        assert {"ce_clean", "ce_sae", "ce_zero", "delta_ce", "dead_fraction"} <= metrics.keys()
+        assert {"ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation", "ce_loss_score", "delta_ce",
+                "kl_div_score", "dead_fraction"} <= metrics.keys()
+        assert metrics["definitions"]["ce_loss_score"].startswith("SAELens: ")
         sae = load_sae(folder)
         assert (sae.cfg.d_model, sae.cfg.d_sae, sae.cfg.layer, sae.cfg.checkpoint_step) == (16, 64, 0, step)
-    assert "step 10" in first.stdout and "FVU" in first.stdout
+    assert "step 10" in first.stdout and "CE score" in first.stdout
     assert json.loads((run / "manifest.json").read_text())["stages"]["sae"]["k"] == 4
 
     stamp = (run / "step-10" / "sae" / "sae.safetensors").stat().st_mtime_ns
@@ -79,9 +81,21 @@ def test_train_over_a_run_is_resumable(setup):
     assert again.returncode == 0 and "(done)" in again.stdout
     assert (run / "step-10" / "sae" / "sae.safetensors").stat().st_mtime_ns == stamp
 
+    metrics_json = run / "step-100" / "sae" / "metrics.json"
+    before = metrics_json.read_bytes()
     shown = _cli("sae", "metrics", str(run / "step-100" / "sae"), "--corpus", str(corpus), "--eval-docs", "20")
     assert shown.returncode == 0, shown.stderr
-    assert "CE+SAE" in shown.stdout and "step-100" in shown.stdout
+    assert "CE+SAE" in shown.stdout and "step-100" in shown.stdout and "not written" in shown.stdout
+    assert metrics_json.read_bytes() == before  # only --write writes
+    legacy = {k: v for k, v in json.loads(before).items() if k != "definitions"}
+    legacy.update(ce_loss_recovered=0.5, kl_score=0.5)  # a metrics.json from before SAELens's definitions
+    metrics_json.write_text(json.dumps(legacy))
+    written = _cli("sae", "metrics", str(run / "step-100" / "sae"), "--corpus", str(corpus), "--write")
+    assert written.returncode == 0, written.stderr
+    assert "replaced the held-out metrics" in written.stdout
+    rewritten = json.loads(metrics_json.read_text())
+    assert rewritten["train_tokens"] == 2048 and "definitions" in rewritten  # training record kept, figures new
+    assert "ce_loss_recovered" not in rewritten and "kl_score" not in rewritten
 
 
 @pytest.mark.slow  # ~15 s of CLI start-ups
@@ -106,7 +120,7 @@ def test_bad_input_exits_with_one_line(setup, tmp_path):
 
 
 def test_splice_hook_replaces_the_layer_output(setup):
-    """Identity splice = clean loss; zero splice != clean; a perfect-reconstruction SAE = clean."""
+    """Identity splice = clean loss; zero splice != clean; an SAE that reconstructs exactly = clean."""
     from autointerp.lm.activations import load_lm
 
     root, corpus, run = setup
@@ -121,15 +135,12 @@ def test_splice_hook_replaces_the_layer_output(setup):
             zeroed = model(**ids).logits
     assert torch.equal(clean, same) and not torch.allclose(clean, zeroed)
 
-    class Identity(torch.nn.Module):  # an "SAE" whose reconstruction is exact
-        device = torch.device("cpu")
+    from test_sae_metrics import exact_sae
 
-        def forward(self, x):
-            return x
-
-    result = delta_ce(model, Identity(), 0, batch)
-    assert result["delta_ce"] == pytest.approx(0.0, abs=1e-6) and result["ce_zero"] != result["ce_clean"]
-    assert result["ce_loss_recovered"] == pytest.approx(1.0)
+    result = measure_sae(exact_sae(16), model, 0, batch, special_token_ids(tokenizer))
+    assert result["delta_ce"] == pytest.approx(0.0, abs=1e-6) and result["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-7)
+    assert result["ce_loss_with_ablation"] != result["ce_loss_without_sae"]
+    assert result["ce_loss_score"] == pytest.approx(1.0) and result["explained_variance"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow  # ~20 s: two SAEs of one model, one pass of it

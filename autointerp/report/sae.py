@@ -1,7 +1,7 @@
 """The report's per-SAE views: the core metrics the field reports, the firing-density histogram,
 and the concept-synonym latents with the English and Japanese words that join them.
 
-    rows = metric_rows(metrics)            # SAEBench's core metrics from SITE/sae/metrics.json
+    rows = metric_rows(metrics)            # SAEBench's core metrics (SAELens's definitions), SITE/sae/metrics.json
     png = density_png(metrics, densities)  # log-scale firing-density histogram (base64 PNG)
     table = SynonymTable(20); table.add(label, page); table.rows()
 """
@@ -15,28 +15,40 @@ from typing import Any
 from autointerp.report.plots import figure_png
 from autointerp.schema import Label
 
-# (key in metrics.json, column title, format, what it says) in SAEBench's core order
+# (keys in metrics.json, column title, format, what it says): SAEBench's core metrics by SAELens's
+# definitions (autointerp.sae.metrics.DEFINITIONS), then autointerp's own, named apart
 CORE_METRICS = [
-    ("explained_variance", "explained variance", "{:.3f}", "1 - FVU in the SAE's input space"),
-    ("l0", "L0", "{:.1f}", "active latents per token"),
-    ("dead_fraction", "dead", "{:.1%}", "latents that never fire on the held-out tokens"),
-    ("dense_fraction", "dense", "{:.1%}", "latents firing on more than 10% of tokens"),
-    ("ce_loss_recovered", "CE-loss score", "{:.1%}", "share of the zero-ablation loss gap the SAE recovers"),
-    ("delta_ce", "ΔCE", "{:+.3f}", "LM loss with the SAE spliced in minus without"),
-    ("kl_sae", "KL", "{:.3f}", "KL divergence of the LM's next-token distribution, SAE spliced in vs clean"),
-    ("kl_score", "KL score", "{:.1%}", "1 - KL(SAE) / KL(zero-ablated)"),
-    ("cosine_similarity", "cosine", "{:.3f}", "cosine of reconstruction and activation, model space"),
-    ("l2_ratio", "L2 ratio", "{:.3f}", "||reconstruction|| / ||activation||"),
+    (("explained_variance",), "explained variance", "{:.3f}",
+     "SAELens: 1 - FVU of the layer output as the LM produces it"),
+    (("l0",), "L0", "{:.1f}", "SAELens: active latents per token"),
+    (("dead_fraction",), "dead", "{:.1%}", "SAEBench: latents that never fire on the held-out tokens (1 - frac_alive)"),
+    (("dense_fraction",), "dense", "{:.1%}", "SAEBench: latents firing on more than 10% of tokens"),
+    (("ce_loss_score",), "CE loss score", "{:.1%}",
+     "SAELens: share of the loss gap to zero-ablation (every position) the SAE recovers"),
+    (("kl_div_with_sae",), "KL div", "{:.3f}",
+     "SAELens: KL divergence of the LM's next-token distribution, SAE spliced in vs clean"),
+    (("kl_div_score",), "KL div score", "{:.1%}", "SAELens: 1 - KL(SAE) / KL(zero-ablated)"),
+    (("cossim", "cosine_similarity"), "cosine", "{:.3f}", "SAELens: cosine of reconstruction and activation"),
+    (("l2_ratio",), "L2 ratio", "{:.3f}", "SAELens: ||reconstruction|| / ||activation||"),
+    (("delta_ce",), "ΔCE", "{:+.3f}", "autointerp: LM loss with the SAE spliced in minus without"),
+    (("explained_variance_unit_norm",), "EV unit-norm", "{:.3f}",
+     "autointerp: explained variance on the unit-norm inputs the SAE trains on"),
 ]
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
-    """The core metrics as {"name", "value", "what"}; "–" where metrics.json lacks one (older runs)."""
+    """The core metrics as {"name", "value", "what"}; "–" where metrics.json lacks one, or holds it
+    by an earlier definition."""
+    from autointerp.sae.metrics import by_current_definitions
+
+    current = by_current_definitions(metrics)
     out = []
-    for key, name, fmt, what in CORE_METRICS:
-        value = metrics.get(key)
+    for keys, name, fmt, what in CORE_METRICS:
+        value = next((current[k] for k in keys if k in current), None)
+        if keys[0] in metrics and keys[0] not in current:
+            what = f"{what} (this metrics.json predates it: rerun `autointerp sae metrics SAE_DIR --write`)"
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        out.append({"key": key, "name": name, "value": fmt.format(value) if ok else "–", "what": what})
+        out.append({"key": keys[0], "name": name, "value": fmt.format(value) if ok else "–", "what": what})
     return out
 
 

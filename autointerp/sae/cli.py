@@ -18,11 +18,11 @@ from autointerp import options as O
 from autointerp import run as rundir
 from autointerp.errors import UserError
 from autointerp.files import Kind, expect
-from autointerp.lm.activations import pad_batch
 from autointerp.options import parse_steps
 from autointerp.progress import progress_bar
 from autointerp.sae.io import load_sae, save_sae
-from autointerp.sae.metrics import delta_ce, metrics_table, reconstruction_metrics, write_metrics
+from autointerp.sae.metrics import (LEGACY_KEYS, MetricsConfig, measure_sae, metrics_table, special_token_ids,
+                                    token_batches, write_metrics)
 from autointerp.sae.model import SAEConfig, TopKSAE
 from autointerp.sae.train import TrainConfig, train_sae
 
@@ -97,24 +97,14 @@ def _replayed(chunks: list[torch.Tensor], epochs: int) -> Iterator[torch.Tensor]
         yield from chunks
 
 
-def _token_batches(tokenizer, docs, seq_len: int, batch_size: int = 8):
-    """(input_ids, attention_mask, text mask) over the first `seq_len` tokens of each document,
-    right-padded; the text mask leaves out padding and special tokens (BOS), where the SAE's
-    reconstruction is not spliced in."""
-    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-    for start in range(0, len(docs), batch_size):
-        ids, attention = pad_batch(tokenizer, [d.text for d in docs[start:start + batch_size]], seq_len)
-        yield ids, attention.long(), attention & ~torch.isin(ids, special)
-
-
-def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, seq_len: int) -> dict:
-    """Reconstruction metrics and delta CE of `sae` on `docs` (held-out documents)."""
+def measure(sae: TopKSAE, model, tokenizer, docs, layer: int, cfg: MetricsConfig) -> dict:
+    """SAELens's metrics (and autointerp's own) of `sae` on `docs` (held-out documents)."""
     from autointerp.lm.activations import d_model
 
     if d_model(model) != sae.cfg.d_model:
         raise UserError(f"the SAE has d_model {sae.cfg.d_model} but the model's layers have {d_model(model)}")
-    metrics = reconstruction_metrics(sae, activation_chunks(model, tokenizer, docs, layer, seq_len, 1))
-    metrics.update(delta_ce(model, sae, layer, _token_batches(tokenizer, docs, seq_len)))
+    metrics = measure_sae(sae, model, layer, token_batches(tokenizer, [d.text for d in docs], cfg),
+                          special_token_ids(tokenizer))
     metrics["eval_docs"] = len(docs)
     return metrics
 
@@ -169,7 +159,8 @@ def _train_one(model_path: str, revision: str | None, layers: list[int | None], 
         if rank != 0:
             results.append({})
             continue
-        metrics = measure(sae, model, tokenizer, eval_docs, layer, args["seq_len"])
+        metrics = measure(sae, model, tokenizer, eval_docs, layer,
+                          MetricsConfig(eval_docs=len(eval_docs), seq_len=args["seq_len"]))
         metrics.update({"train_tokens": result.tokens, "train_steps": result.steps,
                         "train_seconds": round(result.seconds, 2),
                         "train_tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
@@ -220,7 +211,7 @@ def train(
     seq_len: int = typer.Option(64, min=1, help="First tokens of each document (the paper: 64)."),
     auxk_alpha: float = typer.Option(1 / 32, min=0.0, help="Weight of the AuxK loss for dead latents (0 = off)."),
     dead_tokens: int = typer.Option(250_000, min=1, help="A latent is dead after this many tokens without firing."),
-    eval_docs: int = typer.Option(200, min=1, help="Held-out documents for the metrics."),
+    eval_docs: int = typer.Option(MetricsConfig.eval_docs, min=1, help="Held-out documents for the metrics."),
     seed: int = O.seed_option("the SAE's init and the shuffle"),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: torch's choice)."),
@@ -305,27 +296,40 @@ def metrics(
     layer: int = typer.Option(None, min=0, help="Layer (default: the layer in the SAE's config)."),
     corpus: str = O.corpus_option(default_help="The evaluation documents come from it."),
     docs: int = O.docs_option(),
-    eval_docs: int = typer.Option(200, min=1, help="Held-out documents to measure on."),
-    seq_len: int = typer.Option(64, min=1, help="First tokens of each document."),
+    eval_docs: int = typer.Option(MetricsConfig.eval_docs, min=1, help="Held-out documents to measure on."),
+    seq_len: int = typer.Option(MetricsConfig.seq_len, min=1, help="First tokens of each document."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow loading .pt/.bin pickle files."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    write: bool = typer.Option(True, help="Write metrics.json next to the SAE (our format only)."),
+    write: bool = typer.Option(False, "--write/--no-write", help="Save the figures in SAE_DIR/metrics.json (our format only), "
+                                                     "replacing its held-out metrics and keeping its training record."),
 ) -> None:
-    """Measure an SAE (FVU, explained variance, L0, dead latents, delta CE) and print the table."""
+    """Measure an SAE by SAELens's definitions (explained variance, L0, dead latents, CE and KL scores) and
+    print the table; metrics.json is only written with --write."""
     from autointerp.lm.activations import check_layer, load_lm
 
     expect(sae_dir, Kind.SAE)
     sae = load_sae(sae_dir, trust_pickle=trust_pickle, device=device)
     folder = sae_dir if sae_dir.is_dir() else sae_dir.parent
+    ours = (folder / "config.json").exists() and (folder / "sae.safetensors").exists()
+    if write and not ours:
+        raise UserError(f"--write saves metrics.json next to an SAE in this project's format; {folder} is not one")
     model = model or rundir.resolve_model(sae.cfg.model, folder)
     layer = sae.cfg.layer if layer is None else layer
     if model is None or layer is None:
         raise UserError("this SAE's config does not say which model/layer it reads: pass --model and --layer")
     lm, tokenizer = load_lm(model, revision=revision or sae.cfg.revision, device=device)
     check_layer(lm, layer)
-    _, held = _split_docs(corpus, docs, eval_docs)
-    result = measure(sae, lm, tokenizer, held, layer, seq_len)
-    if write and (folder / "config.json").exists() and (folder / "sae.safetensors").exists():
-        old = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-        write_metrics(folder, {**old, **result})
+    cfg = MetricsConfig(eval_docs=eval_docs, seq_len=seq_len)
+    _, held = _split_docs(corpus, docs, cfg.eval_docs)
+    result = measure(sae, lm, tokenizer, held, layer, cfg)
     console.print(metrics_table([(str(sae_dir), result)]))
+    console.print(f"{result['eval_tokens']:,} text tokens of {result['eval_docs']} held-out documents "
+                  f"({result['ce_tokens']:,} with a next token for the CE loss)")
+    if not write:
+        console.print("metrics.json not written (pass --write to save these figures)")
+        return
+    path = folder / "metrics.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    kept = {k: v for k, v in old.items() if k not in LEGACY_KEYS}
+    write_metrics(folder, {**kept, **result})
+    console.print(f"replaced the held-out metrics in {path} (its training record kept)" if old else f"wrote {path}")
