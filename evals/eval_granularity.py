@@ -326,7 +326,7 @@ def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm
                           **{k: s["version"] for k, s in D.evidence_sources().items()}}}
     models = {}
     stat_candidates = [c for c in candidates if c != "llm"]
-    fallback = [c for c in stat_candidates if c not in D.GROUP_SOURCES]
+    fallback = [c for c in stat_candidates if not D.group_sources(c)]
     no_lm = [c for c in stat_candidates if c not in LM_GROUPS]
     for name, cands in (("stats", stat_candidates), *((("stats-nolm", no_lm),) if no_lm != stat_candidates else ()),
                         ("stats-fallback", fallback),

@@ -25,7 +25,7 @@ from typing import Any, Collection, Iterable, Iterator
 import numpy as np
 
 from autointerp.labels import language
-from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, lexicon_available
+from autointerp.labels.dictionary import evidence_sources, group_sources, lexicon_available
 from autointerp.labels.evidence import SCORE_METHODS, evidence_summary, feature_vector
 from autointerp.labels.lm_evidence import LM_GROUPS, lm_features
 from autointerp.labels.relations import LINK_SOURCES
@@ -76,7 +76,7 @@ class GranularityModel:
 
     def requires(self) -> set[str]:
         """The optional evidence sources this model's groups need."""
-        return {GROUP_SOURCES[g] for g in self.groups or [] if g in GROUP_SOURCES}
+        return {s for g in self.groups or [] for s in group_sources(g)}
 
     def vector(self, features: dict[str, float]) -> np.ndarray:
         return np.array([features.get(k, 0.0) for k in self.feature_names], dtype=np.float64)
@@ -202,7 +202,9 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
                 "evidence_groups": model.groups,
                 "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, proba)},
                 "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in used},
-                "top_tokens": ev.top_tokens, "lexicon": lexicon_available()}
+                "top_tokens": ev.top_tokens, "lexicon": lexicon_available(),
+                # the words of the top word's meaning and what links them (the report shows it)
+                "link": ev.link.to_dict() if ev.link is not None and ev.link.partners else None}
     if explanation is not None:
         evidence["explainer_vote"] = explanation.granularity
         evidence["explainer_confidence"] = explanation.confidence
@@ -249,7 +251,7 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         tokens = None
         profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
     try:
-        summary = evidence_summary(record, tokens=tokens)
+        summary = evidence_summary(record, tokens=tokens, link=evidence.get("link"))
     except Exception as exc:
         summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})
