@@ -166,21 +166,6 @@ def link_text(en: str, ja: str) -> str | None:
     return None
 
 
-def en_ja_pair(top_tokens: list[str], look: int = 8) -> tuple[str | None, str | None, str | None]:
-    """(English, Japanese, link text) for a latent's top max tokens (most common first): the
-    first English-Japanese pair among the top `look` that a dictionary or loanword links, else
-    the most common English and the most common Japanese token with no link text."""
-    top = top_tokens[:look]
-    for a in top:
-        for b in top:
-            pair = en_ja(a, b)
-            if pair and (link := link_text(*pair)):
-                return language.clean_token(pair[0]), language.clean_token(pair[1]), link
-    en = next((t for t in top if language.token_script(t) == "en"), None)
-    ja = next((t for t in top if language.token_script(t) == "ja"), None)
-    return (language.clean_token(en) if en else None), (language.clean_token(ja) if ja else None), None
-
-
 # ---- a latent's synonym link ---------------------------------------------------------------------
 
 @dataclass
