@@ -55,6 +55,7 @@ class GranularityModel:
     groups: list[str] | None = None  # the evidence groups it was fitted on
     lo: np.ndarray | None = None  # the fitted range of each feature (inputs are clipped to it)
     hi: np.ndarray | None = None
+    gate: dict[str, str] | None = None  # class -> feature: the class is possible only where it is > 0
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         # Clip inputs to the fitted range: a linear model must not extrapolate on features far
@@ -66,6 +67,9 @@ class GranularityModel:
         else:
             standardised = np.clip((X - self.mean) / self.scale, -Z_CLIP, Z_CLIP)
         z = standardised @ self.coef.T + self.intercept
+        for cls, feature in (self.gate or {}).items():  # e.g. no concept-synonym without a linked word
+            if cls in self.classes and feature in self.feature_names:
+                z[X[:, self.feature_names.index(feature)] <= 0, self.classes.index(cls)] = -1e9
         return z if self.bias is None else z + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -86,7 +90,8 @@ class GranularityModel:
                 "scale": self.scale.tolist(), "coef": self.coef.tolist(), "intercept": self.intercept.tolist(),
                 "temperature": self.temperature, "info": self.info or {},
                 "bias": None if self.bias is None else self.bias.tolist(), "groups": self.groups,
-                "lo": None if self.lo is None else self.lo.tolist(), "hi": None if self.hi is None else self.hi.tolist()}
+                "lo": None if self.lo is None else self.lo.tolist(), "hi": None if self.hi is None else self.hi.tolist(),
+                "gate": self.gate}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GranularityModel":
@@ -98,7 +103,8 @@ class GranularityModel:
                    bias=None if d.get("bias") is None else np.asarray(d["bias"], dtype=np.float64),
                    groups=d.get("groups"),
                    lo=None if d.get("lo") is None else np.asarray(d["lo"], dtype=np.float64),
-                   hi=None if d.get("hi") is None else np.asarray(d["hi"], dtype=np.float64))
+                   hi=None if d.get("hi") is None else np.asarray(d["hi"], dtype=np.float64),
+                   gate=d.get("gate"))
 
 
 def fit_model(X: np.ndarray, y: list[str], feature_names: list[str], C: float = 1.0,

@@ -51,7 +51,7 @@ EVIDENCE_GROUPS: dict[str, list[str]] = {
     "loanword": ["loanword_share", "loanword_top2"],
     "lemma": ["lemma_top1_share", "lemma_distinct_ratio", "inflection_share", "other_variant_share"],
     "link": ["link_coverage", "link_partner_share", "link_partner_top", "link_cross_share", "link_words",
-             "function_share"],
+             "link_two", "function_share"],
     "fragment": ["fragment_share", "fragment_top1"],
     "gloss_same_script": ["gloss_same_script_share", "gloss_same_script_top2"],
     "context": ["ctx_cohesion", "ctx_top_df", "next_top_share", "cohesion_x_diverse", "top1_x_incoherent"],
@@ -199,6 +199,8 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         f["link_partner_top"] = max((sum(k for _, k in w) for w in link.partners), default=0) / n
         f["link_cross_share"] = sum(k for sc, k in partner_scripts if sc != top_script) / n
         f["link_words"] = min(len(link.partners), 3) / 3
+        # another word of the meaning is the max token of two contexts or more (one is chance)
+        f["link_two"] = float(any(sum(k for _, k in w) >= 2 for w in link.partners))
         f["function_share"] = sum(k for t, k in counts.items() if is_function_word(t)) / n
     if "fragment" in groups:
         glued = [_glued(c.tokens, i) for i, c in firing]
