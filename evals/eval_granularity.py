@@ -217,7 +217,8 @@ def main() -> int:
                     help="comma list: ablation rows only for these pieces (default: every candidate)")
     ap.add_argument("--no-gate", action="store_true",
                     help="without the synonym gate (concept-synonym only where another word of the top word's "
-                         "meaning is the max token of >= 2 contexts); both are printed, this picks THE NUMBER and --save")
+                         "meaning is the max token of >= 2 contexts and the words of that meaning cover >= half the "
+                         "firing contexts); both are printed, this picks THE NUMBER and --save")
     ap.add_argument("--save", action="store_true", help="select + fit on all dev features and write the shipped model")
     args = ap.parse_args()
     if not args.dev.exists():
@@ -325,7 +326,8 @@ def print_gate_rows(by_gate: dict[bool, dict]) -> None:
     """The synonym gate on and off, the same candidates, every other choice inside the folds: what
     the rule (no concept-synonym without another word of the meaning) costs and buys on the dev file."""
     print("\nthe synonym gate (concept-synonym only where another word of the top word's meaning, not one of its "
-          "forms,\nis the max token of >= 2 contexts), nested CV, mean ± sd over seeds:")
+          "forms,\nis the max token of >= 2 contexts and the words of the meaning cover >= half the firing contexts), "
+          "nested CV, mean ± sd over seeds:")
     print(f"  {'gate':<5} {'kappa4':<16} {'kappa3':<16} {'syn recall':<13} {'syn precision':<14} worst share gap")
     for gate in (False, True):
         r = by_gate[gate]

@@ -33,7 +33,7 @@ from autointerp.labels.shares import wilson
 from autointerp.records.lean import scan_records
 from autointerp.schema import FeatureRecord
 
-HERE = Path(__file__).resolve().parent / "synonym_reading"
+ROOT = Path(__file__).resolve().parent / "synonym_reading"  # RULES.md, and a folder per reading set
 VERDICTS = ("synonym", "inflection", "grammar", "weak link", "semantic", "junk")
 
 
@@ -41,13 +41,14 @@ def synonym_keys(run: Path) -> dict[tuple[str, int], float]:
     """(site, feature) -> confidence of every latent labelled concept-synonym in a run's sites."""
     out = {}
     for labels in sorted(run.glob("*/labels.jsonl")):
-        for d in iter_jsonl(labels):
+        for d in iter_jsonl(labels, dict):
             if d.get("granularity") == "concept-synonym":
                 out[(labels.parent.name, int(d["feature"]))] = float(d.get("confidence") or 0.0)
     return out
 
 
 def cmd_sample(args) -> int:
+    HERE = ROOT / args.set
     decisions = {"old": synonym_keys(args.old), "new": synonym_keys(args.new)}
     rng = random.Random(args.seed)
     chosen: dict[tuple[str, int], list[str]] = {}
@@ -89,7 +90,8 @@ def _mark(tokens: list[str], i: int, width: int = 12) -> str:
 
 
 def cmd_show(args) -> int:
-    items = list(iter_jsonl(HERE / "sample.jsonl"))
+    HERE = ROOT / args.set
+    items = list(iter_jsonl(HERE / "sample.jsonl", dict))
     records = _records(args.run, {(d["site"], d["feature"]) for d in items})
     for d in items[args.start:args.start + args.count]:
         record = records[(d["site"], d["feature"])]
@@ -110,8 +112,9 @@ def cmd_show(args) -> int:
 
 
 def cmd_score(args) -> int:
-    items = {d["item"]: d for d in iter_jsonl(HERE / "sample.jsonl")}
-    judged = {d["item"]: d for d in iter_jsonl(HERE / "judgements.jsonl")}
+    HERE = ROOT / args.set
+    items = {d["item"]: d for d in iter_jsonl(HERE / "sample.jsonl", dict)}
+    judged = {d["item"]: d for d in iter_jsonl(HERE / "judgements.jsonl", dict)}
     bad = [d for d in judged.values() if d["verdict"] not in VERDICTS]
     if bad:
         print(f"unknown verdicts: {bad[:3]}", file=sys.stderr)
@@ -143,6 +146,9 @@ def main() -> int:
     s.add_argument("--count", type=int, default=1000)
     s.add_argument("--contexts", type=int, default=8)
     sub.add_parser("score")
+    for p in sub.choices.values():
+        p.add_argument("--set", default="test", help="the reading set's folder under evals/synonym_reading/ "
+                                                     "(dev: the first set, read while the gate was designed; test: drawn after)")
     args = ap.parse_args()
     return {"sample": cmd_sample, "show": cmd_show, "score": cmd_score}[args.cmd](args)
 
