@@ -257,7 +257,7 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         tokens = None
         profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
     try:
-        summary = evidence_summary(record, tokens=tokens, link=evidence.get("link"))
+        summary = evidence_summary(record, tokens=tokens, link=evidence.get("link") or ({} if "link" in evidence else None))
     except Exception as exc:
         summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})

@@ -71,6 +71,14 @@ class JMdict:
         with self.lock:
             return [r[0] for r in self.db.execute(self.JA_EN, (ja, ja))]
 
+    SHARED_SENSE = ("SELECT 1 FROM SenseGloss a INDEXED BY SenseGloss_text JOIN SenseGloss b ON b.sid = a.sid "
+                    "WHERE a.text IN (?, ?) AND b.text IN (?, ?) AND a.lang = 'eng' AND b.lang = 'eng' LIMIT 1")
+
+    def share_sense(self, a: str, b: str) -> bool:
+        """Are two English words glosses of one JMdict sense (wish ~ want: 望む 'to desire; to want; to wish for')?"""
+        with self.lock:
+            return self.db.execute(self.SHARED_SENSE, (a, f"to {a}", b, f"to {b}")).fetchone() is not None
+
     def headwords(self, en_words: list[str]) -> list[str]:
         with self.lock:
             ids = sorted({r[0] for r in self.db.execute(self.EN_IDS.format(words=",".join("?" * len(en_words))),
@@ -240,6 +248,14 @@ def japanese_headwords(en_token: str) -> frozenset[str]:
 
 
 @lru_cache(maxsize=65536)
+def english_share_sense(a: str, b: str) -> bool:
+    """Two English words are glosses of one JMdict sense; False without the `ja` extra."""
+    jm = jmdict()
+    a, b = lookup_form(a), lookup_form(b)
+    return jm is not None and min(len(a), len(b)) >= 2 and jm.share_sense(a, b)
+
+
+@lru_cache(maxsize=65536)
 def source_spelling(ja_token: str) -> str:
     """A katakana token's source word in Latin letters (UniDic's foreign spelling: ダーク -> dark),
     else its Hepburn romaji; '' for other tokens or without the `ja` extra."""
@@ -312,6 +328,26 @@ def unknown_to_unidic(ja_token: str) -> bool:
         return any(w.feature.lemma is None for w in tools[0](form))
     except Exception:
         return False
+
+
+@lru_cache(maxsize=1 << 16)
+def inside_word(left: str, token: str, right: str) -> bool | None:
+    """Does UniDic read `token`, between the text `left` and `right`, as part of a longer word
+    (プレ in 不良プレスの, レス in レスキュー) rather than a word or words of its own? None without
+    the `ja` extra."""
+    tools = unidic()
+    if tools is None or not token:
+        return None
+    try:
+        words = tools[0](left + token + right)
+    except Exception:
+        return None
+    start, end, at = len(left), len(left) + len(token), 0
+    cuts = {0}
+    for w in words:
+        at += len(w.white_space) + len(w.surface)
+        cuts.add(at)
+    return start not in cuts or end not in cuts
 
 
 _BRITISH = re.compile(r"is(e|es|ed|ing|ation|ations|er|ers)$")

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 
 from autointerp.display import shown
 from autointerp.labels import language
-from autointerp.labels.dictionary import evidence_sources, group_sources, is_function_word
+from autointerp.labels.dictionary import evidence_sources, group_sources, inside_word, is_function_word
 from autointerp.labels.lm_evidence import LM_GROUPS
 from autointerp.labels.relations import LINK_SOURCES, SynonymLink, linked, same_word, string_related, synonym_link
 from autointerp.labels.tokens import token_info
@@ -51,7 +51,7 @@ EVIDENCE_GROUPS: dict[str, list[str]] = {
     "loanword": ["loanword_share", "loanword_top2"],
     "lemma": ["lemma_top1_share", "lemma_distinct_ratio", "inflection_share", "other_variant_share"],
     "link": ["link_coverage", "link_partner_share", "link_partner_top", "link_cross_share", "link_words",
-             "link_two", "function_share"],
+             "link_two", "link_holds", "function_share"],
     "fragment": ["fragment_share", "fragment_top1"],
     "gloss_same_script": ["gloss_same_script_share", "gloss_same_script_top2"],
     "context": ["ctx_cohesion", "ctx_top_df", "next_top_share", "cohesion_x_diverse", "top1_x_incoherent"],
@@ -191,7 +191,8 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         f["lemma_distinct_ratio"] = len(words) / n
         f["inflection_share"] = sum(counts[t] for t in counts if t != top_token and same_word(top_token, t)) / n
         f["other_variant_share"] = sum(counts[t] for t in variants if not same_word(top_token, t)) / n
-    link = synonym_link(top, n) if group_sources("link") <= _present() else None
+    link = synonym_link(top, n, fragments=fragment_shares(firing, [t for t, _ in top[1:12]])) \
+        if group_sources("link") <= _present() else None
     if "link" in groups and link is not None:
         partner_scripts = [(script_of.get(t) or language.token_script(t), k) for w in link.partners for t, k in w]
         f["link_coverage"] = link.covered / n
@@ -201,6 +202,8 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
         f["link_words"] = min(len(link.partners), 3) / 3
         # another word of the meaning is the max token of two contexts or more (one is chance)
         f["link_two"] = float(any(sum(k for _, k in w) >= 2 for w in link.partners))
+        # ... and the words of the meaning are the max tokens of at least half the firing contexts
+        f["link_holds"] = float(f["link_two"] > 0 and link.covered >= n / 2)
         f["function_share"] = sum(k for t, k in counts.items() if is_function_word(t)) / n
     if "fragment" in groups:
         glued = [_glued(c.tokens, i) for i, c in firing]
@@ -210,6 +213,31 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
     if "context" in groups:
         f.update(_context_features(firing, f["top1_share"], f["distinct_ratio"]))
     return Evidence(f, top[:10], None, link)
+
+
+def fragment_shares(firing: list[tuple[int, Any]], wanted: list[str]) -> dict[str, float]:
+    """For each of the `wanted` max tokens (keys): the share of its firing contexts in which it is
+    a piece of a longer word. Latin letters: _glued; kana: UniDic reads it inside a longer word
+    (dictionary.inside_word, up to 6 characters each side). Kanji are not judged: a kanji keeps
+    its meaning inside a compound (救 of 救助)."""
+    want = set(wanted)
+    seen: Counter = Counter()
+    pieces: Counter = Counter()
+    for i, c in firing:
+        key = token_info(c.tokens[i]).key
+        if key not in want:
+            continue
+        seen[key] += 1
+        tok = language.clean_token(c.tokens[i])
+        core = tok.strip()
+        if core and (_is_kana(core[0]) or _is_kana(core[-1]) or "\u3041" <= core[0] <= "\u309f"):
+            left = "".join(map(language.clean_token, c.tokens[max(0, i - 4):i]))[-6:]
+            right = "".join(map(language.clean_token, c.tokens[i + 1:i + 5]))[:6]
+            inside = inside_word(left, tok, right)
+            pieces[key] += bool(inside) if inside is not None else _glued(c.tokens, i)
+        else:
+            pieces[key] += _glued(c.tokens, i)
+    return {k: pieces[k] / seen[k] for k in seen}
 
 
 def _present() -> set[str]:
@@ -320,7 +348,7 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | 
     how many of the firing contexts the words of that meaning cover), and the max tokens'
     languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again; covers 17/50) · en+ja`.
     `tokens`: language.max_tokens(record), when the caller has them; `link`: the label's
-    evidence["link"] (SynonymLink.to_dict), else found here the same way."""
+    evidence["link"] (SynonymLink.to_dict; {} for none), else found here the same way."""
     n_ctx = len(record.contexts)
     raws = language.max_tokens(record) if tokens is None else tokens
     if not raws:
@@ -334,9 +362,9 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | 
         spelling.setdefault(key_of[t], t)
     parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
     extra = []
-    if link is None and group_sources("link") <= _present():
-        found = synonym_link(counts.most_common(), len(raws))
-        link = found.to_dict() if found.partners else None
+    if link is None:  # found the way the decision finds it
+        found = stat_features(record, groups=()).link
+        link = found.to_dict() if found is not None and found.partners else {}
     if link and link.get("partners"):
         partner = link["partners"][0][0][0]
         note = f"({link['text'] + '; ' if link.get('text') else ''}covers {link['covered']}/{n_ctx})"

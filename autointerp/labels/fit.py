@@ -29,9 +29,10 @@ from autointerp.schema import GRANULARITIES, three_way
 
 C_GRID = (0.1, 0.3, 1.0)
 # The synonym gate (select(..., gate=True)): concept-synonym only where another word of the top
-# word's meaning (not one of its forms) is the max token of two contexts or more: the class's
+# word's meaning (not one of its forms) is the max token of two contexts or more and the words of
+# that meaning are the max tokens of at least half the firing contexts (link_holds): the class's
 # definition, one meaning in different words, as a rule rather than a weight.
-SYNONYM_GATE = {"concept-synonym": "link_two"}
+SYNONYM_GATE = {"concept-synonym": "link_holds"}
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 INNER_FOLDS = 4
 INNER_REPEATS = 2

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from autointerp.labels import language
-from autointerp.labels.dictionary import (english_glosses, english_lemmas, gloss_words, is_function_word,
+from autointerp.labels.dictionary import (english_glosses, english_lemmas, english_share_sense, gloss_words, is_function_word,
                                           japanese_headwords, japanese_lemma, japanese_senses, jmdict, kanji_meanings,
                                           lookup_form, source_spelling, unidic)
 
@@ -80,16 +80,17 @@ def linked(a: str, b: str, source: str) -> bool:
     """Are normalised tokens a and b the same meaning via `source`? Content words only: a function
     word (dictionary.is_function_word: ' the', が, です) links nothing, or JMdict's rare senses of
     them link anything (が = 'the self'). The cross-script sources link one English and one
-    Japanese token; gloss_same_script links two English words that share a Japanese headword or
-    two Japanese words that share a whole JMdict sense (発売 ~ リリース: 'release')."""
+    Japanese token; gloss_same_script links two English words that are glosses of one JMdict
+    sense (wish ~ want) or two Japanese words that share a whole JMdict sense (発売 ~ リリース:
+    'release'): a shared headword alone links too much (search ~ depends)."""
     if is_function_word(a) or is_function_word(b):
         return False
     if source == "gloss_same_script":
         if a == b:
             return False
         sa, sb = language.token_script(a), language.token_script(b)
-        if sa == sb == "en" and min(len(lookup_form(a)), len(lookup_form(b))) >= 2:
-            return bool(japanese_headwords(a) & japanese_headwords(b))
+        if sa == sb == "en":
+            return english_share_sense(a, b)
         if sa == sb == "ja":
             return bool((japanese_senses(a) & japanese_senses(b)) - _GLOSS_STOPWORDS)
         return False
@@ -119,12 +120,17 @@ def linked(a: str, b: str, source: str) -> bool:
 @lru_cache(maxsize=1 << 16)
 def same_word(a: str, b: str) -> bool:
     """Are two normalised tokens forms or spellings of one word (run / running, recognised /
-    recognized, 後の / 後に)? Lemmas from lemminflect and UniDic; without them only an exact
-    match. A different word of the same meaning is not the same word."""
+    recognized, full / fully, http / https, configure / configuration, 後の / 後に)? English:
+    a shared lemma (lemminflect), one word the start of the other (4 letters or more), or a
+    shared start of 6 letters; Japanese: UniDic's lemma. Without the libraries, the English
+    spelling rules only. A different word of the same meaning is not the same word."""
     if a == b:
         return True
     sa, sb = language.token_script(a), language.token_script(b)
     if sa == sb == "en":
+        x, y = sorted((lookup_form(a), lookup_form(b)), key=len)
+        if (len(x) >= 4 and y.startswith(x)) or (len(x) >= 6 and x[:6] == y[:6]):
+            return True
         return bool(english_lemmas(a) & english_lemmas(b))
     if sa == sb == "ja" and unidic() is not None:
         return japanese_lemma(a) == japanese_lemma(b)
@@ -203,18 +209,24 @@ class SynonymLink:
                 "ja": language.clean_token(pair[1]) if pair else None}
 
 
-def synonym_link(counts: list[tuple[str, int]], n: int, look: int = 12) -> SynonymLink:
+def synonym_link(counts: list[tuple[str, int]], n: int, look: int = 12,
+                 fragments: dict[str, float] | None = None) -> SynonymLink:
     """The top token's word and the words of its meaning among the `look` most common max tokens
     (normalised, most common first; n firing contexts). A partner is a different word linked to a
     form of the top word by a dictionary, loanword or shared-sense link between content words;
     each partner takes its own forms along. Forms and spellings of one word are never a partner:
-    run / running is one word."""
+    run / running / creation is one word. `fragments`: each token's share of its contexts in which
+    it is a piece of a longer word (evidence.fragment_shares); a token that is one in most of them
+    is no partner (プレ of プレス is not "pre")."""
     if not counts:
         return SynonymLink([], [], None, None, n)
     tokens = counts[:look]
-    top = counts[0][0]
-    forms = [(t, k) for t, k in tokens if same_word(top, t)]
-    rest = [(t, k) for t, k in tokens if not same_word(top, t)]
+    forms = [tokens[0]]
+    rest = []
+    for t, k in tokens[1:]:  # a form of any form joins (create ~ creating ~ creation)
+        (forms if any(same_word(f, t) for f, _ in forms) else rest).append((t, k))
+    fragments = fragments or {}
+    rest = [(t, k) for t, k in rest if fragments.get(t, 0.0) <= 0.5]
     found: list[tuple[list[tuple[str, int]], str, str | None]] = []  # (word's forms, source, text)
     words = [forms]  # a word joins when linked to any word already in (発売 ~ リリース ~ 刊行)
     taken: set[str] = set()
