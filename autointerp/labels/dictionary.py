@@ -71,14 +71,6 @@ class JMdict:
         with self.lock:
             return [r[0] for r in self.db.execute(self.JA_EN, (ja, ja))]
 
-    SHARED_SENSE = ("SELECT 1 FROM SenseGloss a INDEXED BY SenseGloss_text JOIN SenseGloss b ON b.sid = a.sid "
-                    "WHERE a.text IN (?, ?) AND b.text IN (?, ?) AND a.lang = 'eng' AND b.lang = 'eng' LIMIT 1")
-
-    def share_sense(self, a: str, b: str) -> bool:
-        """Are two English words glosses of one JMdict sense (wish ~ want: 望む 'to desire; to want; to wish for')?"""
-        with self.lock:
-            return self.db.execute(self.SHARED_SENSE, (a, f"to {a}", b, f"to {b}")).fetchone() is not None
-
     def headwords(self, en_words: list[str]) -> list[str]:
         with self.lock:
             ids = sorted({r[0] for r in self.db.execute(self.EN_IDS.format(words=",".join("?" * len(en_words))),
@@ -245,14 +237,6 @@ def japanese_headwords(en_token: str) -> frozenset[str]:
         forms.append(word[:-1])
     kanji = [ch for f in forms for ch in jm.kanji[1].get(f, ())]  # single kanji of that meaning (save: 救)
     return frozenset([*jm.headwords(forms), *kanji])
-
-
-@lru_cache(maxsize=65536)
-def english_share_sense(a: str, b: str) -> bool:
-    """Two English words are glosses of one JMdict sense; False without the `ja` extra."""
-    jm = jmdict()
-    a, b = lookup_form(a), lookup_form(b)
-    return jm is not None and min(len(a), len(b)) >= 2 and jm.share_sense(a, b)
 
 
 @lru_cache(maxsize=65536)

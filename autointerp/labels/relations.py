@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from autointerp.labels import language
-from autointerp.labels.dictionary import (english_glosses, english_lemmas, english_share_sense, gloss_words, is_function_word,
+from autointerp.labels.dictionary import (english_glosses, english_lemmas, gloss_words, is_function_word,
                                           japanese_headwords, japanese_lemma, japanese_senses, jmdict, kanji_meanings,
                                           lookup_form, source_spelling, unidic)
 
@@ -80,17 +80,16 @@ def linked(a: str, b: str, source: str) -> bool:
     """Are normalised tokens a and b the same meaning via `source`? Content words only: a function
     word (dictionary.is_function_word: ' the', が, です) links nothing, or JMdict's rare senses of
     them link anything (が = 'the self'). The cross-script sources link one English and one
-    Japanese token; gloss_same_script links two English words that are glosses of one JMdict
-    sense (wish ~ want) or two Japanese words that share a whole JMdict sense (発売 ~ リリース:
-    'release'): a shared headword alone links too much (search ~ depends)."""
+    Japanese token; gloss_same_script links two Japanese words that share a whole JMdict sense
+    (発売 ~ リリース: 'release'). Two English words are not linked: JMdict's English glosses
+    put near-synonyms in one sense (command ~ control, process ~ sequence), and a shared
+    headword links still more (search ~ depends)."""
     if is_function_word(a) or is_function_word(b):
         return False
     if source == "gloss_same_script":
         if a == b:
             return False
         sa, sb = language.token_script(a), language.token_script(b)
-        if sa == sb == "en":
-            return english_share_sense(a, b)
         if sa == sb == "ja":
             return bool((japanese_senses(a) & japanese_senses(b)) - _GLOSS_STOPWORDS)
         return False
@@ -122,8 +121,9 @@ def same_word(a: str, b: str) -> bool:
     """Are two normalised tokens forms or spellings of one word (run / running, recognised /
     recognized, full / fully, http / https, configure / configuration, 後の / 後に)? English:
     a shared lemma (lemminflect), one word the start of the other (4 letters or more), or a
-    shared start of 6 letters; Japanese: UniDic's lemma. Without the libraries, the English
-    spelling rules only. A different word of the same meaning is not the same word."""
+    shared start of 6 letters; Japanese: one is the other with kana after it (使 / 使い, 重要 /
+    重要な) or UniDic's lemma. Without the libraries, the spelling rules only. A different word
+    of the same meaning is not the same word."""
     if a == b:
         return True
     sa, sb = language.token_script(a), language.token_script(b)
@@ -132,8 +132,11 @@ def same_word(a: str, b: str) -> bool:
         if (len(x) >= 4 and y.startswith(x)) or (len(x) >= 6 and x[:6] == y[:6]):
             return True
         return bool(english_lemmas(a) & english_lemmas(b))
-    if sa == sb == "ja" and unidic() is not None:
-        return japanese_lemma(a) == japanese_lemma(b)
+    if sa == sb == "ja":
+        x, y = sorted((lookup_form(a), lookup_form(b)), key=len)
+        if x and y.startswith(x) and all("\u3040" <= ch <= "\u309f" for ch in y[len(x):]):
+            return True  # okurigana or a particle after the same stem
+        return unidic() is not None and japanese_lemma(a) == japanese_lemma(b)
     return False
 
 
@@ -228,23 +231,17 @@ def synonym_link(counts: list[tuple[str, int]], n: int, look: int = 12,
     fragments = fragments or {}
     rest = [(t, k) for t, k in rest if fragments.get(t, 0.0) <= 0.5]
     found: list[tuple[list[tuple[str, int]], str, str | None]] = []  # (word's forms, source, text)
-    words = [forms]  # a word joins when linked to any word already in (発売 ~ リリース ~ 刊行)
     taken: set[str] = set()
-    grown = True
-    while grown:
-        grown = False
-        for t, _ in rest:
-            if t in taken:
-                continue
-            hit = next(((f, s) for word in words for f, _ in word if (s := meaning_linked(f, t))), None)
-            if hit is None:
-                continue
-            word = [(u, j) for u, j in rest if u not in taken and same_word(t, u)]
-            taken.update(u for u, _ in word)
-            pair = en_ja(hit[0], t)
-            found.append((word, hit[1], link_text(*pair) if pair else _same_script_text(hit[0], t)))
-            words.append(word)
-            grown = True
+    for t, _ in rest:  # linked to a form of the top word itself: a chain (事 ~ 場合 ~ 例) drifts
+        if t in taken:
+            continue
+        hit = next(((f, s) for f, _ in forms if (s := meaning_linked(f, t))), None)
+        if hit is None:
+            continue
+        word = [(u, j) for u, j in rest if u not in taken and same_word(t, u)]
+        taken.update(u for u, _ in word)
+        pair = en_ja(hit[0], t)
+        found.append((word, hit[1], link_text(*pair) if pair else _same_script_text(hit[0], t)))
     found.sort(key=lambda w: -sum(k for _, k in w[0]))
     return SynonymLink(forms, [w for w, _, _ in found], found[0][1] if found else None,
                        found[0][2] if found else None, n)
