@@ -293,15 +293,17 @@ def test_shipped_model_records_its_evidence_versions_and_nested_cv():
 
 @needs_dev
 def test_shipped_model_is_its_recorded_choice_fitted_on_the_dev_file(dev_records):
-    """Refit from the recorded choice (groups, C, class weights) on all dev features: same model."""
+    """Refit from the recorded choice (groups, C, class weights, the synonym gate) on all dev
+    features: same model."""
     stats = G.load_models()["stats"]
     choice = stats.info["choice"]
     X, names = F.design([E.stat_features(r).features for r in dev_records], list(E.EVIDENCE_GROUPS))
     y = [r.extra["human_granularity"] for r in dev_records]
     refit = F.fit_choice(X, y, list(range(len(y))), names, F.Choice(
         groups=choice["groups"], C=choice["C"], class_weight=choice["class_weight"],
-        bias=None if stats.bias is None else stats.bias.tolist(), temperature=stats.temperature))
-    assert refit.feature_names == stats.feature_names
+        bias=None if stats.bias is None else stats.bias.tolist(), temperature=stats.temperature,
+        gate=bool(choice.get("gate"))))
+    assert refit.feature_names == stats.feature_names and refit.gate == stats.gate
     Xs = X[:, F.columns(names, choice["groups"])]
     assert np.allclose(refit.predict_proba(Xs), stats.predict_proba(Xs), atol=1e-6)
     labels = G.build_labels(dev_records[::10])

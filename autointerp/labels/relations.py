@@ -248,9 +248,6 @@ def synonym_link(counts: list[tuple[str, int]], n: int, look: int = 12,
 
 
 def _same_script_text(a: str, b: str) -> str | None:
-    """'JMdict: 発売 ~ リリース = release' for two words of one script that share a sense."""
-    if language.token_script(a) == "ja":
-        shared = sorted(japanese_senses(a) & japanese_senses(b) - _GLOSS_STOPWORDS)
-        return f"JMdict: {lookup_form(a)} ~ {lookup_form(b)} = {', '.join(shared[:2])}" if shared else None
-    shared = sorted(japanese_headwords(a) & japanese_headwords(b))
+    """'JMdict: 発売 ~ リリース = release' for two Japanese words that share a sense."""
+    shared = sorted(japanese_senses(a) & japanese_senses(b) - _GLOSS_STOPWORDS)
     return f"JMdict: {lookup_form(a)} ~ {lookup_form(b)} = {', '.join(shared[:2])}" if shared else None
