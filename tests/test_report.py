@@ -240,10 +240,13 @@ def _layer_run(root: Path) -> Path:
         write_jsonl(folder / "records.jsonl", records)
 
         def label(feature, granularity, tokens, profile):
+            # the link as the label stores it (relations.SynonymLink.to_dict): the report only reads it
+            link = {"words": [[" dog", 20]], "partners": [[["犬", 15]]], "source": "gloss_ja_en",
+                    "text": "JMdict: 犬 = dog", "covered": 35, "of": 50} if granularity == "concept-synonym" else None
             return Label(checkpoint_step=None, feature=feature, description="", granularity=granularity,
                          cross_lingual=granularity == "concept-synonym", language="mix", language_profile=profile,
-                         scores={}, confidence=0.9, explainer={}, evidence={"top_tokens": tokens}, layer=layer,
-                         evidence_summary="“ dog” 20/50 · “犬” 15/50")
+                         scores={}, confidence=0.9, explainer={}, evidence={"top_tokens": tokens, "link": link},
+                         layer=layer, evidence_summary="“ dog” 20/50 · “犬” 15/50")
 
         write_jsonl(folder / "labels.jsonl", [
             label(0, "concept-synonym", [[" dog", 20], ["犬", 15]], {"trend": "mix", "n_contexts": 50}),
@@ -270,12 +273,12 @@ def test_a_run_of_layers_gets_a_page_per_layer_with_sae_metrics_density_and_syno
     assert "81.5%" in page3 and "82.1%" in page9 and "0.951" in index  # the KL score, the cosine
     assert "Firing density of every latent" in page3 and "2500 held-out tokens" in page3
     assert page3.count('alt="histogram of latent firing densities"') == 1
-    # the synonym latent with its English and Japanese tokens and the link; not the token latent
+    # the synonym latent with the two words its label links, the link and its coverage, read from
+    # the label (whatever this install's dictionaries); not the token latent
     synonyms = page3.split('id="synonyms"', 1)[1].split("</table>", 1)[0]
     assert "<code> dog</code>" in synonyms and "<code>犬</code>" in synonyms and 'href="#f0"' in synonyms
     assert 'href="#f1"' not in synonyms
-    if "JMdict" in page3:  # the ja extra is installed: the dictionary link is named
-        assert "JMdict: 犬 = dog" in synonyms
+    assert "JMdict: 犬 = dog" in synonyms and "<td>35/50 (70%)</td>" in synonyms
     assert index.count('<td class="l">layer 3</td>') == 1 and index.count('<td class="l">layer 9</td>') == 1
     assert "the top 2 of 2 by confidence" in index
     # the dead latent's label line is counted apart and is no class

@@ -25,7 +25,7 @@ from typing import Any, Collection, Iterable, Iterator
 import numpy as np
 
 from autointerp.labels import language
-from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, lexicon_available
+from autointerp.labels.dictionary import evidence_sources, group_sources, lexicon_available
 from autointerp.labels.evidence import SCORE_METHODS, evidence_summary, feature_vector
 from autointerp.labels.lm_evidence import LM_GROUPS, lm_features
 from autointerp.labels.relations import LINK_SOURCES
@@ -55,6 +55,7 @@ class GranularityModel:
     groups: list[str] | None = None  # the evidence groups it was fitted on
     lo: np.ndarray | None = None  # the fitted range of each feature (inputs are clipped to it)
     hi: np.ndarray | None = None
+    gate: dict[str, str] | None = None  # class -> feature: the class is possible only where it is > 0
 
     def logits(self, X: np.ndarray) -> np.ndarray:
         # Clip inputs to the fitted range: a linear model must not extrapolate on features far
@@ -66,6 +67,9 @@ class GranularityModel:
         else:
             standardised = np.clip((X - self.mean) / self.scale, -Z_CLIP, Z_CLIP)
         z = standardised @ self.coef.T + self.intercept
+        for cls, feature in (self.gate or {}).items():  # e.g. no concept-synonym without a linked word
+            if cls in self.classes and feature in self.feature_names:
+                z[X[:, self.feature_names.index(feature)] <= 0, self.classes.index(cls)] = -1e9
         return z if self.bias is None else z + self.bias
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -76,7 +80,7 @@ class GranularityModel:
 
     def requires(self) -> set[str]:
         """The optional evidence sources this model's groups need."""
-        return {GROUP_SOURCES[g] for g in self.groups or [] if g in GROUP_SOURCES}
+        return {s for g in self.groups or [] for s in group_sources(g)}
 
     def vector(self, features: dict[str, float]) -> np.ndarray:
         return np.array([features.get(k, 0.0) for k in self.feature_names], dtype=np.float64)
@@ -86,7 +90,8 @@ class GranularityModel:
                 "scale": self.scale.tolist(), "coef": self.coef.tolist(), "intercept": self.intercept.tolist(),
                 "temperature": self.temperature, "info": self.info or {},
                 "bias": None if self.bias is None else self.bias.tolist(), "groups": self.groups,
-                "lo": None if self.lo is None else self.lo.tolist(), "hi": None if self.hi is None else self.hi.tolist()}
+                "lo": None if self.lo is None else self.lo.tolist(), "hi": None if self.hi is None else self.hi.tolist(),
+                "gate": self.gate}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GranularityModel":
@@ -98,7 +103,8 @@ class GranularityModel:
                    bias=None if d.get("bias") is None else np.asarray(d["bias"], dtype=np.float64),
                    groups=d.get("groups"),
                    lo=None if d.get("lo") is None else np.asarray(d["lo"], dtype=np.float64),
-                   hi=None if d.get("hi") is None else np.asarray(d["hi"], dtype=np.float64))
+                   hi=None if d.get("hi") is None else np.asarray(d["hi"], dtype=np.float64),
+                   gate=d.get("gate"))
 
 
 def fit_model(X: np.ndarray, y: list[str], feature_names: list[str], C: float = 1.0,
@@ -202,7 +208,9 @@ def decide(record: FeatureRecord, explanation: Explanation | None = None, scores
                 "evidence_groups": model.groups,
                 "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, proba)},
                 "features": {k: round(float(v), 4) for k, v in ev.features.items() if k in used},
-                "top_tokens": ev.top_tokens, "lexicon": lexicon_available()}
+                "top_tokens": ev.top_tokens, "lexicon": lexicon_available(),
+                # the words of the top word's meaning and what links them (the report shows it)
+                "link": ev.link.to_dict() if ev.link is not None and ev.link.partners else None}
     if explanation is not None:
         evidence["explainer_vote"] = explanation.granularity
         evidence["explainer_confidence"] = explanation.confidence
@@ -249,7 +257,7 @@ def label_record(record: FeatureRecord, expl: Explanation | None = None, sc: Sco
         tokens = None
         profile, error = {"trend": "mix", "bilingual_firing": False}, error or f"language profile failed: {exc}"
     try:
-        summary = evidence_summary(record, tokens=tokens)
+        summary = evidence_summary(record, tokens=tokens, link=evidence.get("link") or ({} if "link" in evidence else None))
     except Exception as exc:
         summary, error = "", error or f"evidence summary failed: {exc}"
     features = evidence.get("features", {})

@@ -7,7 +7,14 @@ need the `ja` extra (autointerp/labels/dictionary.py) and are simply absent with
   up in both directions; gloss_same_script links two English (in ~ at) or two Japanese
   (本名 ~ 通称) max tokens through a shared translation;
 - loanword: a katakana max token's source spelling links it to an English max token;
-- lemma: Japanese inflected forms (される / した -> 為る) count as one.
+- lemma: the forms of one word count as one (English lemmas from lemminflect: run / running;
+  Japanese from UniDic: される / した -> 為る), and how much of the contexts the top word's
+  other forms take;
+- link: the synonym link (relations.synonym_link): the words of the top word's meaning and the
+  share of the contexts they cover, not only whether a link exists;
+- fragment (no library): max tokens that are pieces of a longer word in their context (フォ of
+  フォルダ, "recogn" of "recognized").
+Every dictionary and loanword link is between content words (dictionary.is_function_word).
 Never an input: the checkpoint step or feature id.
 """
 
@@ -22,9 +29,9 @@ from typing import Any, Iterable
 
 from autointerp.display import shown
 from autointerp.labels import language
-from autointerp.labels.dictionary import GROUP_SOURCES, evidence_sources, japanese_lemma
+from autointerp.labels.dictionary import evidence_sources, group_sources, inside_word, is_function_word
 from autointerp.labels.lm_evidence import LM_GROUPS
-from autointerp.labels.relations import LINK_SOURCES, en_ja, link_text, linked, string_related
+from autointerp.labels.relations import LINK_SOURCES, SynonymLink, linked, same_word, string_related, synonym_link
 from autointerp.labels.tokens import token_info
 from autointerp.schema import GRANULARITIES, Explanation, FeatureRecord, Scores
 
@@ -40,10 +47,12 @@ EVIDENCE_GROUPS: dict[str, list[str]] = {
         "top2_related", "variant_types_ratio", "prev_top_share", "max_position_mean",
     ],
     # JMdict both ways: Japanese -> English glosses, and English -> Japanese headwords
-    "gloss": ["gloss_ja_en_share", "gloss_ja_en_top2", "gloss_ja_en_any",
-              "gloss_en_ja_share", "gloss_en_ja_top2", "gloss_en_ja_any"],
-    "loanword": ["loanword_share", "loanword_top2", "loanword_any"],
-    "lemma": ["lemma_top1_share", "lemma_distinct_ratio"],
+    "gloss": ["gloss_ja_en_share", "gloss_ja_en_top2", "gloss_en_ja_share", "gloss_en_ja_top2"],
+    "loanword": ["loanword_share", "loanword_top2"],
+    "lemma": ["lemma_top1_share", "lemma_distinct_ratio", "inflection_share", "other_variant_share"],
+    "link": ["link_coverage", "link_partner_share", "link_partner_top", "link_cross_share", "link_words",
+             "link_two", "link_holds", "function_share"],
+    "fragment": ["fragment_share", "fragment_top1"],
     "gloss_same_script": ["gloss_same_script_share", "gloss_same_script_top2"],
     "context": ["ctx_cohesion", "ctx_top_df", "next_top_share", "cohesion_x_diverse", "top1_x_incoherent"],
     # what a multilingual LM says the top max tokens mean (lm_meaning, lm_translation, lm_same):
@@ -59,7 +68,7 @@ STAT_FEATURES = [n for names in EVIDENCE_GROUPS.values() for n in names]
 def available_groups() -> set[str]:
     """The evidence groups this install can compute (those whose source is present)."""
     sources = {name for name, s in evidence_sources().items() if s["available"]}
-    return {g for g in EVIDENCE_GROUPS if GROUP_SOURCES.get(g) in (None, *sources)}
+    return {g for g in EVIDENCE_GROUPS if group_sources(g) <= sources}
 
 
 @dataclass
@@ -69,6 +78,7 @@ class Evidence:
     features: dict[str, float]
     top_tokens: list[tuple[str, int]]
     problem: str | None  # why the record cannot be labelled (then: uninterpretable)
+    link: SynonymLink | None = None  # the words of the top word's meaning (with the link sources)
 
 
 def _level_counts(contexts: list) -> dict[int, int]:
@@ -169,16 +179,96 @@ def stat_features(record: FeatureRecord, groups: Iterable[str] | None = None) ->
                     if linked(top_token, t, source)) / n
         f[f"{source}_share"] = share
         f[f"{source}_top2"] = float(bool(second) and linked(top_token, second, source))
-        f[f"{source}_any"] = float(share > 0)  # a link at all (rare, so a share alone weighs little)
-    if "lemma" in groups:  # inflected Japanese forms count as one token
-        lemmas = Counter()
-        for t, k in counts.items():
-            lemmas[japanese_lemma(t) if language.token_script(t) == "ja" else t] += k
-        f["lemma_top1_share"] = lemmas.most_common(1)[0][1] / n
-        f["lemma_distinct_ratio"] = len(lemmas) / n
+    if "lemma" in groups:  # the forms of one word count as one
+        words: list[list] = []  # [head token, contexts]
+        for t, k in top:
+            word = next((w for w in words if same_word(w[0], t)), None)
+            if word is None:
+                words.append([t, k])
+            else:
+                word[1] += k
+        f["lemma_top1_share"] = max(k for _, k in words) / n
+        f["lemma_distinct_ratio"] = len(words) / n
+        f["inflection_share"] = sum(counts[t] for t in counts if t != top_token and same_word(top_token, t)) / n
+        f["other_variant_share"] = sum(counts[t] for t in variants if not same_word(top_token, t)) / n
+    link = synonym_link(top, n, fragments=fragment_shares(firing, [t for t, _ in top[1:12]])) \
+        if group_sources("link") <= _present() else None
+    if "link" in groups and link is not None:
+        partner_scripts = [(script_of.get(t) or language.token_script(t), k) for w in link.partners for t, k in w]
+        f["link_coverage"] = link.covered / n
+        f["link_partner_share"] = link.partner_count / n
+        f["link_partner_top"] = max((sum(k for _, k in w) for w in link.partners), default=0) / n
+        f["link_cross_share"] = sum(k for sc, k in partner_scripts if sc != top_script) / n
+        f["link_words"] = min(len(link.partners), 3) / 3
+        # another word of the meaning is the max token of two contexts or more (one is chance)
+        f["link_two"] = float(any(sum(k for _, k in w) >= 2 for w in link.partners))
+        # ... and the words of the meaning are the max tokens of at least half the firing contexts
+        f["link_holds"] = float(f["link_two"] > 0 and link.covered >= n / 2)
+        f["function_share"] = sum(k for t, k in counts.items() if is_function_word(t)) / n
+    if "fragment" in groups:
+        glued = [_glued(c.tokens, i) for i, c in firing]
+        f["fragment_share"] = sum(glued) / n
+        top_glued = [g for g, key in zip(glued, keys) if key == top_token]
+        f["fragment_top1"] = sum(top_glued) / len(top_glued)
     if "context" in groups:
         f.update(_context_features(firing, f["top1_share"], f["distinct_ratio"]))
-    return Evidence(f, top[:10], None)
+    return Evidence(f, top[:10], None, link)
+
+
+def fragment_shares(firing: list[tuple[int, Any]], wanted: list[str]) -> dict[str, float]:
+    """For each of the `wanted` max tokens (keys): the share of its firing contexts in which it is
+    a piece of a longer word. Latin letters: _glued; kana: UniDic reads it inside a longer word
+    (dictionary.inside_word, up to 6 characters each side). Kanji are not judged: a kanji keeps
+    its meaning inside a compound (救 of 救助)."""
+    want = set(wanted)
+    seen: Counter = Counter()
+    pieces: Counter = Counter()
+    for i, c in firing:
+        key = token_info(c.tokens[i]).key
+        if key not in want:
+            continue
+        seen[key] += 1
+        tok = language.clean_token(c.tokens[i])
+        core = tok.strip()
+        if core and (_is_kana(core[0]) or _is_kana(core[-1]) or "\u3041" <= core[0] <= "\u309f"):
+            left = "".join(map(language.clean_token, c.tokens[max(0, i - 4):i]))[-6:]
+            right = "".join(map(language.clean_token, c.tokens[i + 1:i + 5]))[:6]
+            inside = inside_word(left, tok, right)
+            pieces[key] += bool(inside) if inside is not None else _glued(c.tokens, i)
+        else:
+            pieces[key] += _glued(c.tokens, i)
+    return {k: pieces[k] / seen[k] for k in seen}
+
+
+def _present() -> set[str]:
+    return {name for name, s in evidence_sources().items() if s["available"]}
+
+
+def _glued(tokens: list[str], i: int) -> bool:
+    """Is the token at i a piece of a longer word in its context: Latin letters that run on into
+    the token before or after it with no space ("recogn" + "ized"), or short katakana that run on
+    into more katakana (フォ + ルダ; a katakana word of 4 or more, as ファイル in ファイルシステム,
+    is a word of a compound)? Needs no library."""
+    tok = language.clean_token(tokens[i])
+    if not tok or tok != tok.strip():  # a leading space starts a word
+        return _latin_run(tok.rstrip(), tokens[i + 1] if i + 1 < len(tokens) else "") if tok.strip() else False
+    before = language.clean_token(tokens[i - 1]) if i > 0 else ""
+    after = language.clean_token(tokens[i + 1]) if i + 1 < len(tokens) else ""
+    if _is_kana(tok[0]) or _is_kana(tok[-1]):
+        return len(tok) <= 3 and ((bool(before) and _is_kana(before[-1]) and _is_kana(tok[0]))
+                                  or (bool(after) and _is_kana(after[0]) and _is_kana(tok[-1])))
+    return (bool(before) and before[-1].isascii() and before[-1].isalpha() and tok[0].isascii() and tok[0].isalpha()) \
+        or _latin_run(tok, tokens[i + 1] if i + 1 < len(tokens) else "")
+
+
+def _latin_run(tok: str, after_raw: str) -> bool:
+    after = language.clean_token(after_raw)
+    return bool(tok) and bool(after) and tok[-1].isascii() and tok[-1].isalpha() and after[0].isascii() \
+        and after[0].isalpha()
+
+
+def _is_kana(ch: str) -> bool:
+    return "\u30a1" <= ch <= "\u30fa" or ch == "ー"
 
 
 _CONTENT_KEY: dict[str, str] = {}  # raw token -> its key if a content word, else '' (bounded by the vocabulary)
@@ -251,11 +341,14 @@ def _show(raw: str) -> str:
     return f"“{shown(raw, 'terminal')}”"
 
 
-def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | None = None) -> str:
-    """A deterministic line from the decision's own evidence: the top max tokens with counts,
-    the dictionary link between an English and a Japanese max token where there is one, and the
-    max tokens' languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again) · en+ja`.
-    `tokens`: language.max_tokens(record), when the caller has them."""
+def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | None = None,
+                     link: dict | None = None) -> str:
+    """A deterministic line from the decision's own evidence: the top max tokens with counts, the
+    synonym link where there is one (what links the top word to another word of its meaning, and
+    how many of the firing contexts the words of that meaning cover), and the max tokens'
+    languages, e.g. `“ more” 10/50 · “また” 7/50 (JMdict: また = more, again; covers 17/50) · en+ja`.
+    `tokens`: language.max_tokens(record), when the caller has them; `link`: the label's
+    evidence["link"] (SynonymLink.to_dict; {} for none), else found here the same way."""
     n_ctx = len(record.contexts)
     raws = language.max_tokens(record) if tokens is None else tokens
     if not raws:
@@ -263,26 +356,22 @@ def evidence_summary(record: FeatureRecord, top_n: int = 3, tokens: list[str] | 
     raw_counts = Counter(raws)
     key_of = {t: token_info(t).key for t in raw_counts}  # each distinct raw token's key, once
     counts = Counter(map(key_of.__getitem__, raws))
-    common = [k for k, _ in counts.most_common()[:max(top_n, 8)]]
-    top = common[:top_n]
+    top = [k for k, _ in counts.most_common()[:top_n]]
     spelling: dict[str, str] = {}  # key -> its most common raw spelling
     for t, _ in raw_counts.most_common():
         spelling.setdefault(key_of[t], t)
     parts = {k: f"{_show(spelling[k])} {counts[k]}/{n_ctx}" for k in top}
     extra = []
-    script = {k: language.token_script(k) for k in common[:8]}
-    for a in top:  # the first English-Japanese pair among the top tokens (and the next few) that links
-        pair = next(((p, b) for b in common[:8] if script[a] != script[b] and (p := en_ja(a, b)) and link_text(*p)),
-                    None)
-        if pair:
-            (en, ja), b = pair
-            note = f"({link_text(en, ja)})"
-            if b in parts:
-                later = max(top.index(a), top.index(b))
-                parts[top[later]] += f" {note}"
-            else:
-                extra.append(f"{_show(spelling[b])} {counts[b]}/{n_ctx} {note}")
-            break
+    if link is None:  # found the way the decision finds it
+        found = stat_features(record, groups=()).link
+        link = found.to_dict() if found is not None and found.partners else {}
+    if link and link.get("partners"):
+        partner = link["partners"][0][0][0]
+        note = f"({link['text'] + '; ' if link.get('text') else ''}covers {link['covered']}/{n_ctx})"
+        if partner in parts:
+            parts[partner] += f" {note}"
+        else:
+            extra.append(f"{_show(spelling.get(partner, partner))} {counts.get(partner, 0)}/{n_ctx} {note}")
     scripts = Counter(token_info(t).script for t in raws)
     langs = "+".join(s for s in ("en", "ja") if scripts.get(s, 0) / len(raws) >= 0.1) or "other"
     return " · ".join([*(parts[k] for k in top), *extra, langs])

@@ -28,6 +28,11 @@ from autointerp.labels.evidence import EVIDENCE_GROUPS, LLM_FEATURES, SCORE_FEAT
 from autointerp.schema import GRANULARITIES, three_way
 
 C_GRID = (0.1, 0.3, 1.0)
+# The synonym gate (select(..., gate=True)): concept-synonym only where another word of the top
+# word's meaning (not one of its forms) is the max token of two contexts or more and the words of
+# that meaning are the max tokens of at least half the firing contexts (link_holds): the class's
+# definition, one meaning in different words, as a rule rather than a weight.
+SYNONYM_GATE = {"concept-synonym": "link_holds"}
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 INNER_FOLDS = 4
 INNER_REPEATS = 2
@@ -43,6 +48,7 @@ class Choice:
     bias: list[float] | None  # per-class logit offsets (GRANULARITIES order) matching class shares
     temperature: float = 1.0
     inner: dict[str, Any] = field(default_factory=dict)
+    gate: bool = False  # SYNONYM_GATE applies (the `link` group is then always in)
 
 
 def columns(names: Sequence[str], groups: Sequence[str]) -> list[int]:
@@ -88,9 +94,11 @@ def _full_logits(model: GranularityModel, X: np.ndarray) -> np.ndarray:
     return z
 
 
-def _fit(X, y, idx, cols, C, cw, names) -> GranularityModel:
+def _fit(X, y, idx, cols, C, cw, names, gate: bool = False) -> GranularityModel:
     ys = [y[i] for i in idx]
-    return fit_model(X[np.ix_(idx, cols)], ys, [names[c] for c in cols], C=C, class_weight=class_weight(ys, cw))
+    model = fit_model(X[np.ix_(idx, cols)], ys, [names[c] for c in cols], C=C, class_weight=class_weight(ys, cw))
+    model.gate = dict(SYNONYM_GATE) if gate else None
+    return model
 
 
 def inner_splits(y, gid, idx, seed: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
@@ -103,14 +111,14 @@ def inner_splits(y, gid, idx, seed: int) -> list[list[tuple[np.ndarray, np.ndarr
     return out
 
 
-def oof_logits(X, y, idx, cols, C, cw, names, splits) -> list[np.ndarray]:
+def oof_logits(X, y, idx, cols, C, cw, names, splits, gate: bool = False) -> list[np.ndarray]:
     """Out-of-fold logits over idx, one array per inner repeat."""
     idx = np.asarray(idx)
     out = []
     for repeat in splits:
         z = np.zeros((len(idx), len(GRANULARITIES)))
         for tr, te in repeat:
-            model = _fit(X, y, idx[tr], cols, C, cw, names)
+            model = _fit(X, y, idx[tr], cols, C, cw, names, gate)
             z[te] = _full_logits(model, X[np.ix_(idx[te], cols)])
         out.append(z)
     return out
@@ -150,6 +158,8 @@ def fit_temperature(y_idx, logits: list[np.ndarray], bias: np.ndarray | None) ->
     """The softmax temperature minimising out-of-fold log loss (confidence, not the class)."""
     z = np.vstack(logits) + (0 if bias is None else bias)
     truth = np.tile(np.asarray([GRANULARITIES.index(c) for c in y_idx]), len(logits))
+    possible = z[np.arange(len(z)), truth] > -1e8  # rows whose true class a gate rules out say nothing of it
+    z, truth = z[possible], truth[possible]
     best_t, best = 1.0, np.inf
     for t in np.round(np.arange(0.5, 3.01, 0.1), 2):
         s = z / t
@@ -162,7 +172,7 @@ def fit_temperature(y_idx, logits: list[np.ndarray], bias: np.ndarray | None) ->
 
 def select(X: np.ndarray, y: Sequence[str], gid: Sequence[int], idx: Sequence[int], names: list[str],
            candidates: Sequence[str], seed: int = 0, calibrate_shares: bool = False,
-           select_groups: bool = True) -> Choice:
+           select_groups: bool = True, gate: bool = False) -> Choice:
     """Choose evidence groups, C, class weights, share offsets and temperature from rows idx only.
 
     1. C and class weights: best mean inner-CV kappa with core + all candidates.
@@ -171,22 +181,25 @@ def select(X: np.ndarray, y: Sequence[str], gid: Sequence[int], idx: Sequence[in
     3. Temperature (and, with calibrate_shares, class-share offsets) on the chosen configuration's
        inner out-of-fold logits. Offsets are off by default: matching the overall class shares
        did not narrow the per-checkpoint gaps and cost kappa in the nested CV (its ablation row).
+    With gate, SYNONYM_GATE applies to every model rated and fitted, and `link` (its feature)
+    stays in like `core`.
     """
     with threadpool_limits(1):  # hundreds of tiny fits: BLAS threads only contend
-        return _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_groups)
+        return _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_groups, gate)
 
 
-def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_groups) -> Choice:
+def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_groups, gate=False) -> Choice:
     idx = list(idx)
     y_idx = [y[i] for i in idx]
     splits = inner_splits(y, gid, idx, seed)
-    full = ["core", *candidates]
+    fixed = ["core", "link"] if gate else ["core"]
+    full = [*fixed, *(c for c in candidates if c not in fixed)]
     trials: dict[tuple, tuple[float, float]] = {}
 
     def rate(groups, C, cw):
         key = (tuple(sorted(groups)), C, cw)
         if key not in trials:
-            trials[key] = _score(y_idx, oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits))
+            trials[key] = _score(y_idx, oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits, gate))
         return trials[key]
 
     C, cw = max(((c, w) for c in C_GRID for w in CLASS_WEIGHTS), key=lambda p: rate(full, *p)[0])
@@ -197,24 +210,26 @@ def _select(X, y, gid, idx, names, candidates, seed, calibrate_shares, select_gr
         # timid on ~240 rows: it kept single groups and lost ~0.03 nested-CV kappa).
         while len(groups) > 1:
             current = rate(groups, C, cw)[0]
-            drops = {g: rate([x for x in groups if x != g], C, cw)[0] for g in groups if g != "core"}
+            drops = {g: rate([x for x in groups if x != g], C, cw)[0] for g in groups if g not in fixed}
+            if not drops:
+                break
             g, mean = max(drops.items(), key=lambda kv: kv[1])
             if mean < current:
                 break
             groups.remove(g)
-    logits = oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits)
+    logits = oof_logits(X, y, idx, columns(names, groups), C, cw, names, splits, gate)
     bias = share_offsets(y_idx, logits) if calibrate_shares else None
     mean, sd = rate(groups, C, cw)
     return Choice(groups=groups, C=C, class_weight=cw, bias=None if bias is None else bias.tolist(),
                   temperature=fit_temperature(y_idx, logits, bias),
-                  inner={"kappa4_mean": round(mean, 4), "kappa4_sd": round(sd, 4)})
+                  inner={"kappa4_mean": round(mean, 4), "kappa4_sd": round(sd, 4)}, gate=gate)
 
 
 def fit_choice(X: np.ndarray, y: Sequence[str], idx: Sequence[int], names: list[str],
                choice: Choice) -> GranularityModel:
     """The model `choice` describes, fitted on rows idx; its classes in GRANULARITIES order."""
     cols = columns(names, choice.groups)
-    model = _fit(X, y, list(idx), cols, choice.C, choice.class_weight, names)
+    model = _fit(X, y, list(idx), cols, choice.C, choice.class_weight, names, choice.gate)
     # Reorder/expand to all four classes so offsets line up (a missing class gets -inf logit).
     coef = np.zeros((len(GRANULARITIES), len(cols)))
     intercept = np.full(len(GRANULARITIES), -1e9)

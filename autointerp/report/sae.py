@@ -103,9 +103,24 @@ def is_dead(label: Label) -> bool:
     return "n_contexts" in profile and not profile["n_contexts"]
 
 
+def link_cells(link: dict | None) -> dict[str, Any]:
+    """A synonym table row's link columns from a label's evidence["link"]: the two linked words
+    (the top word and its largest partner), what links them, and the share of the firing
+    contexts the words of that meaning cover; 'no dictionary link' where the label has none."""
+    if not link or not link.get("partners"):
+        return {"first": None, "second": None, "link": "no dictionary link", "covers": None}
+    from autointerp.labels.language import clean_token
+
+    covered, of = int(link.get("covered") or 0), int(link.get("of") or 0)
+    return {"first": clean_token(link["words"][0][0]), "second": clean_token(link["partners"][0][0][0]),
+            "link": link.get("text") or link.get("source") or "linked",
+            "covers": f"{covered}/{of} ({covered / of:.0%})" if of else None}
+
+
 class SynonymTable:
-    """The top `size` concept-synonym latents by confidence, streamed (a heap), with their English
-    and Japanese max tokens and what links them."""
+    """The top `size` concept-synonym latents by confidence, streamed (a heap), with the link the
+    label found (its evidence["link"]: the two words, what links them, and how many of the firing
+    contexts the words of that meaning cover), read from the label, never recomputed here."""
 
     def __init__(self, size: int = 20):
         self.size, self.heap = size, []
@@ -115,25 +130,18 @@ class SynonymTable:
         if label.granularity != "concept-synonym" or is_dead(label):
             return
         self.count += 1
-        tokens = [str(t) for t, _ in (label.evidence or {}).get("top_tokens", [])]
-        share = (label.evidence or {}).get("features", {}).get("top1_share", 0.0) \
-            if isinstance((label.evidence or {}).get("features"), dict) else 0.0
+        evidence = label.evidence or {}
+        share = evidence.get("features", {}).get("top1_share", 0.0) if isinstance(evidence.get("features"), dict) else 0.0
         item = ((round(label.confidence, 6), share, -label.feature), self.count,
                 {"feature": label.feature, "page": page, "site": site, "confidence": label.confidence,
-                 "cross_lingual": label.cross_lingual, "tokens": tokens,
-                 "summary": label.evidence_summary})
+                 "cross_lingual": label.cross_lingual, "summary": label.evidence_summary,
+                 **link_cells(evidence.get("link"))})
         heapq.heappush(self.heap, item)
         if len(self.heap) > self.size:
             heapq.heappop(self.heap)
 
     def rows(self) -> list[dict[str, Any]]:
-        from autointerp.labels.relations import en_ja_pair
-
-        out = []
-        for _, _, row in sorted(self.heap, key=lambda x: (x[0], -x[1]), reverse=True):
-            en, ja, link = en_ja_pair(row["tokens"])
-            out.append({**row, "en": en, "ja": ja, "link": link or "no dictionary link"})
-        return out
+        return [row for _, _, row in sorted(self.heap, key=lambda x: (x[0], -x[1]), reverse=True)]
 
     def merge(self, other: "SynonymTable") -> None:
         """Fold another site's table in: the top `size` of both, every latent counted."""
