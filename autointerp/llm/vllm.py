@@ -206,7 +206,7 @@ PHASES = (
     ("Resolved architecture", "reading the model's config"),
     ("Starting to load model", "loading the weights"),
     ("Warming up model", "compiling the model (about a minute on a CPU; cached for later starts)"),
-    ("KV cache", "allocating the KV cache"),
+    ("KV cache size", "allocating the KV cache"),
     ("Starting vLLM server", "starting the HTTP server"),
 )
 
