@@ -327,6 +327,8 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
     assert serve.served_model(llama_server.base_url) == serve.DEFAULT_MODEL_ALIAS == llama_server.model
     slots = httpx.get(server_root(llama_server.base_url) + "/slots", timeout=10).json()
     assert [s["n_ctx"] for s in slots] == [1024, 1024]  # --n-ctx is per slot
+    # what label reads from a server it did not start: llama.cpp's per-slot n_ctx at /props
+    assert serve.server_context(llama_server.base_url, serve.list_models(llama_server.base_url)) == 1024
     text = "The feature fires on 犬 and dog."
     count = client.run(client.count_tokens(text))
     assert client.stats.tokenize_requests == 1 and 5 <= count <= len(text.encode())
