@@ -7,7 +7,8 @@ The same SmolLM2-135M-Instruct (llama.cpp runs its Q4_1 GGUF, vLLM the bfloat16 
 dequantised from it), the same dev latents, the same prompts and example counts (the CPU
 defaults: 10 + 10 per scorer): explain, then detection, fuzzing and simulation, each engine
 with a fresh cache. vLLM runs the simulation both ways, token by token as llama.cpp must and all
-at once from prompt logprobs. Prints, per engine and mode: start-up time, explain + score time,
+at once from prompt logprobs, then (all at once) once more started with --enforce-eager: on a CPU
+it compiles the model at every start, about a minute of it. Prints, per engine and mode: start-up time, explain + score time,
 features/s, requests/s and the ratio to llama.cpp; the two simulation modes' time and agreement
 on vLLM; how the engines' descriptions and scores agree; and what a demo-sized job costs on each,
 start-up included. The machine's load average is printed first and last: the CPU is shared.
@@ -32,7 +33,7 @@ from autointerp.interp.scorers.settings import ScoreSettings
 from autointerp.jsonl import iter_jsonl
 from autointerp.llm.client import LLMClient
 from autointerp.llm.serve import start_server
-from autointerp.llm.vllm import find_installation
+from autointerp.llm.vllm import VLLMConfig, find_installation
 from autointerp.schema import FeatureRecord
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/llmjp_sae_human_labels.dev.jsonl.gz"
@@ -64,13 +65,13 @@ class Row:
 
 
 def run_engine(name: str, engine: str, records: list[FeatureRecord], settings: ScoreSettings, modes: list[str],
-               concurrency: int, tmp: Path) -> list[Row]:
+               concurrency: int, tmp: Path, vllm: VLLMConfig | None = None) -> list[Row]:
     """Start the engine's server; explain the records, score them with detection and fuzzing, then
     with the simulation in each mode; each method timed on its own, with a fresh cache."""
     started = time.perf_counter()
-    with start_server(engine, progress=lambda line: print("  " + line, flush=True)) as server:
+    with start_server(engine, vllm=vllm, progress=lambda line: print("  " + line, flush=True)) as server:
         startup = time.perf_counter() - started
-        client = LLMClient(server.base_url, server.model, cache_path=tmp / f"{engine}.sqlite",
+        client = LLMClient(server.base_url, server.model, cache_path=tmp / f"{name}.sqlite",
                            concurrency=concurrency, timeout=900, check_alive=server.check)
 
         def timed(what, fn):
@@ -122,6 +123,9 @@ def main() -> None:
         rows = run_engine("llama.cpp", "llama-cpp", records, settings, ["per-token"], args.concurrency, Path(tmp))
         rows += run_engine("vLLM", "vllm", records, settings, ["per-token", "prompt-logprobs"], args.concurrency,
                            Path(tmp))
+        # vLLM compiles the model at every start on a CPU (~1 minute); without it:
+        rows += run_engine("vLLM --enforce-eager", "vllm", records, settings, ["prompt-logprobs"], args.concurrency,
+                           Path(tmp), VLLMConfig(extra_args=("--enforce-eager",)))
     load_after = os.getloadavg()
     base = rows[0]
     n = len(records)
@@ -142,6 +146,13 @@ def main() -> None:
         print(f"  simulation score (Pearson r), per-token vs all at once on the same descriptions: mean |gap| "
               f"{np.mean(gaps):.3f}, max {max(gaps):.3f} over {len(sims)} latents"
               + (f", correlation {correlation(*zip(*sims)):.2f}" if len(sims) >= 3 else ""))
+    if len(rows) > 3:
+        eager = rows[3]
+        gaps = [abs(a - b) for a, b in zip(all_at_once.scores["simulation"], eager.scores["simulation"])
+                if a is not None and b is not None]
+        same_eager = sum(a == b for a, b in zip(all_at_once.descriptions, eager.descriptions))
+        print(f"vLLM compiled vs --enforce-eager: {same_eager} of {n} descriptions identical, simulation scores "
+              f"max |gap| {max(gaps, default=float('nan')):.4f}")
     same = sum(a == b for a, b in zip(base.descriptions, per_token.descriptions))
     print(f"engines: {same} of {n} descriptions identical (llama.cpp runs the Q4_1 GGUF, vLLM bfloat16 weights "
           f"dequantised from it)")
