@@ -23,7 +23,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -55,8 +55,8 @@ class VLLMConfig:
     prompts to it. 4096 holds the explainer's 10 snippets and a 20-window simulation prompt."""
 
     dtype: str | None = None
-    """Weights and activations. None: bfloat16 without a GPU (vLLM's CPU kernels are written for
-    it; a converted GGUF folder holds float32), vLLM's own choice (`auto`) with one."""
+    """Weights and activations. None: bfloat16 without a GPU (a converted GGUF folder holds
+    float32: twice the memory traffic), vLLM's own choice (`auto`) with one."""
 
     kv_cache_gib: int = 2
     """Without a GPU: host memory for the KV cache, in GiB (VLLM_CPU_KVCACHE_SPACE; vLLM's own
