@@ -205,7 +205,7 @@ def environment(config: VLLMConfig, installation: Installation, environ: Mapping
 PHASES = (
     ("Resolved architecture", "reading the model's config"),
     ("Starting to load model", "loading the weights"),
-    ("Warming up model", "compiling the model (about a minute on a CPU; cached for later starts)"),
+    ("Warming up model", "compiling the model (about a minute on a CPU)"),
     ("KV cache size", "allocating the KV cache"),
     ("Starting vLLM server", "starting the HTTP server"),
 )
