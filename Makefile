@@ -61,6 +61,7 @@ $(BENCH_STAMP):
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "GPU found: pip install vllm into $(VLLM_VENV)"; \
 	  $(VLLM_VENV)/bin/pip install -q vllm; \
