@@ -444,7 +444,8 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
     path = tmp_path / "run" / "step-10" / "records.jsonl"
     write_jsonl(path, dev_records(2))
     # the embedded path: `label` starts its own llama.cpp server (the fixture's is another one)
-    first = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--concurrency", "2"])
+    first = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--concurrency", "2",
+                                     "--n-ctx", "1024"])  # the fixture's per-slot context, which the rerun reads
     assert first.exit_code == 0, first.output
     labels = [Label.from_dict(json.loads(l)) for l in (path.parent / "labels.jsonl").read_text().splitlines()]
     assert [l.feature for l in labels] == [r.feature for r in dev_records(2)]

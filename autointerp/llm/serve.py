@@ -442,7 +442,8 @@ def cli(
             raise UserError(f"{name} must be >= 1, got {value}")
     print(f"starting {engine} server on {host}:{port} ...", flush=True)
     with start_server(engine, llm, host, port, threads, n_ctx, server_arg, parallel=parallel,
-                      n_threads_batch=threads_batch, vllm=config, progress=print_progress) as server:
+                      n_threads_batch=threads_batch, vllm=config,
+                      progress=print_progress if engine == "vllm" else None) as server:  # llama.cpp: ~1 s
         if engine == "llama-cpp":
             print(f"llama.cpp (xllamacpp): {flag_value(server.command, '--parallel')} slot(s) x "
                   f"{flag_value(server.command, '--n-ctx')} tokens, {threads_summary(server.command)}", flush=True)
