@@ -2,7 +2,7 @@
 whose embedded server is killed midway and resumed, every request path label sends, and the two
 simulation modes on one description (slow).
 
-A vLLM start costs ~2 minutes of 2 cores, so the module shares one server; the kill test starts
+A vLLM start costs ~35 s to 2 minutes of 2 cores, so the module shares one server; the kill test starts
 its own, through `label --engine vllm`, before the shared one is needed. Under `make test`
 (AUTOINTERP_REQUIRE_VLLM=1) a missing vLLM fails these tests instead of skipping them.
 """

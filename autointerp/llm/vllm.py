@@ -82,8 +82,8 @@ class VLLMConfig:
     """vLLM's own flags, passed as they are (`--server-arg`)."""
 
     startup_timeout: float = 900.0
-    """Seconds to wait for /v1/models to answer: on 2 CPU cores SmolLM2 takes ~2 minutes
-    (about one of them compiling), a big model on a GPU several to load."""
+    """Seconds to wait for /v1/models to answer: on 2 CPU cores SmolLM2 takes ~35 s in eager
+    mode (~2 minutes compiled, on a busy machine 3), a big model on a GPU minutes to load."""
 
     def validate(self) -> None:
         if self.max_model_len < 1 or self.kv_cache_gib < 1:
