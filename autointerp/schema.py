@@ -173,6 +173,8 @@ class Explanation(LatentRow):
     explainer: dict[str, Any] = field(default_factory=dict)  # {"model", "prompt_sha256", "engine", "form"}
     error: str | None = None
     layer: int | None = None
+    contexts: int | None = None  # snippets the explainer's prompt showed (None: written before this was kept)
+    trimmed: bool = False  # fewer snippets or a narrower window than asked, to fit the server's context
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Explanation":
@@ -180,6 +182,7 @@ class Explanation(LatentRow):
         out["explainer"] = out["explainer"] or {}
         out["layer"] = layer_or_none(out["layer"])
         out["description"] = out["description"] or ""
+        out["trimmed"] = bool(out["trimmed"])
         return cls(**out)
 
 

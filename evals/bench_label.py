@@ -73,7 +73,7 @@ def main() -> None:
         prompter = client("prompts.sqlite", 1)  # the prompts label sends (trimmed with the server's tokenizer)
 
         async def all_prompts() -> list[str]:
-            return [await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts, settings.window)
+            return [(await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts, settings.window)).text
                     for r in records]
 
         prompts = prompter.run(all_prompts())

@@ -134,8 +134,8 @@ def main() -> None:
             prompter = LLMClient(new.base_url, new.model, cache_path=Path(tmp) / "p.sqlite")
 
             async def all_prompts() -> list[str]:
-                return [await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts,
-                                         settings.window) for r in records]
+                return [(await fit_prompt(r, prompter, settings.prompt_budget, settings.n_contexts,
+                                          settings.window)).text for r in records]
 
             prompts = prompter.run(all_prompts())
             print(f"{len(prompts)} features, {args.form} requests, concurrency {args.concurrency}, "

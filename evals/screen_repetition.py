@@ -71,12 +71,12 @@ def main() -> None:
         client = LLMClient(url, model, concurrency=2, timeout=600, seed=0)
 
         async def prompts() -> list[str]:
-            return [await fit_prompt(r, client, settings.prompt_budget) for r in records]
+            return [(await fit_prompt(r, client, settings.prompt_budget)).text for r in records]
 
         async def answers(extra: dict) -> list[tuple[str, str | None]]:
             async def one(prompt: str) -> tuple[str, str | None]:
                 result = await client.complete(prompt, max_tokens=settings.max_tokens, temperature=0.0, stop=["\n"],
-                                               extra_body=extra or None, cache=False)
+                                               extra_body=extra or None)
                 text = clean_answer(result.text)
                 return text, answer_problem(text, result.truncated and "\n" not in result.text)
             return list(await asyncio.gather(*(one(p) for p in texts)))

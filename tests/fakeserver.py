@@ -13,7 +13,8 @@ Each chat request takes the next fault from `faults` (then "ok" for the rest):
   hang         no answer for `hang_seconds` (bounded), then a valid one
 `down_after=N` answers 500 to every chat request after the first N. /v1/completions answers
 (after `delay` too) `completion_text(request)` (default " Paris.") with logprobs in the completions form (tokens / token_logprobs / top_logprobs), and
-/tokenize counts UTF-8 bytes / 4 as llama.cpp's {"tokens": [...]}. Run as a script
+/tokenize counts UTF-8 bytes / 4 as llama.cpp's {"tokens": [...]}. `max_model_len` is listed in
+/v1/models as vLLM does, `props_n_ctx` answered at /props as llama.cpp's per-slot n_ctx. Run as a script
 (`python tests/fakeserver.py --port P`) it serves until killed.
 """
 
@@ -58,12 +59,14 @@ def text_completion(text: str, request: dict[str, Any]) -> dict[str, Any]:
 class FakeServer:
     def __init__(self, faults: list[str] | None = None, answer: Callable[[dict], str] | None = None,
                  delay: float = 0.0, hang_seconds: float = 3.0, down_after: int | None = None, port: int = 0,
-                 tokenize: bool = True, completion_text: Callable[[dict], str] | None = None):
+                 tokenize: bool = True, completion_text: Callable[[dict], str] | None = None,
+                 max_model_len: int | None = None, props_n_ctx: int | None = None):
         self.faults = deque(faults or [])
         self.completion_text = completion_text or (lambda request: " Paris.")
         self.answer = answer or (lambda request: json.dumps(GOOD_ANSWER))
         self.delay, self.hang_seconds, self.down_after = delay, min(hang_seconds, 30.0), down_after
         self.tokenize = tokenize
+        self.max_model_len, self.props_n_ctx = max_model_len, props_n_ctx
         self.requests = 0  # chat requests received, faulted ones included
         self.in_flight = self.max_in_flight = 0
         self.bodies: list[dict[str, Any]] = []
@@ -104,7 +107,12 @@ class FakeServer:
 
             def do_GET(self):
                 if self.path.rstrip("/") == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+                    model = {"id": "fake-model", "object": "model"}
+                    if server.max_model_len:
+                        model["max_model_len"] = server.max_model_len
+                    self._json(200, {"object": "list", "data": [model]})
+                elif self.path == "/props" and server.props_n_ctx:
+                    self._json(200, {"default_generation_settings": {"n_ctx": server.props_n_ctx}})
                 else:
                     self._json(404, {"error": "not found"})
 

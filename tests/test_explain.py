@@ -117,10 +117,11 @@ def test_fit_prompt_trims_to_budget(tmp_path):
         client = client_for(server, tmp_path)
         budget = len(full.encode()) // 4 - 10
         fitted = asyncio.run(fit_prompt(record, client, budget, 12, 8))
-        assert len(fitted.encode()) // 4 <= budget < len(full.encode()) // 4
-        assert fitted.count("<<") < full.count("<<")
+        assert len(fitted.text.encode()) // 4 <= budget < len(full.encode()) // 4
+        assert fitted.text.count("<<") < full.count("<<") and fitted.trimmed
+        assert fitted.contexts < 12 or fitted.window < 8
         roomy = asyncio.run(fit_prompt(record, client, 100_000, 12, 8))
-    assert roomy == full
+    assert roomy.text == full and not roomy.trimmed and (roomy.contexts, roomy.window) == (12, 8)
 
 
 def test_prompt_sha_changes_with_template():

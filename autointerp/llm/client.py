@@ -72,6 +72,7 @@ class ChatResult:
     finish_reason: str | None = None  # "stop", or "length" when max_tokens cut the answer short
     # vLLM's prompt_logprobs as sent: per prompt token None or {token id: {logprob, rank, decoded_token}}
     prompt_logprobs: list[dict[str, Any] | None] | None = None
+    reduced: Any = None  # what a `reduce` function kept of the answer (JSON), cached in place of prompt_logprobs
 
     @property
     def truncated(self) -> bool:
@@ -248,11 +249,13 @@ class LLMClient:
     async def complete(self, prompt: str, *, template_sha: str = "", max_tokens: int = 64,
                        temperature: float = 0.0, logprobs: int | None = None,
                        stop: list[str] | None = None, extra_body: dict[str, Any] | None = None,
-                       cache: bool = True) -> ChatResult:
+                       reduce: Callable[[ChatResult], Any] | None = None) -> ChatResult:
         """A plain text completion (the /completions endpoint: few-shot prompts, no chat
         template); `logprobs` asks for that many alternatives per generated token; `extra_body`
-        carries server extensions, e.g. vLLM's {"prompt_logprobs": N}; cache=False for answers too
-        big to keep (prompt logprobs: N alternatives at every prompt token)."""
+        carries server extensions, e.g. vLLM's {"prompt_logprobs": N}. `reduce` computes what the
+        caller keeps of an answer too big to cache whole (prompt logprobs: N alternatives at every
+        prompt token, MBs) into `result.reduced`; that is cached instead of the prompt logprobs, so
+        a rerun reads the same value back."""
         request: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
                                    "seed": self.seed}
         if logprobs is not None:
@@ -261,13 +264,16 @@ class LLMClient:
             request["stop"] = stop
         if extra_body:
             request["extra_body"] = extra_body
-        return await self._send("completions", request, template_sha, cache)
+        return await self._send("completions", request, template_sha, reduce)
 
     async def _send(self, endpoint: str, request: dict[str, Any], template_sha: str,
-                    use_cache: bool = True) -> ChatResult:
+                    reduce: Callable[[ChatResult], Any] | None = None) -> ChatResult:
         """One request to /chat/completions or /completions: cache, bounded concurrency, retries."""
-        key = cache_key(self.model, template_sha, request if endpoint == "chat" else {"completions": request})
-        cache = self.cache if use_cache else None
+        keyed: dict[str, Any] = request if endpoint == "chat" else {"completions": request}
+        if reduce is not None:  # another reduction of the same answer is another cache entry
+            keyed = {**keyed, "reduced_by": f"{reduce.__module__}.{reduce.__qualname__}"}
+        key = cache_key(self.model, template_sha, keyed)
+        cache = self.cache
         if cache is not None and (hit := cache.get(key)) is not None:
             self.stats.cache_hits += 1
             return result_from_dict(hit, cached=True)
@@ -281,6 +287,8 @@ class LLMClient:
                 try:
                     response = await create(model=self.model, **request)
                     result = result_from_response(response)
+                    if reduce is not None:
+                        result.reduced, result.prompt_logprobs = reduce(result), None
                 except RETRYABLE as exc:
                     last = exc
                 except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
@@ -469,7 +477,7 @@ def result_from_dict(d: dict[str, Any], cached: bool) -> ChatResult:
     tokens = None if d.get("logprobs") is None else [TokenLogprob(**t) for t in d["logprobs"]]
     return ChatResult(text=d["text"], logprobs=tokens, cached=cached, prompt_tokens=d.get("prompt_tokens", 0),
                       completion_tokens=d.get("completion_tokens", 0), finish_reason=d.get("finish_reason"),
-                      prompt_logprobs=d.get("prompt_logprobs"))
+                      prompt_logprobs=d.get("prompt_logprobs"), reduced=d.get("reduced"))
 
 
 class ResultSink:

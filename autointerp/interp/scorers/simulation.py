@@ -137,7 +137,7 @@ def _entry_logprob(entry: Any) -> float:
     return float(entry.get("logprob") if isinstance(entry, dict) else getattr(entry, "logprob"))
 
 
-def predictions_from_prompt_logprobs(prompt_logprobs: list | None, n: int) -> list[float]:
+def predictions_from_prompt_logprobs(prompt_logprobs: list | None, n: int | None) -> list[float]:
     """Expected levels at the n "unknown" slots of an all-at-once prompt, from vLLM's
     prompt_logprobs (one entry per prompt token: None for the first, else {token id: {logprob,
     rank, decoded_token}} whose first key is the prompt's own token, then the top alternatives).
@@ -164,9 +164,15 @@ def predictions_from_prompt_logprobs(prompt_logprobs: list | None, n: int) -> li
         if starts_slot:
             ev = expected_level(alternatives)
             out.append(0.0 if ev is None else ev)  # no digit among the top alternatives: "not firing"
-    if len(out) != n:
+    if n is not None and len(out) != n:
         raise ValueError(f"found {len(out)} 'unknown' slots in the prompt logprobs for {n} tokens")
     return out
+
+
+def slot_predictions(result) -> list[float]:
+    """The expected levels at the "unknown" slots of an all-at-once answer (what the response
+    cache keeps of its prompt logprobs)."""
+    return predictions_from_prompt_logprobs(result.prompt_logprobs, None)
 
 
 async def _simulate_prompt_logprobs(client, description: str, windows: list[Window],
@@ -176,8 +182,10 @@ async def _simulate_prompt_logprobs(client, description: str, windows: list[Wind
     result = await client.complete(prompt, template_sha=prompt_sha256(ALL_AT_ONCE_TEMPLATE),
                                    max_tokens=1, temperature=0.0,
                                    extra_body={"prompt_logprobs": settings.top_logprobs},
-                                   cache=False)  # N alternatives at every prompt token: MBs an answer
-    return predictions_from_prompt_logprobs(result.prompt_logprobs, len(slots))
+                                   reduce=slot_predictions)  # N alternatives at every prompt token: MBs an answer
+    if len(result.reduced) != len(slots):
+        raise ValueError(f"found {len(result.reduced)} 'unknown' slots in the prompt logprobs for {len(slots)} tokens")
+    return result.reduced
 
 
 async def _simulate_per_token(client, description: str, windows: list[Window],
